@@ -1,0 +1,16 @@
+//! kiln-core: domain types, the [`VolumeDriver`] trait, the metadata store and the snapshot
+//! service that owns every status transition.
+//!
+//! Data flows one way: CLI -> [`service::Service`] -> [`VolumeDriver`] -> backend. The store
+//! sits beside the service; drivers never touch it.
+
+pub mod driver;
+pub mod error;
+pub mod progress;
+pub mod types;
+pub mod validate;
+
+pub use driver::{GroupOutcome, SnapshotReader, VolumeDriver};
+pub use error::{Error, ErrorKind, Result};
+pub use progress::{NoProgress, Progress, ProgressHandle, no_progress};
+pub use types::*;

@@ -1,0 +1,286 @@
+//! Domain types: volumes, snapshots, attachments, backend capabilities and statistics.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+use crate::error::Error;
+
+macro_rules! uuid_id {
+    ($(#[$m:meta])* $name:ident, $what:literal) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Uuid);
+
+        impl $name {
+            /// A fresh random (v4) id.
+            pub fn new() -> Self {
+                Self(Uuid::new_v4())
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                // Always the hyphenated lower-case form: backend names are derived from it.
+                write!(f, "{}", self.0.hyphenated())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self, Error> {
+                Uuid::try_parse(s)
+                    .map(Self)
+                    .map_err(|_| Error::invalid(concat!($what, " id"), format!("{s:?} is not a UUID")))
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// Identifies a volume; backend object names derive from it (`volume-<uuid>`).
+    VolumeId,
+    "volume"
+);
+uuid_id!(
+    /// Identifies a snapshot; backend object names derive from it (`snapshot-<uuid>`, LVM `_snapshot-<uuid>`).
+    SnapshotId,
+    "snapshot"
+);
+uuid_id!(
+    /// Identifies an instance (server) a volume is attached to.
+    InstanceId,
+    "instance"
+);
+
+/// Cinder's volume statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeStatus {
+    /// The backend object is being created.
+    Creating,
+    /// Ready and detached.
+    Available,
+    /// Attached to an instance.
+    InUse,
+    /// The backend object is being removed.
+    Deleting,
+    /// Something failed; `status_reason` says what.
+    Error,
+    /// Deleting failed; `status_reason` says what.
+    ErrorDeleting,
+    /// Being reverted to one of its snapshots.
+    Reverting,
+}
+
+/// Cinder's snapshot statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotStatus {
+    /// The backend object is being created.
+    Creating,
+    /// Ready.
+    Available,
+    /// The backend object is being removed.
+    Deleting,
+    /// Something failed; `status_reason` says what.
+    Error,
+    /// Deleting failed; `status_reason` says what.
+    ErrorDeleting,
+    /// Its volume is being reverted to it.
+    Restoring,
+}
+
+macro_rules! status_strings {
+    ($ty:ident { $($variant:ident => $s:literal),* $(,)? }) => {
+        impl $ty {
+            /// The status as stored and printed (Cinder's spelling).
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $s),* }
+            }
+            /// Every status, for validation and documentation.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),*];
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self, Error> {
+                match s {
+                    $($s => Ok($ty::$variant),)*
+                    _ => Err(Error::Store(format!("unknown {} {s:?}", stringify!($ty)))),
+                }
+            }
+        }
+    };
+}
+
+status_strings!(VolumeStatus {
+    Creating => "creating",
+    Available => "available",
+    InUse => "in-use",
+    Deleting => "deleting",
+    Error => "error",
+    ErrorDeleting => "error_deleting",
+    Reverting => "reverting",
+});
+
+status_strings!(SnapshotStatus {
+    Creating => "creating",
+    Available => "available",
+    Deleting => "deleting",
+    Error => "error",
+    ErrorDeleting => "error_deleting",
+    Restoring => "restoring",
+});
+
+/// A volume's attachment to an instance (kiln records it; the hypervisor does the attaching).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The instance the volume is attached to.
+    pub instance_id: InstanceId,
+    /// Guest device name, e.g. `/dev/vdb`.
+    pub device: String,
+    /// When the attachment was recorded.
+    pub attached_at: DateTime<Utc>,
+}
+
+/// A block volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Unique id; backend names derive from it.
+    pub id: VolumeId,
+    /// Optional user label; never used in a path, object name or command line.
+    pub name: Option<String>,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Name of the configured backend holding it.
+    pub backend: String,
+    /// Current status.
+    pub status: VolumeStatus,
+    /// Why the status is `error`/`error_deleting`, when it is.
+    pub status_reason: Option<String>,
+    /// Backend path or spec an admin can use (file path, `vg/lv`, `pool/image`).
+    pub provider_location: Option<String>,
+    /// Snapshot this volume was created from (lineage).
+    pub source_snapshot_id: Option<SnapshotId>,
+    /// Current attachments (kiln allows at most one).
+    pub attachments: Vec<Attachment>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last status change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Volume {
+    /// Cinder's backend name for this volume: `volume-<uuid>`.
+    pub fn backend_name(&self) -> String {
+        format!("volume-{}", self.id)
+    }
+}
+
+/// A point-in-time snapshot of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Unique id; backend names derive from it.
+    pub id: SnapshotId,
+    /// The volume it was taken of.
+    pub volume_id: VolumeId,
+    /// Optional user label; never used in a path, object name or command line.
+    pub name: Option<String>,
+    /// Size of the volume when the snapshot was taken, in bytes.
+    pub size_bytes: u64,
+    /// Backend name (same as the volume's).
+    pub backend: String,
+    /// Current status.
+    pub status: SnapshotStatus,
+    /// Why the status is `error`/`error_deleting`, when it is.
+    pub status_reason: Option<String>,
+    /// Backend path or spec of the snapshot.
+    pub provider_location: Option<String>,
+    /// Whether the volume was attached (taken with force) when the snapshot was made.
+    pub forced: bool,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last status change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Snapshot {
+    /// Cinder's generic backend name: `snapshot-<uuid>` (LVM uses `_snapshot-<uuid>`).
+    pub fn backend_name(&self) -> String {
+        format!("snapshot-{}", self.id)
+    }
+}
+
+/// What a driver reports back after creating something; the service stores it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderUpdate {
+    /// Backend path or spec an admin can use.
+    pub provider_location: Option<String>,
+}
+
+/// What a backend can do, so callers can ask before acting (Proxmox's `volume_has_feature`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Snapshots share blocks with their origin: creating one costs O(1) in the volume size.
+    pub thin: bool,
+    /// `create_snapshot_force` gives a crash-consistent image of an attached volume.
+    pub online_snapshot: bool,
+    /// Revert to any snapshot, keeping every other snapshot.
+    pub revert_any: bool,
+    /// Volumes can be created from snapshots.
+    pub clone: bool,
+    /// Clones share blocks with their snapshot (copy-on-write) instead of a full copy.
+    pub clone_cow: bool,
+    /// Changed-extent listing between snapshots.
+    pub diff: bool,
+    /// One instant across several volumes (native group snapshot).
+    pub group_snapshot: bool,
+    /// How a snapshot is made, e.g. "reflink (FICLONE)", "qcow2 external overlay".
+    pub snapshot_method: String,
+}
+
+/// Capacity and usage of a backend.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendStats {
+    /// Total capacity in bytes, when the backend knows it.
+    pub total_bytes: Option<u64>,
+    /// Free capacity in bytes, when the backend knows it.
+    pub free_bytes: Option<u64>,
+    /// Backend-specific figures (e.g. thin pool data/metadata percent).
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+/// A byte range of a volume or snapshot that holds data (anything outside reads as zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// Start, in bytes.
+    pub offset: u64,
+    /// Length, in bytes.
+    pub length: u64,
+}
+
+/// One timed run of a backend's raw snapshot primitive, with no kiln bookkeeping around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimitiveSample {
+    /// What was timed, e.g. "FICLONE + unlink" or "rbd_snap_create + rbd_snap_remove".
+    pub name: String,
+    /// Time to create the snapshot.
+    pub create: std::time::Duration,
+    /// Time to remove it again.
+    pub delete: std::time::Duration,
+}
