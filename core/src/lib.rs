@@ -4,13 +4,25 @@
 //! Data flows one way: CLI -> [`service::Service`] -> [`VolumeDriver`] -> backend. The store
 //! sits beside the service; drivers never touch it.
 
+pub mod bench;
+pub mod crash;
 pub mod driver;
 pub mod error;
+pub mod locks;
 pub mod progress;
+pub mod service;
+pub mod store;
 pub mod types;
 pub mod validate;
+
+#[cfg(test)]
+mod fake;
+
+#[doc(hidden)]
+pub use fail as __fail;
 
 pub use driver::{GroupOutcome, SnapshotReader, VolumeDriver};
 pub use error::{Error, ErrorKind, Result};
 pub use progress::{NoProgress, Progress, ProgressHandle, no_progress};
+pub use service::{Backend, CreateVolume, Service};
 pub use types::*;

@@ -36,13 +36,29 @@ pub fn parse_size(input: &str) -> Result<u64> {
         _ => return Err(bad("unknown unit (use K, M, G or T; units are binary)")),
     };
     let n: u64 = num.parse().map_err(|_| bad("number too large"))?;
-    if n == 0 {
-        return Err(bad("must be greater than zero"));
-    }
     let bytes = n
         .checked_mul(1u64 << shift)
-        .filter(|b| *b <= MAX_VOLUME_BYTES)
         .ok_or_else(|| bad("larger than the 64 TiB limit"))?;
+    check_size(bytes).map_err(|_| {
+        bad(if n == 0 {
+            "must be greater than zero"
+        } else {
+            "larger than the 64 TiB limit"
+        })
+    })
+}
+
+/// Checks a size in bytes (non-zero, at most [`MAX_VOLUME_BYTES`]) and rounds it up to whole MiB.
+pub fn check_size(bytes: u64) -> Result<u64> {
+    if bytes == 0 {
+        return Err(Error::invalid("size", "must be greater than zero"));
+    }
+    if bytes > MAX_VOLUME_BYTES {
+        return Err(Error::invalid(
+            "size",
+            format!("{bytes} bytes is larger than the 64 TiB limit"),
+        ));
+    }
     Ok(bytes.div_ceil(SIZE_GRANULARITY) * SIZE_GRANULARITY)
 }
 

@@ -1,0 +1,24 @@
+//! Crash-test fail points.
+//!
+//! Built with the `failpoints` feature, `crash_point!("name")` aborts the process when the
+//! `FAILPOINTS` environment variable configures that name (e.g.
+//! `FAILPOINTS=create_snapshot::after_driver=return`). The service places them between
+//! each driver call and the store update around it, so tests can kill kiln at the two
+//! moments crash recovery must handle. Without the feature they compile to nothing.
+
+/// Aborts the process here when the fail point `$name` is configured (feature `failpoints`).
+#[macro_export]
+macro_rules! crash_point {
+    ($name:expr) => {
+        $crate::__fail::fail_point!($name, |_| {
+            ::tracing::error!(point = $name, "fail point hit: aborting the process");
+            ::std::process::abort()
+        })
+    };
+}
+
+/// Reads `FAILPOINTS` once at start-up; call from `main` before anything else. Returns a
+/// guard to keep alive for the life of the process.
+pub fn setup() -> fail::FailScenario<'static> {
+    fail::FailScenario::setup()
+}

@@ -1,0 +1,637 @@
+//! The embedded SQLite store: one file in the data directory, WAL mode, schema migrations.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{Batch, Conflict, OpId, OpKind, Operation, Step, Store};
+use crate::error::{Error, Result};
+use crate::types::{Attachment, InstanceId, Snapshot, SnapshotId, Volume, VolumeId};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: volumes, snapshots, attachments, lineage, operation journal.
+    "CREATE TABLE volumes (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        size_bytes INTEGER NOT NULL,
+        backend TEXT NOT NULL,
+        status TEXT NOT NULL,
+        status_reason TEXT,
+        provider_location TEXT,
+        source_snapshot_id TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX volumes_source ON volumes(source_snapshot_id);
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        volume_id TEXT NOT NULL REFERENCES volumes(id),
+        name TEXT,
+        size_bytes INTEGER NOT NULL,
+        backend TEXT NOT NULL,
+        status TEXT NOT NULL,
+        status_reason TEXT,
+        provider_location TEXT,
+        forced INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX snapshots_volume ON snapshots(volume_id);
+    CREATE TABLE attachments (
+        volume_id TEXT PRIMARY KEY REFERENCES volumes(id),
+        instance_id TEXT NOT NULL,
+        device TEXT NOT NULL,
+        attached_at TEXT NOT NULL
+    );
+    CREATE TABLE operations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        volume_id TEXT NOT NULL,
+        snapshot_id TEXT,
+        started_at TEXT NOT NULL,
+        pid INTEGER NOT NULL
+    );",
+];
+
+/// SQLite implementation of [`Store`]. Safe to share between threads and between processes
+/// (SQLite's file locking plus `BEGIN IMMEDIATE` serializes writers).
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)
+            .map_err(|e| Error::Store(format!("open {}: {e}", path.display())))?;
+        // Several kiln processes may share the file: wait for a writer instead of failing.
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // WAL lets readers proceed during a write; FULL sync because the journal is what
+        // crash recovery trusts.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// An in-memory store, for unit tests of the service.
+    pub fn in_memory() -> Result<Self> {
+        let conn = Connection::open_in_memory()?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let applied: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let applied = usize::try_from(applied).unwrap_or(0);
+        if applied > MIGRATIONS.len() {
+            return Err(Error::Store(format!(
+                "the database has schema version {applied}, newer than this kiln ({}); upgrade kiln",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn
+            .lock()
+            .map_err(|_| Error::Store("store connection poisoned by an earlier panic".into()))
+    }
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_ts(s: &str) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+}
+
+fn parse_col<T: std::str::FromStr>(s: &str) -> rusqlite::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    s.parse::<T>().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn size_col(v: i64) -> rusqlite::Result<u64> {
+    u64::try_from(v).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Integer, Box::new(e))
+    })
+}
+
+fn size_param(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid("size", "too large for the store"))
+}
+
+const VOLUME_COLS: &str = "id, name, size_bytes, backend, status, status_reason, provider_location, source_snapshot_id, created_at, updated_at";
+const SNAPSHOT_COLS: &str = "id, volume_id, name, size_bytes, backend, status, status_reason, provider_location, forced, created_at, updated_at";
+
+fn volume_row(r: &Row<'_>) -> rusqlite::Result<Volume> {
+    let source: Option<String> = r.get(7)?;
+    Ok(Volume {
+        id: parse_col(&r.get::<_, String>(0)?)?,
+        name: r.get(1)?,
+        size_bytes: size_col(r.get(2)?)?,
+        backend: r.get(3)?,
+        status: parse_col(&r.get::<_, String>(4)?)?,
+        status_reason: r.get(5)?,
+        provider_location: r.get(6)?,
+        source_snapshot_id: source.as_deref().map(parse_col).transpose()?,
+        attachments: Vec::new(),
+        created_at: parse_ts(&r.get::<_, String>(8)?)?,
+        updated_at: parse_ts(&r.get::<_, String>(9)?)?,
+    })
+}
+
+fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
+    Ok(Snapshot {
+        id: parse_col(&r.get::<_, String>(0)?)?,
+        volume_id: parse_col(&r.get::<_, String>(1)?)?,
+        name: r.get(2)?,
+        size_bytes: size_col(r.get(3)?)?,
+        backend: r.get(4)?,
+        status: parse_col(&r.get::<_, String>(5)?)?,
+        status_reason: r.get(6)?,
+        provider_location: r.get(7)?,
+        forced: r.get::<_, i64>(8)? != 0,
+        created_at: parse_ts(&r.get::<_, String>(9)?)?,
+        updated_at: parse_ts(&r.get::<_, String>(10)?)?,
+    })
+}
+
+fn attachments_of(conn: &Connection, id: VolumeId) -> rusqlite::Result<Vec<Attachment>> {
+    let mut st = conn.prepare_cached(
+        "SELECT instance_id, device, attached_at FROM attachments WHERE volume_id = ?1",
+    )?;
+    st.query_map([id.to_string()], |r| {
+        Ok(Attachment {
+            instance_id: parse_col::<InstanceId>(&r.get::<_, String>(0)?)?,
+            device: r.get(1)?,
+            attached_at: parse_ts(&r.get::<_, String>(2)?)?,
+        })
+    })?
+    .collect()
+}
+
+fn load_volumes(conn: &Connection, sql: &str, arg: Option<String>) -> Result<Vec<Volume>> {
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = match arg {
+        Some(a) => st
+            .query_map([a], volume_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+        None => st
+            .query_map([], volume_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+    };
+    rows.into_iter()
+        .map(|mut v| {
+            v.attachments = attachments_of(conn, v.id)?;
+            Ok(v)
+        })
+        .collect()
+}
+
+fn volume_status(conn: &Connection, id: VolumeId) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT status FROM volumes WHERE id = ?1",
+        [id.to_string()],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+fn snapshot_status(conn: &Connection, id: SnapshotId) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT status FROM snapshots WHERE id = ?1",
+        [id.to_string()],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Applies one step; `Ok(Some(conflict))` when its guard fails.
+fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option<Conflict>> {
+    let conflict = |what: &'static str, id: String, found: Option<String>| {
+        Ok(Some(Conflict {
+            step: index,
+            what,
+            id,
+            found,
+        }))
+    };
+    match step {
+        Step::InsertVolume(v) => {
+            tx.execute(
+                &format!("INSERT INTO volumes ({VOLUME_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![
+                    v.id.to_string(),
+                    v.name,
+                    size_param(v.size_bytes)?,
+                    v.backend,
+                    v.status.as_str(),
+                    v.status_reason,
+                    v.provider_location,
+                    v.source_snapshot_id.map(|s| s.to_string()),
+                    ts(&v.created_at),
+                    ts(&v.updated_at),
+                ],
+            )?;
+            for a in &v.attachments {
+                insert_attachment(tx, v.id, a)?;
+            }
+        }
+        Step::InsertSnapshot(s) => {
+            tx.execute(
+                &format!("INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params![
+                    s.id.to_string(),
+                    s.volume_id.to_string(),
+                    s.name,
+                    size_param(s.size_bytes)?,
+                    s.backend,
+                    s.status.as_str(),
+                    s.status_reason,
+                    s.provider_location,
+                    i64::from(s.forced),
+                    ts(&s.created_at),
+                    ts(&s.updated_at),
+                ],
+            )?;
+        }
+        Step::VolumeIn { id, any_of } => {
+            let found = volume_status(tx, *id)?;
+            if !found
+                .as_deref()
+                .is_some_and(|f| any_of.iter().any(|s| s.as_str() == f))
+            {
+                return conflict("volume", id.to_string(), found);
+            }
+        }
+        Step::SnapshotIn { id, any_of } => {
+            let found = snapshot_status(tx, *id)?;
+            if !found
+                .as_deref()
+                .is_some_and(|f| any_of.iter().any(|s| s.as_str() == f))
+            {
+                return conflict("snapshot", id.to_string(), found);
+            }
+        }
+        Step::VolumeHasNoSnapshots(id) => {
+            let n: i64 = tx.query_row(
+                "SELECT count(*) FROM snapshots WHERE volume_id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )?;
+            if n > 0 {
+                return conflict("volume", id.to_string(), Some(n.to_string()));
+            }
+        }
+        Step::SetVolumeStatus {
+            id,
+            from,
+            to,
+            reason,
+        } => {
+            let found = volume_status(tx, *id)?;
+            let ok = found
+                .as_deref()
+                .is_some_and(|f| from.is_empty() || from.iter().any(|s| s.as_str() == f));
+            if !ok {
+                return conflict("volume", id.to_string(), found);
+            }
+            tx.execute(
+                "UPDATE volumes SET status = ?2, status_reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id.to_string(), to.as_str(), reason, now],
+            )?;
+        }
+        Step::SetSnapshotStatus {
+            id,
+            from,
+            to,
+            reason,
+        } => {
+            let found = snapshot_status(tx, *id)?;
+            let ok = found
+                .as_deref()
+                .is_some_and(|f| from.is_empty() || from.iter().any(|s| s.as_str() == f));
+            if !ok {
+                return conflict("snapshot", id.to_string(), found);
+            }
+            tx.execute(
+                "UPDATE snapshots SET status = ?2, status_reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id.to_string(), to.as_str(), reason, now],
+            )?;
+        }
+        Step::SetVolumeLocation(id, loc) => {
+            tx.execute(
+                "UPDATE volumes SET provider_location = ?2 WHERE id = ?1",
+                params![id.to_string(), loc],
+            )?;
+        }
+        Step::SetSnapshotLocation(id, loc) => {
+            tx.execute(
+                "UPDATE snapshots SET provider_location = ?2 WHERE id = ?1",
+                params![id.to_string(), loc],
+            )?;
+        }
+        Step::Attach(id, a) => {
+            tx.execute(
+                "DELETE FROM attachments WHERE volume_id = ?1",
+                [id.to_string()],
+            )?;
+            insert_attachment(tx, *id, a)?;
+        }
+        Step::Detach(id) => {
+            tx.execute(
+                "DELETE FROM attachments WHERE volume_id = ?1",
+                [id.to_string()],
+            )?;
+        }
+        Step::DeleteVolume(id) => {
+            tx.execute(
+                "DELETE FROM attachments WHERE volume_id = ?1",
+                [id.to_string()],
+            )?;
+            tx.execute("DELETE FROM volumes WHERE id = ?1", [id.to_string()])?;
+        }
+        Step::DeleteSnapshot(id) => {
+            tx.execute("DELETE FROM snapshots WHERE id = ?1", [id.to_string()])?;
+        }
+        Step::FinishOp(op) => {
+            tx.execute("DELETE FROM operations WHERE id = ?1", [op.0])?;
+        }
+    }
+    Ok(None)
+}
+
+fn insert_attachment(tx: &Connection, id: VolumeId, a: &Attachment) -> Result<()> {
+    tx.execute(
+        "INSERT INTO attachments (volume_id, instance_id, device, attached_at) VALUES (?1, ?2, ?3, ?4)",
+        params![id.to_string(), a.instance_id.to_string(), a.device, ts(&a.attached_at)],
+    )?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn commit(&self, batch: Batch) -> Result<std::result::Result<Option<OpId>, Conflict>> {
+        let mut conn = self.lock()?;
+        // IMMEDIATE takes the write lock up front, so the guards we read cannot change
+        // under us before our writes land, even with other kiln processes on the same file.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = ts(&Utc::now());
+        for (i, step) in batch.steps.iter().enumerate() {
+            if let Some(c) = apply(&tx, i, step, &now)? {
+                // Dropping the transaction rolls back every step applied so far.
+                return Ok(Err(c));
+            }
+        }
+        let op = match batch.begin {
+            Some((kind, volume, snapshot)) => {
+                tx.execute(
+                    "INSERT INTO operations (kind, volume_id, snapshot_id, started_at, pid) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        kind.as_str(),
+                        volume.to_string(),
+                        snapshot.map(|s| s.to_string()),
+                        now,
+                        std::process::id()
+                    ],
+                )?;
+                Some(OpId(tx.last_insert_rowid()))
+            }
+            None => None,
+        };
+        tx.commit()?;
+        Ok(Ok(op))
+    }
+
+    fn volume(&self, id: VolumeId) -> Result<Option<Volume>> {
+        let conn = self.lock()?;
+        let sql = format!("SELECT {VOLUME_COLS} FROM volumes WHERE id = ?1");
+        Ok(load_volumes(&conn, &sql, Some(id.to_string()))?
+            .into_iter()
+            .next())
+    }
+
+    fn volumes(&self) -> Result<Vec<Volume>> {
+        let conn = self.lock()?;
+        load_volumes(
+            &conn,
+            &format!("SELECT {VOLUME_COLS} FROM volumes ORDER BY rowid"),
+            None,
+        )
+    }
+
+    fn volumes_from_snapshot(&self, id: SnapshotId) -> Result<Vec<Volume>> {
+        let conn = self.lock()?;
+        let sql = format!(
+            "SELECT {VOLUME_COLS} FROM volumes WHERE source_snapshot_id = ?1 ORDER BY rowid"
+        );
+        load_volumes(&conn, &sql, Some(id.to_string()))
+    }
+
+    fn snapshot(&self, id: SnapshotId) -> Result<Option<Snapshot>> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE id = ?1"),
+                [id.to_string()],
+                snapshot_row,
+            )
+            .optional()?)
+    }
+
+    fn snapshots(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>> {
+        let conn = self.lock()?;
+        let rows = match volume {
+            Some(v) => conn
+                .prepare_cached(&format!(
+                    "SELECT {SNAPSHOT_COLS} FROM snapshots WHERE volume_id = ?1 ORDER BY rowid"
+                ))?
+                .query_map([v.to_string()], snapshot_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?,
+            None => conn
+                .prepare_cached(&format!(
+                    "SELECT {SNAPSHOT_COLS} FROM snapshots ORDER BY rowid"
+                ))?
+                .query_map([], snapshot_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?,
+        };
+        Ok(rows)
+    }
+
+    fn operations(&self) -> Result<Vec<Operation>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(
+            "SELECT id, kind, volume_id, snapshot_id, started_at, pid FROM operations ORDER BY id",
+        )?;
+        let ops = st
+            .query_map([], |r| {
+                let kind: String = r.get(1)?;
+                let snapshot: Option<String> = r.get(3)?;
+                Ok(Operation {
+                    id: OpId(r.get(0)?),
+                    kind: OpKind::parse(&kind).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            1,
+                            rusqlite::types::Type::Text,
+                            format!("unknown operation kind {kind:?}").into(),
+                        )
+                    })?,
+                    volume_id: parse_col(&r.get::<_, String>(2)?)?,
+                    snapshot_id: snapshot.as_deref().map(parse_col).transpose()?,
+                    started_at: parse_ts(&r.get::<_, String>(4)?)?,
+                    pid: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::VolumeStatus;
+
+    fn volume(status: VolumeStatus) -> Volume {
+        let now = Utc::now();
+        Volume {
+            id: VolumeId::new(),
+            name: Some("v".into()),
+            size_bytes: 1 << 30,
+            backend: "default".into(),
+            status,
+            status_reason: None,
+            provider_location: None,
+            source_snapshot_id: None,
+            attachments: vec![],
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn compare_and_set_applies_all_or_nothing() {
+        let store = SqliteStore::in_memory().unwrap();
+        let v = volume(VolumeStatus::Available);
+        store
+            .commit(Batch::new(vec![Step::InsertVolume(v.clone())]))
+            .unwrap()
+            .unwrap();
+
+        // Second step's guard fails: the first step's change must be rolled back.
+        let c = store
+            .commit(Batch::with_op(
+                vec![
+                    Step::SetVolumeStatus {
+                        id: v.id,
+                        from: vec![VolumeStatus::Available],
+                        to: VolumeStatus::Deleting,
+                        reason: None,
+                    },
+                    Step::VolumeIn {
+                        id: v.id,
+                        any_of: vec![VolumeStatus::InUse],
+                    },
+                ],
+                OpKind::DeleteVolume,
+                v.id,
+                None,
+            ))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(c.step, 1);
+        assert_eq!(c.found.as_deref(), Some("deleting"));
+        assert_eq!(
+            store.volume(v.id).unwrap().unwrap().status,
+            VolumeStatus::Available
+        );
+        assert!(store.operations().unwrap().is_empty());
+
+        let op = store
+            .commit(Batch::with_op(
+                vec![Step::SetVolumeStatus {
+                    id: v.id,
+                    from: vec![VolumeStatus::Available],
+                    to: VolumeStatus::Deleting,
+                    reason: None,
+                }],
+                OpKind::DeleteVolume,
+                v.id,
+                None,
+            ))
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let ops = store.operations().unwrap();
+        assert_eq!(ops.len(), 1);
+        assert_eq!(ops[0].id, op);
+        assert_eq!(ops[0].kind, OpKind::DeleteVolume);
+        store
+            .commit(Batch::new(vec![
+                Step::DeleteVolume(v.id),
+                Step::FinishOp(op),
+            ]))
+            .unwrap()
+            .unwrap();
+        assert!(store.volume(v.id).unwrap().is_none());
+        assert!(store.operations().unwrap().is_empty());
+    }
+
+    #[test]
+    fn round_trips_rows_and_migrates_a_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let v = volume(VolumeStatus::InUse);
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            let mut v = v.clone();
+            v.attachments.push(Attachment {
+                instance_id: InstanceId::new(),
+                device: "/dev/vdb".into(),
+                attached_at: Utc::now(),
+            });
+            store
+                .commit(Batch::new(vec![Step::InsertVolume(v)]))
+                .unwrap()
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let got = store.volume(v.id).unwrap().unwrap();
+        assert_eq!(got.status, VolumeStatus::InUse);
+        assert_eq!(got.attachments.len(), 1);
+        assert_eq!(got.attachments[0].device, "/dev/vdb");
+        assert_eq!(
+            got.created_at.timestamp_micros(),
+            v.created_at.timestamp_micros()
+        );
+    }
+}
