@@ -1,0 +1,449 @@
+//! qcow2 mode: each volume is a directory `volume-<uuid>/` holding a tree of qcow2 files and
+//! the record `chain.json` (see [`chain`]). A snapshot freezes the active file and the volume
+//! continues in a new overlay backed by it; a revert starts a new overlay on the snapshot's
+//! frozen file; deleting a snapshot rebases its children onto its parent in qemu-img's safe
+//! mode (never `qemu-img commit`, which would change a file other snapshots still read).
+//!
+//! Every operation holds an exclusive flock on the volume directory, builds new files first,
+//! commits by replacing `chain.json`, and only then removes files the new record no longer
+//! names. A crash at any step leaves the old or the new record; files the record does not
+//! name are removed by the next operation on the volume, and re-running the interrupted
+//! operation completes it.
+
+pub(crate) mod chain;
+mod qemu;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_core::{
+    Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot, SnapshotReader,
+    Volume, VolumeId,
+};
+
+use crate::Backend;
+use crate::reader::FileReader;
+use crate::sys::{self, Flock, io_ctx};
+use chain::{CHAIN_FILE, Chain, Layer, MAX_CHAIN_DEPTH, SnapshotEntry, new_layer_name};
+
+/// The directory of volume `id`.
+pub(crate) fn volume_dir(dir: &Path, id: &VolumeId) -> PathBuf {
+    dir.join(format!("volume-{id}"))
+}
+
+/// Where a new volume directory is assembled before it is renamed into place.
+fn creating_dir(dir: &Path, id: &VolumeId) -> PathBuf {
+    dir.join(format!(".creating-volume-{id}"))
+}
+
+/// Where a volume directory is moved to be removed (so a half-removed directory never looks
+/// like a volume).
+fn deleting_dir(dir: &Path, id: &VolumeId) -> PathBuf {
+    dir.join(format!(".deleting-volume-{id}"))
+}
+
+/// Prefix of the temp raw images readers convert snapshots into (in the backend directory).
+const READER_PREFIX: &str = ".reader-";
+
+/// Checks that `qemu-img` runs; called by `FileDriver::open` so a missing tool is a start-up
+/// error, not a failure of the first snapshot.
+pub(crate) fn probe(dir: &Path) -> Result<String> {
+    qemu::version(dir).map_err(|e| {
+        Error::Config(format!(
+            "qcow2 mode needs qemu-img (Debian package qemu-utils): {e}"
+        ))
+    })
+}
+
+/// Removes reader temp files left by kiln processes that died (a live process's files stay).
+pub(crate) fn remove_stale_reader_files(dir: &Path) -> Result<()> {
+    let rd = fs::read_dir(dir).map_err(io_ctx("list", dir))?;
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(READER_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(|p| !sys::pid_alive(p)) {
+            tracing::info!(file = %name, "removing reader temp file of a dead process");
+            sys::remove_if_exists(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// A volume directory, locked, with its record loaded.
+struct Locked {
+    dir: PathBuf,
+    chain: Chain,
+    _lock: Flock,
+}
+
+impl Locked {
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Removes files the record does not name: layers of an interrupted snapshot or revert,
+    /// layers whose removal was interrupted after the commit, temp files, bench overlays.
+    fn remove_orphans(&self) -> Result<()> {
+        let rd = fs::read_dir(&self.dir).map_err(io_ctx("list", &self.dir))?;
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let orphan_layer = chain::is_layer_name(&name) && !self.chain.files.contains_key(&name);
+            let temp =
+                name.starts_with('.') && (name.ends_with(".tmp") || name.starts_with(".bench-"));
+            if orphan_layer || temp {
+                tracing::info!(volume = %self.chain.volume_id, file = %name, "removing leftover of an interrupted operation");
+                sys::remove_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&self) -> Result<()> {
+        self.chain.save(&self.dir)
+    }
+}
+
+/// Locks volume `id` and loads its record; `None` if the volume does not exist.
+fn lock(dir: &Path, id: &VolumeId) -> Result<Option<Locked>> {
+    let vdir = volume_dir(dir, id);
+    if !sys::exists(&vdir)? {
+        return Ok(None);
+    }
+    let lock = match Flock::exclusive(&vdir, false) {
+        Ok(l) => l,
+        // Removed by a concurrent delete between the check and the open.
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    // Loaded after locking: a concurrent operation may have replaced it meanwhile.
+    Ok(Chain::load(&vdir)?.map(|chain| Locked {
+        dir: vdir,
+        chain,
+        _lock: lock,
+    }))
+}
+
+fn lock_required(dir: &Path, id: &VolumeId) -> Result<Locked> {
+    lock(dir, id)?.ok_or_else(|| Error::NotFound {
+        what: "volume",
+        id: id.to_string(),
+    })
+}
+
+fn location(p: &Path) -> ProviderUpdate {
+    ProviderUpdate {
+        provider_location: Some(p.display().to_string()),
+    }
+}
+
+fn snapshot_not_found(s: &Snapshot) -> Error {
+    Error::NotFound {
+        what: "snapshot",
+        id: s.id.to_string(),
+    }
+}
+
+fn fsync_file(p: &Path) -> Result<()> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(io_ctx("fsync", p))
+}
+
+/// Builds a complete volume directory for `v` in a temp directory with `fill` (which creates
+/// the base file under the given name), then renames it into place. Already existing: done.
+fn build_volume(
+    b: &Backend,
+    v: &Volume,
+    fill: impl FnOnce(&Path, &str) -> Result<()>,
+) -> Result<ProviderUpdate> {
+    let vdir = volume_dir(&b.dir, &v.id);
+    if let Some(existing) = lock(&b.dir, &v.id)? {
+        // A re-run after a crash that happened after the rename: already done.
+        if existing.chain.size_bytes != v.size_bytes {
+            return Err(Error::WrongState(format!(
+                "{} already exists with {} bytes, not {}",
+                vdir.display(),
+                existing.chain.size_bytes,
+                v.size_bytes
+            )));
+        }
+        return Ok(location(&vdir.join(CHAIN_FILE)));
+    }
+    let tmp = creating_dir(&b.dir, &v.id);
+    sys::remove_dir_if_exists(&tmp)?;
+    fs::create_dir(&tmp).map_err(io_ctx("create", &tmp))?;
+    let base = new_layer_name();
+    let built = (|| {
+        fill(&tmp, &base)?;
+        fsync_file(&tmp.join(&base))?;
+        Chain::new(v.id.to_string(), v.size_bytes, base.clone()).save(&tmp)?;
+        sys::durable_rename(&tmp, &vdir)
+    })();
+    if built.is_err() {
+        let _ = sys::remove_dir_if_exists(&tmp);
+    }
+    built?;
+    Ok(location(&vdir.join(CHAIN_FILE)))
+}
+
+pub(crate) fn create_volume(b: &Backend, v: &Volume) -> Result<ProviderUpdate> {
+    build_volume(b, v, |dir, base| {
+        qemu::create_empty(dir, base, v.size_bytes)
+    })
+}
+
+pub(crate) fn delete_volume(b: &Backend, v: &Volume) -> Result<()> {
+    let gone = deleting_dir(&b.dir, &v.id);
+    if let Some(l) = lock(&b.dir, &v.id)? {
+        if !l.chain.snapshots.is_empty() {
+            let dependents: Vec<String> = l.chain.snapshots.keys().cloned().collect();
+            return Err(Error::Busy {
+                reason: format!(
+                    "volume {} still has {} snapshot(s) in its qcow2 chain ({}); delete them first",
+                    v.id,
+                    dependents.len(),
+                    dependents.join(", ")
+                ),
+                dependents,
+            });
+        }
+        sys::remove_dir_if_exists(&gone)?;
+        // The rename is the point of no return: from here the volume no longer exists.
+        sys::durable_rename(&l.dir, &gone)?;
+    } else if sys::exists(&volume_dir(&b.dir, &v.id))? {
+        // A directory without a record: a volume nothing can use; remove it as well.
+        sys::durable_rename(&volume_dir(&b.dir, &v.id), &gone)?;
+    }
+    sys::remove_dir_if_exists(&gone)?;
+    sys::remove_dir_if_exists(&creating_dir(&b.dir, &v.id))?;
+    sys::fsync_dir(&b.dir)
+}
+
+pub(crate) fn volume_exists(b: &Backend, v: &Volume) -> Result<bool> {
+    let vdir = volume_dir(&b.dir, &v.id);
+    match Chain::load(&vdir)? {
+        Some(c) => sys::exists(&vdir.join(&c.active)),
+        None => Ok(false),
+    }
+}
+
+pub(crate) fn snapshot_exists(b: &Backend, s: &Snapshot) -> Result<bool> {
+    let vdir = volume_dir(&b.dir, &s.volume_id);
+    match Chain::load(&vdir)?.and_then(|c| c.snapshots.get(&s.id.to_string()).cloned()) {
+        Some(e) => sys::exists(&vdir.join(e.file)),
+        None => Ok(false),
+    }
+}
+
+/// Freezes the active file as the snapshot's image and moves the volume onto a new overlay.
+///
+/// Steps: create the overlay (not yet recorded) -> fsync -> commit the record (snapshot
+/// names the old active file, active = overlay). A crash before the commit leaves an
+/// unrecorded overlay that the next operation removes; the snapshot does not exist yet.
+pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
+    let mut l = lock_required(&b.dir, &v.id)?;
+    l.remove_orphans()?;
+    let sid = s.id.to_string();
+    if let Some(e) = l.chain.snapshots.get(&sid) {
+        return Ok(location(&l.path(&e.file)));
+    }
+    let depth = l.chain.depth(&l.chain.active);
+    if depth >= MAX_CHAIN_DEPTH {
+        return Err(Error::Unsupported(format!(
+            "volume {} already has a backing chain of {depth} qcow2 files, the limit is \
+             {MAX_CHAIN_DEPTH} (every layer slows every read); delete older snapshots of it \
+             first, or create a new volume from a snapshot",
+            v.id
+        )));
+    }
+    let frozen = l.chain.active.clone();
+    let overlay = new_layer_name();
+    qemu::create_overlay(&l.dir, &frozen, &overlay)?;
+    fsync_file(&l.path(&overlay))?;
+    sys::fsync_dir(&l.dir)?;
+    l.chain.files.insert(
+        overlay.clone(),
+        Layer {
+            backing: Some(frozen.clone()),
+        },
+    );
+    l.chain.snapshots.insert(
+        sid,
+        SnapshotEntry {
+            file: frozen.clone(),
+            size_bytes: l.chain.size_bytes,
+        },
+    );
+    l.chain.active = overlay;
+    l.commit()?;
+    Ok(location(&l.path(&frozen)))
+}
+
+/// Removes a snapshot and merges its file away: each child file is rebased (safe mode) onto
+/// the snapshot file's parent, or made standalone when there is none; then the record drops
+/// the snapshot and the file is removed.
+///
+/// A crash during the rebases leaves every child showing the same data as before (a safe
+/// rebase copies the differing clusters before it switches the backing pointer), with the
+/// record unchanged; re-running rebases again (a no-op for children already switched) and
+/// commits.
+pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<()> {
+    let Some(mut l) = lock(&b.dir, &s.volume_id)? else {
+        return Ok(()); // the whole volume directory is gone, so is the snapshot
+    };
+    l.remove_orphans()?;
+    let Some(entry) = l.chain.snapshots.get(&s.id.to_string()).cloned() else {
+        return Ok(());
+    };
+    let file = entry.file;
+    let parent = l.chain.files.get(&file).and_then(|x| x.backing.clone());
+    let children = l.chain.children(&file);
+    for child in &children {
+        qemu::rebase(&l.dir, child, parent.as_deref())?;
+        fsync_file(&l.path(child))?;
+    }
+    for child in &children {
+        if let Some(layer) = l.chain.files.get_mut(child) {
+            layer.backing = parent.clone();
+        }
+    }
+    l.chain.snapshots.remove(&s.id.to_string());
+    if file != l.chain.active {
+        l.chain.files.remove(&file);
+    }
+    l.commit()?;
+    if !l.chain.files.contains_key(&file) {
+        sys::remove_if_exists(&l.path(&file))?;
+        sys::fsync_dir(&l.dir)?;
+    }
+    Ok(())
+}
+
+/// Points the volume at a new empty overlay on the snapshot's frozen file. The previous
+/// active file is dropped unless a snapshot froze it (it cannot have children: it was
+/// active). Re-running after a crash builds another overlay on the same snapshot, with the
+/// same result.
+pub(crate) fn revert_to_snapshot(b: &Backend, v: &Volume, s: &Snapshot) -> Result<()> {
+    let mut l = lock_required(&b.dir, &v.id)?;
+    l.remove_orphans()?;
+    let entry = l
+        .chain
+        .snapshots
+        .get(&s.id.to_string())
+        .cloned()
+        .ok_or_else(|| snapshot_not_found(s))?;
+    let overlay = new_layer_name();
+    qemu::create_overlay(&l.dir, &entry.file, &overlay)?;
+    fsync_file(&l.path(&overlay))?;
+    sys::fsync_dir(&l.dir)?;
+    let old = std::mem::replace(&mut l.chain.active, overlay.clone());
+    l.chain.files.insert(
+        overlay,
+        Layer {
+            backing: Some(entry.file.clone()),
+        },
+    );
+    l.chain.size_bytes = entry.size_bytes;
+    let drop_old = !l.chain.is_snapshot_file(&old) && l.chain.children(&old).is_empty();
+    if drop_old {
+        l.chain.files.remove(&old);
+    }
+    l.commit()?;
+    if drop_old {
+        sys::remove_if_exists(&l.path(&old))?;
+        sys::fsync_dir(&l.dir)?;
+    }
+    Ok(())
+}
+
+/// A new independent volume: `qemu-img convert -O qcow2` of the snapshot's whole chain,
+/// grown to the requested size if that is larger.
+pub(crate) fn create_volume_from_snapshot(
+    b: &Backend,
+    v: &Volume,
+    s: &Snapshot,
+    progress: &ProgressHandle,
+) -> Result<ProviderUpdate> {
+    let src = lock_required(&b.dir, &s.volume_id)?;
+    let entry = src
+        .chain
+        .snapshots
+        .get(&s.id.to_string())
+        .cloned()
+        .ok_or_else(|| snapshot_not_found(s))?;
+    if v.size_bytes < entry.size_bytes {
+        return Err(Error::invalid(
+            "size",
+            format!(
+                "{} bytes is smaller than the snapshot ({} bytes)",
+                v.size_bytes, entry.size_bytes
+            ),
+        ));
+    }
+    progress.set_total(entry.size_bytes);
+    let src_file = src.path(&entry.file);
+    let out = build_volume(b, v, |dir, base| {
+        let dst = dir.join(base);
+        qemu::convert(dir, &src_file, "qcow2", &dst)?;
+        if v.size_bytes > entry.size_bytes {
+            qemu::resize(dir, &dst, v.size_bytes)?;
+        }
+        Ok(())
+    })?;
+    progress.advance(entry.size_bytes);
+    Ok(out)
+}
+
+/// Converts the snapshot's chain into a sparse raw temp file in the backend directory, opens
+/// it and unlinks it, so the reader owns the only reference. Costs disk space for the
+/// allocated data of the snapshot while the reader is open.
+pub(crate) fn open_snapshot_reader(b: &Backend, s: &Snapshot) -> Result<Box<dyn SnapshotReader>> {
+    let src = lock_required(&b.dir, &s.volume_id)?;
+    let entry = src
+        .chain
+        .snapshots
+        .get(&s.id.to_string())
+        .cloned()
+        .ok_or_else(|| snapshot_not_found(s))?;
+    let file = src.path(&entry.file);
+    let extents = qemu::data_extents(&src.dir, &file)?;
+    let tmp = b.dir.join(format!(
+        "{READER_PREFIX}{}-snapshot-{}-{}.raw",
+        std::process::id(),
+        s.id,
+        uuid::Uuid::new_v4().hyphenated()
+    ));
+    let opened = (|| {
+        qemu::convert(&src.dir, &file, "raw", &tmp)?;
+        File::open(&tmp).map_err(io_ctx("open", &tmp))
+    })();
+    let _ = sys::remove_if_exists(&tmp);
+    let f = opened?;
+    // A raw image is exactly as long as the virtual disk.
+    let size = f.metadata().map_err(io_ctx("stat", &tmp))?.len();
+    Ok(Box::new(FileReader::new(f, size, extents)))
+}
+
+/// Times one bare `qemu-img create -f qcow2 -b <active> -F qcow2 <tmp>` and its unlink.
+pub(crate) fn bench_primitives(b: &Backend, v: &Volume) -> Result<Vec<PrimitiveSample>> {
+    let l = lock_required(&b.dir, &v.id)?;
+    let tmp = format!(".bench-{}.qcow2", uuid::Uuid::new_v4().hyphenated());
+    let t = Instant::now();
+    qemu::create_overlay(&l.dir, &l.chain.active, &tmp)?;
+    let create = t.elapsed();
+    let path = l.path(&tmp);
+    let t = Instant::now();
+    fs::remove_file(&path).map_err(io_ctx("unlink", &path))?;
+    let delete = t.elapsed();
+    Ok(vec![PrimitiveSample {
+        name: "qemu-img create (qcow2 overlay) + unlink".into(),
+        create,
+        delete,
+    }])
+}

@@ -1,0 +1,149 @@
+//! `qemu-img` invocations, as argv vectors through duct (never a shell), each traced with
+//! its elapsed time. A failure carries qemu-img's own stderr.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::Instant;
+
+use kiln_core::{Error, Extent, Result};
+use serde::Deserialize;
+
+/// Runs `qemu-img <args>` in `cwd` and returns its stdout. `op` names the operation in errors
+/// (e.g. "qemu-img rebase").
+pub(crate) fn run(op: &str, cwd: &Path, args: Vec<OsString>) -> Result<Vec<u8>> {
+    let start = Instant::now();
+    let out = duct::cmd("qemu-img", &args)
+        .dir(cwd)
+        .stdin_null()
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked()
+        .run()
+        .map_err(|e| {
+            Error::backend(
+                op,
+                format!("cannot run qemu-img: {e} (is qemu-utils installed?)"),
+            )
+        })?;
+    let elapsed_ms = start.elapsed().as_millis() as u64;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        tracing::warn!(op, ?args, elapsed_ms, %msg, "qemu-img failed");
+        return Err(Error::backend(
+            op,
+            if msg.is_empty() {
+                format!("exited with {}", out.status)
+            } else {
+                msg
+            },
+        ));
+    }
+    tracing::debug!(op, ?args, elapsed_ms, "qemu-img done");
+    Ok(out.stdout)
+}
+
+/// Builds an argv vector from mixed string and path arguments.
+macro_rules! argv {
+    ($($a:expr),* $(,)?) => { vec![$(std::ffi::OsString::from($a)),*] };
+}
+
+/// `qemu-img create -f qcow2 <file> <size>` (a new empty image) in `cwd`.
+pub(crate) fn create_empty(cwd: &Path, file: &str, size: u64) -> Result<()> {
+    run(
+        "qemu-img create",
+        cwd,
+        argv!["create", "-q", "-f", "qcow2", file, size.to_string()],
+    )
+    .map(drop)
+}
+
+/// `qemu-img create -f qcow2 -b <backing> -F qcow2 <file>` in `cwd`: an empty overlay of the
+/// backing file's size. Both names are relative to `cwd`, so the overlay records a relative
+/// backing name and the volume directory stays relocatable.
+pub(crate) fn create_overlay(cwd: &Path, backing: &str, file: &str) -> Result<()> {
+    run(
+        "qemu-img create",
+        cwd,
+        argv![
+            "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", file,
+        ],
+    )
+    .map(drop)
+}
+
+/// `qemu-img rebase -f qcow2 [-F qcow2] -b <new_backing|""> <file>` in `cwd`, in safe mode:
+/// every cluster whose content differs between the old and the new backing chain is copied
+/// into `file` first, so what `file` shows never changes. Idempotent: rebasing onto the
+/// backing the file already has copies nothing.
+pub(crate) fn rebase(cwd: &Path, file: &str, new_backing: Option<&str>) -> Result<()> {
+    let args = match new_backing {
+        Some(p) => argv!["rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", p, file,],
+        None => argv!["rebase", "-q", "-f", "qcow2", "-b", "", file],
+    };
+    run("qemu-img rebase", cwd, args).map(drop)
+}
+
+/// `qemu-img convert -f qcow2 -O <fmt> <src> <dst>`: the whole chain under `src` flattened
+/// into one independent image (sparse: zero clusters are not written).
+pub(crate) fn convert(cwd: &Path, src: &Path, fmt: &str, dst: &Path) -> Result<()> {
+    run(
+        "qemu-img convert",
+        cwd,
+        argv!["convert", "-f", "qcow2", "-O", fmt, src, dst],
+    )
+    .map(drop)
+}
+
+/// `qemu-img resize -f qcow2 <file> <size>` (grow only).
+pub(crate) fn resize(cwd: &Path, file: &Path, size: u64) -> Result<()> {
+    run(
+        "qemu-img resize",
+        cwd,
+        argv!["resize", "-q", "-f", "qcow2", file, size.to_string()],
+    )
+    .map(drop)
+}
+
+#[derive(Deserialize)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    #[serde(default)]
+    data: bool,
+    #[serde(default)]
+    zero: bool,
+}
+
+/// Ranges of the image `file` (through its whole backing chain) that may hold non-zero data,
+/// from `qemu-img map --output=json`: entries with `data: true` or `zero: false`. Sorted and
+/// merged.
+pub(crate) fn data_extents(cwd: &Path, file: &Path) -> Result<Vec<Extent>> {
+    let out = run(
+        "qemu-img map",
+        cwd,
+        argv!["map", "--output=json", "-f", "qcow2", file],
+    )?;
+    let entries: Vec<MapEntry> = serde_json::from_slice(&out)
+        .map_err(|e| Error::backend("qemu-img map", format!("unexpected output: {e}")))?;
+    let mut ex: Vec<Extent> = Vec::new();
+    for m in entries.into_iter().filter(|m| m.data || !m.zero) {
+        match ex.last_mut() {
+            Some(last) if last.offset + last.length == m.start => last.length += m.length,
+            _ => ex.push(Extent {
+                offset: m.start,
+                length: m.length,
+            }),
+        }
+    }
+    Ok(ex)
+}
+
+/// `qemu-img --version`: proves the tool is installed and runs.
+pub(crate) fn version(cwd: &Path) -> Result<String> {
+    let out = run("qemu-img --version", cwd, argv!["--version"])?;
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}

@@ -1,0 +1,311 @@
+//! Thin, safe wrappers around the Linux file primitives the driver is built on: FICLONE,
+//! SEEK_DATA/SEEK_HOLE, flock, statvfs and durable (fsync'ed) renames.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use kiln_core::{Error, Extent, Result};
+
+/// Maps an I/O error to [`Error::Io`] with what the driver was doing and on which path.
+pub(crate) fn io_ctx(what: &str, path: &Path) -> impl FnOnce(io::Error) -> Error {
+    let context = format!("{what} {}", path.display());
+    move |source| Error::io(context, source)
+}
+
+/// Clones `src` into a new file `dst` (created or truncated) with FICLONE: the two files share
+/// every extent until one of them is written. Returns the open destination so the caller can
+/// fsync it. On failure `dst` is removed again.
+pub(crate) fn reflink(src: &Path, dst: &Path) -> io::Result<File> {
+    let s = File::open(src)?;
+    let d = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)?;
+    // SAFETY: both descriptors are open and owned by `s` and `d` for the whole call; FICLONE
+    // takes the source descriptor as its integer argument and touches no user memory.
+    let rc = unsafe { libc::ioctl(d.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        drop(d);
+        let _ = fs::remove_file(dst);
+        return Err(e);
+    }
+    Ok(d)
+}
+
+/// Copies `src` into a new file `dst` (created or truncated) of the same size, writing only
+/// the ranges that hold data so holes stay holes. `advance` is told every copied byte count.
+/// Returns the open destination (not yet fsync'ed). On failure `dst` is removed again.
+pub(crate) fn sparse_copy(src: &Path, dst: &Path, advance: &dyn Fn(u64)) -> io::Result<File> {
+    let result = (|| {
+        let s = File::open(src)?;
+        let size = s.metadata()?.len();
+        let d = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dst)?;
+        d.set_len(size)?;
+        let mut buf = vec![0u8; 1 << 20];
+        for e in data_extents(&s, size)? {
+            let mut off = e.offset;
+            let end = e.offset + e.length;
+            while off < end {
+                let want = usize::try_from((end - off).min(buf.len() as u64))
+                    .map_err(|_| io::Error::other("chunk larger than memory"))?;
+                let n = s.read_at(&mut buf[..want], off)?;
+                if n == 0 {
+                    // The source shrank under us; what is left reads as zeros anyway.
+                    break;
+                }
+                // An all-zero chunk inside a data extent stays a hole in the copy.
+                if buf[..n].iter().any(|b| *b != 0) {
+                    d.write_all_at(&buf[..n], off)?;
+                }
+                off += n as u64;
+                advance(n as u64);
+            }
+        }
+        Ok(d)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(dst);
+    }
+    result
+}
+
+/// Ranges of `file` (of logical `size`) that hold data, from SEEK_DATA/SEEK_HOLE: sorted,
+/// non-overlapping, merged. A filesystem without hole reporting yields one extent.
+pub(crate) fn data_extents(file: &File, size: u64) -> io::Result<Vec<Extent>> {
+    let fd = file.as_raw_fd();
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        let off = libc::off_t::try_from(pos).map_err(|_| io::Error::other("offset overflow"))?;
+        // SAFETY: plain syscall on an fd owned by `file`.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data at or after `pos`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (start, end) = (data as u64, (hole as u64).min(size));
+        if end <= start {
+            break;
+        }
+        match out.last_mut() {
+            Some(last) if last.offset + last.length == start => last.length += end - start,
+            _ => out.push(Extent {
+                offset: start,
+                length: end - start,
+            }),
+        }
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// fsyncs a directory, so that renames and unlinks inside it survive a crash.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_ctx("fsync directory", dir))
+}
+
+/// Renames `from` to `to` (replacing it) and fsyncs the directory holding `to`.
+pub(crate) fn durable_rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(io_ctx("rename to", to))?;
+    fsync_dir(parent_of(to))
+}
+
+/// Writes `bytes` to `path` atomically: a temp file next to it is written and fsync'ed, then
+/// renamed over `path`, then the directory is fsync'ed. A crash leaves the old or the new
+/// content, never a mix.
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_sibling(path);
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(format!("write {}", tmp.display()), e));
+    }
+    durable_rename(&tmp, path)
+}
+
+/// `dir/.name.tmp` for `dir/name`: the temp name [`atomic_write`] uses.
+pub(crate) fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent_of(path).join(format!(".{name}.tmp"))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Removes a file; a file that is already gone is not an error.
+pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+    }
+}
+
+/// Removes a directory tree; a tree that is already gone is not an error.
+pub(crate) fn remove_dir_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+    }
+}
+
+/// Whether `path` exists (an error other than "not found" is reported, not guessed).
+pub(crate) fn exists(path: &Path) -> Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+    }
+}
+
+/// An exclusive `flock` on a file or directory, released when dropped (the descriptor closes).
+///
+/// Serializes read-modify-write of on-disk metadata between kiln processes sharing a backend
+/// directory. flock is independent of the OFD locks QEMU takes on images, so it never
+/// conflicts with a hypervisor.
+#[derive(Debug)]
+pub(crate) struct Flock {
+    _file: File,
+}
+
+impl Flock {
+    /// Blocks until the exclusive lock on `path` is held. `create` makes a missing regular
+    /// file (lock files); directories are opened as they are.
+    pub(crate) fn exclusive(path: &Path, create: bool) -> Result<Flock> {
+        let file = if create {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+        } else {
+            File::open(path)
+        }
+        .map_err(io_ctx("open lock", path))?;
+        loop {
+            // SAFETY: plain syscall on an fd owned by `file`.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(Flock { _file: file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(Error::io(format!("flock {}", path.display()), e));
+            }
+        }
+    }
+}
+
+/// Total and available bytes of the filesystem holding `dir` (statvfs).
+pub(crate) fn statvfs(dir: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid("path", format!("{} contains a NUL byte", dir.display())))?;
+    // SAFETY: `st` is plain old data that statvfs fills in; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("statvfs {}", dir.display()),
+            io::Error::last_os_error(),
+        ));
+    }
+    let frsize = st.f_frsize;
+    Ok((st.f_blocks * frsize, st.f_bavail * frsize))
+}
+
+/// Whether a process with this id is alive (used to tell abandoned temp files from ones a
+/// concurrent kiln process is still writing).
+pub(crate) fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Reads a small file completely.
+pub(crate) fn read_small(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let mut v = Vec::new();
+    f.seek(SeekFrom::Start(0))?;
+    f.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_of_a_sparse_file_skip_the_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 4096], 8 << 20).unwrap();
+        f.write_all_at(&[9u8; 4096], 32 << 20).unwrap();
+        let ex = data_extents(&f, 64 << 20).unwrap();
+        assert_eq!(ex.len(), 2, "{ex:?}");
+        assert!(ex[0].offset <= 8 << 20 && ex[0].offset + ex[0].length >= (8 << 20) + 4096);
+        assert!(ex[1].offset <= 32 << 20 && ex[1].offset + ex[1].length >= (32 << 20) + 4096);
+        // A sparse copy keeps the data and the holes.
+        let q = dir.path().join("g");
+        let g = sparse_copy(&p, &q, &|_| {}).unwrap();
+        assert_eq!(g.metadata().unwrap().len(), 64 << 20);
+        assert_eq!(data_extents(&g, 64 << 20).unwrap().len(), 2);
+        let mut b = [0u8; 4096];
+        g.read_exact_at(&mut b, 32 << 20).unwrap();
+        assert!(b.iter().all(|x| *x == 9));
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        atomic_write(&p, b"one").unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(read_small(&p).unwrap(), b"two");
+        assert!(!tmp_sibling(&p).exists());
+    }
+}
