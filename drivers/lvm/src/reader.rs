@@ -1,0 +1,156 @@
+//! Reading a snapshot's image from its activated device.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use kiln_core::{Error, Extent, Result, Snapshot, SnapshotReader};
+
+use crate::backend::Backend;
+use crate::command::{Retry, Runner};
+use crate::names;
+use crate::report::LvRow;
+use crate::thin_map;
+
+/// Raw reader over `/dev/mapper/<vg>-<snapshot>`. Deactivates, when dropped, what it had to
+/// activate (a thin snapshot skipped at activation, or a thick origin that was inactive).
+/// Dropping runs `lvchange -an`: drop it from a blocking context.
+pub struct LvmSnapshotReader {
+    file: File,
+    size: u64,
+    extents: Vec<Extent>,
+    deactivate: Option<(Runner, String)>,
+}
+
+impl SnapshotReader for LvmSnapshotReader {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let n = ((self.size - offset).min(buf.len() as u64)) as usize;
+        self.file.read_at(&mut buf[..n], offset)
+    }
+}
+
+impl Drop for LvmSnapshotReader {
+    fn drop(&mut self) {
+        if let Some((runner, spec)) = self.deactivate.take() {
+            // An LV another reader still holds open refuses deactivation: harmless, it stays
+            // active until that reader drops.
+            if let Err(e) =
+                runner.lvm("lvchange -an", &["lvchange", "-q", "-an", &spec], Retry::Transient)
+            {
+                tracing::warn!(lv = %spec, error = %e, "could not deactivate after reading");
+            }
+        }
+    }
+}
+
+impl Backend {
+    /// Activates the snapshot (`-K` for thin ones), opens its device, and lists its extents.
+    pub fn open_snapshot_reader(&self, s: &Snapshot) -> Result<LvmSnapshotReader> {
+        let snap = names::snapshot(&s.id);
+        let not_found = || Error::NotFound {
+            what: "snapshot",
+            id: s.id.to_string(),
+        };
+        let row = self.lv(&snap)?.ok_or_else(not_found)?;
+        let mut deactivate = None;
+        let row = if row.is_thick_snapshot() {
+            if !row.is_active() {
+                self.ensure_thick_active(&row)?;
+                deactivate = Some((self.runner.clone(), self.spec(&row.origin)));
+            }
+            let row = self.lv(&snap)?.ok_or_else(not_found)?;
+            if let Some(reason) = self.invalid_reason(&row) {
+                return Err(Error::WrongState(reason));
+            }
+            row
+        } else {
+            if !row.is_active() {
+                self.activate(&snap, true)?;
+                deactivate = Some((self.runner.clone(), self.spec(&snap)));
+            }
+            row
+        };
+        // From here on the reader (or this guard) owns the activation.
+        let mut reader = LvmSnapshotReader {
+            file: File::open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?,
+            size: 0,
+            extents: Vec::new(),
+            deactivate,
+        };
+        let dev = self.device(&snap);
+        reader.file =
+            File::open(&dev).map_err(|e| Error::io(format!("opening {}", dev.display()), e))?;
+        reader.size = crate::blockdev::size(&reader.file)
+            .map_err(|e| Error::io(format!("sizing {}", dev.display()), e))?;
+        let whole = vec![Extent {
+            offset: 0,
+            length: reader.size,
+        }];
+        reader.extents = if row.is_thin_volume() {
+            self.thin_extents(&row, reader.size).unwrap_or(whole)
+        } else {
+            whole
+        };
+        Ok(reader)
+    }
+
+    /// Mapped extents of a thin LV from a metadata snapshot of its pool, or `None` (logged)
+    /// when they cannot be read — the caller then reads everything.
+    fn thin_extents(&self, row: &LvRow, size: u64) -> Option<Vec<Extent>> {
+        let id = row.thin_id()?;
+        let tpool = format!("{}-tpool", names::dm_name(&self.vg, &row.pool_lv));
+        let tmeta = format!(
+            "/dev/mapper/{}",
+            names::dm_name(&self.vg, &format!("{}_tmeta", row.pool_lv))
+        );
+        // The live metadata changes under our feet; a reserved metadata snapshot is a stable
+        // copy (reserving also commits outstanding mappings). Only one can exist per pool.
+        if let Err(e) = self.runner.run(
+            "dmsetup message reserve_metadata_snap",
+            "dmsetup",
+            &["message", &tpool, "0", "reserve_metadata_snap"],
+            Retry::Transient,
+        ) {
+            tracing::warn!(pool = %tpool, error = %e, "no metadata snapshot; reading all extents");
+            return None;
+        }
+        let dev_id = id.to_string();
+        let dump = self.runner.run(
+            "thin_dump",
+            "thin_dump",
+            &["-m", "--dev-id", &dev_id, &tmeta],
+            Retry::Never,
+        );
+        if let Err(e) = self.runner.run(
+            "dmsetup message release_metadata_snap",
+            "dmsetup",
+            &["message", &tpool, "0", "release_metadata_snap"],
+            Retry::Transient,
+        ) {
+            tracing::warn!(pool = %tpool, error = %e, "could not release the metadata snapshot");
+        }
+        match dump {
+            Ok(out) => {
+                let e = thin_map::extents_from_dump(&out.stdout, size);
+                if e.is_none() {
+                    tracing::warn!(pool = %tpool, "thin_dump output not understood; reading all extents");
+                }
+                e
+            }
+            Err(e) => {
+                tracing::warn!(pool = %tpool, error = %e, "thin_dump failed; reading all extents");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Creating, deleting and cloning volumes.
+
+use kiln_core::{Error, ProgressHandle, ProviderUpdate, Result, Snapshot, Volume};
+
+use crate::backend::{Backend, Kind};
+use crate::blockdev;
+use crate::command::Retry;
+use crate::names;
+
+impl Backend {
+    pub(crate) fn provider(&self, lv: &str) -> ProviderUpdate {
+        ProviderUpdate {
+            provider_location: Some(self.spec(lv)),
+        }
+    }
+
+    /// `lvcreate` of an empty volume; a re-run finding the LV already there succeeds.
+    pub fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate> {
+        let name = names::volume(&v.id);
+        if let Some(row) = self.lv(&name)? {
+            if row.size()? >= v.size_bytes {
+                return Ok(self.provider(&name));
+            }
+            return Err(Error::backend(
+                "lvcreate",
+                format!(
+                    "{} already exists with {} bytes, smaller than the requested {}",
+                    self.spec(&name),
+                    row.lv_size,
+                    v.size_bytes
+                ),
+            ));
+        }
+        self.lvcreate_plain(&name, v.size_bytes)?;
+        Ok(self.provider(&name))
+    }
+
+    /// Creates a new (not snapshot) LV of `bytes` of this backend's kind.
+    fn lvcreate_plain(&self, name: &str, bytes: u64) -> Result<()> {
+        let size = format!("{bytes}b");
+        match self.kind {
+            Kind::Thin => {
+                let pool = self.spec(&self.pool);
+                self.runner.lvm(
+                    "lvcreate",
+                    &["lvcreate", "-q", "--yes", "-T", &pool, "-V", &size, "-n", name],
+                    Retry::Never,
+                )?;
+            }
+            Kind::Thick => {
+                self.runner.lvm(
+                    "lvcreate",
+                    &["lvcreate", "-q", "--yes", "-L", &size, "-n", name, &self.vg],
+                    Retry::Never,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a volume and any leftovers of an interrupted revert or clone of it. A thick
+    /// origin with snapshots is `Busy` (lvremove would silently take the snapshots along).
+    pub fn delete_volume(&self, v: &Volume) -> Result<()> {
+        let name = names::volume(&v.id);
+        let rows = self.lvs()?;
+        let snaps: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.is_thick_snapshot() && r.origin == name)
+            .map(|r| r.lv_name.as_str())
+            .collect();
+        if !snaps.is_empty() {
+            return Err(Error::Busy {
+                reason: format!(
+                    "thick volume {} still has {} snapshot(s) ({}); delete them first",
+                    self.spec(&name),
+                    snaps.len(),
+                    snaps.join(", ")
+                ),
+                dependents: snaps
+                    .iter()
+                    .map(|s| names::parse_snapshot(s).map_or(s.to_string(), |id| id.to_string()))
+                    .collect(),
+            });
+        }
+        let candidates = [
+            name.clone(),
+            names::revert_new(&v.id),
+            names::revert_old(&v.id),
+            names::partial_clone(&v.id),
+        ];
+        for lv in candidates {
+            let Some(row) = rows.iter().find(|r| r.lv_name == lv) else {
+                continue;
+            };
+            if row.is_open() {
+                return Err(Error::WrongState(format!(
+                    "{} is open (attached or in use); detach it before deleting",
+                    self.spec(&lv)
+                )));
+            }
+            if self.kind == Kind::Thick && !row.is_thin_volume() && self.cfg.zero_deleted_thick_volumes
+            {
+                self.ensure_thick_active(row)?;
+                let dev = self.device(&lv);
+                let f = blockdev::open_write(&dev)
+                    .map_err(|e| Error::io(format!("opening {} to zero it", dev.display()), e))?;
+                blockdev::zero_all(&f, None)
+                    .map_err(|e| Error::io(format!("zeroing {}", dev.display()), e))?;
+            }
+            self.remove(&lv)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the volume exists — also in the middle of an interrupted thin revert, when it
+    /// briefly carries the `-revert-old` name.
+    pub fn volume_exists(&self, v: &Volume) -> Result<bool> {
+        let rows = self.lvs()?;
+        let name = names::volume(&v.id);
+        let old = names::revert_old(&v.id);
+        Ok(rows.iter().any(|r| r.lv_name == name || r.lv_name == old))
+    }
+
+    /// Creates volume `v` holding snapshot `s`'s data. Thin: a writable, normally activating
+    /// snapshot of the snapshot (O(1), independent of it in the pool). Thick: a new LV filled
+    /// by a block copy under a temporary name, renamed when complete.
+    pub fn create_volume_from_snapshot(
+        &self,
+        v: &Volume,
+        s: &Snapshot,
+        progress: &ProgressHandle,
+    ) -> Result<ProviderUpdate> {
+        let snap = names::snapshot(&s.id);
+        let row = self.lv(&snap)?.ok_or_else(|| Error::NotFound {
+            what: "snapshot",
+            id: s.id.to_string(),
+        })?;
+        let image = self.snapshot_image_size(&row)?;
+        if v.size_bytes < image {
+            return Err(Error::invalid(
+                "size",
+                format!(
+                    "{} bytes is smaller than snapshot {} ({} bytes)",
+                    v.size_bytes, s.id, image
+                ),
+            ));
+        }
+        let name = names::volume(&v.id);
+        match self.kind {
+            Kind::Thin => {
+                let existing = self.lv(&name)?;
+                if existing.is_none() {
+                    let origin = self.spec(&snap);
+                    self.runner.lvm(
+                        "lvcreate --snapshot",
+                        &[
+                            "lvcreate", "-q", "-s", "-kn", "-p", "rw", "-n", &name, &origin,
+                        ],
+                        Retry::Never,
+                    )?;
+                }
+                self.finish_thin_volume(&name, v.size_bytes)?;
+            }
+            Kind::Thick => {
+                if self.lv(&name)?.is_some() {
+                    // Only a finished copy carries the final name.
+                    return Ok(self.provider(&name));
+                }
+                if let Some(reason) = self.invalid_reason(&row) {
+                    return Err(Error::WrongState(reason));
+                }
+                let partial = names::partial_clone(&v.id);
+                if self.lv(&partial)?.is_some() {
+                    self.remove(&partial)?;
+                }
+                self.lvcreate_plain(&partial, v.size_bytes)?;
+                if let Err(e) = self.fill_thick_clone(&row, &partial, image, progress) {
+                    if let Err(cleanup) = self.remove(&partial) {
+                        tracing::warn!(lv = %partial, error = %cleanup, "could not remove a failed clone");
+                    }
+                    return Err(e);
+                }
+                self.rename(&partial, &name)?;
+            }
+        }
+        Ok(self.provider(&name))
+    }
+
+    /// Makes a thin LV made by snapshotting behave like a volume: activation-skip off (also
+    /// when an earlier run was interrupted), grown to `bytes`, active.
+    pub(crate) fn finish_thin_volume(&self, name: &str, bytes: u64) -> Result<()> {
+        let row = self
+            .lv(name)?
+            .ok_or_else(|| Error::backend("lvcreate", format!("{} vanished", self.spec(name))))?;
+        if row.skips_activation() {
+            let spec = self.spec(name);
+            self.runner.lvm(
+                "lvchange --setactivationskip n",
+                &["lvchange", "-q", "-kn", &spec],
+                Retry::Transient,
+            )?;
+        }
+        if row.size()? < bytes {
+            self.extend_to(name, bytes)?;
+        }
+        self.activate(name, false)
+    }
+
+    fn fill_thick_clone(
+        &self,
+        snap: &crate::report::LvRow,
+        target: &str,
+        image: u64,
+        progress: &ProgressHandle,
+    ) -> Result<()> {
+        self.ensure_thick_active(snap)?;
+        let src_path = self.device(&snap.lv_name);
+        let dst_path = self.device(target);
+        let src = blockdev::open_read(&src_path)
+            .map_err(|e| Error::io(format!("opening {}", src_path.display()), e))?;
+        let dst = blockdev::open_write(&dst_path)
+            .map_err(|e| Error::io(format!("opening {}", dst_path.display()), e))?;
+        let dst_size = blockdev::size(&dst)
+            .map_err(|e| Error::io(format!("sizing {}", dst_path.display()), e))?;
+        progress.set_total(dst_size);
+        progress.set_message(&format!("copying {} to {}", snap.lv_name, target));
+        let stats = blockdev::copy(&src, &dst, image, progress)
+            .map_err(|e| Error::io(format!("copying {} to {}", snap.lv_name, target), e))?;
+        // The LV may be larger than the image (bigger target, extent rounding): the tail must
+        // not show what those extents held before.
+        blockdev::zero_range(&dst, image, dst_size - image)
+            .and_then(|()| dst.sync_all())
+            .map_err(|e| Error::io(format!("zeroing the tail of {target}"), e))?;
+        progress.advance(dst_size - image);
+        tracing::info!(
+            from = %snap.lv_name,
+            to = %target,
+            written = stats.written,
+            zeroed = stats.zeroed,
+            "thick clone copied"
+        );
+        Ok(())
+    }
+}
