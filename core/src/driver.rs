@@ -114,6 +114,15 @@ pub trait VolumeDriver: Send + Sync {
     /// Capacity and usage.
     async fn stats(&self) -> Result<BackendStats>;
 
+    /// `Some(reason)` when the snapshot still exists but its data is unusable (e.g. an LVM
+    /// thick snapshot whose copy-on-write space overflowed), so the service can mark it
+    /// `error` with that reason; `None` when it is healthy. Backends whose snapshots cannot
+    /// go bad keep the default.
+    async fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
+        let _ = s;
+        Ok(None)
+    }
+
     /// Times the backend's raw snapshot primitive once on `v` (create and remove a snapshot
     /// with no kiln bookkeeping), for `kiln bench`. The first sample is "the primitive"; any
     /// further samples are comparisons (e.g. the `rbd` CLI). Nothing is left behind.
