@@ -1,1 +1,27 @@
-//! placeholder until the driver lands
+//! kiln's Ceph RBD backend.
+//!
+//! One persistent librados connection per backend ([`cluster::Cluster`], built with the `ceph`
+//! crate's librados bindings), librbd through a small hand-written FFI module ([`ffi`]), and
+//! [`RbdDriver`] implementing [`kiln_core::VolumeDriver`] on top: volumes are `volume-<uuid>`
+//! images, snapshots are `snapshot-<uuid>` RBD snapshots, volumes from snapshots are
+//! copy-on-write clones (flattened by policy), reverts are `rbd_snap_rollback`.
+//!
+//! Every librbd call blocks and runs in `tokio::task::spawn_blocking`.
+
+mod bench;
+pub mod cluster;
+mod config;
+mod driver;
+mod errno;
+pub mod ffi;
+pub mod image;
+mod names;
+mod progress;
+mod reader;
+mod stats;
+
+pub use config::{MAX_CONNECT_TIMEOUT_SECS, RbdConfig};
+pub use driver::RbdDriver;
+pub use errno::RbdCallError;
+pub use names::{snapshot_name, volume_image};
+pub use reader::RbdSnapshotReader;

@@ -1,0 +1,287 @@
+//! The backend's one long-lived connection: a librados cluster handle and an I/O context on
+//! the configured pool.
+//!
+//! The handles come from the `ceph` crate's librados bindings (`ceph::rados`), but the
+//! connection is built here rather than with `ceph::ceph::connect_to_ceph`, because the
+//! timeouts below must be set between `rados_conf_read_file` and `rados_connect`, and the
+//! crate's `Rados::config_set` refuses to run on a created handle. Building it here also
+//! avoids that crate's `disconnect_from_ceph`/`destroy_rados_ioctx`, which free the handle a
+//! second time on drop.
+
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+use ceph::rados as r;
+use kiln_core::{Error, Result};
+
+use crate::config::RbdConfig;
+use crate::errno::{CallResult, RbdCallError, check};
+use crate::ffi::{rados_ioctx_t, rados_t};
+
+/// Bound on every monitor and OSD request made over the connection (pool ops such as
+/// snapshot-id allocation, reads, writes). Without it librados waits forever for a cluster
+/// that went away, pinning a worker thread; with it the call fails with ETIMEDOUT and the
+/// operation can be retried. Generous, because a flatten is many such requests in a row and
+/// a busy cluster can stall one for a while.
+pub const OP_TIMEOUT_SECS: u64 = 120;
+
+/// Owns a `rados_t`; `rados_shutdown` on drop.
+struct RadosHandle(rados_t);
+
+impl Drop for RadosHandle {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the handle came from rados_create, is shut down exactly once, and every
+            // ioctx made from it has been destroyed before (see `Cluster`'s field order).
+            unsafe { r::rados_shutdown(self.0) }
+        }
+    }
+}
+
+/// Owns a `rados_ioctx_t`; `rados_ioctx_destroy` on drop.
+struct IoctxHandle(rados_ioctx_t);
+
+impl Drop for IoctxHandle {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: created by rados_ioctx_create on a live cluster handle, destroyed once.
+            unsafe { r::rados_ioctx_destroy(self.0) }
+        }
+    }
+}
+
+/// A connected cluster with an I/O context on the backend's pool.
+///
+/// Shared as `Arc<Cluster>` by every operation and every open image; images hold that `Arc`,
+/// so the connection outlives them (drop order: image, then ioctx, then cluster handle).
+pub struct Cluster {
+    // Field order is drop order: the ioctx must be destroyed before the cluster is shut down.
+    ioctx: IoctxHandle,
+    rados: RadosHandle,
+    pool: String,
+    conf: String,
+    client_name: String,
+    keyring: Option<String>,
+}
+
+// SAFETY: librados documents `rados_t` and `rados_ioctx_t` as safe to share between threads
+// (the C API is used concurrently by QEMU, rbd-nbd and the rbd CLI's worker threads); this
+// type only hands the raw pointers to librados/librbd calls and never mutates them after
+// construction. The handles are freed only in Drop, when no other reference exists.
+unsafe impl Send for Cluster {}
+// SAFETY: see `Send`: every use of the handles goes through librados/librbd, which lock
+// internally.
+unsafe impl Sync for Cluster {}
+
+fn cstring(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Config(format!("{what} {s:?} contains a NUL byte")))
+}
+
+impl Cluster {
+    /// Connects (blocking) using `cfg`, bounded by `cfg.connect_timeout_secs` on librados'
+    /// side (`client_mount_timeout`), and opens the pool. Call it off the async runtime;
+    /// [`Cluster::connect`] wraps it with a hard deadline.
+    pub fn connect_blocking(cfg: &RbdConfig) -> Result<Cluster> {
+        let conf = cfg
+            .ceph_conf
+            .to_str()
+            .ok_or_else(|| Error::Config(format!("ceph_conf {:?} is not UTF-8", cfg.ceph_conf)))?
+            .to_owned();
+        let keyring = match &cfg.keyring {
+            Some(k) => Some(
+                k.to_str()
+                    .ok_or_else(|| Error::Config(format!("keyring {k:?} is not UTF-8")))?
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let id = cstring("client_name", &cfg.client_name)?;
+        let conf_c = cstring("ceph_conf", &conf)?;
+        let pool_c = cstring("pool", &cfg.pool)?;
+
+        let mut raw: rados_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and NUL-terminated id.
+        let rc = unsafe { r::rados_create(&mut raw, id.as_ptr()) };
+        let rados = RadosHandle(raw);
+        let backend = |op: &str, rc: i32| {
+            Error::from(RbdCallError {
+                op: op.to_string(),
+                errno: -rc,
+            })
+        };
+        if rc < 0 {
+            return Err(backend("rados_create", rc));
+        }
+        // SAFETY: live handle, NUL-terminated path.
+        let rc = unsafe { r::rados_conf_read_file(rados.0, conf_c.as_ptr()) };
+        if rc < 0 {
+            return Err(Error::Config(format!(
+                "cannot read ceph_conf {conf}: {}",
+                std::io::Error::from_raw_os_error(-rc)
+            )));
+        }
+        let timeout = cfg.connect_timeout_secs.to_string();
+        let op_timeout = OP_TIMEOUT_SECS.to_string();
+        let mut settings = vec![
+            ("client_mount_timeout", timeout.as_str()),
+            ("rados_mon_op_timeout", op_timeout.as_str()),
+            ("rados_osd_op_timeout", op_timeout.as_str()),
+        ];
+        if let Some(k) = &keyring {
+            settings.push(("keyring", k.as_str()));
+        }
+        for (key, value) in settings {
+            let (k, v) = (cstring("option", key)?, cstring(key, value)?);
+            // SAFETY: live, not yet connected handle; NUL-terminated strings.
+            let rc = unsafe { r::rados_conf_set(rados.0, k.as_ptr(), v.as_ptr()) };
+            if rc < 0 {
+                return Err(backend(&format!("rados_conf_set {key}"), rc));
+            }
+        }
+        // SAFETY: live, configured handle.
+        let rc = unsafe { r::rados_connect(rados.0) };
+        if rc < 0 {
+            return Err(Error::backend(
+                "rados_connect",
+                format!(
+                    "cannot connect to the Ceph cluster of {conf} as client.{}: {} — is the cluster up and reachable, and is the conf/keyring right?",
+                    cfg.client_name,
+                    std::io::Error::from_raw_os_error(-rc)
+                ),
+            ));
+        }
+        let mut io: rados_ioctx_t = std::ptr::null_mut();
+        // SAFETY: connected handle, valid out-pointer, NUL-terminated pool name.
+        let rc = unsafe { r::rados_ioctx_create(rados.0, pool_c.as_ptr(), &mut io) };
+        let ioctx = IoctxHandle(io);
+        if rc == -libc::ENOENT {
+            return Err(Error::Config(format!(
+                "pool {:?} does not exist in the cluster of {conf} (create it with `ceph osd pool create {} && rbd pool init {}`)",
+                cfg.pool, cfg.pool, cfg.pool
+            )));
+        }
+        if rc < 0 {
+            return Err(backend(&format!("rados_ioctx_create {}", cfg.pool), rc));
+        }
+        Ok(Cluster {
+            ioctx,
+            rados,
+            pool: cfg.pool.clone(),
+            conf,
+            client_name: cfg.client_name.clone(),
+            keyring,
+        })
+    }
+
+    /// Connects with a hard deadline of `cfg.connect_timeout_secs` (plus one second for
+    /// librados to report its own timeout first). The connect runs on a detached thread: if
+    /// librados hangs past the deadline, the caller gets a clear error at once and the
+    /// thread cleans up after itself when librados gives up.
+    pub async fn connect(cfg: &RbdConfig) -> Result<Cluster> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cfg2 = cfg.clone();
+        std::thread::Builder::new()
+            .name("kiln-rbd-connect".into())
+            .spawn(move || {
+                // A send error means the caller gave up; the Cluster is dropped here.
+                let _ = tx.send(Cluster::connect_blocking(&cfg2));
+            })
+            .map_err(|e| Error::io("spawning the Ceph connect thread", e))?;
+        let deadline = Duration::from_secs(cfg.connect_timeout_secs) + Duration::from_secs(1);
+        let started = Instant::now();
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err(Error::backend(
+                "rados_connect",
+                "the connect thread ended without a result",
+            )),
+            Err(_) => Err(Error::backend(
+                "rados_connect",
+                format!(
+                    "no answer from the Ceph cluster of {} within {:.1}s (connect_timeout_secs = {}) — is the cluster up and reachable?",
+                    cfg.ceph_conf.display(),
+                    started.elapsed().as_secs_f64(),
+                    cfg.connect_timeout_secs
+                ),
+            )),
+        }
+    }
+
+    /// The raw I/O context on the backend's pool, for librbd calls. Valid while `self` lives.
+    pub fn ioctx(&self) -> rados_ioctx_t {
+        self.ioctx.0
+    }
+
+    /// The pool this connection works in.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// The ceph.conf path the connection was made with.
+    pub fn conf_path(&self) -> &str {
+        &self.conf
+    }
+
+    /// The client id (without `client.`).
+    pub fn client_name(&self) -> &str {
+        &self.client_name
+    }
+
+    /// The keyring path, if one was configured.
+    pub fn keyring(&self) -> Option<&str> {
+        self.keyring.as_deref()
+    }
+
+    /// Runs a monitor command (JSON) and returns its output buffer.
+    pub fn mon_command(&self, cmd: &serde_json::Value) -> CallResult<Vec<u8>> {
+        let cmd_s = cmd.to_string();
+        let op = || format!("rados_mon_command {cmd_s}");
+        let c = CString::new(cmd_s.clone()).map_err(|_| RbdCallError {
+            op: op(),
+            errno: libc::EINVAL,
+        })?;
+        let mut cmds = [c.as_ptr()];
+        let mut outbuf: *mut libc::c_char = std::ptr::null_mut();
+        let mut outbuf_len: libc::size_t = 0;
+        let mut outs: *mut libc::c_char = std::ptr::null_mut();
+        let mut outs_len: libc::size_t = 0;
+        // SAFETY: connected handle; one NUL-terminated command; out-pointers are valid and
+        // the returned buffers are freed with rados_buffer_free below.
+        let rc = unsafe {
+            r::rados_mon_command(
+                self.rados.0,
+                cmds.as_mut_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut outbuf,
+                &mut outbuf_len,
+                &mut outs,
+                &mut outs_len,
+            )
+        };
+        let copy = |p: *mut libc::c_char, n: libc::size_t| -> Vec<u8> {
+            if p.is_null() || n == 0 {
+                Vec::new()
+            } else {
+                // SAFETY: librados returned a buffer of exactly n bytes.
+                unsafe { std::slice::from_raw_parts(p.cast::<u8>(), n) }.to_vec()
+            }
+        };
+        let out = copy(outbuf, outbuf_len);
+        let status = copy(outs, outs_len);
+        // SAFETY: buffers allocated by librados (or null, which rados_buffer_free accepts).
+        unsafe {
+            r::rados_buffer_free(outbuf);
+            r::rados_buffer_free(outs);
+        }
+        if rc < 0 {
+            return Err(RbdCallError {
+                op: format!("{} ({})", op(), String::from_utf8_lossy(&status).trim()),
+                errno: -rc,
+            });
+        }
+        check(op, rc.into())?;
+        Ok(out)
+    }
+}
