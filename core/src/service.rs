@@ -134,7 +134,8 @@ async fn timed<T>(
     let ms = start.elapsed().as_secs_f64() * 1e3;
     match &r {
         Ok(_) => info!(op, id, elapsed_ms = ms, "driver call done"),
-        Err(e) => warn!(op, id, elapsed_ms = ms, error = %e, "driver call failed"),
+        // The caller reports the error; at info so the CLI keeps its one-line promise.
+        Err(e) => info!(op, id, elapsed_ms = ms, error = %e, "driver call failed"),
     }
     r
 }
@@ -866,7 +867,8 @@ impl Service {
     /// Resolves every journaled operation whose process is gone (its volume lock is free):
     /// creates are kept if the backend object exists (snapshots) or redone (volumes),
     /// else marked `error` with a reason; deletes and reverts are rolled forward.
-    /// Operations still held by a live process are left alone.
+    /// Operations still held by a live process are left alone, and so are those whose
+    /// backend cannot answer right now (they stay journaled for the next start).
     pub async fn recover(&self) -> Result<Vec<RecoveryAction>> {
         let mut actions = Vec::new();
         for op in self.store.operations()? {
@@ -877,12 +879,20 @@ impl Service {
             if !self.store.operations()?.iter().any(|o| o.id == op.id) {
                 continue;
             }
-            let outcome = self.recover_one(&op, guard).await?;
-            warn!(op = op.kind.as_str(), volume = %op.volume_id, snapshot = ?op.snapshot_id, outcome = %outcome, "recovered an unfinished operation");
-            actions.push(RecoveryAction {
-                operation: op,
-                outcome,
-            });
+            match self.recover_one(&op, guard).await {
+                Ok(outcome) => {
+                    warn!(op = op.kind.as_str(), volume = %op.volume_id, snapshot = ?op.snapshot_id, outcome = %outcome, "recovered an unfinished operation");
+                    actions.push(RecoveryAction {
+                        operation: op,
+                        outcome,
+                    });
+                }
+                // The backend cannot answer now (e.g. unreachable): keep the journal entry
+                // for the next start rather than guess, and let kiln serve other backends.
+                Err(e) => {
+                    warn!(op = op.kind.as_str(), volume = %op.volume_id, error = %e, "cannot recover this operation yet; will retry on the next start")
+                }
+            }
         }
         Ok(actions)
     }

@@ -1,0 +1,217 @@
+//! Command-line grammar (clap). Every command prints a table by default and one JSON
+//! document with `--format json`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// kiln — Cinder-style volume snapshots over files, LVM and Ceph RBD.
+///
+/// Volumes and snapshots are tracked in an SQLite store in the data directory; every backend
+/// object is named from a UUID (volume-<uuid>, snapshot-<uuid>). With no config file kiln
+/// uses one file backend named `default` in <data-dir>/volumes.
+///
+/// Exit codes: 0 ok, 1 internal error, 2 usage error, 3 not found, 4 invalid input,
+/// 5 wrong state, 6 busy (dependents exist), 7 unsupported, 8 backend failure, 9 store failure.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Data directory (store, locks, default volumes) [default: ~/.local/share/kiln]
+    #[arg(long, global = true, env = "KILN_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Configuration file (TOML; see etc/kiln.toml). Without one, the embedded default.
+    #[arg(long, global = true, env = "KILN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+
+    /// Log format on stderr (level from KILN_LOG, e.g. KILN_LOG=debug; default warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of a command's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human-readable table.
+    Table,
+    /// One JSON document on stdout.
+    Json,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Plain text lines.
+    Text,
+    /// One JSON object per line (structured logs).
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Configured backends: driver, capabilities, capacity.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Create, list, show, delete, attach and detach volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Create, list, show, delete, revert, export snapshots; show lineage.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Measure kiln against the backend's raw primitive.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Walk through kiln's main job on the configured default backend and print each step:
+    /// create a volume, write data, snapshot, overwrite, clone, revert, export, clean up.
+    Demo(DemoArgs),
+}
+
+/// `kiln backend ...`
+#[derive(Debug, Subcommand)]
+pub enum BackendCmd {
+    /// List backends with driver, capabilities and capacity.
+    List,
+}
+
+/// `kiln volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (empty, or from a snapshot with --snapshot).
+    Create(VolumeCreate),
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show {
+        /// Volume id (UUID).
+        id: String,
+    },
+    /// Delete a volume (refused while attached or while it has snapshots, unless --cascade).
+    Delete {
+        /// Volume id (UUID).
+        id: String,
+        /// Delete the volume's snapshots first.
+        #[arg(long)]
+        cascade: bool,
+    },
+    /// Record an attachment to an instance; the volume becomes in-use.
+    Attach {
+        /// Volume id (UUID).
+        id: String,
+        /// Instance (server) UUID.
+        #[arg(long)]
+        instance: String,
+        /// Guest device, e.g. /dev/vdb.
+        #[arg(long)]
+        device: String,
+    },
+    /// Remove the attachment; the volume becomes available.
+    Detach {
+        /// Volume id (UUID).
+        id: String,
+    },
+}
+
+/// `kiln volume create`
+#[derive(Debug, Args)]
+pub struct VolumeCreate {
+    /// Size: 512M, 1G, 10GiB (binary units; rounded up to MiB). Defaults to the snapshot's
+    /// size with --snapshot.
+    #[arg(long, value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Backend name [default: the configured default backend, or the snapshot's].
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+    /// Label (letters, digits, space and ._-+@:=, only).
+    #[arg(long, value_name = "LABEL")]
+    pub name: Option<String>,
+    /// Create the volume from this snapshot (lineage is recorded).
+    #[arg(long, value_name = "SNAPSHOT_ID")]
+    pub snapshot: Option<String>,
+}
+
+/// `kiln snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Snapshot a volume (available; with --force also in-use).
+    Create {
+        /// Volume id (UUID).
+        volume_id: String,
+        /// Label.
+        #[arg(long, value_name = "LABEL")]
+        name: Option<String>,
+        /// Allow an attached (in-use) volume: a crash-consistent point-in-time image, or an
+        /// "unsupported" error where the backend cannot promise that.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List snapshots.
+    List {
+        /// Only this volume's snapshots.
+        #[arg(long, value_name = "ID")]
+        volume: Option<String>,
+    },
+    /// Show one snapshot.
+    Show {
+        /// Snapshot id (UUID).
+        id: String,
+    },
+    /// Delete a snapshot (busy while clones depend on it, unless --flatten-dependents).
+    Delete {
+        /// Snapshot id (UUID).
+        id: String,
+        /// First make dependent clones independent (copies shared data; may take long).
+        #[arg(long)]
+        flatten_dependents: bool,
+    },
+    /// Revert the snapshot's (detached) volume to it; any snapshot, others are kept.
+    Revert {
+        /// Snapshot id (UUID).
+        snapshot_id: String,
+    },
+    /// Lineage: the volume's snapshots, volumes cloned from them, and so on.
+    Tree {
+        /// Volume id (UUID).
+        volume_id: String,
+    },
+    /// Write the snapshot's full raw image to FILE (sparse) or - (stdout); prints its sha256.
+    Export {
+        /// Snapshot id (UUID).
+        snapshot_id: String,
+        /// Output file (must not exist) or - for stdout.
+        #[arg(long, short, value_name = "FILE|-")]
+        output: String,
+    },
+}
+
+/// `kiln bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Time kiln's snapshot create/delete against the backend's raw primitive, same run.
+    Snapshot {
+        /// Backend name [default: the default backend].
+        #[arg(long, value_name = "NAME")]
+        backend: Option<String>,
+        /// Scratch volume size.
+        #[arg(long, value_name = "SIZE", default_value = "1G")]
+        size: String,
+        /// Iterations of each measurement.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        iterations: usize,
+    },
+}
+
+/// `kiln demo`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's volumes and snapshots instead of deleting them at the end.
+    #[arg(long)]
+    pub keep: bool,
+}

@@ -1,0 +1,481 @@
+//! End-to-end tests of the `kiln` binary on the file backend: raw+reflink on a real XFS and
+//! qcow2 with the real qemu-img. Needs root (loop mount) and xfsprogs/qemu-utils
+//! (tests/install-deps.sh).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use common::{Kiln, s};
+use kiln_testkit::pattern;
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+
+fn write_at(path: &str, offset: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The expected image: `size` zeros with `chunks` written at their offsets.
+fn image(size: u64, chunks: &[(u64, &[u8])]) -> Vec<u8> {
+    let mut img = vec![0u8; size as usize];
+    for (off, data) in chunks {
+        img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    img
+}
+
+#[test]
+fn raw_lifecycle_keeps_every_point_in_time() {
+    let k = Kiln::new();
+    let v = k.json(&["volume", "create", "--size", "64M", "--name", "db disk"]);
+    for key in [
+        "id",
+        "name",
+        "status",
+        "size_bytes",
+        "backend",
+        "created_at",
+        "provider_location",
+        "source_snapshot_id",
+        "attachments",
+    ] {
+        assert!(v.get(key).is_some(), "volume JSON lacks {key}: {v}");
+    }
+    assert_eq!(v["status"], "available");
+    assert_eq!(v["size_bytes"], 64 * MIB);
+    assert_eq!(v["backend"], "raw");
+    let vid = s(&v, "id");
+    let path = s(&v, "provider_location");
+    assert_eq!(
+        path,
+        k.raw_dir().join(format!("volume-{vid}")).to_string_lossy()
+    );
+
+    // Generation 1: data at two offsets, a hole between.
+    let (a1, b1) = (pattern(1, MIB as usize), pattern(2, 3 * MIB as usize / 2));
+    write_at(&path, 0, &a1);
+    write_at(&path, 40 * MIB, &b1);
+    let gen1 = image(64 * MIB, &[(0, &a1), (40 * MIB, &b1)]);
+    let s1 = k.json(&["snapshot", "create", &vid, "--name", "gen1"]);
+    assert_eq!(s1["volume_id"], vid.as_str());
+    assert_eq!(s1["status"], "available");
+    let s1id = s(&s1, "id");
+
+    // Generation 2 overwrites part of it; a second snapshot.
+    let a2 = pattern(3, MIB as usize);
+    write_at(&path, 512 * 1024, &a2);
+    let gen2 = image(64 * MIB, &[(0, &a1), (40 * MIB, &b1), (512 * 1024, &a2)]);
+    let s2id = s(&k.json(&["snapshot", "create", &vid]), "id");
+    write_at(&path, 0, &pattern(4, 4 * MIB as usize));
+
+    // Export gen1: exact bytes, sparse, and the printed sha256 is the image's.
+    let out = k.dir.path().join("gen1.raw");
+    let e = k.json(&[
+        "snapshot",
+        "export",
+        &s1id,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), gen1);
+    assert_eq!(s(&e, "sha256"), hex::encode(Sha256::digest(&gen1)));
+    assert!(
+        e["data_bytes_written"].as_u64().unwrap() < 64 * MIB,
+        "export was not sparse: {e}"
+    );
+    // Export to stdout gives the same bytes.
+    let o = k.run(&["snapshot", "export", &s2id, "--output", "-"]);
+    assert!(o.status.success());
+    assert_eq!(o.stdout, gen2);
+
+    // Clone from gen1 (lineage recorded), larger than the snapshot.
+    let c = k.json(&[
+        "volume",
+        "create",
+        "--snapshot",
+        &s1id,
+        "--size",
+        "128M",
+        "--name",
+        "clone",
+    ]);
+    assert_eq!(c["source_snapshot_id"], s1id.as_str());
+    assert_eq!(c["size_bytes"], 128 * MIB);
+    let cdata = std::fs::read(s(&c, "provider_location")).unwrap();
+    assert_eq!(&cdata[..gen1.len()], &gen1[..]);
+    assert!(cdata[gen1.len()..].iter().all(|b| *b == 0));
+
+    // Revert to the OLDER snapshot; the newer one stays intact.
+    let r = k.json(&["snapshot", "revert", &s1id]);
+    assert_eq!(r["status"], "available");
+    assert_eq!(std::fs::read(&path).unwrap(), gen1);
+    let out2 = k.dir.path().join("gen2.raw");
+    k.json(&[
+        "snapshot",
+        "export",
+        &s2id,
+        "--output",
+        out2.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&out2).unwrap(), gen2);
+
+    // Lineage tree: volume -> gen1 -> clone.
+    let t = k.json(&["snapshot", "tree", &vid]);
+    assert_eq!(t["volume"]["id"], vid.as_str());
+    assert_eq!(t["snapshots"][0]["snapshot"]["id"], s1id.as_str());
+    assert_eq!(t["snapshots"][0]["clones"][0]["volume"]["id"], c["id"]);
+    let text = k.run(&["snapshot", "tree", &vid]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("\"gen1\""));
+
+    // Attach: plain snapshot refused (wrong state), forced allowed (reflink is atomic).
+    let inst = "3f1c2a0e-8a4b-4c5d-9e6f-7a8b9c0d1e2f";
+    let a = k.json(&[
+        "volume",
+        "attach",
+        &vid,
+        "--instance",
+        inst,
+        "--device",
+        "/dev/vdb",
+    ]);
+    assert_eq!(a["status"], "in-use");
+    assert_eq!(a["attachments"][0]["device"], "/dev/vdb");
+    let msg = k.fails(&["snapshot", "create", &vid], 5);
+    assert!(msg.contains("in-use") && msg.contains("--force"), "{msg}");
+    let f = k.json(&["snapshot", "create", &vid, "--force"]);
+    assert_eq!(f["forced"], true);
+    k.fails(&["snapshot", "revert", &s1id], 5);
+    k.fails(&["volume", "delete", &vid, "--cascade"], 5);
+    k.json(&["volume", "detach", &vid]);
+
+    // Deletes: refused with snapshots, cascade removes everything of the volume.
+    let msg = k.fails(&["volume", "delete", &vid], 5);
+    assert!(msg.contains("3 snapshot(s)"), "{msg}");
+    k.json(&["snapshot", "delete", &s2id]);
+    k.fails(&["snapshot", "show", &s2id], 3);
+    k.json(&["volume", "delete", &vid, "--cascade"]);
+    k.json(&["volume", "delete", s(&c, "id").as_str()]);
+    assert_eq!(k.json(&["volume", "list"]), serde_json::json!([]));
+    assert_eq!(k.json(&["snapshot", "list"]), serde_json::json!([]));
+    assert!(
+        common::listing(&k.raw_dir())
+            .iter()
+            .all(|n| n.starts_with('.')),
+        "{:?}",
+        common::listing(&k.raw_dir())
+    );
+}
+
+#[test]
+fn qcow2_lifecycle_through_the_cli() {
+    let k = Kiln::new();
+    let v = k.json(&["volume", "create", "--backend", "qcow", "--size", "32M"]);
+    assert_eq!(v["backend"], "qcow");
+    let vid = s(&v, "id");
+    let s1 = s(
+        &k.json(&["snapshot", "create", &vid, "--name", "one"]),
+        "id",
+    );
+    let s2 = s(
+        &k.json(&["snapshot", "create", &vid, "--name", "two"]),
+        "id",
+    );
+    let s3 = s(
+        &k.json(&["snapshot", "create", &vid, "--name", "three"]),
+        "id",
+    );
+    let list = k.json(&["snapshot", "list", "--volume", &vid]);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+
+    k.json(&["snapshot", "revert", &s1]);
+    let out = k.dir.path().join("s3.raw");
+    let e = k.json(&["snapshot", "export", &s3, "--output", out.to_str().unwrap()]);
+    assert_eq!(e["size_bytes"], 32 * MIB);
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 * MIB);
+
+    // Middle snapshot deleted: the chain is merged, the others stay readable.
+    k.json(&["snapshot", "delete", &s2]);
+    k.json(&[
+        "snapshot",
+        "export",
+        &s3,
+        "--output",
+        k.dir.path().join("s3b.raw").to_str().unwrap(),
+    ]);
+    let c = k.json(&["volume", "create", "--snapshot", &s3]);
+    assert_eq!(c["backend"], "qcow");
+
+    // An attached qcow2 volume cannot be switched to a new overlay behind the hypervisor:
+    // unsupported, and nothing changes.
+    k.json(&[
+        "volume",
+        "attach",
+        &vid,
+        "--instance",
+        "0b6f7c0e-1111-4222-8333-944455556666",
+        "--device",
+        "/dev/vdc",
+    ]);
+    let before = k.state();
+    let msg = k.fails(&["snapshot", "create", &vid, "--force"], 7);
+    assert!(msg.contains("unsupported"), "{msg}");
+    assert_eq!(before, k.state());
+    k.json(&["volume", "detach", &vid]);
+
+    k.json(&["volume", "delete", &vid, "--cascade"]);
+    k.json(&["volume", "delete", s(&c, "id").as_str()]);
+    assert_eq!(k.json(&["volume", "list"]), serde_json::json!([]));
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let k = Kiln::new();
+    let v = k.json(&["volume", "create", "--size", "64M"]);
+    let vid = s(&v, "id");
+    let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
+    let exists = k.dir.path().join("exists.raw");
+    std::fs::write(&exists, b"precious").unwrap();
+    let exists = exists.to_str().unwrap().to_string();
+    let missing_out = k.dir.path().join("never.raw");
+    let missing_out = missing_out.to_str().unwrap().to_string();
+    let unknown = "6a1d2e3f-4b5c-4d6e-8f70-8192a3b4c5d6";
+    let before = k.state();
+
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["volume", "create", "--size", "0"], 4),
+        (vec!["volume", "create", "--size=-1G"], 4),
+        (vec!["volume", "create", "--size", "1.5G"], 4),
+        (vec!["volume", "create", "--size", "100P"], 4),
+        (vec!["volume", "create", "--size", "65T"], 4),
+        (
+            vec!["volume", "create", "--size", "99999999999999999999G"],
+            4,
+        ),
+        (vec!["volume", "create", "--size", "1G; rm -rf /"], 4),
+        (vec!["volume", "create"], 4),
+        (
+            vec!["volume", "create", "--size", "1G", "--name", "$(reboot)"],
+            4,
+        ),
+        (
+            vec![
+                "volume",
+                "create",
+                "--size",
+                "1G",
+                "--name",
+                "../../etc/passwd",
+            ],
+            4,
+        ),
+        (vec!["volume", "create", "--size", "1G", "--name=-rf"], 4),
+        (
+            vec!["volume", "create", "--size", "1G", "--name", "a;b|c&d"],
+            4,
+        ),
+        (
+            vec!["volume", "create", "--size", "1G", "--name", "x\ny"],
+            4,
+        ),
+        (
+            vec!["volume", "create", "--size", "1G", "--backend", "../raw"],
+            3,
+        ),
+        (
+            vec!["volume", "create", "--size", "1G", "--backend", "nope"],
+            3,
+        ),
+        (vec!["volume", "create", "--snapshot", unknown], 3),
+        (vec!["volume", "create", "--snapshot", "../x"], 4),
+        (
+            vec!["volume", "create", "--snapshot", &sid, "--size", "1M"],
+            4,
+        ),
+        (
+            vec!["volume", "create", "--snapshot", &sid, "--backend", "qcow"],
+            4,
+        ),
+        (vec!["volume", "show", "not-a-uuid"], 4),
+        (vec!["volume", "show", "../../etc/passwd"], 4),
+        (vec!["volume", "show", "--", "-rf"], 4),
+        (vec!["volume", "show", unknown], 3),
+        (vec!["volume", "delete", unknown], 3),
+        (vec!["volume", "delete", &vid], 5),
+        (vec!["volume", "detach", &vid], 5),
+        (
+            vec![
+                "volume",
+                "attach",
+                &vid,
+                "--instance",
+                "`id`",
+                "--device",
+                "/dev/vdb",
+            ],
+            4,
+        ),
+        (
+            vec![
+                "volume",
+                "attach",
+                &vid,
+                "--instance",
+                unknown,
+                "--device",
+                "/dev/../sda",
+            ],
+            4,
+        ),
+        (
+            vec![
+                "volume",
+                "attach",
+                &vid,
+                "--instance",
+                unknown,
+                "--device",
+                "vdb; reboot",
+            ],
+            4,
+        ),
+        (vec!["snapshot", "create", unknown], 3),
+        (vec!["snapshot", "create", &vid, "--name", "`reboot`"], 4),
+        (vec!["snapshot", "show", unknown], 3),
+        (vec!["snapshot", "delete", unknown], 3),
+        (vec!["snapshot", "revert", unknown], 3),
+        (vec!["snapshot", "tree", unknown], 3),
+        (vec!["snapshot", "list", "--volume", unknown], 3),
+        (
+            vec!["snapshot", "export", unknown, "--output", &missing_out],
+            3,
+        ),
+        (vec!["snapshot", "export", &sid, "--output", &exists], 4),
+        (vec!["bench", "snapshot", "--iterations", "0"], 4),
+        (vec!["bench", "snapshot", "--size", "0"], 4),
+        (
+            vec![
+                "bench",
+                "snapshot",
+                "--backend",
+                "nope",
+                "--iterations",
+                "1",
+            ],
+            3,
+        ),
+    ];
+    for (args, code) in &cases {
+        k.fails(args, *code);
+        assert_eq!(before, k.state(), "kiln {args:?} changed something");
+    }
+    assert_eq!(std::fs::read(&exists).unwrap(), b"precious");
+    assert!(!std::path::Path::new(&missing_out).exists());
+
+    // A config that does not parse, or a missing one, is a clear invalid-input error.
+    let bad = k.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[backends.x]\ndriver = \"file\"\npath = 3\n").unwrap();
+    for cfg in [bad.to_str().unwrap(), "/nonexistent/kiln.toml"] {
+        let out = k
+            .bare_cmd()
+            .arg("--config")
+            .arg(cfg)
+            .args(["volume", "list"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    }
+    assert_eq!(before, k.state());
+}
+
+#[test]
+fn backend_list_and_bench_report_in_json() {
+    let k = Kiln::new();
+    let b = k.json(&["backend", "list"]);
+    let raw = b
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "raw")
+        .unwrap();
+    assert_eq!(raw["driver"], "file");
+    assert_eq!(raw["default"], true);
+    assert_eq!(raw["capabilities"]["thin"], true);
+    assert_eq!(raw["capabilities"]["online_snapshot"], true);
+    assert!(raw["stats"]["total_bytes"].as_u64().unwrap() > 0);
+    let q = b
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "qcow")
+        .unwrap();
+    assert_eq!(q["capabilities"]["online_snapshot"], false);
+
+    for backend in ["raw", "qcow"] {
+        let r = k.json(&[
+            "bench",
+            "snapshot",
+            "--backend",
+            backend,
+            "--size",
+            "64M",
+            "--iterations",
+            "3",
+        ]);
+        for key in [
+            "create_ms",
+            "delete_ms",
+            "primitive_ms",
+            "primitive_delete_ms",
+        ] {
+            for p in ["median", "p90", "p99"] {
+                assert!(r[key][p].as_f64().unwrap() > 0.0, "{key}.{p} in {r}");
+            }
+        }
+        assert!(!s(&r, "primitive").is_empty());
+        assert_eq!(r["iterations"], 3);
+    }
+    // The bench cleans up after itself.
+    assert_eq!(k.json(&["volume", "list"]), serde_json::json!([]));
+}
+
+#[test]
+fn demo_runs_on_the_embedded_default_without_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("demo")
+        .env("KILN_DATA_DIR", dir.path())
+        .env_remove("KILN_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "created volume",
+        "snapshot",
+        "cloned volume",
+        "reverted volume",
+        "sha256",
+        "lineage:",
+        "deleted",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "demo output lacks {needle:?}:\n{stdout}"
+        );
+    }
+    assert!(dir.path().join("kiln.db").exists());
+    assert!(dir.path().join("volumes").is_dir());
+}

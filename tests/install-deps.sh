@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs every system package kiln's test suite needs (Debian 12 / bookworm, as root).
+# Idempotent: packages already present are skipped by apt.
+#   xfsprogs            real XFS with reflink for the raw file backend tests
+#   qemu-utils          qemu-img for the qcow2 file backend (already on the rust machine image;
+#                       NOT reinstalled from bookworm, which would downgrade the backports build)
+#   ceph-*, lib*-dev    a real single-node Ceph cluster and the librados/librbd the RBD driver links
+#   user-mode-linux     a kernel with device-mapper modules, for the LVM tests
+#   lvm2, thin-provisioning-tools, kmod   LVM itself, thin_check/thin_delta, modprobe
+set -euo pipefail
+packages=(
+  xfsprogs
+  ceph-mon ceph-mgr ceph-osd ceph-common librados-dev librbd-dev
+  user-mode-linux lvm2 thin-provisioning-tools kmod
+)
+command -v qemu-img >/dev/null || packages+=(qemu-utils)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "install-deps: all test dependencies present" >&2
