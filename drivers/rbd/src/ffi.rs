@@ -176,4 +176,11 @@ unsafe extern "C" {
     pub fn rbd_write(image: rbd_image_t, ofs: u64, len: size_t, buf: *const c_char) -> ssize_t;
     pub fn rbd_flush(image: rbd_image_t) -> c_int;
     pub fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
+    pub fn rbd_lock_get_owners(
+        image: rbd_image_t,
+        lock_mode: *mut c_int,
+        lock_owners: *mut *mut c_char,
+        max_lock_owners: *mut size_t,
+    ) -> c_int;
+    pub fn rbd_lock_get_owners_cleanup(lock_owners: *mut *mut c_char, lock_owner_count: size_t);
 }

@@ -523,6 +523,36 @@ impl Image {
     }
 }
 
+impl Image {
+    /// Clients (`client.<gid>` addresses) holding the image's exclusive lock right now;
+    /// empty when nobody does.
+    pub fn lock_owners(&self) -> CallResult<Vec<String>> {
+        let mut max: size_t = 4;
+        loop {
+            let mut buf: Vec<*mut c_char> = vec![std::ptr::null_mut(); max];
+            let mut n = max;
+            let mut mode: c_int = 0;
+            // SAFETY: buf has room for n pointers; filled entries are freed by the cleanup.
+            let rc = unsafe {
+                ffi::rbd_lock_get_owners(self.handle, &mut mode, buf.as_mut_ptr(), &mut n)
+            };
+            if rc == -libc::ENOENT {
+                return Ok(Vec::new());
+            }
+            if rc == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            check(|| self.op("rbd_lock_get_owners"), rc.into())?;
+            let count = n.min(buf.len());
+            let owners = buf[..count].iter().map(|p| owned(*p)).collect();
+            // SAFETY: frees exactly the strings librbd filled.
+            unsafe { ffi::rbd_lock_get_owners_cleanup(buf.as_mut_ptr(), count) };
+            return Ok(owners);
+        }
+    }
+}
+
 /// Sorts extents and merges touching/overlapping ones.
 pub fn merge_extents(v: &mut [Extent]) -> Vec<Extent> {
     v.sort_by_key(|e| e.offset);

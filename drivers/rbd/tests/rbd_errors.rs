@@ -1,0 +1,122 @@
+//! Failure paths: unreachable cluster, missing pool, unknown objects (idempotent deletes,
+//! NotFound readers), against the real cluster.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kiln_core::{ErrorKind, VolumeDriver, no_progress};
+use kiln_driver_rbd::{RbdConfig, RbdDriver};
+
+#[tokio::test]
+async fn unreachable_cluster_fails_clearly_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that was free a moment ago: nothing listens there.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let conf = dir.path().join("ceph.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nmon host = v2:127.0.0.1:{port}\nauth client required = none\nms bind ipv6 = false\nlog file = {}/client.log\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let cfg = RbdConfig {
+        ceph_conf: conf,
+        connect_timeout_secs: 2,
+        ..RbdConfig::default()
+    };
+    let t = Instant::now();
+    let e = RbdDriver::open("down", cfg).await.unwrap_err();
+    let elapsed = t.elapsed();
+    eprintln!("unreachable cluster after {elapsed:?}: {e}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "took {elapsed:?}, timeout was 2 s"
+    );
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("\"down\""), "names the backend: {msg}");
+    assert!(msg.contains("cluster"), "says what failed: {msg}");
+}
+
+#[tokio::test]
+async fn missing_pool_and_bad_config_are_config_errors() {
+    let e = RbdDriver::open(
+        "b",
+        RbdConfig {
+            pool: "no-such-pool".into(),
+            ..config()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("no-such-pool"), "{e}");
+
+    let e = RbdDriver::open(
+        "b",
+        RbdConfig {
+            ceph_conf: "/nonexistent/ceph.conf".into(),
+            ..RbdConfig::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
+
+#[tokio::test]
+async fn unknown_objects_are_idempotent_or_not_found() {
+    let d = driver().await;
+    // Nothing exists for these records.
+    let ghost_v = volume(SIZE);
+    let ghost_s = snapshot(&ghost_v);
+    assert!(!d.volume_exists(&ghost_v).await.unwrap());
+    assert!(!d.snapshot_exists(&ghost_s).await.unwrap());
+    d.delete_volume(&ghost_v).await.unwrap();
+    d.delete_snapshot(&ghost_s).await.unwrap();
+    let e = d
+        .open_snapshot_reader(&ghost_s)
+        .await
+        .err()
+        .expect("reader on a missing snapshot");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let e = d.create_snapshot(&ghost_s, &ghost_v).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let e = d.flatten_volume(&ghost_v, no_progress()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let e = d.bench_primitives(&ghost_v).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+
+    // An existing volume without that snapshot.
+    let v = create_volume(&d, SIZE).await;
+    let missing = snapshot(&v);
+    assert!(!d.snapshot_exists(&missing).await.unwrap());
+    d.delete_snapshot(&missing).await.unwrap();
+    d.delete_snapshot(&missing).await.unwrap();
+    let e = d
+        .open_snapshot_reader(&missing)
+        .await
+        .err()
+        .expect("reader on a missing snapshot");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let e = d
+        .revert_to_snapshot(&v, &missing, no_progress())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+
+    // A real snapshot deleted twice: the second delete succeeds too.
+    let s = take_snapshot(&d, &v).await;
+    d.delete_snapshot(&s).await.unwrap();
+    d.delete_snapshot(&s).await.unwrap();
+    d.delete_volume(&v).await.unwrap();
+    d.delete_volume(&v).await.unwrap();
+    assert!(!d.volume_exists(&v).await.unwrap());
+}
