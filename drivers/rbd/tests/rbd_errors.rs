@@ -120,3 +120,50 @@ async fn unknown_objects_are_idempotent_or_not_found() {
     d.delete_volume(&v).await.unwrap();
     assert!(!d.volume_exists(&v).await.unwrap());
 }
+
+#[tokio::test]
+async fn force_snapshot_without_exclusive_lock_and_delete_of_an_open_volume_are_refused() {
+    let d = driver().await;
+    // An image made outside kiln with layering only: no lock owner to quiesce writes.
+    let v = volume(SIZE);
+    let name = kiln_driver_rbd::volume_image(&v.id);
+    rbd_cli(&[
+        "create",
+        "--size",
+        "64M",
+        "--image-feature",
+        "layering",
+        &format!("rbd/{name}"),
+    ]);
+    let s = snapshot(&v);
+    let e = d
+        .create_snapshot_force(&s, &v, &attachment())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("exclusive-lock"), "{e}");
+    assert!(!d.snapshot_exists(&s).await.unwrap(), "nothing was created");
+    // A plain snapshot of it (nobody writing) is fine.
+    d.create_snapshot(&s, &v).await.unwrap();
+    d.delete_snapshot(&s).await.unwrap();
+
+    // While another client has the image open (a watch on its header), delete is Busy.
+    let c = std::sync::Arc::clone(d.cluster());
+    let n2 = name.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let img = kiln_driver_rbd::image::Image::open(&c, &n2, None).unwrap();
+        opened_tx.send(()).unwrap();
+        rx.recv().unwrap();
+        drop(img);
+    });
+    opened_rx.recv().unwrap();
+    let e = d.delete_volume(&v).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(d.volume_exists(&v).await.unwrap());
+    tx.send(()).unwrap();
+    holder.join().unwrap();
+    d.delete_volume(&v).await.unwrap();
+    assert!(!d.volume_exists(&v).await.unwrap());
+}
