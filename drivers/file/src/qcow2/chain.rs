@@ -123,10 +123,8 @@ impl Chain {
             if !is_layer_name(name) {
                 return Err(format!("bad file name {name:?}"));
             }
-            if let Some(b) = &l.backing {
-                if !self.files.contains_key(b) {
-                    return Err(format!("{name} is backed by unknown file {b}"));
-                }
+            if let Some(b) = l.backing.as_ref().filter(|b| !self.files.contains_key(*b)) {
+                return Err(format!("{name} is backed by unknown file {b}"));
             }
         }
         if !self.files.contains_key(&self.active) {

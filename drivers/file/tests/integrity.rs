@@ -1,0 +1,457 @@
+//! Data integrity of every operation, in raw mode (real loop-mounted XFS, reflink) and qcow2
+//! mode (real qemu-img): what a snapshot, a revert, a clone or a delete leaves behind is
+//! compared byte for byte with a model of what was written.
+
+mod common;
+
+use common::{Env, MIB, Vol, check_snapshot, listing, snapshot};
+use kiln_core::{ErrorKind, VolumeDriver, no_progress};
+use kiln_driver_file::{MAX_CHAIN_DEPTH, Mode};
+
+const SIZE: u64 = 64 * MIB;
+
+/// Runs one scenario against raw (XFS) and qcow2 backends, as two tests.
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod raw {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Env::raw().await).await })*
+        }
+        mod qcow2 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Env::qcow2().await).await })*
+        }
+        mod full_copy {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Env::raw_full_copy().await).await })*
+        }
+    };
+}
+
+both_modes!(
+    snapshot_is_point_in_time,
+    revert_restores_and_keeps_snapshots,
+    clone_holds_snapshot_data,
+    revert_to_oldest_of_three,
+    delete_middle_then_base_snapshot,
+    delete_with_branches,
+    revert_then_delete,
+    deletes_are_idempotent,
+    bench_and_stats,
+);
+
+async fn snapshot_is_point_in_time(env: Env) {
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s, at_snap) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    vol.write(&env, 40 * MIB, 4096, 3).await;
+    check_snapshot(&env.driver, &s, &at_snap).await;
+    vol.check(&env).await;
+    // Creating the same snapshot again (a re-run after a crash) changes nothing.
+    env.driver.create_snapshot(&s, &vol.v).await.unwrap();
+    check_snapshot(&env.driver, &s, &at_snap).await;
+    vol.check(&env).await;
+}
+
+async fn revert_restores_and_keeps_snapshots(env: Env) {
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s1, d1) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    let (s2, d2) = vol.snap(&env).await;
+    vol.write(&env, 9 * MIB, 8192, 3).await;
+    let d = &env.driver;
+    d.revert_to_snapshot(&vol.v, &s1, no_progress())
+        .await
+        .unwrap();
+    vol.img = d1.clone();
+    vol.check(&env).await;
+    // A re-run (the service retries an interrupted revert) gives the same result.
+    d.revert_to_snapshot(&vol.v, &s1, no_progress())
+        .await
+        .unwrap();
+    vol.check(&env).await;
+    check_snapshot(d, &s1, &d1).await;
+    check_snapshot(d, &s2, &d2).await;
+    // Writing after the revert changes neither snapshot.
+    vol.write(&env, 0, 4096, 4).await;
+    vol.check(&env).await;
+    check_snapshot(d, &s1, &d1).await;
+    check_snapshot(d, &s2, &d2).await;
+    // Revert forward to the newer snapshot.
+    d.revert_to_snapshot(&vol.v, &s2, no_progress())
+        .await
+        .unwrap();
+    vol.img = d2.clone();
+    vol.check(&env).await;
+    // A snapshot of another volume is refused.
+    let other = Vol::create(&env, SIZE).await;
+    let e = d
+        .revert_to_snapshot(&other.v, &s1, no_progress())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
+
+async fn clone_holds_snapshot_data(env: Env) {
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s, at_snap) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    // Same size.
+    let mut same = Vol {
+        v: common::volume(SIZE),
+        img: at_snap.clone(),
+    };
+    let up = d
+        .create_volume_from_snapshot(&same.v, &s, no_progress())
+        .await
+        .unwrap();
+    assert!(up.provider_location.is_some());
+    same.check(&env).await;
+    // Larger: the tail reads as zeros.
+    let mut big = Vol {
+        v: common::volume(SIZE + 16 * MIB),
+        img: at_snap.clone(),
+    };
+    big.img.resize((SIZE + 16 * MIB) as usize, 0);
+    d.create_volume_from_snapshot(&big.v, &s, no_progress())
+        .await
+        .unwrap();
+    big.check(&env).await;
+    // Smaller is refused.
+    let small = common::volume(SIZE - MIB);
+    let e = d
+        .create_volume_from_snapshot(&small, &s, no_progress())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    // Clones are independent of the snapshot and of each other.
+    big.write(&env, SIZE + MIB, 4096, 7).await;
+    same.write(&env, 0, 4096, 8).await;
+    big.check(&env).await;
+    same.check(&env).await;
+    check_snapshot(d, &s, &at_snap).await;
+    vol.check(&env).await;
+    // The source snapshot can be deleted while clones exist; clones keep their data.
+    d.delete_snapshot(&s).await.unwrap();
+    big.check(&env).await;
+    same.check(&env).await;
+    // Snapshot of a clone works like any other.
+    let (s2, d2) = big.snap(&env).await;
+    check_snapshot(d, &s2, &d2).await;
+}
+
+async fn revert_to_oldest_of_three(env: Env) {
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s1, d1) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    let (s2, d2) = vol.snap(&env).await;
+    vol.write(&env, 30 * MIB, 2 * MIB as usize, 3).await;
+    let (s3, d3) = vol.snap(&env).await;
+    vol.write(&env, 31 * MIB, 4096, 4).await;
+    d.revert_to_snapshot(&vol.v, &s1, no_progress())
+        .await
+        .unwrap();
+    vol.img = d1.clone();
+    vol.check(&env).await;
+    check_snapshot(d, &s1, &d1).await;
+    check_snapshot(d, &s2, &d2).await;
+    check_snapshot(d, &s3, &d3).await;
+    // Continue on the new branch, snapshot it, and go back to the newest of the old branch.
+    vol.write(&env, 50 * MIB, 4096, 5).await;
+    let (s4, d4) = vol.snap(&env).await;
+    d.revert_to_snapshot(&vol.v, &s3, no_progress())
+        .await
+        .unwrap();
+    vol.img = d3.clone();
+    vol.check(&env).await;
+    for (s, want) in [(&s1, &d1), (&s2, &d2), (&s3, &d3), (&s4, &d4)] {
+        check_snapshot(d, s, want).await;
+    }
+}
+
+async fn delete_middle_then_base_snapshot(env: Env) {
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s1, d1) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    let (s2, _d2) = vol.snap(&env).await;
+    vol.write(&env, 5 * MIB, 4096, 3).await;
+    let (s3, d3) = vol.snap(&env).await;
+    vol.write(&env, 17 * MIB + 8192, 4096, 4).await;
+    // Middle: its data (seen by s3 and the volume) must survive in the children.
+    d.delete_snapshot(&s2).await.unwrap();
+    assert!(!d.snapshot_exists(&s2).await.unwrap());
+    check_snapshot(d, &s1, &d1).await;
+    check_snapshot(d, &s3, &d3).await;
+    vol.check(&env).await;
+    // Base.
+    d.delete_snapshot(&s1).await.unwrap();
+    assert!(!d.snapshot_exists(&s1).await.unwrap());
+    check_snapshot(d, &s3, &d3).await;
+    vol.check(&env).await;
+    // The last one: the volume stands alone.
+    d.delete_snapshot(&s3).await.unwrap();
+    vol.check(&env).await;
+    vol.write(&env, 0, 4096, 9).await;
+    vol.check(&env).await;
+    let (s4, d4) = vol.snap(&env).await;
+    check_snapshot(d, &s4, &d4).await;
+}
+
+/// Snapshots on two branches (after a revert) share the base: deleting the base must keep
+/// both branches intact.
+async fn delete_with_branches(env: Env) {
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s1, d1) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    let (s2, d2) = vol.snap(&env).await;
+    d.revert_to_snapshot(&vol.v, &s1, no_progress())
+        .await
+        .unwrap();
+    vol.img = d1;
+    vol.write(&env, 33 * MIB, 70_000, 3).await;
+    let (s3, d3) = vol.snap(&env).await;
+    vol.write(&env, 34 * MIB, 4096, 4).await;
+    d.delete_snapshot(&s1).await.unwrap();
+    check_snapshot(d, &s2, &d2).await;
+    check_snapshot(d, &s3, &d3).await;
+    vol.check(&env).await;
+    d.delete_snapshot(&s3).await.unwrap();
+    check_snapshot(d, &s2, &d2).await;
+    vol.check(&env).await;
+}
+
+async fn revert_then_delete(env: Env) {
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s1, d1) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    let (s2, d2) = vol.snap(&env).await;
+    vol.scatter(&env, 3).await;
+    d.revert_to_snapshot(&vol.v, &s1, no_progress())
+        .await
+        .unwrap();
+    vol.img = d1.clone();
+    // Delete the snapshot just reverted to: the volume keeps its data.
+    d.delete_snapshot(&s1).await.unwrap();
+    vol.check(&env).await;
+    check_snapshot(d, &s2, &d2).await;
+    d.revert_to_snapshot(&vol.v, &s2, no_progress())
+        .await
+        .unwrap();
+    vol.img = d2.clone();
+    d.delete_snapshot(&s2).await.unwrap();
+    vol.check(&env).await;
+    // Reverting to a deleted snapshot is a clear not-found.
+    let e = d
+        .revert_to_snapshot(&vol.v, &s2, no_progress())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+}
+
+async fn deletes_are_idempotent(env: Env) {
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    assert!(d.volume_exists(&vol.v).await.unwrap());
+    // Creating it again (a re-run after a crash) is fine.
+    d.create_volume(&vol.v).await.unwrap();
+    vol.write(&env, 0, 4096, 1).await;
+    let s = snapshot(&vol.v);
+    assert!(!d.snapshot_exists(&s).await.unwrap());
+    d.delete_snapshot(&s).await.unwrap(); // never existed
+    d.create_snapshot(&s, &vol.v).await.unwrap();
+    assert!(d.snapshot_exists(&s).await.unwrap());
+    if d.mode() == Mode::Qcow2 {
+        // The snapshot lives in the volume's chain: the volume cannot go first.
+        let e = d.delete_volume(&vol.v).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+        match e {
+            kiln_core::Error::Busy { dependents, .. } => {
+                assert_eq!(dependents, vec![s.id.to_string()])
+            }
+            other => panic!("{other}"),
+        }
+        assert!(d.volume_exists(&vol.v).await.unwrap());
+        vol.check(&env).await;
+    }
+    d.delete_snapshot(&s).await.unwrap();
+    assert!(!d.snapshot_exists(&s).await.unwrap());
+    d.delete_snapshot(&s).await.unwrap();
+    d.delete_volume(&vol.v).await.unwrap();
+    assert!(!d.volume_exists(&vol.v).await.unwrap());
+    d.delete_volume(&vol.v).await.unwrap();
+    assert!(!d.volume_exists(&vol.v).await.unwrap());
+    // Snapshot of a missing volume: not found.
+    let e = d
+        .create_snapshot(&snapshot(&vol.v), &vol.v)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    // Nothing is left behind but the marker and (raw) the lock directory.
+    let left: Vec<String> = listing(d.path())
+        .into_iter()
+        .filter(|n| n != "kiln-file-backend.json" && n != ".locks")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+async fn bench_and_stats(env: Env) {
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let before = listing(d.path());
+    let samples = d.bench_primitives(&vol.v).await.unwrap();
+    assert_eq!(samples.len(), 1);
+    let want = match d.mode() {
+        Mode::RawReflink => "FICLONE",
+        Mode::RawFullCopy => "full copy",
+        Mode::Qcow2 => "qemu-img create",
+    };
+    assert!(samples[0].name.contains(want), "{:?}", samples[0].name);
+    assert_eq!(listing(d.path()), before, "bench left something behind");
+    if d.mode() == Mode::Qcow2 {
+        let vdir = d.path().join(format!("volume-{}", vol.v.id));
+        assert_eq!(listing(&vdir).len(), 2, "{:?}", listing(&vdir)); // chain.json + base
+    }
+    vol.check(&env).await;
+    let st = d.stats().await.unwrap();
+    let (total, free) = (st.total_bytes.unwrap(), st.free_bytes.unwrap());
+    assert!(total > 0 && free > 0 && free <= total, "{st:?}");
+    assert_eq!(st.details["mode"], serde_json::json!(d.mode().as_str()));
+}
+
+// ---------------------------------------------------------------------------------------
+// qcow2-only behaviour: chain depth limit, leftovers of interrupted operations, forced
+// snapshots.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_chain_depth_is_bounded() {
+    let env = Env::qcow2().await;
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, 8 * MIB).await;
+    vol.write(&env, 0, 4096, 1).await;
+    let mut snaps = Vec::new();
+    for _ in 1..MAX_CHAIN_DEPTH {
+        snaps.push(
+            d.create_snapshot(&snapshot(&vol.v), &vol.v)
+                .await
+                .map(|_| ()),
+        );
+    }
+    assert!(snaps.iter().all(|r| r.is_ok()), "{snaps:?}");
+    let e = d
+        .create_snapshot(&snapshot(&vol.v), &vol.v)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains(&MAX_CHAIN_DEPTH.to_string()), "{e}");
+    vol.check(&env).await;
+}
+
+/// Simulates crashes inside qcow2 operations by leaving on disk exactly what an interrupted
+/// step leaves, then checks that the next run repairs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_interrupted_operations_complete_on_rerun() {
+    let env = Env::qcow2().await;
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    vol.scatter(&env, 1).await;
+    let (s1, d1) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    let (s2, d2) = vol.snap(&env).await;
+    vol.write(&env, 3 * MIB, 4096, 3).await;
+    let vdir = d.path().join(format!("volume-{}", vol.v.id));
+    let chain: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vdir.join("chain.json")).unwrap()).unwrap();
+
+    // 1. A snapshot interrupted after its overlay was created, before the record: an
+    //    unrecorded layer and a half-written record temp file.
+    let stray = vdir.join(format!("layer-{}.qcow2", uuid_like()));
+    duct::cmd!("qemu-img", "create", "-q", "-f", "qcow2", &stray, "1M")
+        .run()
+        .unwrap();
+    std::fs::write(vdir.join(".chain.json.tmp"), b"{ half").unwrap();
+    let (s3, d3) = vol.snap(&env).await;
+    assert!(!stray.exists(), "stray layer not removed");
+    assert!(!vdir.join(".chain.json.tmp").exists());
+
+    // 2. A delete of s1 interrupted after it rebased the child onto nothing but before the
+    //    record was updated: re-running the delete must finish it with the data intact.
+    let s1_file = chain["snapshots"][s1.id.to_string()]["file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let s2_file = chain["snapshots"][s2.id.to_string()]["file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        chain["files"][&s2_file]["backing"].as_str(),
+        Some(s1_file.as_str())
+    );
+    duct::cmd!(
+        "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", &s2_file
+    )
+    .dir(&vdir)
+    .run()
+    .unwrap();
+    check_snapshot(d, &s2, &d2).await;
+    d.delete_snapshot(&s1).await.unwrap();
+    assert!(!vdir.join(&s1_file).exists());
+    check_snapshot(d, &s2, &d2).await;
+    check_snapshot(d, &s3, &d3).await;
+    vol.check(&env).await;
+    let _ = d1;
+
+    // 3. A delete interrupted after the record was committed but before the file was
+    //    unlinked: the orphan goes at the next operation.
+    let orphan = vdir.join(&s1_file);
+    duct::cmd!("qemu-img", "create", "-q", "-f", "qcow2", &orphan, "1M")
+        .run()
+        .unwrap();
+    d.revert_to_snapshot(&vol.v, &s2, no_progress())
+        .await
+        .unwrap();
+    assert!(!orphan.exists(), "orphan not removed");
+    vol.img = d2.clone();
+    vol.check(&env).await;
+    check_snapshot(d, &s3, &d3).await;
+    // Exactly the active file, the two snapshot files and the record remain.
+    assert_eq!(listing(&vdir).len(), 4, "{:?}", listing(&vdir));
+}
+
+fn uuid_like() -> String {
+    kiln_core::VolumeId::new().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_and_full_copy_refuse_forced_snapshots() {
+    for env in [Env::qcow2().await, Env::raw_full_copy().await] {
+        let d = &env.driver;
+        let vol = Vol::create(&env, 8 * MIB).await;
+        let a = kiln_core::Attachment {
+            instance_id: kiln_core::InstanceId::new(),
+            device: "/dev/vdb".into(),
+            attached_at: chrono::Utc::now(),
+        };
+        let s = snapshot(&vol.v);
+        let e = d.create_snapshot_force(&s, &vol.v, &a).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        if d.mode() == Mode::Qcow2 {
+            assert!(e.to_string().contains("hypervisor"), "{e}");
+        }
+        assert!(!d.snapshot_exists(&s).await.unwrap());
+        assert!(!d.capabilities().online_snapshot);
+    }
+}

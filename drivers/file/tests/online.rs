@@ -1,0 +1,261 @@
+//! Online (force) snapshots of a raw volume on real XFS while ANOTHER PROCESS writes to it.
+//!
+//! The writer (this test binary re-executed with `KILN_TEST_WRITER_FILE` set) writes
+//! generation g to blocks 0..N in order, one pwrite per block, each block stamped with
+//! (g, index) and a checksum; then g+1, and so on. A point-in-time image must show every
+//! block intact (not torn) and a single cut point k: blocks < k carry g+1, blocks >= k carry g.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Env, MIB, Vol, snapshot};
+use kiln_core::{Attachment, InstanceId, VolumeDriver};
+
+const BLOCK: usize = 4096;
+const BLOCKS: u64 = 2048; // 8 MiB written per generation
+const ENV_FILE: &str = "KILN_TEST_WRITER_FILE";
+const ENV_STOP: &str = "KILN_TEST_WRITER_STOP";
+/// The writer stops by itself after this long even if nobody tells it to.
+const WRITER_MAX: Duration = Duration::from_secs(60);
+
+const WORDS: usize = BLOCK / 8;
+
+/// Per-block base contents (independent of the generation), computed once: the unoptimized
+/// test build is too slow to generate fresh patterns for every block of every generation.
+fn bases() -> Vec<Vec<u64>> {
+    (0..BLOCKS)
+        .map(|i| {
+            kiln_testkit::pattern(i + 1, BLOCK)
+                .chunks(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Checksum over all words but the last (which holds it).
+fn checksum(words: &[u64]) -> u64 {
+    words[..WORDS - 1]
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+            (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(23)
+        })
+}
+
+/// Block `idx` of generation `generation`: words (generation, idx), a payload that differs
+/// in every word between generations (so a write torn anywhere is visible), a checksum.
+fn stamp(base: &[u64], generation: u64, idx: u64, out: &mut [u8]) {
+    let mix = generation.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut w = [0u64; WORDS];
+    w[0] = generation;
+    w[1] = idx;
+    for k in 2..WORDS - 1 {
+        w[k] = base[k] ^ mix;
+    }
+    w[WORDS - 1] = checksum(&w);
+    for (k, word) in w.iter().enumerate() {
+        out[k * 8..k * 8 + 8].copy_from_slice(&word.to_le_bytes());
+    }
+}
+
+/// The generation of a block, or why it is not a valid block number `idx`.
+fn parse(bases: &[Vec<u64>], block: &[u8], idx: u64) -> Result<u64, String> {
+    let word = |i: usize| u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().unwrap());
+    let words: Vec<u64> = (0..WORDS).map(word).collect();
+    if checksum(&words) != words[WORDS - 1] {
+        return Err(format!("block {idx}: bad checksum (torn write?)"));
+    }
+    if words[1] != idx {
+        return Err(format!("block {idx}: stamped as block {}", words[1]));
+    }
+    let generation = words[0];
+    let mut want = [0u8; BLOCK];
+    stamp(&bases[idx as usize], generation, idx, &mut want);
+    if block != want.as_slice() {
+        return Err(format!(
+            "block {idx}: payload differs from generation {generation}"
+        ));
+    }
+    Ok(generation)
+}
+
+fn write_generation(bases: &[Vec<u64>], f: &std::fs::File, generation: u64) {
+    let mut buf = [0u8; BLOCK];
+    for i in 0..BLOCKS {
+        stamp(&bases[i as usize], generation, i, &mut buf);
+        f.write_all_at(&buf, i * BLOCK as u64).unwrap();
+    }
+}
+
+/// Checks a point-in-time image: every block valid, one cut point. Returns the newest
+/// generation seen.
+fn check_image(bases: &[Vec<u64>], img: &[u8]) -> Result<u64, String> {
+    let gens = img
+        .chunks(BLOCK)
+        .take(BLOCKS as usize)
+        .enumerate()
+        .map(|(i, b)| parse(bases, b, i as u64))
+        .collect::<Result<Vec<u64>, String>>()?;
+    let hi = gens[0];
+    let k = gens.iter().position(|g| *g != hi).unwrap_or(gens.len());
+    if let Some((j, g)) = gens[k..]
+        .iter()
+        .enumerate()
+        .find(|(_, g)| hi == 0 || **g != hi - 1)
+    {
+        return Err(format!(
+            "not a point-in-time image: blocks 0..{k} carry generation {hi}, block {} carries {g}",
+            k + j
+        ));
+    }
+    Ok(hi)
+}
+
+/// The writer process's body, when this binary is re-executed by the test below; run
+/// normally, it checks that the block format catches torn and misplaced blocks.
+#[test]
+fn writer_child() {
+    let bases = bases();
+    let Ok(path) = std::env::var(ENV_FILE) else {
+        let mut a = [0u8; BLOCK];
+        stamp(&bases[7], 3, 7, &mut a);
+        assert_eq!(parse(&bases, &a, 7), Ok(3));
+        assert!(parse(&bases, &a, 8).is_err(), "misplaced block accepted");
+        let mut b = [0u8; BLOCK];
+        stamp(&bases[7], 4, 7, &mut b);
+        for cut in [8, 512, 2048, 4088] {
+            let mut torn = a;
+            torn[cut..].copy_from_slice(&b[cut..]);
+            assert!(
+                parse(&bases, &torn, 7).is_err(),
+                "block torn at {cut} accepted"
+            );
+        }
+        let mut img = vec![0u8; BLOCK * BLOCKS as usize];
+        for (i, blk) in img.chunks_mut(BLOCK).enumerate() {
+            stamp(&bases[i], if i < 100 { 5 } else { 4 }, i as u64, blk);
+        }
+        assert_eq!(check_image(&bases, &img), Ok(5));
+        let n = img.len();
+        stamp(
+            &bases[BLOCKS as usize - 1],
+            5,
+            BLOCKS - 1,
+            &mut img[n - BLOCK..],
+        );
+        assert!(
+            check_image(&bases, &img).is_err(),
+            "two cut points accepted"
+        );
+        return;
+    };
+    let stop = std::env::var(ENV_STOP).unwrap();
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    let start = Instant::now();
+    let mut generation = 1;
+    while !Path::new(&stop).exists() && start.elapsed() < WRITER_MAX {
+        write_generation(&bases, &f, generation);
+        generation += 1;
+    }
+    eprintln!("writer: wrote {} generations", generation - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_force_snapshots_are_point_in_time_under_a_concurrent_writer() {
+    let env = Env::raw().await;
+    let d = &env.driver;
+    let vol = Vol::create(&env, 16 * MIB).await;
+    let bases = bases();
+    let path = d.active_image(&vol.v).await.unwrap();
+    {
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        write_generation(&bases, &f, 0);
+        f.sync_all().unwrap();
+    }
+    let stop = d.path().join("writer.stop");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "writer_child", "--nocapture", "--test-threads=1"])
+        .env(ENV_FILE, &path)
+        .env(ENV_STOP, &stop)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Wait until the writer has started generation 1.
+    let f = std::fs::File::open(&path).unwrap();
+    let started = Instant::now();
+    loop {
+        let mut hdr = [0u8; 8];
+        f.read_exact_at(&mut hdr, 0).unwrap();
+        if u64::from_le_bytes(hdr) >= 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "writer process never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let attachment = Attachment {
+        instance_id: InstanceId::new(),
+        device: "/dev/vdb".into(),
+        attached_at: chrono::Utc::now(),
+    };
+    let mut snaps = Vec::new();
+    for _ in 0..8 {
+        let s = snapshot(&vol.v);
+        d.create_snapshot_force(&s, &vol.v, &attachment)
+            .await
+            .unwrap();
+        snaps.push(s);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let writer_running = child.try_wait().unwrap().is_none();
+    std::fs::write(&stop, b"").unwrap();
+    let waited = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if waited.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            panic!("writer process did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = child.wait_with_output().unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(status.success(), "writer failed: {log}");
+    assert!(writer_running, "writer stopped early: {log}");
+    assert!(log.contains("writer: wrote"), "writer did not run: {log}");
+
+    let mut newest = Vec::new();
+    for s in &snaps {
+        let mut r = d.open_snapshot_reader(s).await.unwrap();
+        let mut img = vec![0u8; BLOCK * BLOCKS as usize];
+        let mut off = 0;
+        while off < img.len() {
+            let n = r.read_at(off as u64, &mut img[off..]).unwrap();
+            assert!(n > 0);
+            off += n;
+        }
+        let g = check_image(&bases, &img).unwrap_or_else(|e| panic!("snapshot {}: {e}", s.id));
+        newest.push(g);
+    }
+    eprintln!("newest generation per snapshot: {newest:?}");
+    // The writer really was writing across the snapshots.
+    assert!(newest.windows(2).all(|w| w[0] <= w[1]), "{newest:?}");
+    assert!(
+        newest.last() > newest.first(),
+        "no progress between snapshots: {newest:?}"
+    );
+}

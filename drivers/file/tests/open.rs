@@ -1,0 +1,114 @@
+//! `FileDriver::open`: mode selection by probing the real filesystem (XFS with reflink vs.
+//! this machine's ext4), the refusal messages, and the format marker.
+
+use kiln_core::{ErrorKind, VolumeDriver};
+use kiln_driver_file::{FileConfig, FileDriver, Format, Mode};
+
+fn cfg(path: &std::path::Path, format: Format, allow_full_copy: bool) -> FileConfig {
+    let mut c = FileConfig::new(path);
+    c.format = format;
+    c.allow_full_copy = allow_full_copy;
+    c
+}
+
+/// The temp directory must really be on a filesystem without reflink for these tests to
+/// mean anything.
+fn no_reflink_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = duct::cmd!("stat", "-f", "-c", "%T", dir.path())
+        .read()
+        .unwrap();
+    assert!(
+        out.trim() == "ext2/ext3" || out.trim() == "tmpfs",
+        "expected the temp dir on ext4 or tmpfs (no reflink), found {out}"
+    );
+    dir
+}
+
+#[tokio::test]
+async fn raw_on_a_filesystem_without_reflink_is_refused_clearly() {
+    let dir = no_reflink_dir();
+    let e = FileDriver::open("t", cfg(&dir.path().join("b"), Format::Raw, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let msg = e.to_string();
+    for word in ["reflink", "allow_full_copy", "qcow2", "FICLONE"] {
+        assert!(msg.contains(word), "message lacks {word:?}: {msg}");
+    }
+    // Nothing was recorded: the directory can still be opened in another mode.
+    FileDriver::open("t", cfg(&dir.path().join("b"), Format::Qcow2, false))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn auto_without_reflink_picks_qcow2() {
+    let dir = no_reflink_dir();
+    let d = FileDriver::open("t", cfg(&dir.path().join("b"), Format::Auto, false))
+        .await
+        .unwrap();
+    assert_eq!(d.mode(), Mode::Qcow2);
+    let c = d.capabilities();
+    assert!(c.snapshot_method.contains("qcow2"), "{c:?}");
+    assert!(!c.online_snapshot);
+    assert_eq!(
+        d.stats().await.unwrap().details["mode"],
+        serde_json::json!("qcow2")
+    );
+}
+
+#[tokio::test]
+async fn full_copy_mode_says_so() {
+    let dir = no_reflink_dir();
+    let d = FileDriver::open("t", cfg(dir.path(), Format::Raw, true))
+        .await
+        .unwrap();
+    assert_eq!(d.mode(), Mode::RawFullCopy);
+    let c = d.capabilities();
+    assert!(!c.thin && !c.clone_cow && !c.online_snapshot, "{c:?}");
+    assert!(c.snapshot_method.contains("full"), "{c:?}");
+}
+
+#[tokio::test]
+async fn auto_on_xfs_picks_reflink() {
+    let xfs = kiln_testkit::XfsMount::new(300 << 20);
+    let d = FileDriver::open("t", cfg(xfs.path(), Format::Auto, false))
+        .await
+        .unwrap();
+    assert_eq!(d.mode(), Mode::RawReflink);
+    let c = d.capabilities();
+    assert!(
+        c.thin && c.online_snapshot && c.revert_any && c.clone_cow,
+        "{c:?}"
+    );
+    assert!(c.snapshot_method.contains("FICLONE"), "{c:?}");
+    // qcow2 can be chosen explicitly on XFS too; but not once the directory holds raw volumes.
+    let e = FileDriver::open("t", cfg(xfs.path(), Format::Qcow2, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("raw"), "{e}");
+    let other = xfs.path().join("q");
+    let q = FileDriver::open("t", cfg(&other, Format::Qcow2, false))
+        .await
+        .unwrap();
+    assert_eq!(q.mode(), Mode::Qcow2);
+    // Reopening with auto keeps the recorded format.
+    let again = FileDriver::open("t", cfg(&other, Format::Auto, false))
+        .await
+        .unwrap();
+    assert_eq!(again.mode(), Mode::Qcow2);
+    assert!(q.path().is_absolute());
+}
+
+#[tokio::test]
+async fn unusable_directory_is_a_config_error() {
+    let dir = no_reflink_dir();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = FileDriver::open("t", cfg(&file, Format::Auto, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
