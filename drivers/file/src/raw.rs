@@ -64,12 +64,19 @@ fn file_len(p: &Path) -> Result<u64> {
 /// Makes `dst` an exact copy of `src` (reflink or sparse copy, per mode) and fsyncs it.
 fn clone_file(b: &Backend, src: &Path, dst: &Path, progress: &ProgressHandle) -> Result<File> {
     let f = match b.mode {
-        Mode::RawReflink => sys::reflink(src, dst).map_err(|e| {
-            Error::backend(
-                "FICLONE",
-                format!("{} -> {}: {e}", src.display(), dst.display()),
-            )
-        })?,
+        Mode::RawReflink => {
+            let len = file_len(src)?;
+            progress.set_total(len);
+            let f = sys::reflink(src, dst).map_err(|e| {
+                Error::backend(
+                    "FICLONE",
+                    format!("{} -> {}: {e}", src.display(), dst.display()),
+                )
+            })?;
+            // O(1): the whole file is "done" at once.
+            progress.advance(len);
+            f
+        }
         Mode::RawFullCopy => {
             progress.set_total(file_len(src)?);
             sys::sparse_copy(src, dst, &|n| progress.advance(n)).map_err(|e| {

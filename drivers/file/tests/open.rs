@@ -112,3 +112,20 @@ async fn unusable_directory_is_a_config_error() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
 }
+
+#[tokio::test]
+async fn qcow2_open_removes_reader_temp_files_of_dead_processes() {
+    let dir = no_reflink_dir();
+    let b = dir.path().join("b");
+    std::fs::create_dir(&b).unwrap();
+    // pid_max is at most 2^22, so this process cannot exist.
+    let dead = b.join(".reader-999999999-snapshot-x-y.raw");
+    let alive = b.join(format!(".reader-{}-snapshot-x-y.raw", std::process::id()));
+    std::fs::write(&dead, b"stale").unwrap();
+    std::fs::write(&alive, b"in use").unwrap();
+    FileDriver::open("t", cfg(&b, Format::Qcow2, false))
+        .await
+        .unwrap();
+    assert!(!dead.exists(), "stale reader file kept");
+    assert!(alive.exists(), "a live process's reader file was removed");
+}
