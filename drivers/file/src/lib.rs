@@ -12,6 +12,8 @@
 //! reflink, else qcow2. The choice is recorded in the directory (`kiln-file-backend.json`) so
 //! a backend never reinterprets existing volumes in the other format.
 
+#![warn(missing_docs)]
+
 mod config;
 mod qcow2;
 mod raw;
