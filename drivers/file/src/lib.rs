@@ -395,6 +395,17 @@ impl VolumeDriver for FileDriver {
         .await
     }
 
+    async fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
+        let s = s.clone();
+        let span = tracing::info_span!(parent: &self.span("snapshot_health"), "snapshot", id = %s.id, volume = %s.volume_id);
+        self.run("snapshot_health", span, move |b| match b.mode {
+            Mode::Qcow2 => qcow2::snapshot_health(b, &s),
+            // A raw snapshot is one self-contained file: present (healthy) or absent.
+            _ => Ok(None),
+        })
+        .await
+    }
+
     async fn create_volume_from_snapshot(
         &self,
         v: &Volume,

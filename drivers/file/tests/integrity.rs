@@ -414,6 +414,20 @@ async fn qcow2_interrupted_operations_complete_on_rerun() {
     vol.check(&env).await;
     let _ = d1;
 
+    // A layer removed behind kiln's back makes the snapshots above it unhealthy.
+    assert_eq!(d.snapshot_health(&s2).await.unwrap(), None);
+    let s2_path = vdir.join(&s2_file);
+    let saved = std::fs::read(&s2_path).unwrap();
+    std::fs::remove_file(&s2_path).unwrap();
+    let why = d
+        .snapshot_health(&s3)
+        .await
+        .unwrap()
+        .expect("missing layer not reported");
+    assert!(why.contains(&s2_file), "{why}");
+    std::fs::write(&s2_path, saved).unwrap();
+    assert_eq!(d.snapshot_health(&s3).await.unwrap(), None);
+
     // 3. A delete interrupted after the record was committed but before the file was
     //    unlinked: the orphan goes at the next operation.
     let orphan = vdir.join(&s1_file);

@@ -241,6 +241,32 @@ pub(crate) fn snapshot_exists(b: &Backend, s: &Snapshot) -> Result<bool> {
     }
 }
 
+/// `Some(reason)` when the snapshot is recorded but a file of its backing chain is missing
+/// (deleted by hand, lost with a disk), so its data cannot be read; `None` when every layer
+/// is there or the snapshot does not exist (that is `snapshot_exists`'s question).
+pub(crate) fn snapshot_health(b: &Backend, s: &Snapshot) -> Result<Option<String>> {
+    let vdir = volume_dir(&b.dir, &s.volume_id);
+    let Some(chain) = Chain::load(&vdir)? else {
+        return Ok(None);
+    };
+    let Some(entry) = chain.snapshots.get(&s.id.to_string()) else {
+        return Ok(None);
+    };
+    let mut cur = Some(entry.file.clone());
+    while let Some(f) = cur {
+        let p = vdir.join(&f);
+        if !sys::exists(&p)? {
+            return Ok(Some(format!(
+                "{} (a layer of snapshot {}'s qcow2 chain) is missing",
+                p.display(),
+                s.id
+            )));
+        }
+        cur = chain.files.get(&f).and_then(|l| l.backing.clone());
+    }
+    Ok(None)
+}
+
 /// Freezes the active file as the snapshot's image and moves the volume onto a new overlay.
 ///
 /// Steps: create the overlay (not yet recorded) -> fsync -> commit the record (snapshot
