@@ -443,6 +443,39 @@ async fn qcow2_interrupted_operations_complete_on_rerun() {
     check_snapshot(d, &s3, &d3).await;
     // Exactly the active file, the two snapshot files and the record remain.
     assert_eq!(listing(&vdir).len(), 4, "{:?}", listing(&vdir));
+
+    // 4. A delete of s2 (now the base) interrupted after its intent was committed and the
+    //    child (s3's file) rebased: the next operation of any kind, here a read of s3,
+    //    finishes it before it trusts the record.
+    let mut chain: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vdir.join("chain.json")).unwrap()).unwrap();
+    let s3_file = chain["snapshots"][s3.id.to_string()]["file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        chain["files"][&s3_file]["backing"].as_str(),
+        Some(s2_file.as_str())
+    );
+    chain["snapshots"][s2.id.to_string()]["deleting"] = serde_json::json!(true);
+    std::fs::write(vdir.join("chain.json"), serde_json::to_vec(&chain).unwrap()).unwrap();
+    duct::cmd!(
+        "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", &s3_file
+    )
+    .dir(&vdir)
+    .run()
+    .unwrap();
+    assert!(
+        d.snapshot_exists(&s2).await.unwrap(),
+        "a pending delete is not done yet"
+    );
+    check_snapshot(d, &s3, &d3).await;
+    assert!(!d.snapshot_exists(&s2).await.unwrap());
+    assert!(!vdir.join(&s2_file).exists());
+    vol.check(&env).await;
+    d.delete_snapshot(&s2).await.unwrap();
+    // The active file (backed by s2's file before) was rebased too, so it reads the same.
+    assert_eq!(listing(&vdir).len(), 3, "{:?}", listing(&vdir));
 }
 
 fn uuid_like() -> String {

@@ -39,6 +39,11 @@ pub(crate) struct SnapshotEntry {
     pub file: String,
     /// Volume size when the snapshot was taken.
     pub size_bytes: u64,
+    /// Set (and committed) before a delete starts rebasing children, so that a delete a crash
+    /// interrupted is finished by whichever operation locks the volume next, before anything
+    /// else reads the children's backing from the record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// The record. Invariant: `files` holds exactly the active file and one file per snapshot;

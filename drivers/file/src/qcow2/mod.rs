@@ -105,6 +105,66 @@ impl Locked {
     fn commit(&self) -> Result<()> {
         self.chain.save(&self.dir)
     }
+
+    /// Brings the volume back to a state some operation committed: removes unrecorded files
+    /// and finishes snapshot deletes a crash interrupted.
+    fn recover(&mut self) -> Result<()> {
+        self.remove_orphans()?;
+        let pending: Vec<String> = self
+            .chain
+            .snapshots
+            .iter()
+            .filter(|(_, e)| e.deleting)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            tracing::info!(volume = %self.chain.volume_id, snapshot = %id, "finishing an interrupted snapshot delete");
+            self.delete_snapshot(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Removes snapshot `id` and merges its file away: each child file is rebased (safe
+    /// mode) onto the snapshot file's parent, or made standalone when there is none; then the
+    /// record drops the snapshot and the file is removed.
+    ///
+    /// The intent (`deleting`) is committed first. A safe rebase copies the differing
+    /// clusters into the child before it switches the backing pointer, so a crash during the
+    /// rebases leaves every child showing the same data as before; whichever operation locks
+    /// the volume next sees the intent and re-runs the rebases (a no-op for children already
+    /// switched) and the commit.
+    fn delete_snapshot(&mut self, id: &str) -> Result<()> {
+        let Some(entry) = self.chain.snapshots.get_mut(id) else {
+            return Ok(());
+        };
+        if !entry.deleting {
+            entry.deleting = true;
+            self.commit()?;
+        }
+        let file = self.chain.snapshots[id].file.clone();
+        let parent = self.chain.files.get(&file).and_then(|x| x.backing.clone());
+        let children = self.chain.children(&file);
+        for child in &children {
+            qemu::rebase(&self.dir, child, parent.as_deref())?;
+            fsync_file(&self.path(child))?;
+        }
+        for child in &children {
+            if let Some(layer) = self.chain.files.get_mut(child) {
+                layer.backing = parent.clone();
+            }
+        }
+        self.chain.snapshots.remove(id);
+        let drop_file = file != self.chain.active;
+        if drop_file {
+            self.chain.files.remove(&file);
+        }
+        self.commit()?;
+        if drop_file {
+            sys::remove_if_exists(&self.path(&file))?;
+            sys::fsync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
 }
 
 /// Locks volume `id` and loads its record; `None` if the volume does not exist.
@@ -122,11 +182,16 @@ fn lock(dir: &Path, id: &VolumeId) -> Result<Option<Locked>> {
         Err(e) => return Err(e),
     };
     // Loaded after locking: a concurrent operation may have replaced it meanwhile.
-    Ok(Chain::load(&vdir)?.map(|chain| Locked {
+    let Some(chain) = Chain::load(&vdir)? else {
+        return Ok(None);
+    };
+    let mut l = Locked {
         dir: vdir,
         chain,
         _lock: lock,
-    }))
+    };
+    l.recover()?;
+    Ok(Some(l))
 }
 
 fn lock_required(dir: &Path, id: &VolumeId) -> Result<Locked> {
@@ -274,7 +339,6 @@ pub(crate) fn snapshot_health(b: &Backend, s: &Snapshot) -> Result<Option<String
 /// unrecorded overlay that the next operation removes; the snapshot does not exist yet.
 pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
     let mut l = lock_required(&b.dir, &v.id)?;
-    l.remove_orphans()?;
     let sid = s.id.to_string();
     if let Some(e) = l.chain.snapshots.get(&sid) {
         return Ok(location(&l.path(&e.file)));
@@ -304,6 +368,7 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
         SnapshotEntry {
             file: frozen.clone(),
             size_bytes: l.chain.size_bytes,
+            deleting: false,
         },
     );
     l.chain.active = overlay;
@@ -311,44 +376,13 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
     Ok(location(&l.path(&frozen)))
 }
 
-/// Removes a snapshot and merges its file away: each child file is rebased (safe mode) onto
-/// the snapshot file's parent, or made standalone when there is none; then the record drops
-/// the snapshot and the file is removed.
-///
-/// A crash during the rebases leaves every child showing the same data as before (a safe
-/// rebase copies the differing clusters before it switches the backing pointer), with the
-/// record unchanged; re-running rebases again (a no-op for children already switched) and
-/// commits.
+/// Removes a snapshot and merges its file away (see [`Locked::delete_snapshot`]). Succeeds
+/// if the snapshot or its whole volume is already gone.
 pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<()> {
     let Some(mut l) = lock(&b.dir, &s.volume_id)? else {
         return Ok(()); // the whole volume directory is gone, so is the snapshot
     };
-    l.remove_orphans()?;
-    let Some(entry) = l.chain.snapshots.get(&s.id.to_string()).cloned() else {
-        return Ok(());
-    };
-    let file = entry.file;
-    let parent = l.chain.files.get(&file).and_then(|x| x.backing.clone());
-    let children = l.chain.children(&file);
-    for child in &children {
-        qemu::rebase(&l.dir, child, parent.as_deref())?;
-        fsync_file(&l.path(child))?;
-    }
-    for child in &children {
-        if let Some(layer) = l.chain.files.get_mut(child) {
-            layer.backing = parent.clone();
-        }
-    }
-    l.chain.snapshots.remove(&s.id.to_string());
-    if file != l.chain.active {
-        l.chain.files.remove(&file);
-    }
-    l.commit()?;
-    if !l.chain.files.contains_key(&file) {
-        sys::remove_if_exists(&l.path(&file))?;
-        sys::fsync_dir(&l.dir)?;
-    }
-    Ok(())
+    l.delete_snapshot(&s.id.to_string())
 }
 
 /// Points the volume at a new empty overlay on the snapshot's frozen file. The previous
@@ -357,7 +391,6 @@ pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<()> {
 /// same result.
 pub(crate) fn revert_to_snapshot(b: &Backend, v: &Volume, s: &Snapshot) -> Result<()> {
     let mut l = lock_required(&b.dir, &v.id)?;
-    l.remove_orphans()?;
     let entry = l
         .chain
         .snapshots
