@@ -8,9 +8,9 @@ use common::{Env, MIB, Vol, check_snapshot, listing, snapshot};
 use kiln_core::{ErrorKind, VolumeDriver, no_progress};
 use kiln_driver_file::{MAX_CHAIN_DEPTH, Mode};
 
-const SIZE: u64 = 64 * MIB;
+const SIZE: u64 = 32 * MIB;
 
-/// Runs one scenario against raw (XFS) and qcow2 backends, as two tests.
+/// Runs each scenario against raw (XFS) and qcow2 backends, as two tests.
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
         mod raw {
@@ -20,10 +20,6 @@ macro_rules! both_modes {
         mod qcow2 {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(super::Env::qcow2().await).await })*
-        }
-        mod full_copy {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Env::raw_full_copy().await).await })*
         }
     };
 }
@@ -40,12 +36,30 @@ both_modes!(
     bench_and_stats,
 );
 
+/// Full-copy mode shares every code path with raw+reflink except the copy itself, so it runs
+/// the scenarios that copy: snapshot, revert, clone, plus idempotency and bench.
+mod full_copy {
+    macro_rules! full_copy {
+        ($($name:ident),* $(,)?) => {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Env::raw_full_copy().await).await })*
+        };
+    }
+    full_copy!(
+        snapshot_is_point_in_time,
+        revert_restores_and_keeps_snapshots,
+        clone_holds_snapshot_data,
+        deletes_are_idempotent,
+        bench_and_stats,
+    );
+}
+
 async fn snapshot_is_point_in_time(env: Env) {
     let mut vol = Vol::create(&env, SIZE).await;
     vol.scatter(&env, 1).await;
     let (s, at_snap) = vol.snap(&env).await;
     vol.scatter(&env, 2).await;
-    vol.write(&env, 40 * MIB, 4096, 3).await;
+    vol.write(&env, 25 * MIB, 4096, 3).await;
     check_snapshot(&env.driver, &s, &at_snap).await;
     vol.check(&env).await;
     // Creating the same snapshot again (a re-run after a crash) changes nothing.
@@ -113,10 +127,10 @@ async fn clone_holds_snapshot_data(env: Env) {
     same.check(&env).await;
     // Larger: the tail reads as zeros.
     let mut big = Vol {
-        v: common::volume(SIZE + 16 * MIB),
+        v: common::volume(SIZE + 8 * MIB),
         img: at_snap.clone(),
     };
-    big.img.resize((SIZE + 16 * MIB) as usize, 0);
+    big.img.resize((SIZE + 8 * MIB) as usize, 0);
     d.create_volume_from_snapshot(&big.v, &s, no_progress())
         .await
         .unwrap();
@@ -151,9 +165,9 @@ async fn revert_to_oldest_of_three(env: Env) {
     let (s1, d1) = vol.snap(&env).await;
     vol.scatter(&env, 2).await;
     let (s2, d2) = vol.snap(&env).await;
-    vol.write(&env, 30 * MIB, 2 * MIB as usize, 3).await;
+    vol.write(&env, 20 * MIB, 2 * MIB as usize, 3).await;
     let (s3, d3) = vol.snap(&env).await;
-    vol.write(&env, 31 * MIB, 4096, 4).await;
+    vol.write(&env, 21 * MIB, 4096, 4).await;
     d.revert_to_snapshot(&vol.v, &s1, no_progress())
         .await
         .unwrap();
@@ -163,7 +177,7 @@ async fn revert_to_oldest_of_three(env: Env) {
     check_snapshot(d, &s2, &d2).await;
     check_snapshot(d, &s3, &d3).await;
     // Continue on the new branch, snapshot it, and go back to the newest of the old branch.
-    vol.write(&env, 50 * MIB, 4096, 5).await;
+    vol.write(&env, 26 * MIB, 4096, 5).await;
     let (s4, d4) = vol.snap(&env).await;
     d.revert_to_snapshot(&vol.v, &s3, no_progress())
         .await
@@ -218,9 +232,9 @@ async fn delete_with_branches(env: Env) {
         .await
         .unwrap();
     vol.img = d1;
-    vol.write(&env, 33 * MIB, 70_000, 3).await;
+    vol.write(&env, 23 * MIB, 70_000, 3).await;
     let (s3, d3) = vol.snap(&env).await;
-    vol.write(&env, 34 * MIB, 4096, 4).await;
+    vol.write(&env, 24 * MIB, 4096, 4).await;
     d.delete_snapshot(&s1).await.unwrap();
     check_snapshot(d, &s2, &d2).await;
     check_snapshot(d, &s3, &d3).await;

@@ -137,11 +137,11 @@ impl Locked {
         let Some(entry) = self.chain.snapshots.get_mut(id) else {
             return Ok(());
         };
-        if !entry.deleting {
-            entry.deleting = true;
+        let file = entry.file.clone();
+        let intent_recorded = std::mem::replace(&mut entry.deleting, true);
+        if !intent_recorded {
             self.commit()?;
         }
-        let file = self.chain.snapshots[id].file.clone();
         let parent = self.chain.files.get(&file).and_then(|x| x.backing.clone());
         let children = self.chain.children(&file);
         for child in &children {
