@@ -197,8 +197,12 @@ pub enum BenchCmd {
     /// Time kiln's snapshot create/delete against the backend's raw primitive, same run.
     Snapshot {
         /// Backend name [default: the default backend].
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "volume")]
         backend: Option<String>,
+        /// Benchmark on this existing available volume (e.g. one holding data) instead of
+        /// an empty scratch volume; its data and other snapshots are left as they were.
+        #[arg(long, value_name = "ID")]
+        volume: Option<String>,
         /// Scratch volume size.
         #[arg(long, value_name = "SIZE", default_value = "1G")]
         size: String,

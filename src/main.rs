@@ -126,19 +126,25 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(cmd) => snapshot(&service, fmt, cmd).await?,
         Command::Bench(BenchCmd::Snapshot {
             backend,
+            volume,
             size,
             iterations,
         }) => {
-            let size = parse_size(&size)?;
-            let backend = backend.unwrap_or_else(|| {
-                service
-                    .backends()
-                    .into_iter()
-                    .find(|b| b.default)
-                    .map(|b| b.name)
-                    .unwrap_or_default()
-            });
-            let r = kiln_core::bench::snapshot(&service, &backend, size, iterations).await?;
+            let target = match volume {
+                Some(id) => kiln_core::bench::Target::Volume(parse_id(&id)?),
+                None => kiln_core::bench::Target::Scratch {
+                    backend: backend.unwrap_or_else(|| {
+                        service
+                            .backends()
+                            .into_iter()
+                            .find(|b| b.default)
+                            .map(|b| b.name)
+                            .unwrap_or_default()
+                    }),
+                    size_bytes: parse_size(&size)?,
+                },
+            };
+            let r = kiln_core::bench::snapshot(&service, target, iterations).await?;
             emit(fmt, &r, || {
                 let line = |name: &str, p: &kiln_core::bench::Percentiles| {
                     format!(
@@ -231,11 +237,13 @@ async fn snapshot(service: &Service, fmt: Format, cmd: SnapshotCmd) -> Result<()
             emit(fmt, &s, || output::snapshot_table(&s));
         }
         SnapshotCmd::List { volume } => {
-            let ss = service.snapshots(volume.as_deref().map(parse_id).transpose()?)?;
+            let ss = service
+                .snapshots_checked(volume.as_deref().map(parse_id).transpose()?)
+                .await?;
             emit(fmt, &ss, || output::snapshots_table(&ss));
         }
         SnapshotCmd::Show { id } => {
-            let s = service.snapshot(parse_id(&id)?)?;
+            let s = service.snapshot_checked(parse_id(&id)?).await?;
             emit(fmt, &s, || output::snapshot_table(&s));
         }
         SnapshotCmd::Delete {

@@ -77,12 +77,25 @@ pub struct SnapshotBench {
 /// Largest iteration count accepted: enough for stable p99s, small enough to finish.
 pub const MAX_ITERATIONS: usize = 10_000;
 
-/// Creates a scratch volume of `size_bytes` on `backend`, then alternates kiln's snapshot
-/// create+delete with the raw primitive `iterations` times, and removes the volume again.
+/// What to benchmark on.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A scratch volume of this size on this backend, deleted afterwards.
+    Scratch {
+        /// Backend name.
+        backend: String,
+        /// Volume size in bytes.
+        size_bytes: u64,
+    },
+    /// An existing `available` volume (e.g. one filled with data); it is left as it was.
+    Volume(crate::types::VolumeId),
+}
+
+/// Alternates kiln's snapshot create+delete with the backend's raw primitive `iterations`
+/// times on the target volume. A scratch volume is removed again whatever happens.
 pub async fn snapshot(
     service: &Service,
-    backend: &str,
-    size_bytes: u64,
+    target: Target,
     iterations: usize,
 ) -> Result<SnapshotBench> {
     if iterations == 0 || iterations > MAX_ITERATIONS {
@@ -91,20 +104,31 @@ pub async fn snapshot(
             format!("{iterations}: must be 1..={MAX_ITERATIONS}"),
         ));
     }
-    let volume = service
-        .create_volume(CreateVolume {
-            size_bytes: Some(size_bytes),
-            backend: Some(backend.to_string()),
-            name: Some("kiln-bench".into()),
-            source_snapshot: None,
-        })
-        .await?;
-    let result = run(service, &volume, iterations).await;
-    // Remove the scratch volume whatever happened; report the bench error first.
-    let cleanup = service.delete_volume(volume.id, true).await;
-    let bench = result?;
-    cleanup?;
-    Ok(bench)
+    match target {
+        Target::Volume(id) => {
+            let volume = service.volume(id)?;
+            run(service, &volume, iterations).await
+        }
+        Target::Scratch {
+            backend,
+            size_bytes,
+        } => {
+            let volume = service
+                .create_volume(CreateVolume {
+                    size_bytes: Some(size_bytes),
+                    backend: Some(backend),
+                    name: Some("kiln-bench".into()),
+                    source_snapshot: None,
+                })
+                .await?;
+            let result = run(service, &volume, iterations).await;
+            // Remove the scratch volume whatever happened; report the bench error first.
+            let cleanup = service.delete_volume(volume.id, true).await;
+            let bench = result?;
+            cleanup?;
+            Ok(bench)
+        }
+    }
 }
 
 async fn run(

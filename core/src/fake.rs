@@ -19,6 +19,8 @@ pub struct FakeDriver {
     pub fail_next: Mutex<Option<&'static str>>,
     /// Snapshot ids the fake reports as having dependent clones.
     pub busy: Mutex<Vec<SnapshotId>>,
+    /// Snapshot ids the fake reports as unusable (like an overflowed LVM thick snapshot).
+    pub broken: Mutex<Vec<SnapshotId>>,
 }
 
 impl FakeDriver {
@@ -177,6 +179,14 @@ impl VolumeDriver for FakeDriver {
             length: data.len() as u64,
         }];
         Ok(Box::new(VecReader(data, ext)))
+    }
+    async fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
+        Ok(self
+            .broken
+            .lock()
+            .unwrap()
+            .contains(&s.id)
+            .then(|| "copy-on-write space overflowed".to_string()))
     }
     async fn stats(&self) -> Result<BackendStats> {
         Ok(BackendStats::default())

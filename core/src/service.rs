@@ -230,6 +230,49 @@ impl Service {
         self.store.snapshots(volume)
     }
 
+    /// One snapshot, after asking its backend whether its data is still usable: an
+    /// `available` snapshot the backend reports as broken (e.g. an overflowed LVM thick
+    /// snapshot) is marked `error` with the backend's reason first.
+    pub async fn snapshot_checked(&self, id: SnapshotId) -> Result<Snapshot> {
+        self.refresh_health(self.snapshot(id)?).await
+    }
+
+    /// [`Service::snapshots`], with every `available` snapshot's health refreshed.
+    pub async fn snapshots_checked(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        for s in self.snapshots(volume)? {
+            out.push(self.refresh_health(s).await?);
+        }
+        Ok(out)
+    }
+
+    async fn refresh_health(&self, s: Snapshot) -> Result<Snapshot> {
+        if s.status != SnapshotStatus::Available {
+            return Ok(s);
+        }
+        match self.driver(&s.backend)?.snapshot_health(&s).await {
+            Ok(None) => Ok(s),
+            Ok(Some(reason)) => {
+                warn!(snapshot = %s.id, %reason, "backend reports the snapshot unusable; marking it error");
+                // Compare-and-set: if someone else changed it meanwhile, their status stands.
+                self.store
+                    .commit(Batch::new(vec![Step::SetSnapshotStatus {
+                        id: s.id,
+                        from: vec![SnapshotStatus::Available],
+                        to: SnapshotStatus::Error,
+                        reason: Some(reason),
+                    }]))?
+                    .ok();
+                self.snapshot(s.id)
+            }
+            // A failed probe says nothing about the snapshot; keep what the store knows.
+            Err(e) => {
+                info!(snapshot = %s.id, error = %e, "snapshot health probe failed");
+                Ok(s)
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- volumes
 
     /// Creates a volume, empty or from a snapshot. On a driver failure the partial backend
@@ -239,7 +282,7 @@ impl Service {
             validate_label(name)?;
         }
         let source = match req.source_snapshot {
-            Some(sid) => Some(self.snapshot(sid)?),
+            Some(sid) => Some(self.snapshot_checked(sid).await?),
             None => None,
         };
         let backend = match (&req.backend, &source) {
@@ -749,7 +792,7 @@ impl Service {
     ) -> Result<Volume> {
         let s = self.snapshot(snapshot_id)?;
         let _g = self.locks.lock(&[s.volume_id]).await?;
-        let s = self.snapshot(snapshot_id)?;
+        let s = self.snapshot_checked(snapshot_id).await?;
         let v = self.volume(s.volume_id)?;
         let driver = self.driver(&v.backend)?.clone();
         let op = committed(
@@ -848,7 +891,7 @@ impl Service {
     pub async fn open_snapshot_reader(&self, id: SnapshotId) -> Result<LockedReader> {
         let s = self.snapshot(id)?;
         let guards = self.locks.lock(&[s.volume_id]).await?;
-        let s = self.snapshot(id)?;
+        let s = self.snapshot_checked(id).await?;
         if s.status != SnapshotStatus::Available {
             return Err(Error::WrongState(format!(
                 "cannot read snapshot {id}: it is {}; it must be available",

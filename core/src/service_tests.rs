@@ -556,3 +556,33 @@ async fn recovery_skips_operations_whose_volume_is_locked() {
     assert_eq!(f.svc.recover().await.unwrap().len(), 1);
     assert!(f.store.snapshot(s.id).unwrap().is_none());
 }
+
+#[tokio::test]
+async fn a_snapshot_the_backend_reports_broken_is_marked_error_and_not_used() {
+    let f = fixture();
+    let v = volume(&f).await;
+    let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
+    f.fake.write(v.id, &[5; 16]);
+    f.fake.broken.lock().unwrap().push(s.id);
+    let e = f.svc.revert(s.id, no_progress()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WrongState);
+    assert_eq!(f.fake.data(v.id).unwrap(), vec![5; 16], "volume untouched");
+    assert_eq!(f.svc.volume(v.id).unwrap().status, VolumeStatus::Available);
+    let s = f.svc.snapshot(s.id).unwrap();
+    assert_eq!(s.status, SnapshotStatus::Error);
+    assert_eq!(
+        s.status_reason.as_deref(),
+        Some("copy-on-write space overflowed")
+    );
+    assert!(f.svc.open_snapshot_reader(s.id).await.is_err());
+    let clone = f
+        .svc
+        .create_volume(CreateVolume {
+            source_snapshot: Some(s.id),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(clone.unwrap_err().kind(), ErrorKind::WrongState);
+    // It can still be deleted.
+    f.svc.delete_snapshot(s.id, false).await.unwrap();
+}
