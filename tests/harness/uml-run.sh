@@ -134,9 +134,12 @@ modprobe -d "$R/modroot" -a dm-mod dm-snapshot dm-thin-pool dm-zero dm-mirror lo
   die "loading the device-mapper modules failed"
 [ -e /dev/mapper/control ] || die "/dev/mapper/control missing after loading dm-mod"
 # No udev in the guest: libdm creates the device nodes itself; no lvmpolld/dmeventd either.
+# PVs can only be loop or ubd devices here; the filter spares lvm probing the guest's ~600
+# other device nodes, which makes every lvm command about 4 times faster under UML.
 # Backups stay on tmpfs so lvm neither warns about missing backups nor writes to /etc/lvm.
 cat >"$R/etc/lvm.conf" <<'LVMCONF'
-devices { obtain_device_list_from_udev=0 external_device_info_source="none" use_devicesfile=0 }
+devices { obtain_device_list_from_udev=0 external_device_info_source="none" use_devicesfile=0
+          global_filter=[ "a|^/dev/loop[0-9]+$|", "a|^/dev/ubd[a-z]+$|", "r|.*|" ] }
 activation { udev_sync=0 udev_rules=0 monitoring=0 }
 global { use_lvmpolld=0 event_activation=0 }
 backup { backup=1 backup_dir="/run/kiln-uml/etc/backup" archive=1 archive_dir="/run/kiln-uml/etc/archive" }

@@ -43,7 +43,9 @@ impl Backend {
             )));
         }
         if cfg.command_timeout_secs == 0 {
-            return Err(Error::Config("command_timeout_secs must be at least 1".into()));
+            return Err(Error::Config(
+                "command_timeout_secs must be at least 1".into(),
+            ));
         }
         let runner = Runner::new(Duration::from_secs(cfg.command_timeout_secs));
         let mut b = Backend {
@@ -54,9 +56,9 @@ impl Backend {
             runner,
         };
         b.vg_row().map_err(|e| match e {
-            Error::Backend { message, .. } if message.contains("not found") => Error::Config(
-                format!("volume group {:?} not found: {message}", b.vg),
-            ),
+            Error::Backend { message, .. } if message.contains("not found") => {
+                Error::Config(format!("volume group {:?} not found: {message}", b.vg))
+            }
             other => other,
         })?;
         let pool = b.lv(&b.pool)?;
@@ -172,8 +174,11 @@ impl Backend {
     /// so callers check for snapshots first).
     pub fn remove(&self, lv: &str) -> Result<()> {
         let spec = self.spec(lv);
-        self.runner
-            .lvm("lvremove", &["lvremove", "-q", "-f", &spec], Retry::Transient)?;
+        self.runner.lvm(
+            "lvremove",
+            &["lvremove", "-q", "-f", &spec],
+            Retry::Transient,
+        )?;
         Ok(())
     }
 
@@ -205,7 +210,11 @@ impl Backend {
         if row.is_active() {
             return Ok(());
         }
-        let origin = if row.is_thick_snapshot() { &row.origin } else { &row.lv_name };
+        let origin = if row.is_thick_snapshot() {
+            &row.origin
+        } else {
+            &row.lv_name
+        };
         self.activate(origin, false)
     }
 

@@ -88,12 +88,7 @@ pub struct CopyStats {
 /// Copies the first `len` bytes of `src` to `dst`. All-zero source chunks are not written as
 /// data but zeroed with BLKZEROOUT: a new thick LV holds whatever its extents held before, so
 /// "skipping" a hole must still clear it. Flushes `dst` at the end.
-pub fn copy(
-    src: &File,
-    dst: &File,
-    len: u64,
-    progress: &ProgressHandle,
-) -> io::Result<CopyStats> {
+pub fn copy(src: &File, dst: &File, len: u64, progress: &ProgressHandle) -> io::Result<CopyStats> {
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut stats = CopyStats::default();
     let mut zero_run: Option<(u64, u64)> = None;
@@ -200,6 +195,9 @@ mod tests {
         b[5] = 1;
         b[13] = 1;
         assert_eq!(differing_runs(&a, &b, 4), vec![(0, 8), (12, 16)]);
-        assert_eq!(differing_runs(&a[..14], &b[..14], 4), vec![(0, 8), (12, 14)]);
+        assert_eq!(
+            differing_runs(&a[..14], &b[..14], 4),
+            vec![(0, 8), (12, 14)]
+        );
     }
 }

@@ -135,7 +135,10 @@ impl Runner {
             }
             return Ok(Output { stdout });
         }
-        let code = output.status.code().map_or("a signal".to_string(), |c| c.to_string());
+        let code = output
+            .status
+            .code()
+            .map_or("a signal".to_string(), |c| c.to_string());
         let message = if stderr.is_empty() {
             format!("{program} exited with {code}: {}", stdout.trim())
         } else {
@@ -180,9 +183,13 @@ mod tests {
         assert!(is_transient(
             "  Failed to suspend kiln/kiln-pool.\n  device-mapper: reload ioctl failed"
         ));
-        assert!(is_transient("  Logical volume vg/x in use: Device or resource busy"));
+        assert!(is_transient(
+            "  Logical volume vg/x in use: Device or resource busy"
+        ));
         assert!(!is_transient("  Volume group \"vg\" not found"));
-        assert!(!is_transient("  Insufficient free space: 10 extents needed"));
+        assert!(!is_transient(
+            "  Insufficient free space: 10 extents needed"
+        ));
     }
 
     #[test]
@@ -202,7 +209,9 @@ mod tests {
         let e = r.run("sleep", "sleep", &["5"], Retry::Never).unwrap_err();
         assert!(e.to_string().contains("did not finish"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(3));
-        let e = r.run("x", "no-such-program-kiln", &[], Retry::Never).unwrap_err();
+        let e = r
+            .run("x", "no-such-program-kiln", &[], Retry::Never)
+            .unwrap_err();
         assert!(e.to_string().contains("cannot run"), "{e}");
     }
 }

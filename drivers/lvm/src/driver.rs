@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use kiln_core::{
-    Attachment, BackendStats, Capabilities, Error, PrimitiveSample, ProgressHandle,
-    ProviderUpdate, Result, Snapshot, SnapshotReader, Volume, VolumeDriver,
+    Attachment, BackendStats, Capabilities, Error, PrimitiveSample, ProgressHandle, ProviderUpdate,
+    Result, Snapshot, SnapshotReader, Volume, VolumeDriver,
 };
 use serde_json::json;
 
@@ -100,20 +100,26 @@ impl VolumeDriver for LvmDriver {
 
     async fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate> {
         let v = v.clone();
-        self.blocking("create_volume", v.id.to_string(), move |b| b.create_volume(&v))
-            .await
+        self.blocking("create_volume", v.id.to_string(), move |b| {
+            b.create_volume(&v)
+        })
+        .await
     }
 
     async fn delete_volume(&self, v: &Volume) -> Result<()> {
         let v = v.clone();
-        self.blocking("delete_volume", v.id.to_string(), move |b| b.delete_volume(&v))
-            .await
+        self.blocking("delete_volume", v.id.to_string(), move |b| {
+            b.delete_volume(&v)
+        })
+        .await
     }
 
     async fn volume_exists(&self, v: &Volume) -> Result<bool> {
         let v = v.clone();
-        self.blocking("volume_exists", v.id.to_string(), move |b| b.volume_exists(&v))
-            .await
+        self.blocking("volume_exists", v.id.to_string(), move |b| {
+            b.volume_exists(&v)
+        })
+        .await
     }
 
     async fn create_snapshot(&self, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
@@ -144,14 +150,18 @@ impl VolumeDriver for LvmDriver {
 
     async fn delete_snapshot(&self, s: &Snapshot) -> Result<()> {
         let s = s.clone();
-        self.blocking("delete_snapshot", s.id.to_string(), move |b| b.delete_snapshot(&s))
-            .await
+        self.blocking("delete_snapshot", s.id.to_string(), move |b| {
+            b.delete_snapshot(&s)
+        })
+        .await
     }
 
     async fn snapshot_exists(&self, s: &Snapshot) -> Result<bool> {
         let s = s.clone();
-        self.blocking("snapshot_exists", s.id.to_string(), move |b| b.snapshot_exists(&s))
-            .await
+        self.blocking("snapshot_exists", s.id.to_string(), move |b| {
+            b.snapshot_exists(&s)
+        })
+        .await
     }
 
     async fn create_volume_from_snapshot(
@@ -174,9 +184,11 @@ impl VolumeDriver for LvmDriver {
         progress: ProgressHandle,
     ) -> Result<()> {
         let (v, s) = (v.clone(), s.clone());
-        self.blocking("revert_to_snapshot", format!("{}@{}", v.id, s.id), move |b| {
-            b.revert_to_snapshot(&v, &s, &progress)
-        })
+        self.blocking(
+            "revert_to_snapshot",
+            format!("{}@{}", v.id, s.id),
+            move |b| b.revert_to_snapshot(&v, &s, &progress),
+        )
         .await
     }
 
@@ -200,7 +212,11 @@ impl VolumeDriver for LvmDriver {
             details.insert("volume_group".into(), json!(b.vg));
             details.insert(
                 "type".into(),
-                json!(if b.kind == Kind::Thin { "thin" } else { "thick" }),
+                json!(if b.kind == Kind::Thin {
+                    "thin"
+                } else {
+                    "thick"
+                }),
             );
             if b.kind == Kind::Thin {
                 if let Some(pool) = rows.iter().find(|r| r.lv_name == b.pool) {
@@ -233,8 +249,10 @@ impl VolumeDriver for LvmDriver {
 
     async fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
         let s = s.clone();
-        self.blocking("snapshot_health", s.id.to_string(), move |b| b.snapshot_health(&s))
-            .await
+        self.blocking("snapshot_health", s.id.to_string(), move |b| {
+            b.snapshot_health(&s)
+        })
+        .await
     }
 
     async fn bench_primitives(&self, v: &Volume) -> Result<Vec<PrimitiveSample>> {

@@ -69,7 +69,10 @@ mod tests {
         let v: VolumeId = "0b8e7a4c-1111-4222-8333-944445555666".parse().unwrap();
         let s: SnapshotId = "1b8e7a4c-1111-4222-8333-944445555666".parse().unwrap();
         assert_eq!(volume(&v), "volume-0b8e7a4c-1111-4222-8333-944445555666");
-        assert_eq!(snapshot(&s), "_snapshot-1b8e7a4c-1111-4222-8333-944445555666");
+        assert_eq!(
+            snapshot(&s),
+            "_snapshot-1b8e7a4c-1111-4222-8333-944445555666"
+        );
         assert_eq!(parse_snapshot(&snapshot(&s)), Some(s));
         assert_eq!(parse_snapshot("volume-x"), None);
         assert_eq!(dm_name("kiln-vg", "_snapshot-ab"), "kiln--vg-_snapshot--ab");

@@ -15,7 +15,9 @@ use crate::thin_map;
 /// activate (a thin snapshot skipped at activation, or a thick origin that was inactive).
 /// Dropping runs `lvchange -an`: drop it from a blocking context.
 pub struct LvmSnapshotReader {
-    file: File,
+    // An Option only so Drop can close the device before deactivating it (an open LV
+    // refuses deactivation).
+    file: Option<File>,
     size: u64,
     extents: Vec<Extent>,
     deactivate: Option<(Runner, String)>,
@@ -35,18 +37,24 @@ impl SnapshotReader for LvmSnapshotReader {
             return Ok(0);
         }
         let n = ((self.size - offset).min(buf.len() as u64)) as usize;
-        self.file.read_at(&mut buf[..n], offset)
+        match &self.file {
+            Some(f) => f.read_at(&mut buf[..n], offset),
+            None => Ok(0),
+        }
     }
 }
 
 impl Drop for LvmSnapshotReader {
     fn drop(&mut self) {
+        drop(self.file.take());
         if let Some((runner, spec)) = self.deactivate.take() {
             // An LV another reader still holds open refuses deactivation: harmless, it stays
             // active until that reader drops.
-            if let Err(e) =
-                runner.lvm("lvchange -an", &["lvchange", "-q", "-an", &spec], Retry::Transient)
-            {
+            if let Err(e) = runner.lvm(
+                "lvchange -an",
+                &["lvchange", "-q", "-an", &spec],
+                Retry::Transient,
+            ) {
                 tracing::warn!(lv = %spec, error = %e, "could not deactivate after reading");
             }
         }
@@ -82,16 +90,17 @@ impl Backend {
         };
         // From here on the reader (or this guard) owns the activation.
         let mut reader = LvmSnapshotReader {
-            file: File::open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?,
+            file: None,
             size: 0,
             extents: Vec::new(),
             deactivate,
         };
         let dev = self.device(&snap);
-        reader.file =
+        let file =
             File::open(&dev).map_err(|e| Error::io(format!("opening {}", dev.display()), e))?;
-        reader.size = crate::blockdev::size(&reader.file)
+        reader.size = crate::blockdev::size(&file)
             .map_err(|e| Error::io(format!("sizing {}", dev.display()), e))?;
+        reader.file = Some(file);
         let whole = vec![Extent {
             offset: 0,
             length: reader.size,

@@ -32,7 +32,10 @@ impl Backend {
         if s.volume_id != v.id {
             return Err(Error::invalid(
                 "snapshot",
-                format!("snapshot {} belongs to volume {}, not {}", s.id, s.volume_id, v.id),
+                format!(
+                    "snapshot {} belongs to volume {}, not {}",
+                    s.id, s.volume_id, v.id
+                ),
             ));
         }
         let snap = names::snapshot(&s.id);
@@ -62,29 +65,34 @@ impl Backend {
                 id: v.id.to_string(),
             });
         }
-        if let Some(r) = rows.iter().find(|r| r.lv_name == vol).filter(|r| r.is_open()) {
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.lv_name == vol)
+            .filter(|r| r.is_open())
+        {
             return Err(Error::WrongState(format!(
                 "{} is open (attached or in use); detach it before reverting",
                 self.spec(&r.lv_name)
             )));
         }
         // 1. Finish whatever an interrupted run left behind.
+        let mut stale_new = has(&new);
         if has(&old) {
             if has(&vol) {
                 // Both renames happened; only the removal of the old origin is missing.
                 tracing::info!(volume = %v.id, "completing an interrupted revert");
+                self.remove(&old)?;
             } else if has(&new) {
                 tracing::info!(volume = %v.id, "completing an interrupted revert (second rename)");
                 self.rename(&new, &vol)?;
+                self.remove(&old)?;
+                stale_new = false;
             } else {
                 tracing::warn!(volume = %v.id, "rolling back an interrupted revert");
                 self.rename(&old, &vol)?;
             }
-            if self.lv(&old)?.is_some() {
-                self.remove(&old)?;
-            }
         }
-        if self.lv(&new)?.is_some() {
+        if stale_new {
             // Made before the first rename of an interrupted run; its source may differ.
             self.remove(&new)?;
         }
@@ -92,14 +100,15 @@ impl Backend {
         let snap_spec = self.spec(&snap.lv_name);
         self.runner.lvm(
             "lvcreate --snapshot",
-            &["lvcreate", "-q", "-s", "-kn", "-p", "rw", "-n", &new, &snap_spec],
+            &[
+                "lvcreate", "-q", "-s", "-kn", "-p", "rw", "-n", &new, &snap_spec,
+            ],
             crate::command::Retry::Never,
         )?;
         self.finish_thin_volume(&new, v.size_bytes)?;
         self.rename(&vol, &old)?;
         self.rename(&new, &vol)?;
         self.remove(&old)?;
-        self.activate(&vol, false)?;
         tracing::info!(volume = %v.id, snapshot = %snap.lv_name, "thin revert done");
         Ok(())
     }

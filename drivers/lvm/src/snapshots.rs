@@ -28,10 +28,11 @@ impl Backend {
 
     /// The origin LV of `v`, or `NotFound`.
     pub(crate) fn origin_row(&self, v: &Volume) -> Result<LvRow> {
-        self.lv(&names::volume(&v.id))?.ok_or_else(|| Error::NotFound {
-            what: "volume",
-            id: v.id.to_string(),
-        })
+        self.lv(&names::volume(&v.id))?
+            .ok_or_else(|| Error::NotFound {
+                what: "volume",
+                id: v.id.to_string(),
+            })
     }
 
     /// `lvcreate --snapshot` of the volume. Device-mapper suspends the origin (flushing
@@ -41,12 +42,23 @@ impl Backend {
         if s.volume_id != v.id {
             return Err(Error::invalid(
                 "snapshot",
-                format!("snapshot {} belongs to volume {}, not {}", s.id, s.volume_id, v.id),
+                format!(
+                    "snapshot {} belongs to volume {}, not {}",
+                    s.id, s.volume_id, v.id
+                ),
             ));
         }
-        let origin = self.origin_row(v)?;
+        let rows = self.lvs()?;
+        let vol = names::volume(&v.id);
+        let origin = rows
+            .iter()
+            .find(|r| r.lv_name == vol)
+            .ok_or_else(|| Error::NotFound {
+                what: "volume",
+                id: v.id.to_string(),
+            })?;
         let snap = names::snapshot(&s.id);
-        if let Some(existing) = self.lv(&snap)? {
+        if let Some(existing) = rows.iter().find(|r| r.lv_name == snap) {
             if existing.origin == origin.lv_name {
                 return Ok(self.provider(&snap));
             }
@@ -59,7 +71,7 @@ impl Backend {
                 ),
             ));
         }
-        self.lvcreate_snapshot(&snap, &origin)?;
+        self.lvcreate_snapshot(&snap, origin)?;
         Ok(self.provider(&snap))
     }
 

@@ -63,8 +63,14 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                Extent { offset: 0, length: 3 * 65536 },
-                Extent { offset: 10 * 65536, length: 65536 - 4096 },
+                Extent {
+                    offset: 0,
+                    length: 3 * 65536
+                },
+                Extent {
+                    offset: 10 * 65536,
+                    length: 65536 - 4096
+                },
             ]
         );
         let empty = r#"<superblock uuid="" data_block_size="128">

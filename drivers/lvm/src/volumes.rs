@@ -43,7 +43,9 @@ impl Backend {
                 let pool = self.spec(&self.pool);
                 self.runner.lvm(
                     "lvcreate",
-                    &["lvcreate", "-q", "--yes", "-T", &pool, "-V", &size, "-n", name],
+                    &[
+                        "lvcreate", "-q", "--yes", "-T", &pool, "-V", &size, "-n", name,
+                    ],
                     Retry::Never,
                 )?;
             }
@@ -98,7 +100,9 @@ impl Backend {
                     self.spec(&lv)
                 )));
             }
-            if self.kind == Kind::Thick && !row.is_thin_volume() && self.cfg.zero_deleted_thick_volumes
+            if self.kind == Kind::Thick
+                && !row.is_thin_volume()
+                && self.cfg.zero_deleted_thick_volumes
             {
                 self.ensure_thick_active(row)?;
                 let dev = self.device(&lv);
@@ -131,10 +135,15 @@ impl Backend {
         progress: &ProgressHandle,
     ) -> Result<ProviderUpdate> {
         let snap = names::snapshot(&s.id);
-        let row = self.lv(&snap)?.ok_or_else(|| Error::NotFound {
-            what: "snapshot",
-            id: s.id.to_string(),
-        })?;
+        let rows = self.lvs()?;
+        let row = rows
+            .iter()
+            .find(|r| r.lv_name == snap)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                what: "snapshot",
+                id: s.id.to_string(),
+            })?;
         let image = self.snapshot_image_size(&row)?;
         if v.size_bytes < image {
             return Err(Error::invalid(
@@ -148,8 +157,7 @@ impl Backend {
         let name = names::volume(&v.id);
         match self.kind {
             Kind::Thin => {
-                let existing = self.lv(&name)?;
-                if existing.is_none() {
+                if !rows.iter().any(|r| r.lv_name == name) {
                     let origin = self.spec(&snap);
                     self.runner.lvm(
                         "lvcreate --snapshot",
@@ -162,7 +170,7 @@ impl Backend {
                 self.finish_thin_volume(&name, v.size_bytes)?;
             }
             Kind::Thick => {
-                if self.lv(&name)?.is_some() {
+                if rows.iter().any(|r| r.lv_name == name) {
                     // Only a finished copy carries the final name.
                     return Ok(self.provider(&name));
                 }
@@ -170,7 +178,7 @@ impl Backend {
                     return Err(Error::WrongState(reason));
                 }
                 let partial = names::partial_clone(&v.id);
-                if self.lv(&partial)?.is_some() {
+                if rows.iter().any(|r| r.lv_name == partial) {
                     self.remove(&partial)?;
                 }
                 self.lvcreate_plain(&partial, v.size_bytes)?;
@@ -203,7 +211,10 @@ impl Backend {
         if row.size()? < bytes {
             self.extend_to(name, bytes)?;
         }
-        self.activate(name, false)
+        if row.skips_activation() || !row.is_active() {
+            self.activate(name, false)?;
+        }
+        Ok(())
     }
 
     fn fill_thick_clone(
