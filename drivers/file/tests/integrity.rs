@@ -602,3 +602,138 @@ async fn qcow2_two_drivers_on_one_directory_serialize() {
     vol.write(&env, 2 * MIB, 4096, 2).await;
     vol.check(&env).await;
 }
+
+/// The record must say what the qcow2 headers say: every file's backing file.
+fn assert_record_matches_headers(vdir: &std::path::Path) {
+    let chain: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vdir.join("chain.json")).unwrap()).unwrap();
+    for (name, layer) in chain["files"].as_object().unwrap() {
+        let info = duct::cmd!("qemu-img", "info", "-U", "--output=json", name)
+            .dir(vdir)
+            .read()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(
+            info["backing-filename"].as_str(),
+            layer["backing"].as_str(),
+            "{name}: header and record disagree"
+        );
+    }
+    let pending = chain["snapshots"]
+        .as_object()
+        .unwrap()
+        .values()
+        .any(|e| e["deleting"].as_bool() == Some(true));
+    assert!(!pending, "a delete intent was left behind");
+}
+
+/// A process holding the active qcow2 file open for writing, as a hypervisor does: `qemu-io`
+/// waiting for commands. Dropping it closes its stdin, and it exits.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn open(image: &std::path::Path) -> Holder {
+        use std::io::Read;
+        let mut child = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .arg(image)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // The prompt appears once the image is open (and locked).
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        while !String::from_utf8_lossy(&seen).contains("qemu-io>") {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "qemu-io exited: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// Deleting a snapshot whose merge must rewrite a file a hypervisor holds fails cleanly: the
+/// snapshot stays, every image still reads back, the record matches the headers, and the
+/// volume is not blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_delete_under_an_open_active_file_fails_cleanly() {
+    let env = Env::qcow2().await;
+    let d = &env.driver;
+    let mut vol = Vol::create(&env, SIZE).await;
+    let vdir = d.path().join(format!("volume-{}", vol.v.id));
+    vol.scatter(&env, 1).await;
+    let (s1, d1) = vol.snap(&env).await;
+    vol.scatter(&env, 2).await;
+    let (s2, d2) = vol.snap(&env).await;
+    vol.scatter(&env, 3).await;
+    let (s3, d3) = vol.snap(&env).await;
+    vol.write(&env, 0, 4096, 4).await;
+    {
+        let _held = Holder::open(&d.active_image(&vol.v).await.unwrap());
+        // s3's file is the active file's parent: merging it rewrites the active file.
+        let e = d.delete_snapshot(&s3).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+        assert!(d.snapshot_exists(&s3).await.unwrap());
+        assert_record_matches_headers(&vdir);
+        // s1's merge rewrites s2's frozen file, which is in the held file's backing chain:
+        // qemu refuses that too (a running guest reads it).
+        assert!(d.delete_snapshot(&s1).await.is_err());
+        assert_record_matches_headers(&vdir);
+        check_snapshot(d, &s1, &d1).await;
+        check_snapshot(d, &s2, &d2).await;
+        check_snapshot(d, &s3, &d3).await;
+        // The volume is not blocked by the failed deletes: its snapshots still clone (they
+        // are read with qemu's force-share, being frozen).
+        let clone = Vol {
+            v: common::volume(SIZE),
+            img: d2.clone(),
+        };
+        d.create_volume_from_snapshot(&clone.v, &s2, no_progress())
+            .await
+            .unwrap();
+        clone.check(&env).await;
+    }
+    vol.check(&env).await;
+    d.delete_snapshot(&s1).await.unwrap();
+    assert_record_matches_headers(&vdir);
+    d.delete_snapshot(&s3).await.unwrap();
+    assert_record_matches_headers(&vdir);
+    check_snapshot(d, &s2, &d2).await;
+    vol.check(&env).await;
+
+    // Two children (after a revert), one of them held: whichever order the merge takes,
+    // the record stays true and nothing is lost.
+    d.revert_to_snapshot(&vol.v, &s2, no_progress())
+        .await
+        .unwrap();
+    vol.img = d2.clone();
+    vol.write(&env, 7 * MIB, 4096, 5).await;
+    let (s4, d4) = vol.snap(&env).await;
+    d.revert_to_snapshot(&vol.v, &s2, no_progress())
+        .await
+        .unwrap();
+    vol.img = d2.clone();
+    vol.write(&env, 8 * MIB, 4096, 6).await;
+    {
+        let _held = Holder::open(&d.active_image(&vol.v).await.unwrap());
+        assert!(d.delete_snapshot(&s2).await.is_err());
+        assert_record_matches_headers(&vdir);
+        check_snapshot(d, &s2, &d2).await;
+        check_snapshot(d, &s4, &d4).await;
+    }
+    vol.check(&env).await;
+    d.delete_snapshot(&s2).await.unwrap();
+    assert_record_matches_headers(&vdir);
+    check_snapshot(d, &s4, &d4).await;
+    vol.check(&env).await;
+}

@@ -106,6 +106,31 @@ impl Locked {
         self.chain.save(&self.dir)
     }
 
+    /// Records that the delete of snapshot `id` stopped after rebasing `rebased` onto
+    /// `parent`: those now hang off the parent, the snapshot stays, the intent is cleared.
+    /// If this commit fails the intent stays set (in memory as on disk), so the next
+    /// operation retries the delete.
+    fn abandon_delete(
+        &mut self,
+        id: &str,
+        rebased: &[String],
+        parent: Option<&String>,
+    ) -> Result<()> {
+        for child in rebased {
+            if let Some(layer) = self.chain.files.get_mut(child) {
+                layer.backing = parent.cloned();
+            }
+        }
+        if let Some(e) = self.chain.snapshots.get_mut(id) {
+            e.deleting = false;
+        }
+        let committed = self.commit();
+        if let (Err(_), Some(e)) = (&committed, self.chain.snapshots.get_mut(id)) {
+            e.deleting = true;
+        }
+        committed
+    }
+
     /// Brings the volume back to a state some operation committed: removes unrecorded files
     /// and finishes snapshot deletes a crash interrupted.
     fn recover(&mut self) -> Result<()> {
@@ -119,7 +144,14 @@ impl Locked {
             .collect();
         for id in pending {
             tracing::info!(volume = %self.chain.volume_id, snapshot = %id, "finishing an interrupted snapshot delete");
-            self.delete_snapshot(&id)?;
+            if let Err(e) = self.delete_snapshot(&id) {
+                if self.chain.snapshots.get(&id).is_some_and(|e| e.deleting) {
+                    // The record could not be made true again: nothing may trust it.
+                    return Err(e);
+                }
+                // Abandoned cleanly (the snapshot stays); the delete can be retried.
+                tracing::warn!(volume = %self.chain.volume_id, snapshot = %id, error = %e, "interrupted snapshot delete could not be finished; the snapshot stays");
+            }
         }
         Ok(())
     }
@@ -144,9 +176,16 @@ impl Locked {
         }
         let parent = self.chain.files.get(&file).and_then(|x| x.backing.clone());
         let children = self.chain.children(&file);
-        for child in &children {
-            qemu::rebase(&self.dir, child, parent.as_deref())?;
-            fsync_file(&self.path(child))?;
+        for (n, child) in children.iter().enumerate() {
+            let rebased = qemu::rebase(&self.dir, child, parent.as_deref())
+                .and_then(|()| fsync_file(&self.path(child)));
+            if let Err(e) = rebased {
+                // Typically a hypervisor holds the child (the active file) open. Give up
+                // the delete but keep the record true: the children already rebased now
+                // hang off the parent (showing the same data), the snapshot stays.
+                self.abandon_delete(id, &children[..n], parent.as_ref())?;
+                return Err(e);
+            }
         }
         for child in &children {
             if let Some(layer) = self.chain.files.get_mut(child) {

@@ -83,13 +83,18 @@ pub(crate) fn rebase(cwd: &Path, file: &str, new_backing: Option<&str>) -> Resul
     run("qemu-img rebase", cwd, args).map(drop)
 }
 
-/// `qemu-img convert -f qcow2 -O <fmt> <src> <dst>`: the whole chain under `src` flattened
+/// `qemu-img convert -U -f qcow2 -O <fmt> <src> <dst>`: the whole chain under `src` flattened
 /// into one independent image (sparse: zero clusters are not written).
+///
+/// `src` is always a snapshot's frozen file. `-U` (force share) lets this read it while a
+/// hypervisor has the volume's active file, and so its backing chain, open: qemu's image
+/// locks would refuse otherwise. Safe because frozen files only ever change by kiln's own
+/// rebases, which the volume's flock keeps out while this runs.
 pub(crate) fn convert(cwd: &Path, src: &Path, fmt: &str, dst: &Path) -> Result<()> {
     run(
         "qemu-img convert",
         cwd,
-        argv!["convert", "-f", "qcow2", "-O", fmt, src, dst],
+        argv!["convert", "-U", "-f", "qcow2", "-O", fmt, src, dst],
     )
     .map(drop)
 }
@@ -115,13 +120,13 @@ struct MapEntry {
 }
 
 /// Ranges of the image `file` (through its whole backing chain) that may hold non-zero data,
-/// from `qemu-img map --output=json`: entries with `data: true` or `zero: false`. Sorted and
-/// merged.
+/// from `qemu-img map -U --output=json`: entries with `data: true` or `zero: false`. Sorted
+/// and merged. `file` is a frozen snapshot file; `-U` as for [`convert`].
 pub(crate) fn data_extents(cwd: &Path, file: &Path) -> Result<Vec<Extent>> {
     let out = run(
         "qemu-img map",
         cwd,
-        argv!["map", "--output=json", "-f", "qcow2", file],
+        argv!["map", "-U", "--output=json", "-f", "qcow2", file],
     )?;
     let entries: Vec<MapEntry> = serde_json::from_slice(&out)
         .map_err(|e| Error::backend("qemu-img map", format!("unexpected output: {e}")))?;
