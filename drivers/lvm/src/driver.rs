@@ -218,8 +218,9 @@ impl VolumeDriver for LvmDriver {
                     "thick"
                 }),
             );
-            if b.kind == Kind::Thin {
-                if let Some(pool) = rows.iter().find(|r| r.lv_name == b.pool) {
+            let pool = rows.iter().find(|r| r.lv_name == b.pool);
+            if let (Kind::Thin, Some(pool)) = (b.kind, pool) {
+                {
                     details.insert("thin_pool".into(), json!(b.pool));
                     details.insert("pool_size_bytes".into(), json!(pool.size()?));
                     details.insert(

@@ -155,10 +155,11 @@ impl Backend {
         drop(dst);
         // The copy must not have pushed the chosen snapshot over its COW limit (it cannot,
         // see the module docs); if it did, say so instead of claiming success.
-        if let Some(row) = self.lv(&snap.lv_name)? {
-            if let Some(reason) = self.invalid_reason(&row) {
-                return Err(Error::backend("revert", reason));
-            }
+        if let Some(reason) = self
+            .lv(&snap.lv_name)?
+            .and_then(|r| self.invalid_reason(&r))
+        {
+            return Err(Error::backend("revert", reason));
         }
         tracing::info!(volume = %v.id, snapshot = %snap.lv_name, written, "thick revert done");
         Ok(())

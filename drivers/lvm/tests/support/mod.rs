@@ -91,7 +91,7 @@ impl TestVg {
         let loopdev = run(&["losetup", "-f", "--show", file.to_str().unwrap()])
             .trim()
             .to_string();
-        run(&["pvcreate", "-q", &loopdev]);
+        // vgcreate initialises the PV itself.
         run(&["vgcreate", "-q", &vg, &loopdev]);
         if thin {
             let pool_size = format!("{}m", size_mib * 3 / 4);
@@ -187,7 +187,6 @@ impl Drop for TestVg {
                 .run();
         };
         quiet(&["vgremove", "-q", "-f", &self.vg]);
-        quiet(&["pvremove", "-q", "-f", &self.loopdev]);
         quiet(&["losetup", "-d", &self.loopdev]);
         let _ = std::fs::remove_file(&self.file);
     }
@@ -264,7 +263,7 @@ impl Image {
     /// Writes the pattern of `seed` over `len` bytes at `offset` (multiples of 64 KiB) to the
     /// device with pwrite, fsyncs, and records it in the model.
     pub fn write(&mut self, dev: &Path, offset: u64, len: usize, seed: u64) {
-        assert!(offset % PBLOCK == 0 && len as u64 % PBLOCK == 0);
+        assert!(offset.is_multiple_of(PBLOCK) && (len as u64).is_multiple_of(PBLOCK));
         let f = OpenOptions::new().write(true).open(dev).unwrap();
         let w = (offset, len as u64, seed);
         let mut buf = vec![0u8; MIB as usize];
