@@ -78,13 +78,22 @@ fn clone_file(b: &Backend, src: &Path, dst: &Path, progress: &ProgressHandle) ->
             f
         }
         Mode::RawFullCopy => {
-            progress.set_total(file_len(src)?);
-            sys::sparse_copy(src, dst, &|n| progress.advance(n)).map_err(|e| {
+            let len = file_len(src)?;
+            progress.set_total(len);
+            let copied = std::cell::Cell::new(0u64);
+            let f = sys::sparse_copy(src, dst, &|n| {
+                copied.set(copied.get() + n);
+                progress.advance(n)
+            })
+            .map_err(|e| {
                 Error::backend(
                     "sparse copy",
                     format!("{} -> {}: {e}", src.display(), dst.display()),
                 )
-            })?
+            })?;
+            // Holes cost nothing but are part of the work: count them as done.
+            progress.advance(len.saturating_sub(copied.get()));
+            f
         }
         Mode::Qcow2 => {
             return Err(Error::backend(

@@ -10,6 +10,24 @@ use kiln_driver_file::{MAX_CHAIN_DEPTH, Mode};
 
 const SIZE: u64 = 32 * MIB;
 
+/// A progress sink that remembers what it was told.
+#[derive(Default)]
+struct Recorder {
+    total: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl kiln_core::Progress for Recorder {
+    fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, SeqCst);
+    }
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, SeqCst);
+    }
+}
+
+use std::sync::atomic::Ordering::SeqCst;
+
 /// Runs each scenario against raw (XFS) and qcow2 backends, as two tests.
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
@@ -119,12 +137,15 @@ async fn clone_holds_snapshot_data(env: Env) {
         v: common::volume(SIZE),
         img: at_snap.clone(),
     };
+    let progress = std::sync::Arc::new(Recorder::default());
     let up = d
-        .create_volume_from_snapshot(&same.v, &s, no_progress())
+        .create_volume_from_snapshot(&same.v, &s, progress.clone())
         .await
         .unwrap();
     assert!(up.provider_location.is_some());
     same.check(&env).await;
+    let (total, done) = (progress.total.load(SeqCst), progress.done.load(SeqCst));
+    assert_eq!((total, done), (SIZE, SIZE), "progress must end complete");
     // Larger: the tail reads as zeros.
     let mut big = Vol {
         v: common::volume(SIZE + 8 * MIB),

@@ -488,13 +488,14 @@ pub(crate) fn create_volume_from_snapshot(
     let src_file = src.path(&entry.file);
     let out = build_volume(b, v, |dir, base| {
         let dst = dir.join(base);
-        qemu::convert(dir, &src_file, "qcow2", &dst)?;
+        qemu::convert_with_progress(dir, &src_file, "qcow2", &dst, entry.size_bytes, &|n| {
+            progress.advance(n)
+        })?;
         if v.size_bytes > entry.size_bytes {
             qemu::resize(dir, &dst, v.size_bytes)?;
         }
         Ok(())
     })?;
-    progress.advance(entry.size_bytes);
     Ok(out)
 }
 

@@ -99,6 +99,91 @@ pub(crate) fn convert(cwd: &Path, src: &Path, fmt: &str, dst: &Path) -> Result<(
     .map(drop)
 }
 
+/// [`convert`] with `-p`: qemu-img's percentage (`(12.34/100%)` lines on stdout) is turned
+/// into `advance(bytes)` calls against `total` bytes, so long clones show progress.
+pub(crate) fn convert_with_progress(
+    cwd: &Path,
+    src: &Path,
+    fmt: &str,
+    dst: &Path,
+    total: u64,
+    advance: &dyn Fn(u64),
+) -> Result<()> {
+    use std::io::Read;
+    let op = "qemu-img convert";
+    let args = argv!["convert", "-p", "-U", "-f", "qcow2", "-O", fmt, src, dst];
+    let start = Instant::now();
+    let handle = duct::cmd("qemu-img", &args)
+        .dir(cwd)
+        .stdin_null()
+        .stderr_capture()
+        .unchecked()
+        .reader()
+        .map_err(|e| Error::backend(op, format!("cannot run qemu-img: {e}")))?;
+    let mut reported = 0u64;
+    let mut report = |line: &[u8]| {
+        if let Some(pct) = parse_percent(line) {
+            let now = ((total as f64) * pct / 100.0) as u64;
+            let now = now.min(total);
+            if now > reported {
+                advance(now - reported);
+                reported = now;
+            }
+        }
+    };
+    let mut buf = [0u8; 512];
+    let mut line = Vec::new();
+    loop {
+        let n = (&handle)
+            .read(&mut buf)
+            .map_err(|e| Error::backend(op, format!("reading progress: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            if b == b'\r' || b == b'\n' {
+                report(&line);
+                line.clear();
+            } else {
+                line.push(b);
+            }
+        }
+    }
+    report(&line);
+    let out = handle
+        .try_wait()
+        .map_err(|e| Error::backend(op, e.to_string()))?
+        .ok_or_else(|| Error::backend(op, "qemu-img did not exit after closing its output"))?;
+    let elapsed_ms = start.elapsed().as_millis() as u64;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        tracing::warn!(op, ?args, elapsed_ms, %msg, "qemu-img failed");
+        return Err(Error::backend(
+            op,
+            if msg.is_empty() {
+                format!("exited with {}", out.status)
+            } else {
+                msg
+            },
+        ));
+    }
+    tracing::debug!(op, ?args, elapsed_ms, "qemu-img done");
+    if total > reported {
+        advance(total - reported);
+    }
+    Ok(())
+}
+
+/// `    (12.34/100%)` -> 12.34.
+fn parse_percent(line: &[u8]) -> Option<f64> {
+    let text = std::str::from_utf8(line).ok()?.trim();
+    let inner = text.strip_prefix('(')?.strip_suffix("/100%)")?;
+    inner
+        .parse::<f64>()
+        .ok()
+        .filter(|p| (0.0..=100.0).contains(p))
+}
+
 /// `qemu-img resize -f qcow2 <file> <size>` (grow only).
 pub(crate) fn resize(cwd: &Path, file: &Path, size: u64) -> Result<()> {
     run(
@@ -151,4 +236,18 @@ pub(crate) fn version(cwd: &Path) -> Result<String> {
         .next()
         .unwrap_or_default()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_percent;
+
+    #[test]
+    fn progress_lines() {
+        assert_eq!(parse_percent(b"    (12.50/100%)"), Some(12.5));
+        assert_eq!(parse_percent(b"(100.00/100%)"), Some(100.0));
+        assert_eq!(parse_percent(b""), None);
+        assert_eq!(parse_percent(b"qemu-img: error"), None);
+        assert_eq!(parse_percent(b"(250.00/100%)"), None);
+    }
 }
