@@ -12,7 +12,7 @@ pub struct RbdConfig {
     /// RADOS pool holding the images. Default `rbd`.
     #[serde(default = "default_pool")]
     pub pool: String,
-    /// Path of the cluster's ceph.conf. Default `/etc/ceph/ceph.conf`.
+    /// Path of the cluster's ceph.conf. Default: `$CEPH_CONF` if set, else `/etc/ceph/ceph.conf`.
     #[serde(default = "default_ceph_conf")]
     pub ceph_conf: PathBuf,
     /// Ceph client id without the `client.` prefix. Default `admin`.
@@ -38,8 +38,12 @@ pub struct RbdConfig {
 fn default_pool() -> String {
     "rbd".into()
 }
+/// `$CEPH_CONF` when set (as librados and the ceph CLI do), else `/etc/ceph/ceph.conf`.
 fn default_ceph_conf() -> PathBuf {
-    PathBuf::from("/etc/ceph/ceph.conf")
+    std::env::var_os("CEPH_CONF")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/ceph/ceph.conf"))
 }
 fn default_client_name() -> String {
     "admin".into()
@@ -130,7 +134,12 @@ mod tests {
         let c: RbdConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(c, RbdConfig::default());
         assert_eq!(c.pool, "rbd");
-        assert_eq!(c.ceph_conf, PathBuf::from("/etc/ceph/ceph.conf"));
+        // The suite runs with CEPH_CONF set; the default follows it like librados does.
+        let expected = match std::env::var_os("CEPH_CONF").filter(|v| !v.is_empty()) {
+            Some(v) => PathBuf::from(v),
+            None => PathBuf::from("/etc/ceph/ceph.conf"),
+        };
+        assert_eq!(c.ceph_conf, expected);
         assert_eq!(c.client_name, "admin");
         assert_eq!(c.connect_timeout_secs, 10);
         assert_eq!(c.max_clone_depth, 5);
