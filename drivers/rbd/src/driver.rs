@@ -95,7 +95,8 @@ impl RbdDriver {
             let elapsed_ms = t.elapsed().as_secs_f64() * 1e3;
             match &res {
                 Ok(_) => tracing::debug!(elapsed_ms, "done"),
-                Err(e) => tracing::warn!(elapsed_ms, error = %e, "failed"),
+                // The caller reports the error: at info, so the CLI keeps its one-line stderr.
+                Err(e) => tracing::info!(elapsed_ms, error = %e, "failed"),
             }
             res
         }
@@ -220,7 +221,7 @@ fn busy_with_children(image: &str, snap: &str, children: &[image::ChildSpec]) ->
     let names: Vec<String> = children.iter().map(describe_child).collect();
     Error::Busy {
         reason: format!(
-            "snapshot {image}@{snap} has dependent clones: {}; flatten them first (kiln volume flatten) or delete them",
+            "snapshot {image}@{snap} has dependent clones: {}; flatten them first (kiln snapshot delete --flatten-dependents) or delete them",
             if names.is_empty() {
                 "(a clone is being created)".to_string()
             } else {
