@@ -339,15 +339,18 @@ async fn force_under_writes(thin: bool) {
 
     // Writer: alternate B and A passes with dd until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(AtomicBool::new(false));
     let passes: Arc<std::sync::Mutex<Vec<(Instant, Instant)>>> = Arc::default();
     let writer = {
-        let (stop, passes, dev) = (stop.clone(), passes.clone(), dev.clone());
+        let (stop, running, passes, dev) =
+            (stop.clone(), running.clone(), passes.clone(), dev.clone());
         let (fa, fb) = (fa.clone(), fb.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let src = if n.is_multiple_of(2) { &fb } else { &fa };
                 let started = Instant::now();
+                running.store(true, Ordering::SeqCst);
                 run(&[
                     "dd",
                     &format!("if={src}"),
@@ -363,7 +366,11 @@ async fn force_under_writes(thin: bool) {
             n
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Snapshot once the writer is well into its first pass (however loaded the machine is).
+    while !running.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let s = snapshot(&v);
     let t0 = Instant::now();
     d.create_snapshot_force(&s, &v, &attachment())
@@ -421,10 +428,17 @@ async fn force_under_writes(thin: bool) {
         read_range(&dev, 0, REGION as usize) == *last,
         "volume after the writer finished"
     );
+    let rel = |t: Instant| t.saturating_duration_since(passes[0].0).as_millis();
     eprintln!(
-        "forced snapshot ({}) during pass {} of {n}: switch at block {:?}",
+        "forced snapshot ({}): lvcreate {}..{} ms, passes {:?} ms; first block {:?}, switch at {:?}",
         if thin { "thin" } else { "thick" },
-        passes.iter().position(|p| p.1 > t0).unwrap_or(0),
+        rel(t0),
+        rel(t1),
+        passes
+            .iter()
+            .map(|p| (rel(p.0), rel(p.1)))
+            .collect::<Vec<_>>(),
+        labels[0],
         labels.windows(2).position(|w| w[0] != w[1])
     );
     let _ = std::fs::remove_file(&fa);
