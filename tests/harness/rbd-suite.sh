@@ -5,9 +5,24 @@
 #   1. tests/harness/ceph-start.sh in a fresh temp dir (mon + mgr + memstore osd, loopback),
 #   2. CEPH_CONF=<dir>/ceph.conf cargo test -p kiln-driver-rbd [args] (CARGO_TARGET_DIR is
 #      honoured if set),
-#   3. ALWAYS stops the cluster and removes the dir (trap), even on failure or Ctrl-C.
-# Exits with the tests' exit code (or the start script's, if the cluster never came up).
+#   3. then, on the same cluster (also when step 2 failed, so one run reports both), the
+#      end-to-end tests of the real binary: cargo test -p kiln --features rbd --test cli_rbd,
+#   4. ALWAYS stops the cluster and removes the dir (trap), even on failure or Ctrl-C.
+# RBD_SUITE_PARTS selects the runs: "driver cli" (default), "driver" or "cli". Extra
+# arguments go to the driver run (e.g. `--test rbd_online`), or to the CLI run when it is
+# the only one (e.g. `RBD_SUITE_PARTS=cli tests/harness/rbd-suite.sh rbd_lifecycle`).
+# Exits 0 only if every run passed, else with the first failing run's exit code (or 1 if
+# the cluster never came up).
 set -uo pipefail
+
+PARTS=${RBD_SUITE_PARTS:-driver cli}
+case " $PARTS " in
+    *" driver "*|*" cli "*) ;;
+    *) echo "rbd-suite: RBD_SUITE_PARTS=$PARTS: use \"driver cli\", \"driver\" or \"cli\"" >&2; exit 2 ;;
+esac
+for p in $PARTS; do
+    case "$p" in driver|cli) ;; *) echo "rbd-suite: unknown part $p in RBD_SUITE_PARTS" >&2; exit 2 ;; esac
+done
 
 HERE=$(dirname "$(realpath "$0")")
 ROOT=$(realpath "$HERE/../..")
@@ -37,7 +52,23 @@ esac
 echo "rbd-suite: cluster up in $(( $(date +%s) - T0 ))s, CEPH_CONF=$CEPH_CONF" >&2
 
 cd "$ROOT" || exit 1
-cargo test -p kiln-driver-rbd "$@"
-rc=$?
-echo "rbd-suite: tests exited $rc after $(( $(date +%s) - T0 ))s; stopping the cluster" >&2
+rc=0
+record() {  # record NAME RC: keep the first failure's code
+    echo "rbd-suite: $1 tests exited $2 after $(( $(date +%s) - T0 ))s" >&2
+    [ "$rc" -eq 0 ] && rc=$2
+}
+case " $PARTS " in
+    *" driver "*)
+        cargo test -p kiln-driver-rbd "$@"
+        record driver $?
+        case " $PARTS " in
+            *" cli "*) cargo test -p kiln --features rbd --test cli_rbd; record CLI $? ;;
+        esac
+        ;;
+    *)
+        cargo test -p kiln --features rbd --test cli_rbd "$@"
+        record CLI $?
+        ;;
+esac
+echo "rbd-suite: stopping the cluster" >&2
 exit $rc
