@@ -10,7 +10,8 @@
 //! on the cluster. Every external command is an argv vector, never a shell string.
 //!
 //! The tests share one pool, and several compare the whole pool listing before and after an
-//! operation, so they run one at a time (`serial`).
+//! operation, so they run one at a time (`serial`) and nothing else may use the pool while
+//! they run (rbd-suite.sh gives them a cluster of their own).
 #![cfg(feature = "rbd")]
 
 use std::io::Read;
