@@ -92,7 +92,6 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> (Output, Duration) {
         std::thread::sleep(Duration::from_millis(10));
     };
     let elapsed = t0.elapsed();
-    if elapsed > Duration::from_millis(0) {}
     let output = Output {
         status,
         stdout: t_out.join().unwrap(),
