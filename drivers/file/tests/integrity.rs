@@ -421,8 +421,10 @@ async fn qcow2_interrupted_operations_complete_on_rerun() {
     assert!(!stray.exists(), "stray layer not removed");
     assert!(!vdir.join(".chain.json.tmp").exists());
 
-    // 2. A delete of s1 interrupted after it rebased the child onto nothing but before the
-    //    record was updated: re-running the delete must finish it with the data intact.
+    // 2. A rebase-path delete of s1 (its intent carries no `commit_child`: recorded by a
+    //    kiln from before the commit path) interrupted after it rebased the child onto
+    //    nothing but before the record was updated: re-running the delete must finish it
+    //    on the rebase path with the data intact.
     let s1_file = chain["snapshots"][s1.id.to_string()]["file"]
         .as_str()
         .unwrap()
@@ -435,13 +437,20 @@ async fn qcow2_interrupted_operations_complete_on_rerun() {
         chain["files"][&s2_file]["backing"].as_str(),
         Some(s1_file.as_str())
     );
+    let mut pending: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vdir.join("chain.json")).unwrap()).unwrap();
+    pending["snapshots"][s1.id.to_string()]["deleting"] = serde_json::json!(true);
+    std::fs::write(
+        vdir.join("chain.json"),
+        serde_json::to_vec(&pending).unwrap(),
+    )
+    .unwrap();
     duct::cmd!(
         "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", &s2_file
     )
     .dir(&vdir)
     .run()
     .unwrap();
-    check_snapshot(d, &s2, &d2).await;
     d.delete_snapshot(&s1).await.unwrap();
     assert!(!vdir.join(&s1_file).exists());
     check_snapshot(d, &s2, &d2).await;

@@ -44,6 +44,14 @@ pub(crate) struct SnapshotEntry {
     /// else reads the children's backing from the record.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,
+    /// Set together with `deleting` when the delete merges by commit: the snapshot's file
+    /// has exactly this one child, which is committed into the snapshot's file (`qemu-img
+    /// commit`), and the snapshot's file is then renamed over the child. Recorded before
+    /// anything is written, so a re-run after a crash takes the same path: once the commit
+    /// may have started, the snapshot's own image is no longer intact and the delete can
+    /// only be rolled forward. `None` with `deleting` set: the rebase path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_child: Option<String>,
 }
 
 /// The record. Invariant: `files` holds exactly the active file and one file per snapshot;
@@ -138,6 +146,18 @@ impl Chain {
         for (id, s) in &self.snapshots {
             if !self.files.contains_key(&s.file) {
                 return Err(format!("snapshot {id} names unknown file {}", s.file));
+            }
+            if let Some(c) = &s.commit_child {
+                let child_of_file = self
+                    .files
+                    .get(c)
+                    .is_some_and(|l| l.backing.as_deref() == Some(s.file.as_str()));
+                if !s.deleting || !child_of_file {
+                    return Err(format!(
+                        "snapshot {id}: commit_child {c} is not a pending delete's child of {}",
+                        s.file
+                    ));
+                }
             }
         }
         for name in self.files.keys() {

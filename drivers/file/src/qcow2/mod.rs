@@ -1,8 +1,9 @@
 //! qcow2 mode: each volume is a directory `volume-<uuid>/` holding a tree of qcow2 files and
 //! the record `chain.json` (see [`chain`]). A snapshot freezes the active file and the volume
 //! continues in a new overlay backed by it; a revert starts a new overlay on the snapshot's
-//! frozen file; deleting a snapshot rebases its children onto its parent in qemu-img's safe
-//! mode (never `qemu-img commit`, which would change a file other snapshots still read).
+//! frozen file; deleting a snapshot whose file has one child commits that child into the
+//! snapshot's file and renames the result over the child (O(data in the child)), otherwise it
+//! rebases the children onto its parent in qemu-img's safe mode (O(virtual size)).
 //!
 //! Every operation holds an exclusive flock on the volume directory, builds new files first,
 //! commits by replacing `chain.json`, and only then removes files the new record no longer
@@ -107,9 +108,9 @@ impl Locked {
     }
 
     /// Records that the delete of snapshot `id` stopped after rebasing `rebased` onto
-    /// `parent`: those now hang off the parent, the snapshot stays, the intent is cleared.
-    /// If this commit fails the intent stays set (in memory as on disk), so the next
-    /// operation retries the delete.
+    /// `parent` (or, on the commit path, before writing anything): those now hang off the
+    /// parent, the snapshot stays, the intent is cleared. If this commit fails the intent
+    /// stays set (in memory as on disk), so the next operation retries the delete.
     fn abandon_delete(
         &mut self,
         id: &str,
@@ -121,12 +122,15 @@ impl Locked {
                 layer.backing = parent.cloned();
             }
         }
+        let mut commit_child = None;
         if let Some(e) = self.chain.snapshots.get_mut(id) {
             e.deleting = false;
+            commit_child = e.commit_child.take();
         }
         let committed = self.commit();
         if let (Err(_), Some(e)) = (&committed, self.chain.snapshots.get_mut(id)) {
             e.deleting = true;
+            e.commit_child = commit_child;
         }
         committed
     }
@@ -156,33 +160,119 @@ impl Locked {
         Ok(())
     }
 
-    /// Removes snapshot `id` and merges its file away: each child file is rebased (safe
-    /// mode) onto the snapshot file's parent, or made standalone when there is none; then the
-    /// record drops the snapshot and the file is removed.
+    /// Removes snapshot `id` and merges its file `F` away. The intent (`deleting`, and which
+    /// path it takes) is committed first, so a delete a crash interrupted is finished the
+    /// same way by whichever operation locks the volume next, before anything else trusts
+    /// the record.
     ///
-    /// The intent (`deleting`) is committed first. A safe rebase copies the differing
-    /// clusters into the child before it switches the backing pointer, so a crash during the
-    /// rebases leaves every child showing the same data as before; whichever operation locks
-    /// the volume next sees the intent and re-runs the rebases (a no-op for children already
-    /// switched) and the commit.
+    /// - `F` has exactly one child `C` (the usual case: the newest snapshot, whose child is
+    ///   the active file, or any snapshot with one later layer): [`Self::delete_by_commit`],
+    ///   O(data allocated in `C`).
+    /// - `F` has several children (branches after reverts) or none:
+    ///   [`Self::delete_by_rebase`], O(virtual size) per child.
     fn delete_snapshot(&mut self, id: &str) -> Result<()> {
-        let Some(entry) = self.chain.snapshots.get_mut(id) else {
+        let Some(entry) = self.chain.snapshots.get(id) else {
             return Ok(());
         };
         let file = entry.file.clone();
-        let intent_recorded = std::mem::replace(&mut entry.deleting, true);
-        if !intent_recorded {
+        let fresh = !entry.deleting;
+        if fresh {
+            let commit_child = match self.chain.children(&file).as_slice() {
+                [only] => Some(only.clone()),
+                _ => None,
+            };
+            if let Some(e) = self.chain.snapshots.get_mut(id) {
+                e.deleting = true;
+                e.commit_child = commit_child;
+            }
             self.commit()?;
         }
-        let parent = self.chain.files.get(&file).and_then(|x| x.backing.clone());
-        let children = self.chain.children(&file);
+        let commit_child = self
+            .chain
+            .snapshots
+            .get(id)
+            .and_then(|e| e.commit_child.clone());
+        match commit_child {
+            Some(child) => self.delete_by_commit(id, &file, &child, fresh),
+            None => self.delete_by_rebase(id, &file),
+        }
+    }
+
+    /// The single-child merge: `qemu-img commit` writes the clusters the child `C` allocates
+    /// into the snapshot's file `F`, so `F` (still backed by `F`'s parent) then shows exactly
+    /// what `C` shows; `F` is fsync'ed and renamed over `C`, and the record drops the
+    /// snapshot and `F` and backs `C` by `F`'s parent. `C` keeps its name, so the active
+    /// file, the snapshot that froze `C` and the headers of `C`'s children (which name `C`)
+    /// stay as they are.
+    ///
+    /// Crash points, each finished by a re-run (the intent names this path):
+    /// - during or after the commit, before the rename: `C` is unchanged and still shows the
+    ///   same data (its own clusters hide whatever the commit wrote into `F` under them), only
+    ///   the snapshot's own image is gone, so the delete rolls forward: the commit runs
+    ///   again (idempotent), then the rename.
+    /// - after the rename, before the record: `F` no longer exists and `C`'s header is backed
+    ///   by `F`'s parent, which this checks, then commits the record.
+    ///
+    /// `fresh` says this call recorded the intent itself, so no earlier attempt can have
+    /// written into `F`: only then may a commit that qemu-img refused for an image lock (a
+    /// hypervisor holds the chain open; nothing was written) be abandoned, leaving the
+    /// snapshot in place as the rebase path does. Any other failure keeps the intent, and
+    /// the volume's operations report it until the delete can be finished.
+    fn delete_by_commit(&mut self, id: &str, file: &str, child: &str, fresh: bool) -> Result<()> {
+        let parent = self.chain.files.get(file).and_then(|l| l.backing.clone());
+        let file_path = self.path(file);
+        if sys::exists(&file_path)? {
+            if let Err(e) = qemu::commit(&self.dir, child, file) {
+                if fresh && qemu::is_lock_refusal(&e) {
+                    self.abandon_delete(id, &[], parent.as_ref())?;
+                }
+                return Err(e);
+            }
+            fsync_file(&file_path)?;
+            sys::durable_rename(&file_path, &self.path(child))?;
+        } else {
+            let backing = qemu::backing_of(&self.dir, child)?;
+            if backing != parent {
+                return Err(Error::backend(
+                    "delete snapshot",
+                    format!(
+                        "{} is missing but {} is backed by {:?}, not by {:?}: the chain of \
+                         volume {} is inconsistent",
+                        file_path.display(),
+                        self.path(child).display(),
+                        backing,
+                        parent,
+                        self.chain.volume_id
+                    ),
+                ));
+            }
+        }
+        if let Some(layer) = self.chain.files.get_mut(child) {
+            layer.backing = parent;
+        }
+        self.chain.files.remove(file);
+        self.chain.snapshots.remove(id);
+        self.commit()
+    }
+
+    /// The general merge: each child file of the snapshot's file `F` is rebased (safe mode)
+    /// onto `F`'s parent, or made standalone when there is none; then the record drops the
+    /// snapshot and `F` is removed.
+    ///
+    /// A safe rebase copies the differing clusters into the child before it switches the
+    /// backing pointer, so a crash during the rebases leaves every child showing the same
+    /// data as before; a re-run repeats the rebases (a no-op for children already switched)
+    /// and the commit. A failed rebase (typically qemu's image lock: a hypervisor holds the
+    /// child) abandons the delete with the record kept true.
+    fn delete_by_rebase(&mut self, id: &str, file: &str) -> Result<()> {
+        let parent = self.chain.files.get(file).and_then(|x| x.backing.clone());
+        let children = self.chain.children(file);
         for (n, child) in children.iter().enumerate() {
             let rebased = qemu::rebase(&self.dir, child, parent.as_deref())
                 .and_then(|()| fsync_file(&self.path(child)));
             if let Err(e) = rebased {
-                // Typically a hypervisor holds the child (the active file) open. Give up
-                // the delete but keep the record true: the children already rebased now
-                // hang off the parent (showing the same data), the snapshot stays.
+                // Give up the delete but keep the record true: the children already rebased
+                // now hang off the parent (showing the same data), the snapshot stays.
                 self.abandon_delete(id, &children[..n], parent.as_ref())?;
                 return Err(e);
             }
@@ -195,11 +285,11 @@ impl Locked {
         self.chain.snapshots.remove(id);
         let drop_file = file != self.chain.active;
         if drop_file {
-            self.chain.files.remove(&file);
+            self.chain.files.remove(file);
         }
         self.commit()?;
         if drop_file {
-            sys::remove_if_exists(&self.path(&file))?;
+            sys::remove_if_exists(&self.path(file))?;
             sys::fsync_dir(&self.dir)?;
         }
         Ok(())
@@ -408,6 +498,7 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
             file: frozen.clone(),
             size_bytes: l.chain.size_bytes,
             deleting: false,
+            commit_child: None,
         },
     );
     l.chain.active = overlay;

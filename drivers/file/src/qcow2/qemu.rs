@@ -83,6 +83,52 @@ pub(crate) fn rebase(cwd: &Path, file: &str, new_backing: Option<&str>) -> Resul
     run("qemu-img rebase", cwd, args).map(drop)
 }
 
+/// `qemu-img commit -q -f qcow2 -d -b <base> <file>` in `cwd`: every cluster `file` allocates
+/// (data and zero clusters) is written into its backing file `base`, so `base` then shows
+/// exactly what `file` shows. `file` itself is left unchanged (`-d`), and what `file` shows
+/// never changes either (its own clusters hide whatever `base` holds under them), so an
+/// interrupted commit can simply be run again. Naming `base` explicitly makes qemu-img refuse
+/// when `file`'s header is not backed by it. Costs O(data allocated in `file`).
+///
+/// qemu-img takes its image locks (write on both files) when it opens them, before it
+/// writes anything; see [`is_lock_refusal`].
+pub(crate) fn commit(cwd: &Path, file: &str, base: &str) -> Result<()> {
+    run(
+        "qemu-img commit",
+        cwd,
+        argv!["commit", "-q", "-f", "qcow2", "-d", "-b", base, file],
+    )
+    .map(drop)
+}
+
+/// Whether `e` is qemu-img refusing to open an image because another process (a
+/// hypervisor) holds a conflicting image lock. qemu acquires those locks while opening,
+/// before any I/O, so a command failing this way wrote nothing.
+pub(crate) fn is_lock_refusal(e: &Error) -> bool {
+    matches!(e, Error::Backend { message, .. }
+        if message.contains("Failed to get") && message.contains("lock"))
+}
+
+#[derive(Deserialize)]
+struct Info {
+    #[serde(rename = "backing-filename")]
+    backing_filename: Option<String>,
+}
+
+/// The backing file name recorded in the header of `file` (`None` for a standalone image),
+/// from `qemu-img info -U --output=json`. Reads only the header (the backing file need not
+/// exist); `-U` so a hypervisor holding the file does not make this fail.
+pub(crate) fn backing_of(cwd: &Path, file: &str) -> Result<Option<String>> {
+    let out = run(
+        "qemu-img info",
+        cwd,
+        argv!["info", "-U", "--output=json", "-f", "qcow2", file],
+    )?;
+    let info: Info = serde_json::from_slice(&out)
+        .map_err(|e| Error::backend("qemu-img info", format!("unexpected output: {e}")))?;
+    Ok(info.backing_filename)
+}
+
 /// `qemu-img convert -U -f qcow2 -O <fmt> <src> <dst>`: the whole chain under `src` flattened
 /// into one independent image (sparse: zero clusters are not written).
 ///
