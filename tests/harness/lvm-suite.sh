@@ -3,7 +3,7 @@
 # inside a user-mode-Linux guest with real device-mapper (tests/harness/uml-run.sh), one guest
 # boot per binary, tests one at a time. Exits non-zero if any binary failed.
 #
-# Usage: tests/harness/lvm-suite.sh [TEST-FILTER] [-- extra libtest args]
+# Usage: tests/harness/lvm-suite.sh [LIBTEST ARGS...]   e.g. `thin_` or `--nocapture`
 # Honours CARGO_TARGET_DIR. Extra runner options via KILN_UML_ARGS (e.g. "--mem 3G").
 set -euo pipefail
 

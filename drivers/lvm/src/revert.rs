@@ -97,15 +97,7 @@ impl Backend {
             self.remove(&new)?;
         }
         // 2. The revert proper.
-        let snap_spec = self.spec(&snap.lv_name);
-        self.runner.lvm(
-            "lvcreate --snapshot",
-            &[
-                "lvcreate", "-q", "-s", "-kn", "-p", "rw", "-n", &new, &snap_spec,
-            ],
-            crate::command::Retry::Never,
-        )?;
-        self.finish_thin_volume(&new, v.size_bytes)?;
+        self.thin_snapshot_as_volume(snap, &new, v.size_bytes)?;
         self.rename(&vol, &old)?;
         self.rename(&new, &vol)?;
         self.remove(&old)?;

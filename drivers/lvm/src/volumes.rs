@@ -157,17 +157,12 @@ impl Backend {
         let name = names::volume(&v.id);
         match self.kind {
             Kind::Thin => {
-                if !rows.iter().any(|r| r.lv_name == name) {
-                    let origin = self.spec(&snap);
-                    self.runner.lvm(
-                        "lvcreate --snapshot",
-                        &[
-                            "lvcreate", "-q", "-s", "-kn", "-p", "rw", "-n", &name, &origin,
-                        ],
-                        Retry::Never,
-                    )?;
+                if rows.iter().any(|r| r.lv_name == name) {
+                    // A re-run: whatever step was interrupted, bring the LV into shape.
+                    self.finish_thin_volume(&name, v.size_bytes)?;
+                } else {
+                    self.thin_snapshot_as_volume(&row, &name, v.size_bytes)?;
                 }
-                self.finish_thin_volume(&name, v.size_bytes)?;
             }
             Kind::Thick => {
                 if rows.iter().any(|r| r.lv_name == name) {
@@ -192,6 +187,28 @@ impl Backend {
             }
         }
         Ok(self.provider(&name))
+    }
+
+    /// Creates `name` as a writable, normally activating thin snapshot of `snap` (`-kn`:
+    /// lvcreate then activates it), grown to `bytes` when that is larger than the snapshot.
+    pub(crate) fn thin_snapshot_as_volume(
+        &self,
+        snap: &crate::report::LvRow,
+        name: &str,
+        bytes: u64,
+    ) -> Result<()> {
+        let origin = self.spec(&snap.lv_name);
+        self.runner.lvm(
+            "lvcreate --snapshot",
+            &[
+                "lvcreate", "-q", "-s", "-kn", "-p", "rw", "-n", name, &origin,
+            ],
+            Retry::Never,
+        )?;
+        if snap.size()? < bytes {
+            self.extend_to(name, bytes)?;
+        }
+        Ok(())
     }
 
     /// Makes a thin LV made by snapshotting behave like a volume: activation-skip off (also

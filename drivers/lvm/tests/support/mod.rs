@@ -29,23 +29,13 @@ pub fn require_guest() {
     );
 }
 
-thread_local! {
-    static T0: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
-}
+static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
-/// Prints the time since the first call on this thread (test timing under UML).
+/// Prints the time since the first call in this process (visible with `--nocapture`), so
+/// slow steps under UML can be found.
 pub fn step(what: &str) {
-    T0.with(|t| {
-        let t0 = match t.get() {
-            Some(t0) => t0,
-            None => {
-                let now = std::time::Instant::now();
-                t.set(Some(now));
-                now
-            }
-        };
-        eprintln!("[{:7.2}s] {what}", t0.elapsed().as_secs_f64());
-    });
+    let t0 = T0.get_or_init(std::time::Instant::now);
+    eprintln!("[{:7.2}s] {what}", t0.elapsed().as_secs_f64());
 }
 
 /// Runs a command, panicking with its output when it fails; returns stdout.
@@ -82,6 +72,7 @@ impl TestVg {
     /// A VG of `size_mib`; with `thin`, a thin pool `kiln-pool` using most of it.
     pub fn new(tag: &str, thin: bool, size_mib: u64) -> TestVg {
         require_guest();
+        step(&format!("{tag}: setting up"));
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let vg = format!("kt-{tag}-{}-{n}", std::process::id());
         let file = PathBuf::from(format!("/tmp/{vg}.img"));
@@ -108,6 +99,7 @@ impl TestVg {
                 &vg,
             ]);
         }
+        step(&format!("{vg}: ready"));
         TestVg {
             vg,
             thin,
@@ -178,6 +170,7 @@ impl TestVg {
 
 impl Drop for TestVg {
     fn drop(&mut self) {
+        step(&format!("{}: test body done", self.vg));
         let quiet = |argv: &[&str]| {
             let _ = duct::cmd(argv[0], &argv[1..])
                 .env("LVM_SUPPRESS_FD_WARNINGS", "1")
@@ -189,6 +182,7 @@ impl Drop for TestVg {
         quiet(&["vgremove", "-q", "-f", &self.vg]);
         quiet(&["losetup", "-d", &self.loopdev]);
         let _ = std::fs::remove_file(&self.file);
+        step(&format!("{}: removed", self.vg));
     }
 }
 
