@@ -10,7 +10,6 @@ use kiln_core::service::Backend;
 use kiln_core::store::SqliteStore;
 use kiln_core::{Error, ErrorKind, Result, Service, VolumeDriver};
 
-use crate::unavailable::Unavailable;
 use serde::Deserialize;
 
 /// The parsed configuration file (see `etc/kiln.toml`).
@@ -125,7 +124,10 @@ async fn build_driver(name: &str, mut table: toml::Table, data_dir: &Path) -> Re
             )));
         }
     };
-    Ok(Backend { kind, driver })
+    Ok(Backend {
+        kind,
+        driver: Ok(driver),
+    })
 }
 
 /// The embedded default: one file backend named `default` in `<data-dir>/volumes`.
@@ -174,7 +176,7 @@ pub async fn open_service(config: Config, data_dir: &Path) -> Result<Service> {
                 tracing::info!(backend = %name, error = %e, "backend unavailable");
                 Backend {
                     kind,
-                    driver: Arc::new(Unavailable(e.to_string())),
+                    driver: Err(e.to_string()),
                 }
             }
         };

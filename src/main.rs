@@ -5,7 +5,6 @@ mod config;
 mod demo;
 mod export;
 mod output;
-mod unavailable;
 
 use std::path::PathBuf;
 use std::sync::Arc;

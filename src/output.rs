@@ -210,6 +210,10 @@ pub fn backends_table(rows: &[BackendRow]) -> String {
         .collect::<Vec<_>>()
         .join(" ");
         let capacity = match (&r.stats, &r.stats_error) {
+            _ if r.info.unavailable.is_some() => format!(
+                "unavailable: {}",
+                r.info.unavailable.clone().unwrap_or_default()
+            ),
             (Some(s), _) => match (s.free_bytes, s.total_bytes) {
                 (Some(f), Some(tot)) => format!("{} free of {}", human(f), human(tot)),
                 _ => "unknown".into(),

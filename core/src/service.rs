@@ -80,6 +80,8 @@ pub struct BackendInfo {
     pub driver: String,
     /// Whether it is the default backend for new volumes.
     pub default: bool,
+    /// Why the backend could not be opened, when it could not.
+    pub unavailable: Option<String>,
     /// What it can do.
     pub capabilities: Capabilities,
 }
@@ -88,8 +90,10 @@ pub struct BackendInfo {
 pub struct Backend {
     /// Driver kind, for display ("file", "lvm", "rbd").
     pub kind: String,
-    /// The driver.
-    pub driver: Arc<dyn VolumeDriver>,
+    /// The driver, or why it could not be opened (cluster down, volume group missing).
+    /// An unavailable backend is listed, and every operation on it is refused before the
+    /// store is touched, so nothing is left half-made on it.
+    pub driver: std::result::Result<Arc<dyn VolumeDriver>, String>,
 }
 
 /// The service. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -174,13 +178,16 @@ impl Service {
     }
 
     fn driver(&self, backend: &str) -> Result<&Arc<dyn VolumeDriver>> {
-        self.backends
-            .get(backend)
-            .map(|b| &b.driver)
-            .ok_or_else(|| Error::NotFound {
-                what: "backend",
-                id: backend.to_string(),
-            })
+        let b = self.backends.get(backend).ok_or_else(|| Error::NotFound {
+            what: "backend",
+            id: backend.to_string(),
+        })?;
+        b.driver.as_ref().map_err(|reason| {
+            Error::backend(
+                "open backend",
+                format!("backend {backend} is unavailable: {reason}"),
+            )
+        })
     }
 
     /// The configured backends with their capabilities.
@@ -191,7 +198,12 @@ impl Service {
                 name: name.clone(),
                 driver: b.kind.clone(),
                 default: *name == self.default_backend,
-                capabilities: b.driver.capabilities(),
+                capabilities: b
+                    .driver
+                    .as_ref()
+                    .map(|d| d.capabilities())
+                    .unwrap_or_default(),
+                unavailable: b.driver.as_ref().err().cloned(),
             })
             .collect()
     }
@@ -250,7 +262,11 @@ impl Service {
         if s.status != SnapshotStatus::Available {
             return Ok(s);
         }
-        match self.driver(&s.backend)?.snapshot_health(&s).await {
+        // An unavailable backend cannot say anything about its snapshots: keep the record.
+        let Ok(driver) = self.driver(&s.backend) else {
+            return Ok(s);
+        };
+        match driver.snapshot_health(&s).await {
             Ok(None) => Ok(s),
             Ok(Some(reason)) => {
                 warn!(snapshot = %s.id, %reason, "backend reports the snapshot unusable; marking it error");

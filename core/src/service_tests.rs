@@ -23,7 +23,14 @@ fn fixture() -> Fixture {
         "mem".to_string(),
         Backend {
             kind: "fake".into(),
-            driver: fake.clone() as Arc<dyn VolumeDriver>,
+            driver: Ok(fake.clone() as Arc<dyn VolumeDriver>),
+        },
+    );
+    backends.insert(
+        "down".to_string(),
+        Backend {
+            kind: "fake".into(),
+            driver: Err("cluster unreachable".into()),
         },
     );
     let svc = Service::new(
@@ -585,4 +592,33 @@ async fn a_snapshot_the_backend_reports_broken_is_marked_error_and_not_used() {
     assert_eq!(clone.unwrap_err().kind(), ErrorKind::WrongState);
     // It can still be deleted.
     f.svc.delete_snapshot(s.id, false).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unavailable_backend_is_listed_and_refuses_before_the_store_changes() {
+    let f = fixture();
+    let down = f
+        .svc
+        .backends()
+        .into_iter()
+        .find(|b| b.name == "down")
+        .unwrap();
+    assert_eq!(down.unavailable.as_deref(), Some("cluster unreachable"));
+    let e = f
+        .svc
+        .create_volume(CreateVolume {
+            size_bytes: Some(1 << 20),
+            backend: Some("down".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Backend);
+    assert!(
+        e.to_string().contains("unavailable: cluster unreachable"),
+        "{e}"
+    );
+    assert!(f.svc.volumes().unwrap().is_empty());
+    assert!(f.store.operations().unwrap().is_empty());
+    assert!(f.svc.backend_stats("down").await.is_err());
 }
