@@ -1,0 +1,854 @@
+//! End-to-end tests of the `kiln` binary on real LVM (thin and thick backends).
+//!
+//! The host kernel has no device-mapper, so this test binary must run as root INSIDE the
+//! user-mode-Linux guest that `tests/harness/uml-run.sh` boots: `tests/harness/lvm-suite.sh`
+//! builds it on the host and runs it there (one guest boot for the whole file). Anywhere else
+//! every test FAILS with instructions.
+//!
+//! Each test makes a volume group of its own on a loop device over a sparse file in the
+//! guest's /tmp, with a thin pool, and a kiln config with two backends on it: `thin`
+//! (`type = "thin"`) and `thick` (`type = "thick"`, `thick_snapshot_percent = 100`). Data
+//! reaches the volumes by `pwrite` on the LV's device node (named from `provider_location`),
+//! and `lvs` checks what kiln did to the VG. Every external command is an argv vector.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use kiln_testkit::pattern;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+/// Volume size: small, because thick snapshots reserve COW space of the origin's size and a
+/// guest process can keep only about 250 MiB resident under UML (docs/lvm-backend.md), while
+/// the lifecycle test keeps several whole expected images.
+const SIZE: u64 = 16 * MIB;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The tests of this file one at a time (they run commands on the same loop devices and
+/// time-sensitive LVM metadata); a failed test does not poison the others.
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Panics unless we run as root inside the UML guest with device-mapper: a test that
+/// silently skipped would prove nothing.
+fn require_guest() {
+    let in_guest = std::env::var("KILN_UML_GUEST").as_deref() == Ok("1");
+    let dm = Path::new("/dev/mapper/control").exists();
+    assert!(
+        in_guest && dm,
+        "the kiln LVM CLI tests must run inside the user-mode-Linux guest with device-mapper \
+         (KILN_UML_GUEST={:?}, /dev/mapper/control exists: {dm}); run \
+         tests/harness/lvm-suite.sh, or set \
+         CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/tests/harness/uml-run.sh and run \
+         `cargo test -p kiln --test cli_lvm -- --test-threads=1`",
+        std::env::var("KILN_UML_GUEST").ok()
+    );
+}
+
+/// Runs a system command (argv), panicking with its output when it fails; returns stdout.
+fn sys(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .env("LC_ALL", "C")
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A kiln data dir and config over a private VG (loop device on the guest's /tmp) with a
+/// thin pool; the VG and loop device are removed on drop.
+struct Kiln {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    vg: String,
+    loopdev: String,
+}
+
+impl Kiln {
+    fn new() -> Kiln {
+        require_guest();
+        let dir = tempfile::tempdir().unwrap();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let vg = format!("kc-{}-{n}", std::process::id());
+        let img = dir.path().join("pv.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(1024 * MIB).unwrap();
+        drop(f);
+        let loopdev = sys(&["losetup", "-f", "--show", img.to_str().unwrap()])
+            .trim()
+            .to_string();
+        sys(&["vgcreate", "-q", &vg, &loopdev]);
+        sys(&[
+            "lvcreate",
+            "-q",
+            "--type",
+            "thin-pool",
+            "-Zy",
+            "-L",
+            "256m",
+            "-n",
+            "pool",
+            &vg,
+        ]);
+        let config = dir.path().join("kiln.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "default_backend = \"thin\"\n\n\
+                 [backends.thin]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thin\"\n\
+                 thin_pool = \"pool\"\ncommand_timeout_secs = 60\n\n\
+                 [backends.thick]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thick\"\n\
+                 thick_snapshot_percent = 100\ncommand_timeout_secs = 60\n"
+            ),
+        )
+        .unwrap();
+        Kiln {
+            dir,
+            config,
+            vg,
+            loopdev,
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("FAILPOINTS")
+            .env_remove("KILN_DATA_DIR")
+            .env_remove("KILN_CONFIG")
+            .env_remove("KILN_LOG")
+            .stdin(Stdio::null());
+        let t = std::time::Instant::now();
+        let out = c
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run kiln {args:?}: {e}"));
+        // Visible with --nocapture: where the time goes under UML.
+        eprintln!(
+            "[{:6.2}s] kiln {args:?} -> {:?}",
+            t.elapsed().as_secs_f64(),
+            out.status.code()
+        );
+        out
+    }
+
+    /// Runs with `--format json`, asserts success, parses stdout.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--format", "json"];
+        a.extend_from_slice(args);
+        let out = self.run(&a);
+        assert!(
+            out.status.success(),
+            "kiln {args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "kiln {args:?}: bad JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs, asserts the exit code, no stdout and one `kiln: error: ` line; returns it.
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "kiln {args:?}: stderr {stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "kiln {args:?}: expected one stderr line, got {stderr:?}"
+        );
+        assert!(
+            lines[0].starts_with("kiln: error: "),
+            "kiln {args:?}: {stderr:?}"
+        );
+        assert!(out.stdout.is_empty(), "kiln {args:?}: output on failure");
+        stderr
+    }
+
+    /// Everything an operation could change: both store listings and every LV of the VG.
+    fn state(&self) -> (Value, Value, Vec<String>) {
+        (
+            self.json(&["volume", "list"]),
+            self.json(&["snapshot", "list"]),
+            self.lv_state(),
+        )
+    }
+
+    /// `name attr size origin` of every LV (hidden ones too), sorted. The open flag (6th attr
+    /// character) of the thin pool and its hidden LVs is masked: LVM opens the pool's device
+    /// when the first thin LV appears and keeps it open after the last one is gone.
+    fn lv_state(&self) -> Vec<String> {
+        let out = sys(&[
+            "lvs",
+            "-a",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "lv_name,lv_attr,lv_size,origin",
+            &self.vg,
+        ]);
+        let mut v: Vec<String> = out
+            .lines()
+            .map(|l| {
+                let mut f: Vec<String> = l.split_whitespace().map(String::from).collect();
+                if f.len() > 1 && (f[0] == "pool" || f[0].starts_with('[')) {
+                    f[1].replace_range(5..6, "-");
+                }
+                f.join(" ")
+            })
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `lvs` row of one LV as (attr, size in bytes, origin), or None when it does not exist.
+    fn lv(&self, name: &str) -> Option<(String, u64, String)> {
+        self.lv_state().iter().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[0] == name).then(|| {
+                (
+                    f[1].to_string(),
+                    f[2].parse().unwrap(),
+                    f.get(3).unwrap_or(&"").to_string(),
+                )
+            })
+        })
+    }
+
+    /// Names of the LVs kiln made (volumes and snapshots), sorted.
+    fn kiln_lvs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lv_state()
+            .iter()
+            .map(|l| l.split(' ').next().unwrap().to_string())
+            .filter(|n| n.starts_with("volume-") || n.starts_with("_snapshot-"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The device node of a volume from its `provider_location` (`vg/lv`), as libdm names it.
+    fn dev(&self, v: &Value) -> PathBuf {
+        let loc = s(v, "provider_location");
+        let (vg, lv) = loc.split_once('/').unwrap();
+        assert_eq!(vg, self.vg, "provider_location {loc}");
+        PathBuf::from(format!(
+            "/dev/mapper/{}-{}",
+            vg.replace('-', "--"),
+            lv.replace('-', "--")
+        ))
+    }
+
+    /// `kiln snapshot export ID --output FILE`: the file's bytes and the JSON summary.
+    fn export(&self, sid: &str) -> (Vec<u8>, Value) {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let f = self.path(&format!("export-{n}.raw"));
+        let e = self.json(&["snapshot", "export", sid, "--output", f.to_str().unwrap()]);
+        assert_eq!(e["snapshot_id"], sid);
+        let data = std::fs::read(&f).unwrap();
+        std::fs::remove_file(&f).unwrap();
+        (data, e)
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        for argv in [
+            vec!["vgremove", "-q", "-f", self.vg.as_str()],
+            vec!["losetup", "-d", self.loopdev.as_str()],
+        ] {
+            let _ = Command::new(argv[0])
+                .args(&argv[1..])
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .stdin(Stdio::null())
+                .output();
+        }
+    }
+}
+
+/// An image as the test expects it: zeros with chunks written in order.
+#[derive(Clone)]
+struct Image(Vec<u8>);
+
+impl Image {
+    fn zeros(size: u64) -> Image {
+        Image(vec![0; size as usize])
+    }
+
+    /// Writes a pattern chunk both to the device (pwrite + fsync) and to this image.
+    fn write(&mut self, dev: &Path, off: u64, len: usize, seed: u64) {
+        let data = pattern(seed, len);
+        let f = OpenOptions::new().write(true).open(dev).unwrap();
+        f.write_all_at(&data, off).unwrap();
+        f.sync_all().unwrap();
+        self.0[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+
+    fn resized(&self, size: u64) -> Image {
+        let mut v = self.0.clone();
+        v.resize(size as usize, 0);
+        Image(v)
+    }
+
+    fn sha256(&self) -> String {
+        hex::encode(Sha256::digest(&self.0))
+    }
+}
+
+/// Reads a whole block device.
+fn read_dev(dev: &Path) -> Vec<u8> {
+    std::fs::read(dev).unwrap_or_else(|e| panic!("read {}: {e}", dev.display()))
+}
+
+/// Byte comparison that names the first difference instead of dumping megabytes.
+fn assert_same(got: &[u8], want: &Image, what: &str) {
+    assert_eq!(got.len(), want.0.len(), "{what}: length differs");
+    if got == want.0.as_slice() {
+        return;
+    }
+    let i = got.iter().zip(&want.0).position(|(a, b)| a != b).unwrap();
+    panic!(
+        "{what}: first difference at byte {i} (MiB {}): got {:#04x}, want {:#04x}",
+        i as u64 / MIB,
+        got[i],
+        want.0[i]
+    );
+}
+
+fn s(v: &Value, key: &str) -> String {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+        .to_string()
+}
+
+/// `v` without `updated_at`: a refused operation may pass its object through a transient
+/// status and back (the store stamps that) but must leave everything else alone.
+fn without_updated_at(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "updated_at")
+                .map(|(k, v)| (k.clone(), without_updated_at(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_updated_at).collect()),
+        other => other.clone(),
+    }
+}
+
+fn backend_row(rows: &Value, name: &str) -> Value {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no backend {name} in {rows}"))
+        .clone()
+}
+
+#[test]
+fn backend_list_shows_both_lvm_backends_with_capabilities_and_vg_stats() {
+    let _g = serial();
+    let k = Kiln::new();
+    let rows = k.json(&["backend", "list"]);
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{rows}");
+    for (name, thin) in [("thin", true), ("thick", false)] {
+        let b = backend_row(&rows, name);
+        assert_eq!(b["driver"], "lvm", "{b}");
+        assert_eq!(b["default"], name == "thin", "{b}");
+        let c = &b["capabilities"];
+        assert_eq!(c["thin"], thin, "{b}");
+        assert_eq!(c["clone_cow"], thin, "{b}");
+        for cap in ["online_snapshot", "revert_any", "clone"] {
+            assert_eq!(c[cap], true, "capability {cap}: {b}");
+        }
+        assert!(
+            s(c, "snapshot_method").contains("lvcreate --snapshot"),
+            "{b}"
+        );
+        assert!(b["stats_error"].is_null(), "{b}");
+        let st = &b["stats"];
+        let total = st["total_bytes"].as_u64().unwrap();
+        let free = st["free_bytes"].as_u64().unwrap();
+        // A 1 GiB PV less LVM's metadata area; the pool (and its metadata) is allocated.
+        assert!(total > 1000 * MIB && total <= 1024 * MIB, "{b}");
+        assert!(free > 0 && free < total - 256 * MIB, "{b}");
+        assert_eq!(st["details"]["volume_group"], k.vg.as_str(), "{b}");
+        assert_eq!(st["details"]["type"], name, "{b}");
+        assert_eq!(st["details"]["invalid_snapshots"], json!([]), "{b}");
+        if thin {
+            assert_eq!(st["details"]["thin_pool"], "pool", "{b}");
+            assert_eq!(st["details"]["pool_size_bytes"], 256 * MIB, "{b}");
+        }
+    }
+    let table = k.run(&["backend", "list"]);
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("thin") && table.contains("thick") && table.contains("lvm"),
+        "{table}"
+    );
+}
+
+/// Every volume and snapshot command on backend `b` ("thin" or "thick"), checked against the
+/// store, the bytes on the LV devices and `lvs`.
+fn lifecycle(b: &str) {
+    let _g = serial();
+    let k = Kiln::new();
+    let thin = b == "thin";
+
+    // A volume is an LV named from its UUID only; the label never reaches LVM.
+    let v = k.json(&[
+        "volume",
+        "create",
+        "--size",
+        "16M",
+        "--backend",
+        b,
+        "--name",
+        "db disk",
+    ]);
+    assert_eq!(v["status"], "available");
+    assert_eq!(v["size_bytes"], SIZE);
+    assert_eq!(v["backend"], b);
+    let vid = s(&v, "id");
+    let vlv = format!("volume-{vid}");
+    assert_eq!(s(&v, "provider_location"), format!("{}/{vlv}", k.vg));
+    let (attr, size, _) = k.lv(&vlv).expect("volume LV missing");
+    assert_eq!(size, SIZE);
+    assert_eq!(attr.starts_with('V'), thin, "lv_attr {attr}");
+    assert_eq!(k.kiln_lvs(), vec![vlv.clone()]);
+    assert_eq!(k.json(&["volume", "show", &vid]), v);
+    let list = k.json(&["volume", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], vid.as_str());
+    let dev = k.dev(&v);
+    assert_same(&read_dev(&dev), &Image::zeros(SIZE), "new volume");
+
+    // Three generations, a snapshot after each, then the head moves on.
+    let mut img = Image::zeros(SIZE);
+    img.write(&dev, 0, MIB as usize, 1);
+    img.write(&dev, 10 * MIB + 4096, 3 * MIB as usize / 2, 2);
+    let gen1 = img.clone();
+    let s1 = k.json(&["snapshot", "create", &vid, "--name", "gen1"]);
+    assert_eq!(s1["volume_id"], vid.as_str());
+    assert_eq!(s1["status"], "available");
+    assert_eq!(s1["forced"], false);
+    assert_eq!(s1["backend"], b);
+    let s1id = s(&s1, "id");
+    assert_eq!(
+        s(&s1, "provider_location"),
+        format!("{}/_snapshot-{s1id}", k.vg)
+    );
+    assert_eq!(k.json(&["snapshot", "show", &s1id]), s1);
+    let (_, _, origin) = k.lv(&format!("_snapshot-{s1id}")).expect("snapshot LV");
+    assert_eq!(origin, vlv);
+    img.write(&dev, MIB / 2, MIB as usize, 3);
+    let gen2 = img.clone();
+    let s2id = s(
+        &k.json(&["snapshot", "create", &vid, "--name", "gen2"]),
+        "id",
+    );
+    img.write(&dev, 6 * MIB, 2 * MIB as usize, 4);
+    let gen3 = img.clone();
+    let s3id = s(
+        &k.json(&["snapshot", "create", &vid, "--name", "gen3"]),
+        "id",
+    );
+    img.write(&dev, 0, 4 * MIB as usize, 5);
+    let gen4 = img.clone();
+    assert_same(&read_dev(&dev), &gen4, "head after gen4 writes");
+    let mut want_lvs = vec![
+        vlv.clone(),
+        format!("_snapshot-{s1id}"),
+        format!("_snapshot-{s2id}"),
+        format!("_snapshot-{s3id}"),
+    ];
+    want_lvs.sort();
+    assert_eq!(k.kiln_lvs(), want_lvs);
+    let snaps = k.json(&["snapshot", "list", "--volume", &vid]);
+    assert_eq!(snaps.as_array().unwrap().len(), 3, "{snaps}");
+
+    // Export: exact bytes; the printed sha256 is the image's.
+    for (sid, want) in [(&s1id, &gen1), (&s2id, &gen2), (&s3id, &gen3)] {
+        let (data, e) = k.export(sid);
+        assert_same(&data, want, &format!("export of {sid}"));
+        assert_eq!(s(&e, "sha256"), want.sha256(), "{e}");
+        assert_eq!(e["size_bytes"], SIZE, "{e}");
+    }
+    // To stdout: the image on stdout, the summary with the same sha256 on stderr.
+    let o = k.run(&["snapshot", "export", &s2id, "--output", "-"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&o.stdout, &gen2, "export of gen2 to stdout");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&gen2.sha256()));
+
+    // Clone gen2 into a larger volume; read it back; writes to it touch nothing else.
+    let c = k.json(&[
+        "volume",
+        "create",
+        "--snapshot",
+        &s2id,
+        "--size",
+        "24M",
+        "--name",
+        "clone",
+    ]);
+    assert_eq!(c["source_snapshot_id"], s2id.as_str());
+    assert_eq!(c["size_bytes"], 24 * MIB);
+    assert_eq!(c["backend"], b);
+    assert_eq!(c["status"], "available");
+    let cid = s(&c, "id");
+    let clv = format!("volume-{cid}");
+    let (_, csize, _) = k.lv(&clv).expect("clone LV missing");
+    assert_eq!(csize, 24 * MIB);
+    let cdev = k.dev(&c);
+    let mut cimg = gen2.resized(24 * MIB);
+    assert_same(&read_dev(&cdev), &cimg, "clone of gen2");
+    cimg.write(&cdev, 20 * MIB, MIB as usize, 6);
+    cimg.write(&cdev, MIB, MIB as usize, 7);
+    assert_same(&read_dev(&cdev), &cimg, "clone after writes");
+    assert_same(&k.export(&s2id).0, &gen2, "gen2 after writing the clone");
+    assert_same(&read_dev(&dev), &gen4, "origin after writing the clone");
+
+    // Revert to the OLDEST of three: the head is gen1, all three snapshots intact.
+    let r = k.json(&["snapshot", "revert", &s1id]);
+    assert_eq!(r["id"], vid.as_str());
+    assert_eq!(r["status"], "available");
+    assert_same(&read_dev(&dev), &gen1, "head after revert to gen1");
+    let mut with_clone = want_lvs.clone();
+    with_clone.push(clv.clone());
+    with_clone.sort();
+    assert_eq!(k.kiln_lvs(), with_clone, "LVs after revert");
+    for (sid, want) in [(&s1id, &gen1), (&s2id, &gen2), (&s3id, &gen3)] {
+        assert_same(&k.export(sid).0, want, &format!("{sid} after revert"));
+    }
+    assert_eq!(
+        k.json(&["snapshot", "list", "--volume", &vid])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_same(&read_dev(&cdev), &cimg, "clone after revert");
+
+    // Lineage: volume -> gen1, gen2 (-> clone), gen3.
+    let t = k.json(&["snapshot", "tree", &vid]);
+    assert_eq!(t["volume"]["id"], vid.as_str(), "{t}");
+    let tsnaps = t["snapshots"].as_array().unwrap();
+    assert_eq!(tsnaps.len(), 3, "{t}");
+    let node = |sid: &str| {
+        tsnaps
+            .iter()
+            .find(|n| n["snapshot"]["id"] == sid)
+            .unwrap_or_else(|| panic!("{sid} not in tree {t}"))
+    };
+    assert_eq!(node(&s1id)["clones"], json!([]));
+    assert_eq!(node(&s2id)["clones"][0]["volume"]["id"], cid.as_str());
+    assert_eq!(node(&s3id)["clones"], json!([]));
+    let text = k.run(&["snapshot", "tree", &vid]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("gen2") && text.contains(&cid), "{text}");
+
+    // Attached: a plain snapshot is refused and changes nothing; --force works.
+    let a = k.json(&[
+        "volume",
+        "attach",
+        &vid,
+        "--instance",
+        "3f1c2a0e-8a4b-4c5d-9e6f-7a8b9c0d1e2f",
+        "--device",
+        "/dev/vdb",
+    ]);
+    assert_eq!(a["status"], "in-use");
+    assert_eq!(a["attachments"][0]["device"], "/dev/vdb");
+    let before = k.state();
+    let msg = k.fails(&["snapshot", "create", &vid], 5);
+    assert!(msg.contains("in-use") && msg.contains("--force"), "{msg}");
+    assert_eq!(before, k.state(), "a refused snapshot changed something");
+    let f = k.json(&["snapshot", "create", &vid, "--force", "--name", "online"]);
+    assert_eq!(f["forced"], true);
+    assert_eq!(f["status"], "available");
+    let fid = s(&f, "id");
+    assert!(k.lv(&format!("_snapshot-{fid}")).is_some());
+    assert_same(&k.export(&fid).0, &gen1, "forced snapshot");
+    let d = k.json(&["volume", "detach", &vid]);
+    assert_eq!(d["status"], "available");
+    assert_eq!(d["attachments"], json!([]));
+
+    // Delete with snapshots: refused (the service checks its store), nothing changes.
+    let before = k.state();
+    let msg = k.fails(&["volume", "delete", &vid], 5);
+    assert!(msg.contains("snapshot"), "{msg}");
+    let after = k.state();
+    assert_eq!(before.0, after.0, "volumes changed");
+    assert_eq!(
+        without_updated_at(&before.1),
+        without_updated_at(&after.1),
+        "snapshots changed"
+    );
+    assert_eq!(before.2, after.2, "the VG changed");
+
+    // Single snapshot delete; then --cascade removes the rest and the volume.
+    let del = k.json(&["snapshot", "delete", &s3id]);
+    assert_eq!(del["deleted"], true, "{del}");
+    k.fails(&["snapshot", "show", &s3id], 3);
+    assert!(k.lv(&format!("_snapshot-{s3id}")).is_none());
+    assert_same(&k.export(&s1id).0, &gen1, "gen1 after deleting gen3");
+    let del = k.json(&["volume", "delete", &vid, "--cascade"]);
+    assert_eq!(del["deleted"], true, "{del}");
+    k.fails(&["volume", "show", &vid], 3);
+    for sid in [&s1id, &s2id, &fid] {
+        k.fails(&["snapshot", "show", sid], 3);
+    }
+    // The clone is independent of its (deleted) snapshot and keeps its data.
+    assert_eq!(k.kiln_lvs(), vec![clv.clone()]);
+    assert_same(&read_dev(&cdev), &cimg, "clone after its origin is gone");
+    k.json(&["volume", "delete", &cid]);
+    assert_eq!(
+        (k.json(&["volume", "list"]), k.json(&["snapshot", "list"])),
+        (json!([]), json!([]))
+    );
+    assert_eq!(k.kiln_lvs(), Vec::<String>::new());
+}
+
+#[test]
+fn thin_every_command_through_the_cli() {
+    lifecycle("thin");
+}
+
+#[test]
+fn thick_every_command_through_the_cli() {
+    lifecycle("thick");
+}
+
+#[test]
+fn bad_input_and_wrong_states_change_neither_store_nor_vg() {
+    let _g = serial();
+    let k = Kiln::new();
+    let unknown = "6a1d2e3f-4b5c-4d6e-8f70-8192a3b4c5d6";
+    let never = k.path("never.raw");
+    let never = never.to_str().unwrap().to_string();
+    // Per backend: an available volume with data and a snapshot, and an attached one.
+    let mut objs = Vec::new();
+    for b in ["thin", "thick"] {
+        let v = k.json(&["volume", "create", "--size", "16M", "--backend", b]);
+        let mut img = Image::zeros(SIZE);
+        img.write(&k.dev(&v), 4 * MIB, 2 * MIB as usize, 11);
+        let vid = s(&v, "id");
+        let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
+        let w = k.json(&["volume", "create", "--size", "16M", "--backend", b]);
+        let wid = s(&w, "id");
+        let wsid = s(&k.json(&["snapshot", "create", &wid]), "id");
+        k.json(&[
+            "volume",
+            "attach",
+            &wid,
+            "--instance",
+            "0b6f7c0e-1111-4222-8333-944455556666",
+            "--device",
+            "/dev/vdc",
+        ]);
+        objs.push((b, v, img, vid, sid, wid, wsid));
+    }
+    let before = k.state();
+
+    let mut cases: Vec<(Vec<String>, i32)> = [
+        (vec!["volume", "show", unknown], 3),
+        (vec!["volume", "delete", unknown], 3),
+        (vec!["volume", "delete", unknown, "--cascade"], 3),
+        (vec!["volume", "detach", unknown], 3),
+        (
+            vec![
+                "volume",
+                "attach",
+                unknown,
+                "--instance",
+                unknown,
+                "--device",
+                "/dev/vdd",
+            ],
+            3,
+        ),
+        (vec!["volume", "create", "--snapshot", unknown], 3),
+        (
+            vec!["volume", "create", "--size", "8M", "--backend", "nope"],
+            3,
+        ),
+        (vec!["snapshot", "create", unknown], 3),
+        (vec!["snapshot", "create", unknown, "--force"], 3),
+        (vec!["snapshot", "show", unknown], 3),
+        (vec!["snapshot", "delete", unknown], 3),
+        (vec!["snapshot", "revert", unknown], 3),
+        (vec!["snapshot", "tree", unknown], 3),
+        (vec!["snapshot", "list", "--volume", unknown], 3),
+        (vec!["snapshot", "export", unknown, "--output", &never], 3),
+        (vec!["volume", "create", "--size", "0"], 4),
+        (vec!["volume", "create", "--size", "1.5G"], 4),
+        (vec!["volume", "show", "not-a-uuid"], 4),
+        (
+            vec!["volume", "create", "--size", "8M", "--name", "$(reboot)"],
+            4,
+        ),
+    ]
+    .into_iter()
+    .map(|(a, c)| (a.into_iter().map(String::from).collect(), c))
+    .collect();
+    let owned = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    for (b, _, _, vid, _, wid, _) in &objs {
+        cases.extend([
+            (owned(&["volume", "delete", wid]), 5),
+            (owned(&["volume", "detach", vid]), 5),
+            (
+                owned(&[
+                    "volume",
+                    "create",
+                    "--size",
+                    "8M",
+                    "--backend",
+                    b,
+                    "--name",
+                    "../../x",
+                ]),
+                4,
+            ),
+        ]);
+    }
+    // Unknown ids, malformed input and these state checks are refused before any backend
+    // call; one state check after all of them (any change would persist to it) keeps this
+    // test short under UML, where every kiln run costs seconds (each opens both backends).
+    for (args, code) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        k.fails(&args, *code);
+    }
+    let after = k.state();
+    assert_eq!(
+        before, after,
+        "a not-found or invalid-input case changed something"
+    );
+    // The refusals the brief singles out, on real objects of both backends: checked one by one.
+    let mut cases: Vec<(Vec<String>, i32)> = Vec::new();
+    for (_, _, _, vid, sid, wid, wsid) in &objs {
+        cases.extend([
+            // plain snapshot of an in-use volume; revert of an in-use volume
+            (owned(&["snapshot", "create", wid]), 5),
+            (owned(&["snapshot", "revert", wsid]), 5),
+            // delete of a volume with snapshots (thick: the driver would say busy; the
+            // service refuses first); --cascade of an in-use volume
+            (owned(&["volume", "delete", vid]), 5),
+            (owned(&["volume", "delete", wid, "--cascade"]), 5),
+            // a clone smaller than its snapshot
+            (
+                owned(&["volume", "create", "--snapshot", sid, "--size", "8M"]),
+                4,
+            ),
+        ]);
+    }
+    for (args, code) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        k.fails(&args, *code);
+        let after = k.state();
+        assert_eq!(before.0, after.0, "kiln {args:?} changed the volumes");
+        assert_eq!(
+            without_updated_at(&before.1),
+            without_updated_at(&after.1),
+            "kiln {args:?} changed the snapshots"
+        );
+        assert_eq!(before.2, after.2, "kiln {args:?} changed the VG");
+    }
+    assert!(!Path::new(&never).exists());
+    for (b, v, img, vid, sid, wid, _) in &objs {
+        assert_same(
+            &read_dev(&k.dev(v)),
+            img,
+            &format!("{b} head after refusals"),
+        );
+        assert_same(
+            &k.export(sid).0,
+            img,
+            &format!("{b} snapshot after refusals"),
+        );
+        k.json(&["volume", "detach", wid]);
+        k.json(&["volume", "delete", wid, "--cascade"]);
+        k.json(&["volume", "delete", vid, "--cascade"]);
+    }
+    assert_eq!(k.kiln_lvs(), Vec::<String>::new());
+}
+
+#[test]
+fn bench_snapshot_reports_kiln_and_the_lvcreate_primitive_and_cleans_up() {
+    let _g = serial();
+    let k = Kiln::new();
+    for b in ["thin", "thick"] {
+        let before = k.state();
+        let r = k.json(&[
+            "bench",
+            "snapshot",
+            "--backend",
+            b,
+            "--size",
+            "16M",
+            "--iterations",
+            "2",
+        ]);
+        for key in [
+            "create_ms",
+            "delete_ms",
+            "primitive_ms",
+            "primitive_delete_ms",
+        ] {
+            for p in ["median", "p90", "p99"] {
+                assert!(r[key][p].as_f64().unwrap() > 0.0, "{key}.{p} in {r}");
+            }
+        }
+        assert!(
+            s(&r, "primitive").contains("lvcreate --snapshot"),
+            "primitive: {r}"
+        );
+        assert_eq!(r["backend"], b, "{r}");
+        assert_eq!(r["size_bytes"], SIZE, "{r}");
+        assert_eq!(r["iterations"], 2, "{r}");
+        assert!(r["create_ratio"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(before, k.state(), "the {b} bench left something behind");
+    }
+}
