@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use kiln_core::service::Backend;
 use kiln_core::store::SqliteStore;
-use kiln_core::{Error, ErrorKind, Result, Service, VolumeDriver};
+use kiln_core::{Error, Result, Service, VolumeDriver};
 
 use serde::Deserialize;
 
@@ -84,7 +84,10 @@ async fn build_driver(name: &str, mut table: toml::Table, data_dir: &Path) -> Re
         }
     };
     let parse_err = |e: toml::de::Error| Error::Config(format!("backend {name}: {}", e.message()));
-    let driver: Arc<dyn VolumeDriver> = match kind.as_str() {
+    // Parse errors are the user's to fix now (fatal); a backend that parses but cannot be
+    // opened (cluster down, VG missing, no reflink) is listed as unavailable and must not
+    // take the other backends down with it.
+    let driver = match kind.as_str() {
         "file" => {
             // A relative path means "inside the data directory", so one config works for
             // several data directories (tests, per-user runs).
@@ -99,35 +102,43 @@ async fn build_driver(name: &str, mut table: toml::Table, data_dir: &Path) -> Re
             }
             let cfg: kiln_driver_file::FileConfig =
                 toml::Value::Table(table).try_into().map_err(parse_err)?;
-            Arc::new(kiln_driver_file::FileDriver::open(name, cfg).await?)
+            opened(name, kiln_driver_file::FileDriver::open(name, cfg).await)
         }
         "lvm" => {
             let cfg: kiln_driver_lvm::LvmConfig =
                 toml::Value::Table(table).try_into().map_err(parse_err)?;
-            Arc::new(kiln_driver_lvm::LvmDriver::open(name, cfg).await?)
+            opened(name, kiln_driver_lvm::LvmDriver::open(name, cfg).await)
         }
         #[cfg(feature = "rbd")]
         "rbd" => {
             let cfg: kiln_driver_rbd::RbdConfig =
                 toml::Value::Table(table).try_into().map_err(parse_err)?;
-            Arc::new(kiln_driver_rbd::RbdDriver::open(name, cfg).await?)
+            opened(name, kiln_driver_rbd::RbdDriver::open(name, cfg).await)
         }
         #[cfg(not(feature = "rbd"))]
-        "rbd" => {
-            return Err(Error::Config(format!(
-                "backend {name}: this kiln was built without RBD support; rebuild with `cargo build --features rbd` (needs librbd-dev, librados-dev)"
-            )));
-        }
+        "rbd" => Err(
+            "this kiln was built without RBD support; rebuild with `cargo build --features rbd` (needs librbd-dev, librados-dev)"
+                .to_string(),
+        ),
         other => {
             return Err(Error::Config(format!(
                 "backend {name}: unknown driver {other:?} (file, lvm or rbd)"
             )));
         }
     };
-    Ok(Backend {
-        kind,
-        driver: Ok(driver),
-    })
+    Ok(Backend { kind, driver })
+}
+
+fn opened<D: VolumeDriver + 'static>(
+    name: &str,
+    r: Result<D>,
+) -> std::result::Result<Arc<dyn VolumeDriver>, String> {
+    r.map(|d| Arc::new(d) as Arc<dyn VolumeDriver>)
+        .map_err(|e| {
+            // `backend list` shows the reason; operations on it fail with it.
+            tracing::info!(backend = %name, error = %e, "backend unavailable");
+            e.to_string()
+        })
 }
 
 /// The embedded default: one file backend named `default` in `<data-dir>/volumes`.
@@ -161,25 +172,7 @@ pub async fn open_service(config: Config, data_dir: &Path) -> Result<Service> {
     let mut backends = BTreeMap::new();
     for (name, table) in tables {
         backend_name_ok(&name)?;
-        let kind = table
-            .get("driver")
-            .and_then(|d| d.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let backend = match build_driver(&name, table, data_dir).await {
-            Ok(b) => b,
-            // A mistyped config is the user's to fix now; an unreachable backend (cluster
-            // down, VG missing) must not take the other backends down with it.
-            Err(e) if e.kind() == ErrorKind::InvalidInput => return Err(e),
-            Err(e) => {
-                // `backend list` shows the reason; operations on it fail with it.
-                tracing::info!(backend = %name, error = %e, "backend unavailable");
-                Backend {
-                    kind,
-                    driver: Err(e.to_string()),
-                }
-            }
-        };
+        let backend = build_driver(&name, table, data_dir).await?;
         backends.insert(name, backend);
     }
     let store = Arc::new(SqliteStore::open(&data_dir.join("kiln.db"))?);

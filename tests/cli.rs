@@ -479,3 +479,20 @@ fn demo_runs_on_the_embedded_default_without_a_config() {
     assert!(dir.path().join("kiln.db").exists());
     assert!(dir.path().join("volumes").is_dir());
 }
+
+#[test]
+fn a_backend_that_cannot_open_is_listed_unavailable_and_changes_nothing() {
+    let k = Kiln::new();
+    let mut cfg = std::fs::read_to_string(&k.config).unwrap();
+    cfg.push_str("\n[backends.gone]\ndriver = \"lvm\"\nvolume_group = \"kiln-no-such-vg\"\n");
+    std::fs::write(&k.config, cfg).unwrap();
+    let b = k.json(&["backend", "list"]);
+    let gone = b.as_array().unwrap().iter().find(|r| r["name"] == "gone").unwrap();
+    assert!(gone["unavailable"].as_str().unwrap().contains("kiln-no-such-vg"), "{gone}");
+    let before = k.state();
+    let msg = k.fails(&["volume", "create", "--backend", "gone", "--size", "8M"], 8);
+    assert!(msg.contains("unavailable"), "{msg}");
+    assert_eq!(before, k.state());
+    // The other backends keep working.
+    k.json(&["volume", "create", "--size", "8M"]);
+}
