@@ -169,12 +169,19 @@ pub async fn open_service(config: Config, data_dir: &Path) -> Result<Service> {
             ));
         }
     };
-    let mut backends = BTreeMap::new();
-    for (name, table) in tables {
-        backend_name_ok(&name)?;
-        let backend = build_driver(&name, table, data_dir).await?;
-        backends.insert(name, backend);
+    for name in tables.keys() {
+        backend_name_ok(name)?;
     }
+    // Open every backend at once: each open may wait on a cluster or run lvm commands, and
+    // a slow or unreachable backend should not add its delay to every other one's.
+    let opening = tables.into_iter().map(|(name, table)| async move {
+        let backend = build_driver(&name, table, data_dir).await?;
+        Ok::<_, Error>((name, backend))
+    });
+    let backends = futures::future::join_all(opening)
+        .await
+        .into_iter()
+        .collect::<Result<BTreeMap<_, _>>>()?;
     let store = Arc::new(SqliteStore::open(&data_dir.join("kiln.db"))?);
     let service = Service::new(store, backends, default_backend, data_dir.join("locks"))?;
     service.recover().await?;

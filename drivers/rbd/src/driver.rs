@@ -265,10 +265,10 @@ fn delete_volume_blocking(c: &Arc<Cluster>, v: &Volume) -> Result<()> {
     }
 }
 
-/// Number of ancestors of `image@snap` (0 for a snapshot of an image that is no clone).
-fn clone_depth(c: &Arc<Cluster>, image: &str, snap: &str) -> Result<u32> {
+/// Number of ancestors of the image `cur` is open at (0 for a snapshot of an image that is
+/// no clone). Takes the already-open handle so a clone opens `parent@snap` only once.
+fn clone_depth(c: &Arc<Cluster>, mut cur: Image) -> Result<u32> {
     let mut depth = 0;
-    let mut cur = Image::open_read_only(c, image, Some(snap))?;
     while let Some(parent) = cur.parent()? {
         depth += 1;
         if depth >= MAX_PARENT_WALK {
@@ -284,6 +284,8 @@ fn clone_depth(c: &Arc<Cluster>, image: &str, snap: &str) -> Result<u32> {
             );
             return Ok(depth);
         }
+        // Close the current level before opening the next: one image handle at a time.
+        drop(cur);
         cur = Image::open_read_only(c, &parent.image_name, Some(&parent.snap_name))?;
     }
     Ok(depth)
@@ -299,11 +301,16 @@ fn create_from_snapshot_blocking(
     let parent = volume_image(&s.volume_id);
     let snap = snapshot_name(&s.id);
     let child = volume_image(&v.id);
-    let src = open_volume(c, &s.volume_id)?;
-    if !src.snap_exists(&snap)? {
-        return Err(snapshot_not_found(s));
-    }
-    let snap_size = Image::open_read_only(c, &parent, Some(&snap))?.size()?;
+    // One read-only handle on parent@snap serves the size check and the depth walk, and it
+    // is closed before the read-write open below. Rapid overlapping open/close cycles of
+    // the same image (read-write plus read-only at the snapshot, several times) made
+    // librbd 16.2 abort on a completion thread (~6 in 100 clones); see docs/rbd-backend.md.
+    let at_snap = match Image::open_read_only(c, &parent, Some(&snap)) {
+        Ok(img) => img,
+        Err(e) if e.errno == libc::ENOENT => return Err(snapshot_not_found(s)),
+        Err(e) => return Err(e.into()),
+    };
+    let snap_size = at_snap.size()?;
     if v.size_bytes < snap_size {
         return Err(Error::invalid(
             "size",
@@ -313,7 +320,8 @@ fn create_from_snapshot_blocking(
             ),
         ));
     }
-    let depth = clone_depth(c, &parent, &snap)? + 1;
+    let depth = clone_depth(c, at_snap)? + 1;
+    let src = open_volume(c, &s.volume_id)?;
     // Clone format 1 (the default while the cluster allows pre-mimic clients) refuses to
     // clone an unprotected snapshot; protecting is harmless for format 2.
     if !src.snap_is_protected(&snap)? {
