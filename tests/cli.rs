@@ -487,10 +487,24 @@ fn a_backend_that_cannot_open_is_listed_unavailable_and_changes_nothing() {
     cfg.push_str("\n[backends.gone]\ndriver = \"lvm\"\nvolume_group = \"kiln-no-such-vg\"\n");
     std::fs::write(&k.config, cfg).unwrap();
     let b = k.json(&["backend", "list"]);
-    let gone = b.as_array().unwrap().iter().find(|r| r["name"] == "gone").unwrap();
-    assert!(gone["unavailable"].as_str().unwrap().contains("kiln-no-such-vg"), "{gone}");
+    let gone = b
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "gone")
+        .unwrap();
+    assert!(
+        gone["unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("kiln-no-such-vg"),
+        "{gone}"
+    );
     let before = k.state();
-    let msg = k.fails(&["volume", "create", "--backend", "gone", "--size", "8M"], 8);
+    let msg = k.fails(
+        &["volume", "create", "--backend", "gone", "--size", "8M"],
+        8,
+    );
     assert!(msg.contains("unavailable"), "{msg}");
     assert_eq!(before, k.state());
     // The other backends keep working.
