@@ -6,7 +6,7 @@
 # Usage: tests/harness/bench-lvm.sh [OUTDIR]
 #   OUTDIR (default $CARGO_TARGET_DIR/bench-lvm or target/bench-lvm) receives one JSON report
 #   per case (thin-1G.json, thin-16G.json, thick-1G.json, thick-16G.json), kernel.txt, and
-#   summary.md (the table for docs/benchmarks-lvm.md).
+#   summary.md (the table for docs/benchmarks.md, section LVM).
 # Environment: BENCH_ITERATIONS (default 20), BENCH_CASES (default "thin:1G thin:16G thick:1G
 #   thick:16G"), KILN_UML_ARGS (default "--mem 2G --timeout 5400").
 #
