@@ -236,6 +236,20 @@ fn snapshot_status(conn: &Connection, id: SnapshotId) -> rusqlite::Result<Option
     .optional()
 }
 
+/// Whether the object exists and its status is one of `allowed` (any status when
+/// `allowed` is empty and `empty_is_any`).
+fn status_ok<'a>(
+    found: &Option<String>,
+    allowed: impl ExactSizeIterator<Item = &'a str>,
+    empty_is_any: bool,
+) -> bool {
+    let any = empty_is_any && allowed.len() == 0;
+    let mut allowed = allowed;
+    found
+        .as_deref()
+        .is_some_and(|f| any || allowed.any(|s| s == f))
+}
+
 /// Applies one step; `Ok(Some(conflict))` when its guard fails.
 fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option<Conflict>> {
     let conflict = |what: &'static str, id: String, found: Option<String>| {
@@ -287,19 +301,13 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
         }
         Step::VolumeIn { id, any_of } => {
             let found = volume_status(tx, *id)?;
-            if !found
-                .as_deref()
-                .is_some_and(|f| any_of.iter().any(|s| s.as_str() == f))
-            {
+            if !status_ok(&found, any_of.iter().map(|s| s.as_str()), false) {
                 return conflict("volume", id.to_string(), found);
             }
         }
         Step::SnapshotIn { id, any_of } => {
             let found = snapshot_status(tx, *id)?;
-            if !found
-                .as_deref()
-                .is_some_and(|f| any_of.iter().any(|s| s.as_str() == f))
-            {
+            if !status_ok(&found, any_of.iter().map(|s| s.as_str()), false) {
                 return conflict("snapshot", id.to_string(), found);
             }
         }
@@ -320,10 +328,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
             reason,
         } => {
             let found = volume_status(tx, *id)?;
-            let ok = found
-                .as_deref()
-                .is_some_and(|f| from.is_empty() || from.iter().any(|s| s.as_str() == f));
-            if !ok {
+            if !status_ok(&found, from.iter().map(|s| s.as_str()), true) {
                 return conflict("volume", id.to_string(), found);
             }
             tx.execute(
@@ -338,10 +343,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
             reason,
         } => {
             let found = snapshot_status(tx, *id)?;
-            let ok = found
-                .as_deref()
-                .is_some_and(|f| from.is_empty() || from.iter().any(|s| s.as_str() == f));
-            if !ok {
+            if !status_ok(&found, from.iter().map(|s| s.as_str()), true) {
                 return conflict("snapshot", id.to_string(), found);
             }
             tx.execute(
