@@ -17,6 +17,23 @@ macro_rules! crash_point {
     };
 }
 
+/// Aborts the process when the fail point `{op}::{moment}` is configured (feature
+/// `failpoints`; without it this does nothing). The operation executor calls it on both
+/// sides of every driver call, so crash tests can kill kiln at the two moments recovery
+/// must handle.
+pub fn crash_point(op: &str, moment: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        let name = format!("{op}::{moment}");
+        if fail::eval(&name, |_| ()).is_some() {
+            tracing::error!(point = %name, "fail point hit: aborting the process");
+            std::process::abort();
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = (op, moment);
+}
+
 /// Reads `FAILPOINTS` once at start-up; call from `main` before anything else. Returns a
 /// guard to keep alive for the life of the process.
 pub fn setup() -> fail::FailScenario<'static> {

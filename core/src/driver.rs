@@ -1,17 +1,22 @@
-//! The `VolumeDriver` trait every backend implements, and the snapshot reader it hands out.
+//! The `VolumeDriver` trait every backend implements, the snapshot reader it hands out, and
+//! the optional capabilities a driver may add.
 //!
 //! Drivers never touch the store and know nothing about instances; the service owns every
 //! status transition and calls a driver only for the backend work. Every method must be safe
 //! to call again after a crash interrupted an earlier call for the same object (recovery
-//! re-runs deletes and reverts, and probes creates with `volume_exists`/`snapshot_exists`).
+//! re-runs deletes and reverts, and probes creates with `lookup_volume`/`lookup_snapshot`).
+//!
+//! Most backends are plain blocking code (commands, ioctls, C libraries): they implement
+//! [`crate::blocking::BlockingDriver`] and run behind the one adapter
+//! [`crate::blocking::Blocking`], which turns them into a `VolumeDriver`.
 
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::progress::ProgressHandle;
 use crate::types::{
-    Attachment, BackendStats, Capabilities, Extent, PrimitiveSample, ProviderUpdate, Snapshot,
-    Volume,
+    Attachment, BackendStats, Capabilities, DeleteAction, Extent, PrimitiveSample, ProviderUpdate,
+    Snapshot, Volume,
 };
 
 /// Sequential raw reader of a snapshot's image, with the extents that hold data.
@@ -30,6 +35,40 @@ pub trait SnapshotReader: Send {
 /// Per-member result of a group snapshot.
 pub type GroupOutcome = Vec<Result<ProviderUpdate>>;
 
+/// One member of a group snapshot: the new snapshot record, its volume, and the attachment
+/// when the volume is in use (then the member is taken as a forced snapshot).
+pub type GroupMember = (Snapshot, Volume, Option<Attachment>);
+
+/// Optional diagnostic capability: time the backend's raw snapshot primitive, for
+/// `kiln bench`. Kept off [`VolumeDriver`] so the production contract carries only what
+/// operations call.
+pub trait BenchPrimitives: Send + Sync + 'static {
+    /// Times the raw primitive once on `v` (create and remove a snapshot with no kiln
+    /// bookkeeping). The first sample is "the primitive"; further samples are comparisons
+    /// (e.g. the `rbd` CLI). Nothing is left behind. Blocks: run it on a blocking thread.
+    fn bench_primitives(&self, v: &Volume) -> Result<Vec<PrimitiveSample>>;
+}
+
+/// What a consistency check of one volume's backend objects found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    /// Each inconsistency found, one line each (empty: consistent).
+    pub findings: Vec<String>,
+    /// Each repair made (only when repairs were asked for), one line each.
+    pub repaired: Vec<String>,
+    /// Whether the volume is consistent now (after any repairs).
+    pub consistent: bool,
+}
+
+/// Optional admin capability: compare what the backend records about a volume (e.g. a
+/// qcow2 chain record) with the backend objects themselves, and repair what is safe.
+pub trait VolumeCheck: Send + Sync + 'static {
+    /// Checks volume `v`; with `repair`, fixes what can be fixed without losing data and
+    /// reports the rest. Blocks: run it on a blocking thread. The caller holds the volume's
+    /// lock and has verified no operation on it is journaled.
+    fn check_volume(&self, v: &Volume, repair: bool) -> Result<CheckReport>;
+}
+
 /// A storage backend. Object-safe; the service holds it as `Arc<dyn VolumeDriver>`.
 #[async_trait]
 pub trait VolumeDriver: Send + Sync {
@@ -39,19 +78,20 @@ pub trait VolumeDriver: Send + Sync {
     /// Creates an empty volume of `v.size_bytes`, named from `v.id`.
     async fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate>;
 
-    /// Removes the volume. Succeeds if it is already gone. `Busy` if backend objects
-    /// (snapshots, clones) still depend on it.
-    async fn delete_volume(&self, v: &Volume) -> Result<()>;
+    /// Removes the volume; [`DeleteAction::AlreadyGone`] if it did not exist. `Busy` if
+    /// backend objects (snapshots, clones) still depend on it.
+    async fn delete_volume(&self, v: &Volume) -> Result<DeleteAction>;
 
-    /// Whether the volume's backend object exists (used by crash recovery).
-    async fn volume_exists(&self, v: &Volume) -> Result<bool>;
+    /// The volume's backend location if its backend object exists, `None` if not (used by
+    /// crash recovery).
+    async fn lookup_volume(&self, v: &Volume) -> Result<Option<ProviderUpdate>>;
 
     /// Snapshots a volume that nobody writes to.
     async fn create_snapshot(&self, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate>;
 
     /// Snapshots a volume that is attached and may be written to right now. The result must be a
     /// crash-consistent point-in-time image; a driver that cannot promise that for this
-    /// attachment returns [`Error::Unsupported`] rather than a torn image.
+    /// attachment returns an `Unsupported` error rather than a torn image.
     async fn create_snapshot_force(
         &self,
         s: &Snapshot,
@@ -60,12 +100,9 @@ pub trait VolumeDriver: Send + Sync {
     ) -> Result<ProviderUpdate>;
 
     /// Snapshots several volumes of this backend. The default takes them one by one (not one
-    /// instant); a backend with a native group primitive overrides it. One result per member,
-    /// in order.
-    async fn create_group_snapshot(
-        &self,
-        members: &[(Snapshot, Volume, Option<Attachment>)],
-    ) -> Result<GroupOutcome> {
+    /// instant); a backend with a native group primitive overrides it (and then reports
+    /// `group_snapshot` in its capabilities). One result per member, in order.
+    async fn create_group_snapshot(&self, members: &[GroupMember]) -> Result<GroupOutcome> {
         let mut out = Vec::with_capacity(members.len());
         for (s, v, a) in members {
             out.push(match a {
@@ -76,12 +113,13 @@ pub trait VolumeDriver: Send + Sync {
         Ok(out)
     }
 
-    /// Removes the snapshot. Succeeds if it is already gone. Returns [`Error::Busy`] naming
-    /// the dependents when backend clones still depend on it.
-    async fn delete_snapshot(&self, s: &Snapshot) -> Result<()>;
+    /// Removes the snapshot; [`DeleteAction::AlreadyGone`] if it did not exist. A `Busy`
+    /// error naming the dependents when backend clones still depend on it.
+    async fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction>;
 
-    /// Whether the snapshot's backend object exists (used by crash recovery).
-    async fn snapshot_exists(&self, s: &Snapshot) -> Result<bool>;
+    /// The snapshot's backend location if its backend object exists, `None` if not (used by
+    /// crash recovery, which must record the location of a snapshot the backend finished).
+    async fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>>;
 
     /// Creates volume `v` (of `v.size_bytes`, at least the snapshot's size) holding the
     /// snapshot's data.
@@ -123,13 +161,14 @@ pub trait VolumeDriver: Send + Sync {
         Ok(None)
     }
 
-    /// Times the backend's raw snapshot primitive once on `v` (create and remove a snapshot
-    /// with no kiln bookkeeping), for `kiln bench`. The first sample is "the primitive"; any
-    /// further samples are comparisons (e.g. the `rbd` CLI). Nothing is left behind.
-    async fn bench_primitives(&self, v: &Volume) -> Result<Vec<PrimitiveSample>> {
-        let _ = v;
-        Err(Error::Unsupported(
-            "this backend has no benchmark primitive".into(),
-        ))
+    /// The benchmark capability, when this backend has a raw primitive to time.
+    fn bench(&self) -> Option<std::sync::Arc<dyn BenchPrimitives>> {
+        None
+    }
+
+    /// The consistency-check capability, when this backend keeps records a crash or a
+    /// foreign process could leave out of step with its objects.
+    fn check(&self) -> Option<std::sync::Arc<dyn VolumeCheck>> {
+        None
     }
 }

@@ -21,14 +21,25 @@ pub struct FakeDriver {
     pub busy: Mutex<Vec<SnapshotId>>,
     /// Snapshot ids the fake reports as unusable (like an overflowed LVM thick snapshot).
     pub broken: Mutex<Vec<SnapshotId>>,
+    /// Volumes whose snapshot create hangs forever once entered (to abort an operation in
+    /// the middle); `entered` is notified when one is reached.
+    pub hang: Mutex<Vec<VolumeId>>,
+    /// Notified when a create reaches a hanging volume.
+    pub entered: tokio::sync::Notify,
+    /// Every mutating call that fails with `Unavailable` while set (a cluster that cannot
+    /// answer).
+    pub unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDriver {
     fn check_fail(&self, op: &str) -> Result<()> {
+        if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable(op.to_string(), "cluster unreachable"));
+        }
         let mut f = self.fail_next.lock().unwrap();
         if f.is_some_and(|o| o == op) {
             *f = None;
-            return Err(Error::backend(op, "injected failure"));
+            return Err(Error::backend(op.to_string(), "injected failure"));
         }
         Ok(())
     }
@@ -78,22 +89,35 @@ impl VolumeDriver for FakeDriver {
             provider_location: Some(format!("mem:{}", v.backend_name())),
         })
     }
-    async fn delete_volume(&self, v: &Volume) -> Result<()> {
+    async fn delete_volume(&self, v: &Volume) -> Result<DeleteAction> {
         self.check_fail("delete_volume")?;
-        self.volumes.lock().unwrap().remove(&v.id);
-        Ok(())
+        Ok(match self.volumes.lock().unwrap().remove(&v.id) {
+            Some(_) => DeleteAction::Deleted,
+            None => DeleteAction::AlreadyGone,
+        })
     }
-    async fn volume_exists(&self, v: &Volume) -> Result<bool> {
-        Ok(self.volumes.lock().unwrap().contains_key(&v.id))
+    async fn lookup_volume(&self, v: &Volume) -> Result<Option<ProviderUpdate>> {
+        self.check_fail("lookup_volume")?;
+        Ok(self
+            .volumes
+            .lock()
+            .unwrap()
+            .contains_key(&v.id)
+            .then(|| ProviderUpdate {
+                provider_location: Some(format!("mem:{}", v.backend_name())),
+            }))
     }
     async fn create_snapshot(&self, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
         self.check_fail("create_snapshot")?;
-        let data = self.data(v.id).ok_or_else(|| Error::NotFound {
-            what: "volume",
-            id: v.id.to_string(),
-        })?;
+        let data = self
+            .data(v.id)
+            .ok_or_else(|| Error::not_found("volume", v.id.to_string()))?;
         // Yield so concurrent tasks really interleave in the race tests.
         tokio::task::yield_now().await;
+        if self.hang.lock().unwrap().contains(&v.id) {
+            self.entered.notify_one();
+            std::future::pending::<()>().await;
+        }
         self.snapshots.lock().unwrap().insert(s.id, data);
         Ok(ProviderUpdate {
             provider_location: Some(format!("mem:{}", s.backend_name())),
@@ -107,20 +131,30 @@ impl VolumeDriver for FakeDriver {
     ) -> Result<ProviderUpdate> {
         self.create_snapshot(s, v).await
     }
-    async fn delete_snapshot(&self, s: &Snapshot) -> Result<()> {
+    async fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction> {
         self.check_fail("delete_snapshot")?;
         if self.busy.lock().unwrap().contains(&s.id) {
-            return Err(Error::Busy {
-                reason: format!("snapshot {} has dependent clones", s.id),
-                dependents: vec![],
-            });
+            return Err(Error::busy(
+                format!("snapshot {} has dependent clones", s.id),
+                vec![],
+            ));
         }
         tokio::task::yield_now().await;
-        self.snapshots.lock().unwrap().remove(&s.id);
-        Ok(())
+        Ok(match self.snapshots.lock().unwrap().remove(&s.id) {
+            Some(_) => DeleteAction::Deleted,
+            None => DeleteAction::AlreadyGone,
+        })
     }
-    async fn snapshot_exists(&self, s: &Snapshot) -> Result<bool> {
-        Ok(self.snapshots.lock().unwrap().contains_key(&s.id))
+    async fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>> {
+        self.check_fail("lookup_snapshot")?;
+        Ok(self
+            .snapshots
+            .lock()
+            .unwrap()
+            .contains_key(&s.id)
+            .then(|| ProviderUpdate {
+                provider_location: Some(format!("mem:{}", s.backend_name())),
+            }))
     }
     async fn create_volume_from_snapshot(
         &self,
@@ -135,10 +169,7 @@ impl VolumeDriver for FakeDriver {
             .unwrap()
             .get(&s.id)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                what: "snapshot",
-                id: s.id.to_string(),
-            })?;
+            .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
         self.volumes.lock().unwrap().insert(v.id, data);
         Ok(ProviderUpdate {
             provider_location: Some(format!("mem:{}", v.backend_name())),
@@ -152,10 +183,7 @@ impl VolumeDriver for FakeDriver {
             .unwrap()
             .get(&s.id)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                what: "snapshot",
-                id: s.id.to_string(),
-            })?;
+            .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
         self.volumes.lock().unwrap().insert(v.id, data);
         Ok(())
     }
@@ -170,10 +198,7 @@ impl VolumeDriver for FakeDriver {
             .unwrap()
             .get(&s.id)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                what: "snapshot",
-                id: s.id.to_string(),
-            })?;
+            .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
         let ext = vec![Extent {
             offset: 0,
             length: data.len() as u64,

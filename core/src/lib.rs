@@ -4,11 +4,14 @@
 //! Data flows one way: CLI -> [`service::Service`] -> [`VolumeDriver`] -> backend. The store
 //! sits beside the service; drivers never touch it.
 
+pub mod backends;
 pub mod bench;
+pub mod blocking;
 pub mod crash;
 pub mod driver;
 pub mod error;
 pub mod locks;
+pub mod ops;
 pub mod progress;
 pub mod service;
 pub mod store;
@@ -21,8 +24,13 @@ mod fake;
 #[doc(hidden)]
 pub use fail as __fail;
 
-pub use driver::{GroupOutcome, SnapshotReader, VolumeDriver};
+pub use backends::{BackendInfo, Backends};
+pub use blocking::{Blocking, BlockingDriver};
+pub use driver::{
+    BenchPrimitives, CheckReport, GroupMember, GroupOutcome, SnapshotReader, VolumeCheck,
+    VolumeDriver,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use progress::{NoProgress, Progress, ProgressHandle, no_progress};
-pub use service::{Backend, CreateVolume, Service};
+pub use service::{CreateVolume, Service};
 pub use types::*;

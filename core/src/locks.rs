@@ -1,57 +1,116 @@
-//! Per-volume locks that serialize operations on one volume across tasks and processes.
+//! Locks that serialize operations on one object across tasks, processes and (later) nodes.
 //!
-//! Each lock is an in-process async mutex (so waiting tasks do not park runtime threads)
-//! plus an exclusive `flock` on `<lock-dir>/volume-<uuid>.lock` (so two kiln processes on the
-//! same data directory serialize too). The kernel drops a flock when its holder dies, which
-//! is how crash recovery tells a dead operation from a running one: if it can take the lock,
-//! nobody is working on that volume.
+//! [`LockManager`] is the contract: `lock` waits, `try_lock` probes. Its meaning is what
+//! crash recovery relies on: **a lock that is free has no living owner**, so a journaled
+//! operation whose locks can be taken was left by a process that died. The host-local
+//! implementation is [`FlockLocks`] (the kernel drops a `flock` when its holder dies); a
+//! PostgreSQL implementation satisfies the same contract with session advisory locks (the
+//! server drops them when a node's connection dies).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
-use crate::types::VolumeId;
+use crate::types::{InstanceId, VolumeId};
 
-/// Lock table for volumes; cheap to share behind an `Arc`.
-pub struct VolumeLocks {
-    dir: PathBuf,
-    local: Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
+/// What can be locked. Ordered, so every caller takes a set of locks in the same order and
+/// two callers locking overlapping sets can never deadlock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LockKey {
+    /// A volume (and its snapshots).
+    Volume(VolumeId),
+    /// An instance (its attachments and instance-level operations).
+    Instance(InstanceId),
 }
 
-/// Holds one volume's lock until dropped.
-pub struct VolumeGuard {
+impl std::fmt::Display for LockKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockKey::Volume(id) => write!(f, "volume-{id}"),
+            LockKey::Instance(id) => write!(f, "instance-{id}"),
+        }
+    }
+}
+
+impl From<VolumeId> for LockKey {
+    fn from(id: VolumeId) -> Self {
+        LockKey::Volume(id)
+    }
+}
+
+/// Held locks; dropping it releases them. Opaque so each manager can hold what it needs.
+pub struct LockSet(Vec<Box<dyn Send + Sync>>);
+
+impl LockSet {
+    /// A set holding `guards` (each released when dropped).
+    pub fn new(guards: Vec<Box<dyn Send + Sync>>) -> Self {
+        LockSet(guards)
+    }
+
+    /// Number of locks held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no lock is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The lock contract the service and recovery rely on (see the module docs).
+#[async_trait]
+pub trait LockManager: Send + Sync {
+    /// Waits until every key in `keys` is held by the caller. Keys are taken in sorted
+    /// order (deduplicated).
+    async fn lock(&self, keys: &[LockKey]) -> Result<LockSet>;
+    /// Takes every key in `keys` without waiting, or none of them (`None`: someone holds
+    /// at least one — a live owner).
+    async fn try_lock(&self, keys: &[LockKey]) -> Result<Option<LockSet>>;
+}
+
+/// Host-local locks: an in-process async mutex per key (waiting tasks do not park runtime
+/// threads) plus an exclusive `flock` on `<dir>/<key>.lock` (other kiln processes on the
+/// same data directory serialize too). Cheap to share behind an `Arc`.
+pub struct FlockLocks {
+    dir: PathBuf,
+    local: Mutex<HashMap<LockKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct FlockGuard {
     // Field order matters: release the flock before letting other local tasks in.
     _file: File,
     _local: OwnedMutexGuard<()>,
 }
 
-impl VolumeLocks {
+impl FlockLocks {
     /// Lock files live in `dir` (created if missing).
     pub fn new(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create lock directory {}", dir.display()), e))?;
-        Ok(VolumeLocks {
+        Ok(FlockLocks {
             dir,
             local: Mutex::new(HashMap::new()),
         })
     }
 
-    fn local(&self, id: VolumeId) -> Result<Arc<tokio::sync::Mutex<()>>> {
+    fn local(&self, key: LockKey) -> Result<Arc<tokio::sync::Mutex<()>>> {
         let mut map = self
             .local
             .lock()
-            .map_err(|_| Error::Store("lock table poisoned by an earlier panic".into()))?;
+            .map_err(|_| Error::store("lock table poisoned by an earlier panic"))?;
         // Drop entries nobody holds or waits for, so a long-running process does not grow.
         map.retain(|_, m| Arc::strong_count(m) > 1);
-        Ok(map.entry(id).or_default().clone())
+        Ok(map.entry(key).or_default().clone())
     }
 
-    fn open(&self, id: VolumeId) -> Result<File> {
-        let path = self.dir.join(format!("volume-{id}.lock"));
+    fn open(&self, key: LockKey) -> Result<File> {
+        let path = self.dir.join(format!("{key}.lock"));
         OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -60,43 +119,54 @@ impl VolumeLocks {
             .map_err(|e| Error::io(format!("open lock file {}", path.display()), e))
     }
 
-    /// Waits for the locks of all `ids`, taken in sorted order so two callers locking the
-    /// same pair can never deadlock.
-    pub async fn lock(&self, ids: &[VolumeId]) -> Result<Vec<VolumeGuard>> {
-        let mut ids = ids.to_vec();
-        ids.sort();
-        ids.dedup();
-        let mut guards = Vec::with_capacity(ids.len());
-        for id in ids {
-            let local = self.local(id)?.lock_owned().await;
-            let file = self.open(id)?;
+    fn sorted(keys: &[LockKey]) -> Vec<LockKey> {
+        let mut keys = keys.to_vec();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
+#[async_trait]
+impl LockManager for FlockLocks {
+    async fn lock(&self, keys: &[LockKey]) -> Result<LockSet> {
+        let mut guards: Vec<Box<dyn Send + Sync>> = Vec::with_capacity(keys.len());
+        for key in Self::sorted(keys) {
+            let local = self.local(key)?.lock_owned().await;
+            let file = self.open(key)?;
             // flock blocks the thread: wait on the blocking pool, not on a runtime thread.
             let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
                 .await
-                .map_err(|e| Error::Store(format!("lock task failed: {e}")))?
-                .map_err(|e| Error::io(format!("lock volume {id}"), e))?;
-            guards.push(VolumeGuard {
+                .map_err(|e| Error::store(format!("lock task failed: {e}")))?
+                .map_err(|e| Error::io(format!("lock {key}"), e))?;
+            guards.push(Box::new(FlockGuard {
                 _file: file,
                 _local: local,
-            });
+            }));
         }
-        Ok(guards)
+        Ok(LockSet::new(guards))
     }
 
-    /// Takes the volume's lock if nobody holds it, without waiting.
-    pub fn try_lock(&self, id: VolumeId) -> Result<Option<VolumeGuard>> {
-        let Ok(local) = self.local(id)?.try_lock_owned() else {
-            return Ok(None);
-        };
-        let file = self.open(id)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(VolumeGuard {
-                _file: file,
-                _local: local,
-            })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("lock volume {id}"), e)),
+    async fn try_lock(&self, keys: &[LockKey]) -> Result<Option<LockSet>> {
+        let mut guards: Vec<Box<dyn Send + Sync>> = Vec::with_capacity(keys.len());
+        for key in Self::sorted(keys) {
+            // Any failure drops the guards taken so far: all or none.
+            let Ok(local) = self.local(key)?.try_lock_owned() else {
+                return Ok(None);
+            };
+            let file = self.open(key)?;
+            match file.try_lock() {
+                Ok(()) => guards.push(Box::new(FlockGuard {
+                    _file: file,
+                    _local: local,
+                })),
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io(format!("lock {key}"), e));
+                }
+            }
         }
+        Ok(Some(LockSet::new(guards)))
     }
 }
 
@@ -107,15 +177,33 @@ mod tests {
     #[tokio::test]
     async fn a_held_lock_is_visible_to_another_lock_table() {
         let dir = tempfile::tempdir().unwrap();
-        let a = VolumeLocks::new(dir.path().to_path_buf()).unwrap();
+        let a = FlockLocks::new(dir.path().to_path_buf()).unwrap();
         // A second table on the same directory stands in for a second process: flocks on
         // separate open file descriptions conflict exactly as across processes.
-        let b = VolumeLocks::new(dir.path().to_path_buf()).unwrap();
-        let id = VolumeId::new();
+        let b = FlockLocks::new(dir.path().to_path_buf()).unwrap();
+        let id = LockKey::Volume(VolumeId::new());
         let g = a.lock(&[id]).await.unwrap();
-        assert!(b.try_lock(id).unwrap().is_none());
-        assert!(a.try_lock(id).unwrap().is_none());
+        assert!(b.try_lock(&[id]).await.unwrap().is_none());
+        assert!(a.try_lock(&[id]).await.unwrap().is_none());
         drop(g);
-        assert!(b.try_lock(id).unwrap().is_some());
+        assert!(b.try_lock(&[id]).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn try_lock_takes_all_keys_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FlockLocks::new(dir.path().to_path_buf()).unwrap();
+        let b = FlockLocks::new(dir.path().to_path_buf()).unwrap();
+        let (k1, k2) = (
+            LockKey::Volume(VolumeId::new()),
+            LockKey::Instance(InstanceId::new()),
+        );
+        let held = a.lock(&[k2]).await.unwrap();
+        assert!(b.try_lock(&[k1, k2]).await.unwrap().is_none());
+        // k1 was not left held by the failed attempt.
+        assert!(a.try_lock(&[k1]).await.unwrap().is_some());
+        drop(held);
+        let both = b.try_lock(&[k2, k1]).await.unwrap().unwrap();
+        assert_eq!(both.len(), 2);
     }
 }

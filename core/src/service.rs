@@ -1,35 +1,26 @@
-//! The snapshot service: owns every status transition, journals each driver call, and
-//! resolves operations a crash left unfinished.
+//! The snapshot service: the facade the CLI (and later the API server) calls.
 //!
-//! Every mutation follows one pattern:
-//! 1. take the per-volume lock(s) (serializes tasks and processes on one volume);
-//! 2. one store batch: guards (compare-and-set on statuses) + the transitional status +
-//!    a journal entry for the operation — all or nothing;
-//! 3. the driver call (with `crash_point!`s on both sides of it);
-//! 4. one store batch with the result that also removes the journal entry.
-//!
-//! A crash between 2 and 4 leaves a journal entry whose volume lock is free; [`Service::recover`]
-//! finds it and finishes or rolls back the operation by asking the backend what exists.
+//! It owns no protocol of its own: every mutation is an operation in [`crate::ops`] (forward
+//! steps and recovery in one file, run by one executor), and reads go to the store. See
+//! `docs/architecture.md` for the layers and the crash rules.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
-use chrono::Utc;
 use serde::Serialize;
-use tracing::{info, warn};
 
-use crate::crash_point;
-use crate::driver::{SnapshotReader, VolumeDriver};
-use crate::error::{Error, ErrorKind, Result};
-use crate::locks::{VolumeGuard, VolumeLocks};
+use crate::backends::{BackendInfo, Backends};
+use crate::driver::{CheckReport, SnapshotReader, VolumeDriver};
+use crate::error::{Error, Result};
+use crate::locks::{LockKey, LockManager, LockSet};
+use crate::ops::{self, Ctx};
 use crate::progress::{ProgressHandle, no_progress};
-use crate::store::{Batch, Conflict, OpId, OpKind, Operation, Step, Store};
+use crate::store::{AsyncStore, HistoryEntry, Store};
 use crate::types::{
-    Attachment, Capabilities, Extent, InstanceId, Snapshot, SnapshotId, SnapshotStatus, Volume,
-    VolumeId, VolumeStatus,
+    DeleteAction, Extent, InstanceId, Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId,
+    VolumeStatus,
 };
-use crate::validate::{check_size, validate_device, validate_label};
+
+pub use crate::ops::recovery::RecoveryAction;
 
 /// What `create_volume` needs.
 #[derive(Debug, Clone, Default)]
@@ -62,536 +53,221 @@ pub struct SnapshotNode {
     pub clones: Vec<VolumeNode>,
 }
 
-/// What recovery did with one unfinished operation.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecoveryAction {
-    /// The operation found in the journal.
-    pub operation: Operation,
-    /// What was done about it.
-    pub outcome: String,
-}
-
-/// A backend as the service sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendInfo {
-    /// Configured name.
-    pub name: String,
-    /// Driver kind ("file", "lvm", "rbd").
-    pub driver: String,
-    /// Whether it is the default backend for new volumes.
-    pub default: bool,
-    /// Why the backend could not be opened, when it could not.
-    pub unavailable: Option<String>,
-    /// What it can do.
-    pub capabilities: Capabilities,
-}
-
-/// A configured backend: its driver and the driver kind's name.
-pub struct Backend {
-    /// Driver kind, for display ("file", "lvm", "rbd").
-    pub kind: String,
-    /// The driver, or why it could not be opened (cluster down, volume group missing).
-    /// An unavailable backend is listed, and every operation on it is refused before the
-    /// store is touched, so nothing is left half-made on it.
-    pub driver: std::result::Result<Arc<dyn VolumeDriver>, String>,
-}
-
 /// The service. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Service {
-    store: Arc<dyn Store>,
-    backends: BTreeMap<String, Backend>,
-    default_backend: String,
-    locks: VolumeLocks,
+    ctx: Ctx,
 }
 
 /// Recovery's maximum lineage depth when walking trees; deeper means a corrupt store.
 const MAX_TREE_DEPTH: usize = 256;
 
-fn conflict_error(c: &Conflict, action: &str, needed: &str) -> Error {
-    match &c.found {
-        None => Error::NotFound {
-            what: c.what,
-            id: c.id.clone(),
-        },
-        Some(found) => Error::WrongState(format!(
-            "cannot {action}: {} {} is {found}; it must be {needed}",
-            c.what, c.id
-        )),
-    }
-}
-
-fn committed(
-    r: std::result::Result<Option<OpId>, Conflict>,
-    action: &str,
-    needed: &str,
-) -> Result<Option<OpId>> {
-    r.map_err(|c| conflict_error(&c, action, needed))
-}
-
-async fn timed<T>(
-    op: &str,
-    id: &str,
-    fut: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    let start = Instant::now();
-    let r = fut.await;
-    let ms = start.elapsed().as_secs_f64() * 1e3;
-    match &r {
-        Ok(_) => info!(op, id, elapsed_ms = ms, "driver call done"),
-        // The caller reports the error; at info so the CLI keeps its one-line promise.
-        Err(e) => info!(op, id, elapsed_ms = ms, error = %e, "driver call failed"),
-    }
-    r
-}
-
 impl Service {
-    /// Builds the service. `lock_dir` holds the per-volume lock files and must be shared by
-    /// every kiln process using the same store.
+    /// Builds the service over `store`, `backends` (opened on first use) and `locks`.
     pub fn new(
         store: Arc<dyn Store>,
-        backends: BTreeMap<String, Backend>,
-        default_backend: String,
-        lock_dir: std::path::PathBuf,
+        backends: Backends,
+        locks: Arc<dyn LockManager>,
     ) -> Result<Self> {
-        if !backends.contains_key(&default_backend) {
-            return Err(Error::Config(format!(
-                "default backend {default_backend:?} is not configured"
-            )));
-        }
+        backends.validate()?;
         Ok(Service {
-            store,
-            backends,
-            default_backend,
-            locks: VolumeLocks::new(lock_dir)?,
+            ctx: Ctx {
+                store: AsyncStore::new(store),
+                backends,
+                locks,
+            },
         })
     }
 
-    /// The store (read access for listings).
-    pub fn store(&self) -> &dyn Store {
-        self.store.as_ref()
+    /// The store (async face), for listings and tests.
+    pub fn store(&self) -> &AsyncStore {
+        &self.ctx.store
     }
 
-    /// The driver of a configured backend (for benchmarks and diagnostics; mutations go
-    /// through the service's own methods).
-    pub fn backend_driver(&self, backend: &str) -> Result<Arc<dyn VolumeDriver>> {
-        self.driver(backend).cloned()
+    /// The default backend for new volumes.
+    pub fn default_backend(&self) -> &str {
+        self.ctx.backends.default_name()
     }
 
-    fn driver(&self, backend: &str) -> Result<&Arc<dyn VolumeDriver>> {
-        let b = self.backends.get(backend).ok_or_else(|| Error::NotFound {
-            what: "backend",
-            id: backend.to_string(),
-        })?;
-        b.driver.as_ref().map_err(|reason| {
-            Error::backend(
-                "open backend",
-                format!("backend {backend} is unavailable: {reason}"),
-            )
-        })
+    /// The driver of a configured backend, opened if needed (for benchmarks and
+    /// diagnostics; mutations go through the service's own methods).
+    pub async fn backend_driver(&self, backend: &str) -> Result<Arc<dyn VolumeDriver>> {
+        self.ctx.driver(backend).await
     }
 
-    /// The configured backends with their capabilities.
-    pub fn backends(&self) -> Vec<BackendInfo> {
-        self.backends
-            .iter()
-            .map(|(name, b)| BackendInfo {
-                name: name.clone(),
-                driver: b.kind.clone(),
-                default: *name == self.default_backend,
-                capabilities: b
-                    .driver
-                    .as_ref()
-                    .map(|d| d.capabilities())
-                    .unwrap_or_default(),
-                unavailable: b.driver.as_ref().err().cloned(),
-            })
-            .collect()
+    /// The configured backends with their capabilities (opens every backend).
+    pub async fn backends(&self) -> Vec<BackendInfo> {
+        self.ctx.backends.infos().await
     }
 
     /// Capacity and usage of one backend.
     pub async fn backend_stats(&self, name: &str) -> Result<crate::types::BackendStats> {
-        self.driver(name)?.stats().await
+        self.ctx.driver(name).await?.stats().await
     }
+
+    // ---------------------------------------------------------------- reads (store only)
 
     /// One volume.
-    pub fn volume(&self, id: VolumeId) -> Result<Volume> {
-        self.store.volume(id)?.ok_or_else(|| Error::NotFound {
-            what: "volume",
-            id: id.to_string(),
-        })
+    pub async fn volume(&self, id: VolumeId) -> Result<Volume> {
+        self.ctx.volume(id).await
     }
 
-    /// One snapshot.
-    pub fn snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
-        self.store.snapshot(id)?.ok_or_else(|| Error::NotFound {
-            what: "snapshot",
-            id: id.to_string(),
-        })
+    /// One snapshot, as recorded. Read-only: no backend call.
+    pub async fn snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
+        self.ctx.snapshot(id).await
     }
 
     /// All volumes.
-    pub fn volumes(&self) -> Result<Vec<Volume>> {
-        self.store.volumes()
+    pub async fn volumes(&self) -> Result<Vec<Volume>> {
+        self.ctx.store.volumes().await
     }
 
-    /// Snapshots of one volume (which must exist) or of all volumes.
-    pub fn snapshots(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>> {
+    /// Snapshots of one volume (which must exist) or of all volumes, as recorded.
+    /// Read-only and one store query: listings never probe backends.
+    pub async fn snapshots(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>> {
         if let Some(v) = volume {
-            self.volume(v)?;
+            self.ctx.volume(v).await?;
         }
-        self.store.snapshots(volume)
+        self.ctx.store.snapshots(volume).await
     }
 
-    /// One snapshot, after asking its backend whether its data is still usable: an
-    /// `available` snapshot the backend reports as broken (e.g. an overflowed LVM thick
-    /// snapshot) is marked `error` with the backend's reason first.
+    /// One snapshot after asking its backend whether its data is still usable (an
+    /// `available` snapshot the backend reports broken is marked `error` first).
     pub async fn snapshot_checked(&self, id: SnapshotId) -> Result<Snapshot> {
-        self.refresh_health(self.snapshot(id)?).await
+        self.ctx.checked_snapshot(id).await
     }
 
-    /// [`Service::snapshots`], with every `available` snapshot's health refreshed.
-    pub async fn snapshots_checked(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>> {
-        let mut out = Vec::new();
-        for s in self.snapshots(volume)? {
-            out.push(self.refresh_health(s).await?);
-        }
-        Ok(out)
+    /// The status history (admin resets) of a volume or snapshot.
+    pub async fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>> {
+        self.ctx.store.history(object_id.to_string()).await
     }
 
-    async fn refresh_health(&self, s: Snapshot) -> Result<Snapshot> {
-        if s.status != SnapshotStatus::Available {
-            return Ok(s);
-        }
-        // An unavailable backend cannot say anything about its snapshots: keep the record.
-        let Ok(driver) = self.driver(&s.backend) else {
-            return Ok(s);
-        };
-        match driver.snapshot_health(&s).await {
-            Ok(None) => Ok(s),
-            Ok(Some(reason)) => {
-                warn!(snapshot = %s.id, %reason, "backend reports the snapshot unusable; marking it error");
-                // Compare-and-set: if someone else changed it meanwhile, their status stands.
-                self.store
-                    .commit(Batch::new(vec![Step::SetSnapshotStatus {
-                        id: s.id,
-                        from: vec![SnapshotStatus::Available],
-                        to: SnapshotStatus::Error,
-                        reason: Some(reason),
-                    }]))?
-                    .ok();
-                self.snapshot(s.id)
+    /// Lineage from a volume: its snapshots, the volumes cloned from each, and so on.
+    pub async fn tree(&self, volume_id: VolumeId) -> Result<VolumeNode> {
+        let root = self.ctx.volume(volume_id).await?;
+        self.tree_at(root, 0).await
+    }
+
+    fn tree_at(
+        &self,
+        volume: Volume,
+        depth: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<VolumeNode>> + Send + '_>> {
+        Box::pin(async move {
+            if depth > MAX_TREE_DEPTH {
+                return Err(Error::store(format!(
+                    "lineage deeper than {MAX_TREE_DEPTH} levels at volume {}",
+                    volume.id
+                )));
             }
-            // A failed probe says nothing about the snapshot; keep what the store knows.
-            Err(e) => {
-                info!(snapshot = %s.id, error = %e, "snapshot health probe failed");
-                Ok(s)
+            let mut snapshots = Vec::new();
+            for s in self.ctx.store.snapshots(Some(volume.id)).await? {
+                let mut clones = Vec::new();
+                for c in self.ctx.store.volumes_from_snapshot(s.id).await? {
+                    clones.push(self.tree_at(c, depth + 1).await?);
+                }
+                snapshots.push(SnapshotNode {
+                    snapshot: s,
+                    clones,
+                });
             }
-        }
+            Ok(VolumeNode { volume, snapshots })
+        })
     }
 
-    // ---------------------------------------------------------------- volumes
+    // ---------------------------------------------------------------- operations
 
     /// Creates a volume, empty or from a snapshot. On a driver failure the partial backend
     /// object is removed and no record is left; the error is returned.
     pub async fn create_volume(&self, req: CreateVolume) -> Result<Volume> {
+        self.create_volume_with_progress(req, no_progress()).await
+    }
+
+    /// [`Service::create_volume`] reporting a clone's copy progress.
+    pub async fn create_volume_with_progress(
+        &self,
+        req: CreateVolume,
+        progress: ProgressHandle,
+    ) -> Result<Volume> {
         if let Some(name) = &req.name {
-            validate_label(name)?;
+            crate::validate::validate_label(name)?;
         }
-        let source = match req.source_snapshot {
-            Some(sid) => Some(self.snapshot_checked(sid).await?),
-            None => None,
-        };
-        let backend = match (&req.backend, &source) {
-            (Some(b), Some(s)) if *b != s.backend => {
-                return Err(Error::invalid(
-                    "backend",
-                    format!(
-                        "snapshot {} lives on backend {:?}; clones stay on their snapshot's backend",
-                        s.id, s.backend
-                    ),
-                ));
-            }
-            (Some(b), _) => b.clone(),
-            (None, Some(s)) => s.backend.clone(),
-            (None, None) => self.default_backend.clone(),
-        };
-        let driver = self.driver(&backend)?.clone();
-        let size_bytes = match (req.size_bytes, &source) {
-            (Some(size), _) => check_size(size)?,
-            (None, Some(s)) => s.size_bytes,
-            (None, None) => return Err(Error::invalid("size", "a size is required")),
-        };
-        if let Some(s) = &source
-            && size_bytes < s.size_bytes
-        {
-            return Err(Error::invalid(
-                "size",
-                format!(
-                    "{size_bytes} bytes is smaller than snapshot {} ({} bytes)",
-                    s.id, s.size_bytes
-                ),
-            ));
-        }
-        let now = Utc::now();
-        let volume = Volume {
-            id: VolumeId::new(),
-            name: req.name.clone(),
-            size_bytes,
-            backend,
-            status: VolumeStatus::Creating,
-            status_reason: None,
-            provider_location: None,
-            source_snapshot_id: source.as_ref().map(|s| s.id),
-            attachments: vec![],
-            created_at: now,
-            updated_at: now,
-        };
-        let mut lock_ids = vec![volume.id];
-        if let Some(s) = &source {
-            lock_ids.push(s.volume_id);
-        }
-        let _guards = self.locks.lock(&lock_ids).await?;
-
-        let mut steps = vec![Step::InsertVolume(volume.clone())];
-        let kind = match &source {
-            Some(s) => {
-                steps.push(Step::SnapshotIn {
-                    id: s.id,
-                    any_of: vec![SnapshotStatus::Available],
-                });
-                OpKind::CreateVolumeFromSnapshot
-            }
-            None => OpKind::CreateVolume,
-        };
-        let op = committed(
-            self.store.commit(Batch::with_op(
-                steps,
-                kind,
-                volume.id,
-                source.as_ref().map(|s| s.id),
-            ))?,
-            "create a volume from it",
-            "available",
-        )?
-        .ok_or_else(|| Error::Store("no operation id returned".into()))?;
-
-        crash_point!("create_volume::before_driver");
-        let result = match &source {
-            Some(s) => {
-                timed(
-                    "create_volume_from_snapshot",
-                    &volume.id.to_string(),
-                    driver.create_volume_from_snapshot(&volume, s, no_progress()),
+        match req.source_snapshot {
+            Some(sid) => {
+                ops::clone::run(
+                    &self.ctx,
+                    sid,
+                    req.size_bytes,
+                    req.backend,
+                    req.name,
+                    progress,
                 )
                 .await
             }
             None => {
-                timed(
-                    "create_volume",
-                    &volume.id.to_string(),
-                    driver.create_volume(&volume),
-                )
-                .await
-            }
-        };
-        crash_point!("create_volume::after_driver");
-        match result {
-            Ok(update) => {
-                self.finish(vec![
-                    Step::SetVolumeStatus {
-                        id: volume.id,
-                        from: vec![VolumeStatus::Creating],
-                        to: VolumeStatus::Available,
-                        reason: None,
-                    },
-                    Step::SetVolumeLocation(volume.id, update.provider_location),
-                    Step::FinishOp(op),
-                ])?;
-                self.volume(volume.id)
-            }
-            Err(e) => {
-                self.undo_create_volume(&driver, &volume, op, &e).await?;
-                Err(e)
+                let size = req
+                    .size_bytes
+                    .ok_or_else(|| Error::invalid("size", "a size is required"))?;
+                let backend = req
+                    .backend
+                    .unwrap_or_else(|| self.ctx.backends.default_name().to_string());
+                ops::create_volume::run(&self.ctx, size, backend, req.name).await
             }
         }
     }
 
-    /// After a failed create: remove the partial backend object and the record; if the
-    /// backend refuses, keep the record in `error` so nothing is left untracked.
-    async fn undo_create_volume(
-        &self,
-        driver: &Arc<dyn VolumeDriver>,
-        v: &Volume,
-        op: OpId,
-        cause: &Error,
-    ) -> Result<()> {
-        match driver.delete_volume(v).await {
-            Ok(()) => self.finish(vec![Step::DeleteVolume(v.id), Step::FinishOp(op)]),
-            Err(cleanup) => self.finish(vec![
-                Step::SetVolumeStatus {
-                    id: v.id,
-                    from: vec![],
-                    to: VolumeStatus::Error,
-                    reason: Some(format!(
-                        "create failed ({cause}); cleanup failed too ({cleanup})"
-                    )),
-                },
-                Step::FinishOp(op),
-            ]),
-        }
-    }
-
-    /// Applies a batch whose guards are expected to hold (we hold the volume lock).
-    fn finish(&self, steps: Vec<Step>) -> Result<()> {
-        self.store
-            .commit(Batch::new(steps))?
-            .map(|_| ())
-            .map_err(|c| {
-                Error::Store(format!(
-                    "unexpected concurrent change of {} {} (now {:?})",
-                    c.what, c.id, c.found
-                ))
-            })
-    }
-
-    /// Deletes a volume. Refused while it is attached or has snapshots, unless `cascade`,
-    /// which deletes its snapshots first (oldest first; stops at the first failure).
-    pub async fn delete_volume(&self, id: VolumeId, cascade: bool) -> Result<()> {
-        let v = self.volume(id)?;
-        let driver = self.driver(&v.backend)?.clone();
-        let deletable = vec![
-            VolumeStatus::Available,
-            VolumeStatus::Error,
-            VolumeStatus::ErrorDeleting,
-        ];
-        let clones: Vec<VolumeId> = self
-            .store
-            .snapshots(Some(id))?
-            .iter()
-            .map(|s| self.store.volumes_from_snapshot(s.id))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .map(|c| c.id)
-            .collect();
-        let mut lock_ids = vec![id];
-        lock_ids.extend(clones);
-        let _guards = self.locks.lock(&lock_ids).await?;
-        let needed = "available, error or error_deleting (detach it first if it is in-use)";
-        if cascade {
-            committed(
-                self.store.commit(Batch::new(vec![Step::VolumeIn {
-                    id,
-                    any_of: deletable.clone(),
-                }]))?,
-                "delete volume",
-                needed,
-            )?;
-            for s in self.store.snapshots(Some(id))? {
-                self.delete_snapshot_locked(&driver, s, false).await?;
-            }
-        }
-        let r = self.store.commit(Batch::with_op(
-            vec![
-                Step::SetVolumeStatus {
-                    id,
-                    from: deletable,
-                    to: VolumeStatus::Deleting,
-                    reason: None,
-                },
-                Step::VolumeHasNoSnapshots(id),
-            ],
-            OpKind::DeleteVolume,
-            id,
-            None,
-        ))?;
-        let op = match r {
-            Ok(op) => op.ok_or_else(|| Error::Store("no operation id returned".into()))?,
-            Err(c) if c.step == 1 => {
-                return Err(Error::WrongState(format!(
-                    "cannot delete volume {id}: it has {} snapshot(s); delete them first or use --cascade",
-                    c.found.unwrap_or_default()
-                )));
-            }
-            Err(c) => return Err(conflict_error(&c, "delete volume", needed)),
-        };
-        crash_point!("delete_volume::before_driver");
-        let result = timed("delete_volume", &id.to_string(), driver.delete_volume(&v)).await;
-        crash_point!("delete_volume::after_driver");
-        self.finish_delete_volume(id, op, result)
-    }
-
-    fn finish_delete_volume(&self, id: VolumeId, op: OpId, result: Result<()>) -> Result<()> {
-        match result {
-            Ok(()) => self.finish(vec![Step::DeleteVolume(id), Step::FinishOp(op)]),
-            Err(e) => {
-                // Busy means the backend refused before touching anything.
-                let to = if e.kind() == ErrorKind::Busy {
-                    VolumeStatus::Available
-                } else {
-                    VolumeStatus::ErrorDeleting
-                };
-                self.finish(vec![
-                    Step::SetVolumeStatus {
-                        id,
-                        from: vec![],
-                        to,
-                        reason: Some(e.to_string()),
-                    },
-                    Step::FinishOp(op),
-                ])?;
-                Err(e)
-            }
-        }
+    /// Deletes a volume (see [`crate::ops::delete_volume`]); says whether the backend
+    /// object was still there.
+    pub async fn delete_volume(&self, id: VolumeId, cascade: bool) -> Result<DeleteAction> {
+        ops::delete_volume::run(&self.ctx, id, cascade).await
     }
 
     /// Records an attachment: `available` -> `in-use`.
     pub async fn attach(&self, id: VolumeId, instance: InstanceId, device: &str) -> Result<Volume> {
-        validate_device(device)?;
-        self.volume(id)?;
-        let _g = self.locks.lock(&[id]).await?;
-        let a = Attachment {
+        crate::validate::validate_device(device)?;
+        self.ctx.volume(id).await?;
+        let _locks = self.ctx.lock([id.into()]).await?;
+        let a = crate::types::Attachment {
             instance_id: instance,
             device: device.to_string(),
-            attached_at: Utc::now(),
+            attached_at: chrono::Utc::now(),
         };
-        committed(
-            self.store.commit(Batch::new(vec![
-                Step::SetVolumeStatus {
-                    id,
-                    from: vec![VolumeStatus::Available],
-                    to: VolumeStatus::InUse,
-                    reason: None,
-                },
-                Step::Attach(id, a),
-            ]))?,
-            "attach volume",
-            "available",
-        )?;
-        self.volume(id)
+        self.ctx
+            .guarded(
+                vec![
+                    crate::store::Step::SetVolumeStatus {
+                        id,
+                        from: vec![VolumeStatus::Available],
+                        to: VolumeStatus::InUse,
+                        reason: None,
+                    },
+                    crate::store::Step::Attach(id, a),
+                ],
+                |c| ops::conflict_error(c, "attach volume", "available"),
+            )
+            .await?;
+        self.ctx.volume(id).await
     }
 
     /// Removes the attachment: `in-use` -> `available`.
     pub async fn detach(&self, id: VolumeId) -> Result<Volume> {
-        self.volume(id)?;
-        let _g = self.locks.lock(&[id]).await?;
-        committed(
-            self.store.commit(Batch::new(vec![
-                Step::SetVolumeStatus {
-                    id,
-                    from: vec![VolumeStatus::InUse],
-                    to: VolumeStatus::Available,
-                    reason: None,
-                },
-                Step::Detach(id),
-            ]))?,
-            "detach volume",
-            "in-use",
-        )?;
-        self.volume(id)
+        self.ctx.volume(id).await?;
+        let _locks = self.ctx.lock([id.into()]).await?;
+        self.ctx
+            .guarded(
+                vec![
+                    crate::store::Step::SetVolumeStatus {
+                        id,
+                        from: vec![VolumeStatus::InUse],
+                        to: VolumeStatus::Available,
+                        reason: None,
+                    },
+                    crate::store::Step::Detach(id),
+                ],
+                |c| ops::conflict_error(c, "detach volume", "in-use"),
+            )
+            .await?;
+        self.ctx.volume(id).await
     }
-
-    // ---------------------------------------------------------------- snapshots
 
     /// Snapshots a volume. Without `force` the volume must be `available`; with `force`,
     /// `available` or `in-use` (then the driver's `create_snapshot_force` runs with the
@@ -602,201 +278,29 @@ impl Service {
         name: Option<String>,
         force: bool,
     ) -> Result<Snapshot> {
-        if let Some(n) = &name {
-            validate_label(n)?;
-        }
-        self.volume(volume_id)?;
-        let _g = self.locks.lock(&[volume_id]).await?;
-        let v = self.volume(volume_id)?;
-        let driver = self.driver(&v.backend)?.clone();
-        let allowed = if force {
-            vec![VolumeStatus::Available, VolumeStatus::InUse]
-        } else {
-            vec![VolumeStatus::Available]
-        };
-        let needed = if force {
-            "available or in-use"
-        } else {
-            "available (use --force to snapshot an attached volume)"
-        };
-        let now = Utc::now();
-        let snap = Snapshot {
-            id: SnapshotId::new(),
-            volume_id,
-            name,
-            size_bytes: v.size_bytes,
-            backend: v.backend.clone(),
-            status: SnapshotStatus::Creating,
-            status_reason: None,
-            provider_location: None,
-            forced: v.status == VolumeStatus::InUse,
-            created_at: now,
-            updated_at: now,
-        };
-        let op = committed(
-            self.store.commit(Batch::with_op(
-                vec![
-                    Step::VolumeIn {
-                        id: volume_id,
-                        any_of: allowed,
-                    },
-                    Step::InsertSnapshot(snap.clone()),
-                ],
-                OpKind::CreateSnapshot,
-                volume_id,
-                Some(snap.id),
-            ))?,
-            "snapshot volume",
-            needed,
-        )?
-        .ok_or_else(|| Error::Store("no operation id returned".into()))?;
+        ops::create_snapshot::run(&self.ctx, volume_id, name, force).await
+    }
 
-        crash_point!("create_snapshot::before_driver");
-        let sid = snap.id.to_string();
-        let result = match v.attachments.first() {
-            Some(a) if v.status == VolumeStatus::InUse => {
-                timed(
-                    "create_snapshot_force",
-                    &sid,
-                    driver.create_snapshot_force(&snap, &v, a),
-                )
-                .await
-            }
-            _ => timed("create_snapshot", &sid, driver.create_snapshot(&snap, &v)).await,
-        };
-        crash_point!("create_snapshot::after_driver");
-        match result {
-            Ok(update) => {
-                self.finish(vec![
-                    Step::SetSnapshotStatus {
-                        id: snap.id,
-                        from: vec![SnapshotStatus::Creating],
-                        to: SnapshotStatus::Available,
-                        reason: None,
-                    },
-                    Step::SetSnapshotLocation(snap.id, update.provider_location),
-                    Step::FinishOp(op),
-                ])?;
-                self.snapshot(snap.id)
-            }
-            Err(e) => {
-                match driver.delete_snapshot(&snap).await {
-                    Ok(()) => {
-                        self.finish(vec![Step::DeleteSnapshot(snap.id), Step::FinishOp(op)])?
-                    }
-                    Err(cleanup) => self.finish(vec![
-                        Step::SetSnapshotStatus {
-                            id: snap.id,
-                            from: vec![],
-                            to: SnapshotStatus::Error,
-                            reason: Some(format!(
-                                "create failed ({e}); cleanup failed too ({cleanup})"
-                            )),
-                        },
-                        Step::FinishOp(op),
-                    ])?,
-                }
-                Err(e)
-            }
-        }
+    /// Snapshots several volumes (on any backends) as one unit: all or nothing. See
+    /// [`crate::ops::group_snapshot`].
+    pub async fn create_group_snapshot(
+        &self,
+        volumes: &[VolumeId],
+        name: Option<String>,
+        force: bool,
+    ) -> Result<Vec<Snapshot>> {
+        ops::group_snapshot::run(&self.ctx, volumes, name, force).await
     }
 
     /// Deletes a snapshot. When backend clones depend on it the result is `Busy` naming
-    /// them and the snapshot stays `available`; with `flatten_dependents`, kiln first
+    /// them and the snapshot keeps its status; with `flatten_dependents`, kiln first
     /// flattens the dependent volumes it knows (its lineage records), then deletes.
-    pub async fn delete_snapshot(&self, id: SnapshotId, flatten_dependents: bool) -> Result<()> {
-        let s = self.snapshot(id)?;
-        let driver = self.driver(&s.backend)?.clone();
-        let mut lock_ids = vec![s.volume_id];
-        lock_ids.extend(self.store.volumes_from_snapshot(id)?.iter().map(|c| c.id));
-        let _g = self.locks.lock(&lock_ids).await?;
-        let s = self.snapshot(id)?;
-        self.delete_snapshot_locked(&driver, s, flatten_dependents)
-            .await
-    }
-
-    async fn delete_snapshot_locked(
+    pub async fn delete_snapshot(
         &self,
-        driver: &Arc<dyn VolumeDriver>,
-        s: Snapshot,
+        id: SnapshotId,
         flatten_dependents: bool,
-    ) -> Result<()> {
-        let id = s.id;
-        let op = committed(
-            self.store.commit(Batch::with_op(
-                vec![Step::SetSnapshotStatus {
-                    id,
-                    from: vec![
-                        SnapshotStatus::Available,
-                        SnapshotStatus::Error,
-                        SnapshotStatus::ErrorDeleting,
-                    ],
-                    to: SnapshotStatus::Deleting,
-                    reason: None,
-                }],
-                OpKind::DeleteSnapshot,
-                s.volume_id,
-                Some(id),
-            ))?,
-            "delete snapshot",
-            "available, error or error_deleting",
-        )?
-        .ok_or_else(|| Error::Store("no operation id returned".into()))?;
-        crash_point!("delete_snapshot::before_driver");
-        let mut result = timed(
-            "delete_snapshot",
-            &id.to_string(),
-            driver.delete_snapshot(&s),
-        )
-        .await;
-        if flatten_dependents && matches!(&result, Err(e) if e.kind() == ErrorKind::Busy) {
-            result = self.flatten_clones_then_delete(driver, &s).await;
-        }
-        crash_point!("delete_snapshot::after_driver");
-        match result {
-            Ok(()) => self.finish(vec![Step::DeleteSnapshot(id), Step::FinishOp(op)]),
-            Err(e) => {
-                // Busy: the backend refused before touching anything (Cinder does the same).
-                let to = if e.kind() == ErrorKind::Busy {
-                    SnapshotStatus::Available
-                } else {
-                    SnapshotStatus::ErrorDeleting
-                };
-                let reason = (to == SnapshotStatus::ErrorDeleting).then(|| e.to_string());
-                self.finish(vec![
-                    Step::SetSnapshotStatus {
-                        id,
-                        from: vec![],
-                        to,
-                        reason,
-                    },
-                    Step::FinishOp(op),
-                ])?;
-                Err(e)
-            }
-        }
-    }
-
-    async fn flatten_clones_then_delete(
-        &self,
-        driver: &Arc<dyn VolumeDriver>,
-        s: &Snapshot,
-    ) -> Result<()> {
-        for clone in self.store.volumes_from_snapshot(s.id)? {
-            info!(snapshot = %s.id, volume = %clone.id, "flattening dependent volume before deleting its snapshot");
-            timed(
-                "flatten_volume",
-                &clone.id.to_string(),
-                driver.flatten_volume(&clone, no_progress()),
-            )
-            .await?;
-        }
-        timed(
-            "delete_snapshot",
-            &s.id.to_string(),
-            driver.delete_snapshot(s),
-        )
-        .await
+    ) -> Result<DeleteAction> {
+        ops::delete_snapshot::run(&self.ctx, id, flatten_dependents).await
     }
 
     /// Reverts the snapshot's volume to it. Works for any snapshot of the volume (not only
@@ -806,316 +310,103 @@ impl Service {
         snapshot_id: SnapshotId,
         progress: ProgressHandle,
     ) -> Result<Volume> {
-        let s = self.snapshot(snapshot_id)?;
-        let _g = self.locks.lock(&[s.volume_id]).await?;
-        let s = self.snapshot_checked(snapshot_id).await?;
-        let v = self.volume(s.volume_id)?;
-        let driver = self.driver(&v.backend)?.clone();
-        let op = committed(
-            self.store.commit(Batch::with_op(
-                vec![
-                    Step::SetVolumeStatus {
-                        id: v.id,
-                        from: vec![VolumeStatus::Available],
-                        to: VolumeStatus::Reverting,
-                        reason: None,
-                    },
-                    Step::SetSnapshotStatus {
-                        id: s.id,
-                        from: vec![SnapshotStatus::Available],
-                        to: SnapshotStatus::Restoring,
-                        reason: None,
-                    },
-                ],
-                OpKind::Revert,
-                v.id,
-                Some(s.id),
-            ))?,
-            "revert",
-            "available (a volume must be detached to be reverted)",
-        )?
-        .ok_or_else(|| Error::Store("no operation id returned".into()))?;
-        crash_point!("revert::before_driver");
-        let result = timed(
-            "revert_to_snapshot",
-            &s.id.to_string(),
-            driver.revert_to_snapshot(&v, &s, progress),
-        )
-        .await;
-        crash_point!("revert::after_driver");
-        self.finish_revert(&v, &s, op, result)?;
-        self.volume(v.id)
+        ops::revert::run(&self.ctx, snapshot_id, progress).await
     }
 
-    fn finish_revert(&self, v: &Volume, s: &Snapshot, op: OpId, result: Result<()>) -> Result<()> {
-        let (vstatus, reason, err) = match result {
-            Ok(()) => (VolumeStatus::Available, None, None),
-            Err(e) => (
-                VolumeStatus::Error,
-                Some(format!("revert to snapshot {} failed: {e}", s.id)),
-                Some(e),
-            ),
+    /// Makes a cloned volume independent of its snapshot.
+    pub async fn flatten_volume(&self, id: VolumeId, progress: ProgressHandle) -> Result<Volume> {
+        ops::flatten::run(&self.ctx, id, progress).await
+    }
+
+    /// Admin: sets a volume's status (Cinder's `os-reset_status`), recording the old status
+    /// and the reason in its history. Refused while an operation on it runs.
+    pub async fn reset_volume_state(
+        &self,
+        id: VolumeId,
+        to: VolumeStatus,
+        reason: Option<String>,
+    ) -> Result<Volume> {
+        ops::reset_state::volume(&self.ctx, id, to, reason).await
+    }
+
+    /// Admin: sets a snapshot's status, like [`Service::reset_volume_state`].
+    pub async fn reset_snapshot_state(
+        &self,
+        id: SnapshotId,
+        to: SnapshotStatus,
+        reason: Option<String>,
+    ) -> Result<Snapshot> {
+        ops::reset_state::snapshot(&self.ctx, id, to, reason).await
+    }
+
+    /// Admin: compares what the backend records about a volume with its objects (e.g. a
+    /// qcow2 chain record with the qcow2 headers), and with `repair` fixes what is safe.
+    /// Holds the volume's lock; refused while an operation on it is unfinished.
+    pub async fn check_volume(&self, id: VolumeId, repair: bool) -> Result<CheckReport> {
+        let v = self.ctx.volume(id).await?;
+        let driver = self.ctx.driver(&v.backend).await?;
+        let Some(check) = driver.check() else {
+            return Err(Error::unsupported(format!(
+                "backend {} has no consistency check",
+                v.backend
+            )));
         };
-        self.finish(vec![
-            Step::SetVolumeStatus {
-                id: v.id,
-                from: vec![],
-                to: vstatus,
-                reason,
-            },
-            Step::SetSnapshotStatus {
-                id: s.id,
-                from: vec![],
-                to: SnapshotStatus::Available,
-                reason: None,
-            },
-            Step::FinishOp(op),
-        ])?;
-        err.map_or(Ok(()), Err)
-    }
-
-    /// Lineage from a volume: its snapshots, the volumes cloned from each, and so on.
-    pub fn tree(&self, volume_id: VolumeId) -> Result<VolumeNode> {
-        self.tree_at(self.volume(volume_id)?, 0)
-    }
-
-    fn tree_at(&self, volume: Volume, depth: usize) -> Result<VolumeNode> {
-        if depth > MAX_TREE_DEPTH {
-            return Err(Error::Store(format!(
-                "lineage deeper than {MAX_TREE_DEPTH} levels at volume {}",
-                volume.id
+        let _locks = self.ctx.lock([id.into()]).await?;
+        if let Some(op) = self
+            .ctx
+            .store
+            .operations()
+            .await?
+            .into_iter()
+            .find(|o| o.volume_id == id)
+        {
+            return Err(Error::wrong_state(format!(
+                "cannot check volume {id}: operation {} ({}) on it is unfinished; the next kiln start recovers it",
+                op.id.0, op.kind
             )));
         }
-        let mut snapshots = Vec::new();
-        for s in self.store.snapshots(Some(volume.id))? {
-            let clones = self
-                .store
-                .volumes_from_snapshot(s.id)?
-                .into_iter()
-                .map(|c| self.tree_at(c, depth + 1))
-                .collect::<Result<Vec<_>>>()?;
-            snapshots.push(SnapshotNode {
-                snapshot: s,
-                clones,
-            });
-        }
-        Ok(VolumeNode { volume, snapshots })
+        let v = self.ctx.volume(id).await?;
+        tokio::task::spawn_blocking(move || check.check_volume(&v, repair))
+            .await
+            .map_err(|e| Error::backend("check", format!("worker thread failed: {e}")))?
     }
 
-    /// Opens an `available` snapshot for reading. The returned reader holds the volume's lock,
-    /// so the snapshot cannot be deleted or reverted to while it is read.
+    /// Opens an `available` snapshot for reading. The returned reader holds the volume's
+    /// lock, so the snapshot cannot be deleted or reverted to while it is read.
     pub async fn open_snapshot_reader(&self, id: SnapshotId) -> Result<LockedReader> {
-        let s = self.snapshot(id)?;
-        let guards = self.locks.lock(&[s.volume_id]).await?;
-        let s = self.snapshot_checked(id).await?;
+        let s = self.ctx.snapshot(id).await?;
+        let locks = self.ctx.lock([LockKey::from(s.volume_id)]).await?;
+        let s = self.ctx.checked_snapshot(id).await?;
         if s.status != SnapshotStatus::Available {
-            return Err(Error::WrongState(format!(
+            return Err(Error::wrong_state(format!(
                 "cannot read snapshot {id}: it is {}; it must be available",
                 s.status
             )));
         }
-        let reader = self.driver(&s.backend)?.open_snapshot_reader(&s).await?;
+        let reader = self
+            .ctx
+            .driver(&s.backend)
+            .await?
+            .open_snapshot_reader(&s)
+            .await?;
         Ok(LockedReader {
             reader,
-            _guards: guards,
+            _locks: locks,
         })
     }
 
-    // ---------------------------------------------------------------- recovery
-
-    /// Resolves every journaled operation whose process is gone (its volume lock is free):
-    /// creates are kept if the backend object exists (snapshots) or redone (volumes),
-    /// else marked `error` with a reason; deletes and reverts are rolled forward.
-    /// Operations still held by a live process are left alone, and so are those whose
-    /// backend cannot answer right now (they stay journaled for the next start).
+    /// Resolves every journaled operation whose owner is gone (see
+    /// [`crate::ops::recovery`]). Operations a live process holds, or whose backend cannot
+    /// answer now, stay journaled.
     pub async fn recover(&self) -> Result<Vec<RecoveryAction>> {
-        let mut actions = Vec::new();
-        for op in self.store.operations()? {
-            let Some(guard) = self.locks.try_lock(op.volume_id)? else {
-                continue;
-            };
-            // Re-check under the lock: the owner may have finished just before we took it.
-            if !self.store.operations()?.iter().any(|o| o.id == op.id) {
-                continue;
-            }
-            match self.recover_one(&op, guard).await {
-                Ok(outcome) => {
-                    warn!(op = op.kind.as_str(), volume = %op.volume_id, snapshot = ?op.snapshot_id, outcome = %outcome, "recovered an unfinished operation");
-                    actions.push(RecoveryAction {
-                        operation: op,
-                        outcome,
-                    });
-                }
-                // The backend cannot answer now (e.g. unreachable): keep the journal entry
-                // for the next start rather than guess, and let kiln serve other backends.
-                Err(e) => {
-                    warn!(op = op.kind.as_str(), volume = %op.volume_id, error = %e, "cannot recover this operation yet; will retry on the next start")
-                }
-            }
-        }
-        Ok(actions)
-    }
-
-    async fn recover_one(&self, op: &Operation, _guard: VolumeGuard) -> Result<String> {
-        let volume = self.store.volume(op.volume_id)?;
-        let snapshot = match op.snapshot_id {
-            Some(id) => self.store.snapshot(id)?,
-            None => None,
-        };
-        let finish_only = |msg: &str| -> Result<String> {
-            self.finish(vec![Step::FinishOp(op.id)])?;
-            Ok(msg.to_string())
-        };
-        match op.kind {
-            OpKind::CreateVolume | OpKind::CreateVolumeFromSnapshot => {
-                let Some(v) = volume else {
-                    return finish_only("volume record already gone");
-                };
-                let driver = self.driver(&v.backend)?.clone();
-                // A half-made volume (an interrupted copy) may exist; redo it from scratch.
-                let redo = async {
-                    driver.delete_volume(&v).await?;
-                    match (&op.kind, &snapshot) {
-                        (OpKind::CreateVolumeFromSnapshot, Some(s)) => {
-                            driver
-                                .create_volume_from_snapshot(&v, s, no_progress())
-                                .await
-                        }
-                        (OpKind::CreateVolumeFromSnapshot, None) => Err(Error::NotFound {
-                            what: "snapshot",
-                            id: format!("{:?}", op.snapshot_id),
-                        }),
-                        _ => driver.create_volume(&v).await,
-                    }
-                };
-                match redo.await {
-                    Ok(update) => {
-                        self.finish(vec![
-                            Step::SetVolumeStatus {
-                                id: v.id,
-                                from: vec![],
-                                to: VolumeStatus::Available,
-                                reason: None,
-                            },
-                            Step::SetVolumeLocation(v.id, update.provider_location),
-                            Step::FinishOp(op.id),
-                        ])?;
-                        Ok("volume creation redone; volume available".into())
-                    }
-                    Err(e) => {
-                        let reason =
-                            format!("creation interrupted by a crash and could not be redone: {e}");
-                        self.finish(vec![
-                            Step::SetVolumeStatus {
-                                id: v.id,
-                                from: vec![],
-                                to: VolumeStatus::Error,
-                                reason: Some(reason.clone()),
-                            },
-                            Step::FinishOp(op.id),
-                        ])?;
-                        Ok(reason)
-                    }
-                }
-            }
-            OpKind::CreateSnapshot => {
-                let Some(s) = snapshot else {
-                    return finish_only("snapshot record already gone");
-                };
-                let driver = self.driver(&s.backend)?.clone();
-                // A snapshot cannot be redone later (it would be another point in time):
-                // keep it if the backend made it, else record why it is missing.
-                if driver.snapshot_exists(&s).await? {
-                    self.finish(vec![
-                        Step::SetSnapshotStatus {
-                            id: s.id,
-                            from: vec![],
-                            to: SnapshotStatus::Available,
-                            reason: None,
-                        },
-                        Step::FinishOp(op.id),
-                    ])?;
-                    Ok("backend snapshot exists; snapshot available".into())
-                } else {
-                    let reason =
-                        "creation interrupted by a crash before the backend snapshot was made"
-                            .to_string();
-                    self.finish(vec![
-                        Step::SetSnapshotStatus {
-                            id: s.id,
-                            from: vec![],
-                            to: SnapshotStatus::Error,
-                            reason: Some(reason.clone()),
-                        },
-                        Step::FinishOp(op.id),
-                    ])?;
-                    Ok(reason)
-                }
-            }
-            OpKind::DeleteSnapshot => {
-                let Some(s) = snapshot else {
-                    return finish_only("snapshot record already gone");
-                };
-                let driver = self.driver(&s.backend)?.clone();
-                match driver.delete_snapshot(&s).await {
-                    Ok(()) => {
-                        self.finish(vec![Step::DeleteSnapshot(s.id), Step::FinishOp(op.id)])?;
-                        Ok("snapshot deletion completed".into())
-                    }
-                    Err(e) => {
-                        let to = if e.kind() == ErrorKind::Busy {
-                            SnapshotStatus::Available
-                        } else {
-                            SnapshotStatus::ErrorDeleting
-                        };
-                        self.finish(vec![
-                            Step::SetSnapshotStatus {
-                                id: s.id,
-                                from: vec![],
-                                to,
-                                reason: Some(e.to_string()),
-                            },
-                            Step::FinishOp(op.id),
-                        ])?;
-                        Ok(format!("snapshot deletion could not be completed: {e}"))
-                    }
-                }
-            }
-            OpKind::DeleteVolume => {
-                let Some(v) = volume else {
-                    return finish_only("volume record already gone");
-                };
-                let driver = self.driver(&v.backend)?.clone();
-                let r = driver.delete_volume(&v).await;
-                let msg = match &r {
-                    Ok(()) => "volume deletion completed".to_string(),
-                    Err(e) => format!("volume deletion could not be completed: {e}"),
-                };
-                // Errors are recorded on the volume; recovery itself succeeded.
-                let _ = self.finish_delete_volume(v.id, op.id, r);
-                Ok(msg)
-            }
-            OpKind::Revert => {
-                let (Some(v), Some(s)) = (volume, snapshot) else {
-                    return finish_only("volume or snapshot record already gone");
-                };
-                let driver = self.driver(&v.backend)?.clone();
-                let r = driver.revert_to_snapshot(&v, &s, no_progress()).await;
-                let msg = match &r {
-                    Ok(()) => format!("revert to snapshot {} completed", s.id),
-                    Err(e) => format!("revert to snapshot {} could not be completed: {e}", s.id),
-                };
-                let _ = self.finish_revert(&v, &s, op.id, r);
-                Ok(msg)
-            }
-        }
+        ops::recovery::recover(&self.ctx).await
     }
 }
 
 /// A snapshot reader that keeps its volume locked while it lives.
 pub struct LockedReader {
     reader: Box<dyn SnapshotReader>,
-    _guards: Vec<VolumeGuard>,
+    _locks: LockSet,
 }
 
 impl SnapshotReader for LockedReader {

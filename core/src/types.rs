@@ -63,9 +63,9 @@ uuid_id!(
     "instance"
 );
 
-/// Cinder's volume statuses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// Cinder's volume statuses. Serialized exactly as stored and printed (`in-use`,
+/// `error_deleting`: Cinder's own, mixed spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VolumeStatus {
     /// The backend object is being created.
     Creating,
@@ -83,9 +83,8 @@ pub enum VolumeStatus {
     Reverting,
 }
 
-/// Cinder's snapshot statuses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// Cinder's snapshot statuses, serialized as stored and printed (`error_deleting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SnapshotStatus {
     /// The backend object is being created.
     Creating,
@@ -121,8 +120,23 @@ macro_rules! status_strings {
             fn from_str(s: &str) -> Result<Self, Error> {
                 match s {
                     $($s => Ok($ty::$variant),)*
-                    _ => Err(Error::Store(format!("unknown {} {s:?}", stringify!($ty)))),
+                    _ => Err(Error::invalid(
+                        stringify!($ty),
+                        format!("unknown status {s:?}; one of: {}", [$($s),*].join(", ")),
+                    )),
                 }
+            }
+        }
+        // One spelling everywhere: JSON output uses the stored form, never serde's renaming.
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                ser.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(de)?;
+                s.parse().map_err(serde::de::Error::custom)
             }
         }
     };
@@ -226,6 +240,26 @@ impl Snapshot {
     }
 }
 
+/// What a delete did (stratisd's `DeleteAction`): deletes are idempotent, and the result
+/// says honestly whether this call removed something or found it already gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteAction {
+    /// This call removed the object.
+    Deleted,
+    /// Nothing to do: the object did not exist.
+    AlreadyGone,
+}
+
+impl fmt::Display for DeleteAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeleteAction::Deleted => "deleted",
+            DeleteAction::AlreadyGone => "already gone",
+        })
+    }
+}
+
 /// What a driver reports back after creating something; the service stores it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProviderUpdate {
@@ -246,7 +280,8 @@ pub struct Capabilities {
     pub clone: bool,
     /// Clones share blocks with their snapshot (copy-on-write) instead of a full copy.
     pub clone_cow: bool,
-    /// Changed-extent listing between snapshots.
+    /// Changed-extent listing between snapshots. No driver implements it yet, so every
+    /// driver reports `false`; it turns true with the first `diff` implementation.
     pub diff: bool,
     /// One instant across several volumes (native group snapshot).
     pub group_snapshot: bool,
@@ -283,4 +318,36 @@ pub struct PrimitiveSample {
     pub create: std::time::Duration,
     /// Time to remove it again.
     pub delete: std::time::Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_serialize_as_stored() {
+        // Found in review: serde's kebab-case printed "error-deleting" while the store,
+        // the tables and the README say "error_deleting".
+        for s in VolumeStatus::ALL {
+            let json = serde_json::to_value(s).unwrap_or_default();
+            assert_eq!(json, serde_json::Value::from(s.as_str()));
+            assert_eq!(serde_json::from_value::<VolumeStatus>(json).ok(), Some(*s));
+        }
+        for s in SnapshotStatus::ALL {
+            let json = serde_json::to_value(s).unwrap_or_default();
+            assert_eq!(json, serde_json::Value::from(s.as_str()));
+            assert_eq!(
+                serde_json::from_value::<SnapshotStatus>(json).ok(),
+                Some(*s)
+            );
+        }
+        assert_eq!(
+            serde_json::to_value(SnapshotStatus::ErrorDeleting).ok(),
+            Some(serde_json::Value::from("error_deleting"))
+        );
+        assert_eq!(
+            serde_json::to_value(VolumeStatus::InUse).ok(),
+            Some(serde_json::Value::from("in-use"))
+        );
+    }
 }

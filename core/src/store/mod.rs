@@ -14,78 +14,75 @@ pub use sqlite::SqliteStore;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::error::Result;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
 use crate::types::{
     Attachment, Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId, VolumeStatus,
 };
 
 /// Id of a journaled operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct OpId(pub i64);
-
-/// What a journaled operation does; recovery decides per kind how to finish it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OpKind {
-    /// `create_volume` of an empty volume.
-    CreateVolume,
-    /// `create_volume_from_snapshot`.
-    CreateVolumeFromSnapshot,
-    /// `delete_volume`.
-    DeleteVolume,
-    /// `create_snapshot` or `create_snapshot_force`.
-    CreateSnapshot,
-    /// `delete_snapshot`.
-    DeleteSnapshot,
-    /// `revert_to_snapshot`.
-    Revert,
-}
-
-impl OpKind {
-    const ALL: [OpKind; 6] = [
-        OpKind::CreateVolume,
-        OpKind::CreateVolumeFromSnapshot,
-        OpKind::DeleteVolume,
-        OpKind::CreateSnapshot,
-        OpKind::DeleteSnapshot,
-        OpKind::Revert,
-    ];
-
-    /// The kind as stored.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpKind::CreateVolume => "create_volume",
-            OpKind::CreateVolumeFromSnapshot => "create_volume_from_snapshot",
-            OpKind::DeleteVolume => "delete_volume",
-            OpKind::CreateSnapshot => "create_snapshot",
-            OpKind::DeleteSnapshot => "delete_snapshot",
-            OpKind::Revert => "revert",
-        }
-    }
-
-    /// Parses the stored form.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
 
 /// A journaled operation: recorded before the driver is called, removed when the store has
 /// the result. One left behind means the process died in between.
+///
+/// The journal is open: `kind` names the operation module that wrote it (see
+/// `crate::ops`), which alone knows how to recover it. An operation over several volumes
+/// is a *parent* with one *child* entry per member step (`parent` set); recovery resolves
+/// the parent and its children as one unit, by the rule the parent's operation declares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Operation {
     /// Journal id (assigned by the store).
     pub id: OpId,
-    /// What was being done.
-    pub kind: OpKind,
+    /// What is being done, e.g. `create_snapshot`, `group_snapshot`.
+    pub kind: String,
+    /// The parent operation, for a child step of a multi-volume operation.
+    pub parent: Option<OpId>,
     /// The volume the operation is about (for snapshot operations: the snapshot's volume;
-    /// for clones: the new volume).
+    /// for clones: the new volume; for a parent: its first member).
     pub volume_id: VolumeId,
     /// The snapshot involved, if any (for reverts and clones: the source snapshot).
     pub snapshot_id: Option<SnapshotId>,
+    /// Operation-specific data its recovery needs (JSON; `null` when none).
+    pub payload: serde_json::Value,
     /// When it started.
     pub started_at: DateTime<Utc>,
-    /// Process that ran it (informational; liveness is decided by the volume lock).
+    /// Process that ran it (informational; liveness is decided by the locks).
     pub pid: u32,
+}
+
+/// An operation to journal in the same transaction as a batch's steps.
+#[derive(Debug, Clone)]
+pub struct NewOp {
+    /// See [`Operation::kind`].
+    pub kind: &'static str,
+    /// See [`Operation::parent`].
+    pub parent: Option<OpId>,
+    /// See [`Operation::volume_id`].
+    pub volume_id: VolumeId,
+    /// See [`Operation::snapshot_id`].
+    pub snapshot_id: Option<SnapshotId>,
+    /// See [`Operation::payload`].
+    pub payload: serde_json::Value,
+}
+
+/// One entry of a record's status history (admin resets; kept forever).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryEntry {
+    /// "volume" or "snapshot".
+    pub object: String,
+    /// The object's id.
+    pub object_id: String,
+    /// Status before the change.
+    pub from_status: String,
+    /// Status after the change.
+    pub to_status: String,
+    /// Why (given by the admin, or the event that caused it).
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
 }
 
 /// One guarded step of a [`Batch`].
@@ -147,6 +144,10 @@ pub enum Step {
     DeleteSnapshot(SnapshotId),
     /// Remove a journaled operation.
     FinishOp(OpId),
+    /// Remove every child operation of a parent (the parent is removed by `FinishOp`).
+    FinishChildren(OpId),
+    /// Append to the status history.
+    RecordHistory(HistoryEntry),
 }
 
 /// Steps applied atomically, optionally journaling a new operation in the same transaction.
@@ -154,8 +155,8 @@ pub enum Step {
 pub struct Batch {
     /// The steps, applied in order; the first failing guard aborts the batch.
     pub steps: Vec<Step>,
-    /// An operation to journal: kind, volume, snapshot.
-    pub begin: Option<(OpKind, VolumeId, Option<SnapshotId>)>,
+    /// An operation to journal.
+    pub begin: Option<NewOp>,
 }
 
 impl Batch {
@@ -165,16 +166,26 @@ impl Batch {
     }
 
     /// A batch that also journals an operation.
-    pub fn with_op(
-        steps: Vec<Step>,
-        kind: OpKind,
-        volume: VolumeId,
-        snapshot: Option<SnapshotId>,
-    ) -> Self {
+    pub fn with_op(steps: Vec<Step>, op: NewOp) -> Self {
         Batch {
             steps,
-            begin: Some((kind, volume, snapshot)),
+            begin: Some(op),
         }
+    }
+
+    /// Whether the batch must be on stable storage before `commit` returns.
+    ///
+    /// Every batch is, except one that only finishes journaled operations (it removes a
+    /// journal entry and begins none): if it is lost to a power failure, the journal entry
+    /// it removed is still there, and recovery reaches the same result again by asking the
+    /// backend. Any later durable commit persists it anyway (the log is sequential). This
+    /// saves one fsync per operation.
+    pub fn needs_sync(&self) -> bool {
+        self.begin.is_some()
+            || !self
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::FinishOp(_) | Step::FinishChildren(_)))
     }
 }
 
@@ -192,9 +203,13 @@ pub struct Conflict {
     pub found: Option<String>,
 }
 
-/// The store interface. Implementations must make [`Store::commit`] atomic and serializable
-/// against other processes using the same store.
-pub trait Store: Send + Sync {
+/// The store interface, synchronous: implementations may block (disk, network). The
+/// service never calls it directly but through [`AsyncStore`], which keeps every call off
+/// the async runtime's worker threads.
+///
+/// Implementations must make [`Store::commit`] atomic and serializable against other
+/// processes (or nodes) using the same store.
+pub trait Store: Send + Sync + 'static {
     /// Applies the batch atomically. `Ok(Err(conflict))` when a guard failed (nothing changed);
     /// `Ok(Ok(op))` with the new operation id when `batch.begin` was set.
     fn commit(&self, batch: Batch) -> Result<std::result::Result<Option<OpId>, Conflict>>;
@@ -208,6 +223,70 @@ pub trait Store: Send + Sync {
     fn snapshot(&self, id: SnapshotId) -> Result<Option<Snapshot>>;
     /// Snapshots, of one volume or all, oldest first.
     fn snapshots(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>>;
-    /// Unfinished operations, oldest first.
+    /// Unfinished operations (parents and children), oldest first.
     fn operations(&self) -> Result<Vec<Operation>>;
+    /// The status history of one object, oldest first.
+    fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>>;
+}
+
+/// The async face of a [`Store`]: every call runs on the blocking pool, so a slow disk (a
+/// FULL-sync commit) or a lock wait never stalls a runtime worker. Cheap to clone.
+#[derive(Clone)]
+pub struct AsyncStore(Arc<dyn Store>);
+
+macro_rules! blocking_call {
+    ($self:ident, |$s:ident| $body:expr) => {{
+        let $s = $self.0.clone();
+        tokio::task::spawn_blocking(move || $body)
+            .await
+            .map_err(|e| Error::store(format!("store worker failed: {e}")))?
+    }};
+}
+
+impl AsyncStore {
+    /// Wraps `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        AsyncStore(store)
+    }
+
+    /// The synchronous store (for tests and tools running on a blocking thread).
+    pub fn sync(&self) -> &Arc<dyn Store> {
+        &self.0
+    }
+
+    /// See [`Store::commit`].
+    pub async fn commit(
+        &self,
+        batch: Batch,
+    ) -> Result<std::result::Result<Option<OpId>, Conflict>> {
+        blocking_call!(self, |s| s.commit(batch))
+    }
+    /// See [`Store::volume`].
+    pub async fn volume(&self, id: VolumeId) -> Result<Option<Volume>> {
+        blocking_call!(self, |s| s.volume(id))
+    }
+    /// See [`Store::volumes`].
+    pub async fn volumes(&self) -> Result<Vec<Volume>> {
+        blocking_call!(self, |s| s.volumes())
+    }
+    /// See [`Store::volumes_from_snapshot`].
+    pub async fn volumes_from_snapshot(&self, id: SnapshotId) -> Result<Vec<Volume>> {
+        blocking_call!(self, |s| s.volumes_from_snapshot(id))
+    }
+    /// See [`Store::snapshot`].
+    pub async fn snapshot(&self, id: SnapshotId) -> Result<Option<Snapshot>> {
+        blocking_call!(self, |s| s.snapshot(id))
+    }
+    /// See [`Store::snapshots`].
+    pub async fn snapshots(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>> {
+        blocking_call!(self, |s| s.snapshots(volume))
+    }
+    /// See [`Store::operations`].
+    pub async fn operations(&self) -> Result<Vec<Operation>> {
+        blocking_call!(self, |s| s.operations())
+    }
+    /// See [`Store::history`].
+    pub async fn history(&self, object_id: String) -> Result<Vec<HistoryEntry>> {
+        blocking_call!(self, |s| s.history(&object_id))
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::{Batch, Conflict, OpId, OpKind, Operation, Step, Store};
+use super::{Batch, Conflict, HistoryEntry, OpId, Operation, Step, Store};
 use crate::error::{Error, Result};
 use crate::types::{Attachment, InstanceId, Snapshot, SnapshotId, Volume, VolumeId};
 
@@ -55,19 +55,37 @@ const MIGRATIONS: &[&str] = &[
         started_at TEXT NOT NULL,
         pid INTEGER NOT NULL
     );",
+    // 2: an open journal (multi-volume parents with child steps, per-operation payload)
+    //    and the status history admins' resets write.
+    "ALTER TABLE operations ADD COLUMN parent_id INTEGER REFERENCES operations(id);
+    ALTER TABLE operations ADD COLUMN payload TEXT NOT NULL DEFAULT 'null';
+    CREATE INDEX operations_parent ON operations(parent_id);
+    CREATE TABLE status_history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        object TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        from_status TEXT NOT NULL,
+        to_status TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX status_history_object ON status_history(object_id);",
 ];
 
 /// SQLite implementation of [`Store`]. Safe to share between threads and between processes
 /// (SQLite's file locking plus `BEGIN IMMEDIATE` serializes writers).
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// The connection's current `synchronous` setting: true = FULL, false = NORMAL
+    /// (changed only while `conn` is locked).
+    full_sync: std::sync::atomic::AtomicBool,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)
-            .map_err(|e| Error::Store(format!("open {}: {e}", path.display())))?;
+            .map_err(|e| Error::store(format!("open {}: {e}", path.display())))?;
         // Several kiln processes may share the file: wait for a writer instead of failing.
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         // WAL lets readers proceed during a write; FULL sync because the journal is what
@@ -77,6 +95,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let store = SqliteStore {
             conn: Mutex::new(conn),
+            full_sync: std::sync::atomic::AtomicBool::new(true),
         };
         store.migrate()?;
         Ok(store)
@@ -88,6 +107,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let store = SqliteStore {
             conn: Mutex::new(conn),
+            full_sync: std::sync::atomic::AtomicBool::new(true),
         };
         store.migrate()?;
         Ok(store)
@@ -99,7 +119,7 @@ impl SqliteStore {
         let applied: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let applied = usize::try_from(applied).unwrap_or(0);
         if applied > MIGRATIONS.len() {
-            return Err(Error::Store(format!(
+            return Err(Error::store(format!(
                 "the database has schema version {applied}, newer than this kiln ({}); upgrade kiln",
                 MIGRATIONS.len()
             )));
@@ -115,7 +135,7 @@ impl SqliteStore {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.conn
             .lock()
-            .map_err(|_| Error::Store("store connection poisoned by an earlier panic".into()))
+            .map_err(|_| Error::store("store connection poisoned by an earlier panic"))
     }
 }
 
@@ -389,6 +409,15 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
         Step::FinishOp(op) => {
             tx.execute("DELETE FROM operations WHERE id = ?1", [op.0])?;
         }
+        Step::FinishChildren(op) => {
+            tx.execute("DELETE FROM operations WHERE parent_id = ?1", [op.0])?;
+        }
+        Step::RecordHistory(h) => {
+            tx.execute(
+                "INSERT INTO status_history (object, object_id, from_status, to_status, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![h.object, h.object_id, h.from_status, h.to_status, h.reason, ts(&h.at)],
+            )?;
+        }
     }
     Ok(None)
 }
@@ -404,6 +433,14 @@ fn insert_attachment(tx: &Connection, id: VolumeId, a: &Attachment) -> Result<()
 impl Store for SqliteStore {
     fn commit(&self, batch: Batch) -> Result<std::result::Result<Option<OpId>, Conflict>> {
         let mut conn = self.lock()?;
+        // FULL for what recovery trusts; NORMAL (durable at the next sync) for a batch that
+        // only finishes journaled work: see `Batch::needs_sync`.
+        let full = batch.needs_sync();
+        if self.full_sync.load(std::sync::atomic::Ordering::Relaxed) != full {
+            conn.pragma_update(None, "synchronous", if full { "FULL" } else { "NORMAL" })?;
+            self.full_sync
+                .store(full, std::sync::atomic::Ordering::Relaxed);
+        }
         // IMMEDIATE takes the write lock up front, so the guards we read cannot change
         // under us before our writes land, even with other kiln processes on the same file.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -415,13 +452,15 @@ impl Store for SqliteStore {
             }
         }
         let op = match batch.begin {
-            Some((kind, volume, snapshot)) => {
+            Some(op) => {
                 tx.execute(
-                    "INSERT INTO operations (kind, volume_id, snapshot_id, started_at, pid) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO operations (kind, parent_id, volume_id, snapshot_id, payload, started_at, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![
-                        kind.as_str(),
-                        volume.to_string(),
-                        snapshot.map(|s| s.to_string()),
+                        op.kind,
+                        op.parent.map(|p| p.0),
+                        op.volume_id.to_string(),
+                        op.snapshot_id.map(|s| s.to_string()),
+                        op.payload.to_string(),
                         now,
                         std::process::id()
                     ],
@@ -492,35 +531,58 @@ impl Store for SqliteStore {
     fn operations(&self) -> Result<Vec<Operation>> {
         let conn = self.lock()?;
         let mut st = conn.prepare_cached(
-            "SELECT id, kind, volume_id, snapshot_id, started_at, pid FROM operations ORDER BY id",
+            "SELECT id, kind, parent_id, volume_id, snapshot_id, payload, started_at, pid FROM operations ORDER BY id",
         )?;
         let ops = st
             .query_map([], |r| {
-                let kind: String = r.get(1)?;
-                let snapshot: Option<String> = r.get(3)?;
+                let snapshot: Option<String> = r.get(4)?;
+                let payload: String = r.get(5)?;
                 Ok(Operation {
                     id: OpId(r.get(0)?),
-                    kind: OpKind::parse(&kind).ok_or_else(|| {
+                    kind: r.get(1)?,
+                    parent: r.get::<_, Option<i64>>(2)?.map(OpId),
+                    volume_id: parse_col(&r.get::<_, String>(3)?)?,
+                    snapshot_id: snapshot.as_deref().map(parse_col).transpose()?,
+                    payload: serde_json::from_str(&payload).map_err(|e| {
                         rusqlite::Error::FromSqlConversionFailure(
-                            1,
+                            5,
                             rusqlite::types::Type::Text,
-                            format!("unknown operation kind {kind:?}").into(),
+                            Box::new(e),
                         )
                     })?,
-                    volume_id: parse_col(&r.get::<_, String>(2)?)?,
-                    snapshot_id: snapshot.as_deref().map(parse_col).transpose()?,
-                    started_at: parse_ts(&r.get::<_, String>(4)?)?,
-                    pid: r.get(5)?,
+                    started_at: parse_ts(&r.get::<_, String>(6)?)?,
+                    pid: r.get(7)?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(ops)
+    }
+
+    fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(
+            "SELECT object, object_id, from_status, to_status, reason, at FROM status_history WHERE object_id = ?1 ORDER BY seq",
+        )?;
+        let rows = st
+            .query_map([object_id], |r| {
+                Ok(HistoryEntry {
+                    object: r.get(0)?,
+                    object_id: r.get(1)?,
+                    from_status: r.get(2)?,
+                    to_status: r.get(3)?,
+                    reason: r.get(4)?,
+                    at: parse_ts(&r.get::<_, String>(5)?)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::NewOp;
     use crate::types::VolumeStatus;
 
     fn volume(status: VolumeStatus) -> Volume {
@@ -564,9 +626,13 @@ mod tests {
                         any_of: vec![VolumeStatus::InUse],
                     },
                 ],
-                OpKind::DeleteVolume,
-                v.id,
-                None,
+                NewOp {
+                    kind: "delete_volume",
+                    parent: None,
+                    volume_id: v.id,
+                    snapshot_id: None,
+                    payload: serde_json::Value::Null,
+                },
             ))
             .unwrap()
             .unwrap_err();
@@ -586,9 +652,13 @@ mod tests {
                     to: VolumeStatus::Deleting,
                     reason: None,
                 }],
-                OpKind::DeleteVolume,
-                v.id,
-                None,
+                NewOp {
+                    kind: "delete_volume",
+                    parent: None,
+                    volume_id: v.id,
+                    snapshot_id: None,
+                    payload: serde_json::Value::Null,
+                },
             ))
             .unwrap()
             .unwrap()
@@ -596,7 +666,7 @@ mod tests {
         let ops = store.operations().unwrap();
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0].id, op);
-        assert_eq!(ops[0].kind, OpKind::DeleteVolume);
+        assert_eq!(ops[0].kind, "delete_volume");
         store
             .commit(Batch::new(vec![
                 Step::DeleteVolume(v.id),

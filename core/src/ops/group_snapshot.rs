@@ -1,0 +1,291 @@
+//! Snapshot several volumes as one unit (the base of instance snapshots): all or nothing.
+//!
+//! Journal shape: one *parent* entry (kind `group_snapshot`) that names every member
+//! (volume, planned snapshot id) and the rule its recovery follows, written in the same
+//! transaction as every member's `creating` record; then one *child* entry per member
+//! (kind `create_snapshot`, `parent` set) just before that member's driver call, so recovery
+//! knows which members may have reached the backend.
+//!
+//! Members are grouped per backend and the backends work concurrently; each backend gets
+//! its members in one `create_group_snapshot` call (a backend with a native group
+//! primitive takes them at one instant). If any member fails, the members that succeeded
+//! are deleted again and no record is left: the caller gets the first failure.
+//!
+//! Recovery rule: **roll back**. A group interrupted by a crash is not a consistent set
+//! (some members may be missing), so every member the backend made is deleted and every
+//! record removed; the outcome says, per member, what was found.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Ctx, conflict_error, create_snapshot};
+use crate::driver::GroupMember;
+use crate::error::{Error, Result};
+use crate::locks::LockKey;
+use crate::store::{NewOp, Operation, Step};
+use crate::types::{DeleteAction, Snapshot, SnapshotId, SnapshotStatus, VolumeId, VolumeStatus};
+use crate::validate::validate_label;
+
+/// Journal kind of the parent.
+pub(crate) const KIND: &str = "group_snapshot";
+
+/// Most volumes in one group: far more than any server attaches (Nova's limit is 26 per
+/// bus), small enough that one journal entry and one freeze window stay bounded.
+pub const MAX_MEMBERS: usize = 256;
+
+/// How recovery resolves an interrupted group (stored in the parent's payload, so a
+/// later kiln applies the rule the writer declared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Rule {
+    /// Delete every member that was made; remove every record.
+    RollBack,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Member {
+    volume: VolumeId,
+    snapshot: SnapshotId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Payload {
+    rule: Rule,
+    members: Vec<Member>,
+}
+
+/// Snapshots every volume in `volumes` as one unit (see the module docs). `force` allows
+/// attached members (taken as forced snapshots).
+pub(crate) async fn run(
+    ctx: &Ctx,
+    volumes: &[VolumeId],
+    name: Option<String>,
+    force: bool,
+) -> Result<Vec<Snapshot>> {
+    if let Some(n) = &name {
+        validate_label(n)?;
+    }
+    let mut ids = volumes.to_vec();
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() || ids.len() > MAX_MEMBERS || ids.len() != volumes.len() {
+        return Err(Error::invalid(
+            "volumes",
+            format!("a group needs 1 to {MAX_MEMBERS} distinct volumes"),
+        ));
+    }
+    for id in &ids {
+        ctx.volume(*id).await?;
+    }
+    let _locks = ctx.lock(ids.iter().map(|id| LockKey::from(*id))).await?;
+    let mut vols = Vec::with_capacity(volumes.len());
+    for id in volumes {
+        vols.push(ctx.volume(*id).await?);
+    }
+    let (allowed, needed) = if force {
+        (
+            vec![VolumeStatus::Available, VolumeStatus::InUse],
+            "available or in-use",
+        )
+    } else {
+        (
+            vec![VolumeStatus::Available],
+            "available (use --force for attached volumes)",
+        )
+    };
+    let members: Vec<(Snapshot, crate::types::Volume)> = vols
+        .into_iter()
+        .map(|v| (create_snapshot::new_record(&v, name.clone()), v))
+        .collect();
+    let payload = Payload {
+        rule: Rule::RollBack,
+        members: members
+            .iter()
+            .map(|(s, v)| Member {
+                volume: v.id,
+                snapshot: s.id,
+            })
+            .collect(),
+    };
+    let mut steps = Vec::new();
+    for (s, v) in &members {
+        steps.push(Step::VolumeIn {
+            id: v.id,
+            any_of: allowed.clone(),
+        });
+        steps.push(Step::InsertSnapshot(s.clone()));
+    }
+    let parent = ctx
+        .begin(
+            steps,
+            NewOp::of(KIND, members[0].1.id, None)
+                .payload(serde_json::to_value(&payload).map_err(Error::store)?),
+            |c| conflict_error(c, "snapshot the group", needed),
+        )
+        .await?;
+
+    // Per backend, concurrently; within a backend, one group call.
+    let mut by_backend: BTreeMap<String, Vec<GroupMember>> = BTreeMap::new();
+    for (s, v) in &members {
+        let a = (v.status == VolumeStatus::InUse)
+            .then(|| v.attachments.first().cloned())
+            .flatten();
+        by_backend
+            .entry(v.backend.clone())
+            .or_default()
+            .push((s.clone(), v.clone(), a));
+    }
+    let per_backend = by_backend.into_iter().map(|(backend, group)| async move {
+        let r = async {
+            let driver = ctx.driver(&backend).await?;
+            for (s, v, _) in &group {
+                ctx.begin(
+                    vec![],
+                    NewOp {
+                        parent: Some(parent),
+                        ..NewOp::of(create_snapshot::KIND, v.id, Some(s.id))
+                    },
+                    |c| conflict_error(c, "snapshot the group", needed),
+                )
+                .await?;
+            }
+            ctx.drive(KIND, driver.create_group_snapshot(&group)).await
+        }
+        .await;
+        (group, r)
+    });
+    let mut made: Vec<(Snapshot, crate::types::ProviderUpdate)> = Vec::new();
+    let mut first_error: Option<Error> = None;
+    for (group, r) in futures::future::join_all(per_backend).await {
+        match r {
+            Ok(results) => {
+                for ((s, _, _), r) in group.into_iter().zip(results) {
+                    match r {
+                        Ok(u) => made.push((s, u)),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let mut steps = Vec::new();
+    match first_error {
+        None => {
+            for (s, u) in &made {
+                steps.push(Step::SetSnapshotStatus {
+                    id: s.id,
+                    from: vec![SnapshotStatus::Creating],
+                    to: SnapshotStatus::Available,
+                    reason: None,
+                });
+                steps.push(Step::SetSnapshotLocation(s.id, u.provider_location.clone()));
+            }
+            steps.push(Step::FinishChildren(parent));
+            steps.push(Step::FinishOp(parent));
+            ctx.finish(steps).await?;
+            let mut out = Vec::with_capacity(members.len());
+            for (s, _) in &members {
+                out.push(ctx.snapshot(s.id).await?);
+            }
+            Ok(out)
+        }
+        Some(e) => {
+            // All or nothing: take back what was made. A member whose cleanup fails stays
+            // recorded in `error`, so nothing is left untracked.
+            for (s, _) in &made {
+                if let Err(cleanup) =
+                    async { ctx.driver(&s.backend).await?.delete_snapshot(s).await }.await
+                {
+                    steps.push(Step::SetSnapshotStatus {
+                        id: s.id,
+                        from: vec![],
+                        to: SnapshotStatus::Error,
+                        reason: Some(format!(
+                            "group snapshot failed ({e}); removing this member failed too ({cleanup})"
+                        )),
+                    });
+                }
+            }
+            for (s, _) in &members {
+                if !steps
+                    .iter()
+                    .any(|st| matches!(st, Step::SetSnapshotStatus { id, .. } if *id == s.id))
+                {
+                    steps.push(Step::DeleteSnapshot(s.id));
+                }
+            }
+            steps.push(Step::FinishChildren(parent));
+            steps.push(Step::FinishOp(parent));
+            ctx.finish(steps).await?;
+            Err(e)
+        }
+    }
+}
+
+/// The volumes a group's recovery must lock (every member's).
+pub(crate) fn lock_keys(op: &Operation) -> Vec<LockKey> {
+    serde_json::from_value::<Payload>(op.payload.clone())
+        .map(|p| p.members.iter().map(|m| LockKey::from(m.volume)).collect())
+        .unwrap_or_else(|_| vec![LockKey::from(op.volume_id)])
+}
+
+/// Recovery: applies the parent's rule to the group as one unit. A backend that cannot
+/// answer now leaves the whole group journaled (nothing is half-resolved: the store
+/// changes in one batch at the end).
+pub(crate) async fn recover(ctx: &Ctx, op: &Operation, children: &[Operation]) -> Result<String> {
+    let payload: Payload = serde_json::from_value(op.payload.clone())
+        .map_err(|e| Error::store(format!("group snapshot journal entry {}: {e}", op.id.0)))?;
+    let Rule::RollBack = payload.rule;
+    let mut steps = Vec::new();
+    let mut report = Vec::new();
+    for m in &payload.members {
+        let started = children.iter().any(|c| c.snapshot_id == Some(m.snapshot));
+        let Some(s) = ctx.store.snapshot(m.snapshot).await? else {
+            report.push(format!("{}: no record", m.snapshot));
+            continue;
+        };
+        if !started {
+            // Its driver call never began: nothing can exist on the backend.
+            report.push(format!("{}: never started", m.snapshot));
+            steps.push(Step::DeleteSnapshot(s.id));
+            continue;
+        }
+        let driver = ctx.driver(&s.backend).await?;
+        match driver.delete_snapshot(&s).await {
+            Ok(DeleteAction::Deleted) => {
+                report.push(format!("{}: made, deleted", m.snapshot));
+                steps.push(Step::DeleteSnapshot(s.id));
+            }
+            Ok(DeleteAction::AlreadyGone) => {
+                report.push(format!("{}: not made", m.snapshot));
+                steps.push(Step::DeleteSnapshot(s.id));
+            }
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                report.push(format!("{}: could not be deleted ({e})", m.snapshot));
+                steps.push(Step::SetSnapshotStatus {
+                    id: s.id,
+                    from: vec![],
+                    to: SnapshotStatus::Error,
+                    reason: Some(format!(
+                        "group snapshot interrupted by a crash; removing this member failed: {e}"
+                    )),
+                });
+            }
+        }
+    }
+    steps.push(Step::FinishChildren(op.id));
+    steps.push(Step::FinishOp(op.id));
+    ctx.finish(steps).await?;
+    Ok(format!(
+        "group snapshot of {} volume(s) rolled back: {}",
+        payload.members.len(),
+        report.join("; ")
+    ))
+}

@@ -1,0 +1,217 @@
+//! Journaled operations, one file each, and the executor they all run on.
+//!
+//! Each operation module holds its forward steps (`run`) **and** its recovery (`recover`)
+//! together — the idea of Cinder's taskflow `execute`/`revert` pairs — so what an
+//! operation journals and how a crash in it is resolved are read side by side.
+//!
+//! The protocol every mutation follows, owned by [`Ctx`] and written once:
+//! 1. take the locks of every object involved ([`Ctx::lock`]);
+//! 2. one guarded store batch: compare-and-set of statuses + the journal entry, all or
+//!    nothing ([`Ctx::begin`]); a failed guard becomes a one-line `NotFound`/`WrongState`;
+//! 3. the driver call between two crash points ([`Ctx::drive`]);
+//! 4. one store batch with the result that also removes the journal entry ([`Ctx::finish`]).
+//!
+//! A crash between 2 and 4 leaves a journal entry whose locks are free; [`recovery`] finds
+//! it and hands it to its operation's `recover`, which finishes or rolls back by asking the
+//! backend what exists. A backend that cannot answer now (an [`ErrorKind::Unavailable`]
+//! error) leaves the entry journaled for the next try.
+
+pub mod clone;
+pub mod create_snapshot;
+pub mod create_volume;
+pub mod delete_snapshot;
+pub mod delete_volume;
+pub mod flatten;
+pub mod group_snapshot;
+pub mod recovery;
+pub mod reset_state;
+pub mod revert;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backends::Backends;
+use crate::crash::crash_point;
+use crate::driver::VolumeDriver;
+use crate::error::{Error, ErrorKind, Result};
+use crate::locks::{LockKey, LockManager, LockSet};
+use crate::store::{AsyncStore, Batch, Conflict, NewOp, OpId, Step};
+use crate::types::{Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId};
+
+/// Everything an operation needs: the store, the backends and the locks.
+pub(crate) struct Ctx {
+    pub(crate) store: AsyncStore,
+    pub(crate) backends: Backends,
+    pub(crate) locks: Arc<dyn LockManager>,
+}
+
+/// Whether a driver error means the backend refused *before changing anything*: dependents
+/// exist (`Busy`), or it cannot answer now (`Unavailable`). Such an operation leaves every
+/// object in the status it had before it began.
+pub(crate) fn refused(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::Busy | ErrorKind::Unavailable)
+}
+
+/// The one-line error for a failed guard: the object is missing, or in the wrong status.
+pub(crate) fn conflict_error(c: &Conflict, action: &str, needed: &str) -> Error {
+    match &c.found {
+        None => Error::not_found(c.what, &c.id),
+        Some(found) => Error::wrong_state(format!(
+            "cannot {action}: {} {} is {found}; it must be {needed}",
+            c.what, c.id
+        )),
+    }
+}
+
+impl NewOp {
+    /// A top-level journal entry of `kind` about `volume` (and `snapshot`).
+    pub(crate) fn of(kind: &'static str, volume: VolumeId, snapshot: Option<SnapshotId>) -> Self {
+        NewOp {
+            kind,
+            parent: None,
+            volume_id: volume,
+            snapshot_id: snapshot,
+            payload: serde_json::Value::Null,
+        }
+    }
+
+    /// With operation-specific data for its recovery.
+    pub(crate) fn payload(mut self, payload: serde_json::Value) -> Self {
+        self.payload = payload;
+        self
+    }
+}
+
+impl Ctx {
+    /// The backend's driver (opened on first use).
+    pub(crate) async fn driver(&self, backend: &str) -> Result<Arc<dyn VolumeDriver>> {
+        self.backends.driver(backend).await
+    }
+
+    /// One volume, or `NotFound`.
+    pub(crate) async fn volume(&self, id: VolumeId) -> Result<Volume> {
+        self.store
+            .volume(id)
+            .await?
+            .ok_or_else(|| Error::not_found("volume", id))
+    }
+
+    /// One snapshot, or `NotFound`.
+    pub(crate) async fn snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
+        self.store
+            .snapshot(id)
+            .await?
+            .ok_or_else(|| Error::not_found("snapshot", id))
+    }
+
+    /// Takes the locks of `keys` (step 1).
+    pub(crate) async fn lock(&self, keys: impl IntoIterator<Item = LockKey>) -> Result<LockSet> {
+        let keys: Vec<LockKey> = keys.into_iter().collect();
+        self.locks.lock(&keys).await
+    }
+
+    /// Applies a guarded batch that journals nothing (e.g. attach); a failed guard becomes
+    /// the error `on_conflict` makes.
+    pub(crate) async fn guarded(
+        &self,
+        steps: Vec<Step>,
+        on_conflict: impl FnOnce(&Conflict) -> Error,
+    ) -> Result<()> {
+        self.store
+            .commit(Batch::new(steps))
+            .await?
+            .map(drop)
+            .map_err(|c| on_conflict(&c))
+    }
+
+    /// Step 2: the guarded batch that starts an operation and journals it.
+    pub(crate) async fn begin(
+        &self,
+        steps: Vec<Step>,
+        op: NewOp,
+        on_conflict: impl FnOnce(&Conflict) -> Error,
+    ) -> Result<OpId> {
+        let kind = op.kind;
+        match self.store.commit(Batch::with_op(steps, op)).await? {
+            Ok(Some(id)) => {
+                tracing::debug!(op = kind, id = id.0, "operation journaled");
+                Ok(id)
+            }
+            Ok(None) => Err(Error::store(format!(
+                "the store journaled no operation for {kind}"
+            ))),
+            Err(c) => Err(on_conflict(&c)),
+        }
+    }
+
+    /// Step 3: the driver call `fut` of operation `op`, between its two crash points.
+    pub(crate) async fn drive<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        crash_point(op, "before_driver");
+        let started = Instant::now();
+        let r = fut.await;
+        tracing::debug!(
+            op,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            ok = r.is_ok(),
+            "driver step done"
+        );
+        crash_point(op, "after_driver");
+        r
+    }
+
+    /// Step 4: applies a batch whose guards must hold (the caller holds the locks). A
+    /// failed guard here means someone changed the object without its lock: a store error.
+    pub(crate) async fn finish(&self, steps: Vec<Step>) -> Result<()> {
+        self.store
+            .commit(Batch::new(steps))
+            .await?
+            .map(drop)
+            .map_err(|c| {
+                Error::store(format!(
+                    "unexpected concurrent change of {} {} (now {:?})",
+                    c.what, c.id, c.found
+                ))
+            })
+    }
+
+    /// An `available` snapshot, after asking its backend whether its data is still usable:
+    /// one the backend reports broken (e.g. an overflowed LVM thick snapshot) is marked
+    /// `error` with the backend's reason first. Called before a snapshot's data is *used*
+    /// (revert, clone, read) — never by listings, which stay read-only.
+    pub(crate) async fn checked_snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
+        let s = self.snapshot(id).await?;
+        if s.status != SnapshotStatus::Available {
+            return Ok(s);
+        }
+        // An unavailable backend cannot say anything about its snapshots: keep the record.
+        let Ok(driver) = self.driver(&s.backend).await else {
+            return Ok(s);
+        };
+        match driver.snapshot_health(&s).await {
+            Ok(None) => Ok(s),
+            Ok(Some(reason)) => {
+                tracing::warn!(snapshot = %s.id, %reason, "backend reports the snapshot unusable; marking it error");
+                // Compare-and-set: if someone else changed it meanwhile, their status stands.
+                let _ = self
+                    .store
+                    .commit(Batch::new(vec![Step::SetSnapshotStatus {
+                        id: s.id,
+                        from: vec![SnapshotStatus::Available],
+                        to: SnapshotStatus::Error,
+                        reason: Some(reason),
+                    }]))
+                    .await?;
+                self.snapshot(s.id).await
+            }
+            // A failed probe says nothing about the snapshot; keep what the store knows.
+            Err(e) => {
+                tracing::info!(snapshot = %s.id, error = %e, "snapshot health probe failed");
+                Ok(s)
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Crash recovery: finds journaled operations whose owner is gone (their locks are free)
+//! and hands each to its own operation's `recover`. Children of a multi-volume operation
+//! are never recovered alone: their parent resolves them as one unit.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{
+    Ctx, clone, create_snapshot, create_volume, delete_snapshot, delete_volume, flatten,
+    group_snapshot, revert,
+};
+use crate::error::{Error, Result};
+use crate::locks::LockKey;
+use crate::store::{OpId, Operation};
+
+/// What recovery did with one unfinished operation.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryAction {
+    /// The operation found in the journal.
+    pub operation: Operation,
+    /// Its child steps, for a multi-volume operation.
+    pub children: Vec<Operation>,
+    /// What was done about it.
+    pub outcome: String,
+}
+
+/// The locks a journaled operation's owner held (all of them must be free to recover it).
+fn lock_keys(op: &Operation, children: &[Operation]) -> Vec<LockKey> {
+    let mut keys = match op.kind.as_str() {
+        group_snapshot::KIND => group_snapshot::lock_keys(op),
+        _ => vec![LockKey::from(op.volume_id)],
+    };
+    keys.extend(children.iter().map(|c| LockKey::from(c.volume_id)));
+    keys
+}
+
+/// The one dispatch from a journal kind to its operation's recovery.
+async fn recover_one(ctx: &Ctx, op: &Operation, children: &[Operation]) -> Result<String> {
+    match op.kind.as_str() {
+        create_volume::KIND | clone::KIND => create_volume::recover(ctx, op).await,
+        create_snapshot::KIND => create_snapshot::recover(ctx, op).await,
+        delete_snapshot::KIND => delete_snapshot::recover(ctx, op).await,
+        delete_volume::KIND => delete_volume::recover(ctx, op).await,
+        revert::KIND => revert::recover(ctx, op).await,
+        flatten::KIND => flatten::recover(ctx, op).await,
+        group_snapshot::KIND => group_snapshot::recover(ctx, op, children).await,
+        other => Err(Error::store(format!(
+            "journal entry {} has unknown kind {other:?} (written by a newer kiln?); left as it is",
+            op.id.0
+        ))),
+    }
+}
+
+/// Resolves every journaled operation whose owner is gone. Operations still held by a live
+/// owner are left alone, and so are those whose backend or store cannot answer right now:
+/// they stay journaled for the next run, and the error is logged.
+pub(crate) async fn recover(ctx: &Ctx) -> Result<Vec<RecoveryAction>> {
+    let ops = ctx.store.operations().await?;
+    if ops.is_empty() {
+        return Ok(Vec::new());
+    }
+    let known: Vec<OpId> = ops.iter().map(|o| o.id).collect();
+    let mut children: BTreeMap<OpId, Vec<Operation>> = BTreeMap::new();
+    let mut roots = Vec::new();
+    for op in ops {
+        match op.parent {
+            // A child whose parent is gone cannot happen (they are written and removed in
+            // the same transactions); recover it on its own rather than leave it forever.
+            Some(p) if known.contains(&p) => children.entry(p).or_default().push(op),
+            _ => roots.push(op),
+        }
+    }
+    let mut actions = Vec::new();
+    for op in roots {
+        let kids = children.remove(&op.id).unwrap_or_default();
+        let Some(_locks) = ctx.locks.try_lock(&lock_keys(&op, &kids)).await? else {
+            continue;
+        };
+        // Re-check under the locks: the owner may have finished just before we took them.
+        if !ctx.store.operations().await?.iter().any(|o| o.id == op.id) {
+            continue;
+        }
+        match recover_one(ctx, &op, &kids).await {
+            Ok(outcome) => {
+                tracing::warn!(op = %op.kind, volume = %op.volume_id, snapshot = ?op.snapshot_id, children = kids.len(), outcome = %outcome, "recovered an unfinished operation");
+                actions.push(RecoveryAction {
+                    operation: op,
+                    children: kids,
+                    outcome,
+                });
+            }
+            // Keep the journal entry rather than guess, and let kiln serve other objects.
+            Err(e) => {
+                tracing::warn!(op = %op.kind, volume = %op.volume_id, error = %e, kind = e.kind().as_str(), "cannot recover this operation yet; it stays journaled for the next run")
+            }
+        }
+    }
+    Ok(actions)
+}

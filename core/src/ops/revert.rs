@@ -1,0 +1,118 @@
+//! Revert a volume to any of its snapshots (not only the latest, unlike Cinder), keeping
+//! every snapshot. The volume must be `available` (detached): reverting under a running
+//! guest would change its disk behind its back.
+//!
+//! Status: volume `reverting`, snapshot `restoring` while the driver works; on failure the
+//! volume is `error` with the reason (its data may be half-reverted) and the snapshot is
+//! `available` again. A refusal (`Busy`/`Unavailable`: nothing changed) puts both back.
+//! Recovery re-runs the revert (drivers make it safe to re-run).
+
+use super::{Ctx, conflict_error, refused};
+use crate::error::Result;
+use crate::progress::{ProgressHandle, no_progress};
+use crate::store::{NewOp, Operation, Step};
+use crate::types::{Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeStatus};
+
+/// Journal kind.
+pub(crate) const KIND: &str = "revert";
+
+/// Reverts snapshot `snapshot_id`'s volume to it.
+pub(crate) async fn run(
+    ctx: &Ctx,
+    snapshot_id: SnapshotId,
+    progress: ProgressHandle,
+) -> Result<Volume> {
+    let s = ctx.snapshot(snapshot_id).await?;
+    let _locks = ctx.lock([s.volume_id.into()]).await?;
+    let s = ctx.checked_snapshot(snapshot_id).await?;
+    let v = ctx.volume(s.volume_id).await?;
+    let driver = ctx.driver(&v.backend).await?;
+    let op = ctx
+        .begin(
+            vec![
+                Step::SetVolumeStatus {
+                    id: v.id,
+                    from: vec![VolumeStatus::Available],
+                    to: VolumeStatus::Reverting,
+                    reason: None,
+                },
+                Step::SetSnapshotStatus {
+                    id: s.id,
+                    from: vec![SnapshotStatus::Available],
+                    to: SnapshotStatus::Restoring,
+                    reason: None,
+                },
+            ],
+            NewOp::of(KIND, v.id, Some(s.id)),
+            |c| {
+                conflict_error(
+                    c,
+                    "revert",
+                    "available (a volume must be detached to be reverted)",
+                )
+            },
+        )
+        .await?;
+    let result = ctx
+        .drive(KIND, driver.revert_to_snapshot(&v, &s, progress))
+        .await;
+    let (mut steps, r) = conclude(&v, &s, result);
+    steps.push(Step::FinishOp(op));
+    ctx.finish(steps).await?;
+    r?;
+    ctx.volume(v.id).await
+}
+
+fn conclude(v: &Volume, s: &Snapshot, result: Result<()>) -> (Vec<Step>, Result<()>) {
+    let (vstatus, reason) = match &result {
+        Ok(()) => (VolumeStatus::Available, None),
+        Err(e) if refused(e) => (VolumeStatus::Available, None),
+        Err(e) => (
+            VolumeStatus::Error,
+            Some(format!("revert to snapshot {} failed: {e}", s.id)),
+        ),
+    };
+    (
+        vec![
+            Step::SetVolumeStatus {
+                id: v.id,
+                from: vec![],
+                to: vstatus,
+                reason,
+            },
+            Step::SetSnapshotStatus {
+                id: s.id,
+                from: vec![],
+                to: SnapshotStatus::Available,
+                reason: None,
+            },
+        ],
+        result,
+    )
+}
+
+/// Recovery: re-runs the revert. A backend that cannot answer now leaves it journaled.
+pub(crate) async fn recover(ctx: &Ctx, op: &Operation) -> Result<String> {
+    let v = ctx.store.volume(op.volume_id).await?;
+    let s = match op.snapshot_id {
+        Some(id) => ctx.store.snapshot(id).await?,
+        None => None,
+    };
+    let (Some(v), Some(s)) = (v, s) else {
+        ctx.finish(vec![Step::FinishOp(op.id)]).await?;
+        return Ok("volume or snapshot record already gone".into());
+    };
+    let driver = ctx.driver(&v.backend).await?;
+    let result = match driver.revert_to_snapshot(&v, &s, no_progress()).await {
+        Err(e) if e.is_transient() => return Err(e),
+        r => r,
+    };
+    let outcome = match &result {
+        Ok(()) => format!("revert to snapshot {} completed", s.id),
+        Err(e) => format!("revert to snapshot {} could not be completed: {e}", s.id),
+    };
+    let (mut steps, _) = conclude(&v, &s, result);
+    steps.push(Step::FinishOp(op.id));
+    ctx.finish(steps).await?;
+    Ok(outcome)
+}
