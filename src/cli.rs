@@ -117,6 +117,38 @@ pub enum VolumeCmd {
         /// Volume id (UUID).
         id: String,
     },
+    /// Make a volume cloned from a snapshot independent of it (copies shared data).
+    Flatten {
+        /// Volume id (UUID).
+        id: String,
+    },
+    /// Admin: set a volume's status (Cinder's reset-state), e.g. to retry after an error
+    /// you repaired by hand. Touches no backend; refused while an operation on the volume
+    /// runs or is unfinished; the old status and the reason are kept (see `history`).
+    ResetState {
+        /// Volume id (UUID).
+        id: String,
+        /// New status: creating, available, in-use, deleting, error, error_deleting, reverting.
+        #[arg(long, value_name = "STATUS")]
+        state: String,
+        /// Why (kept in the history) [default: "reset by an administrator"].
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Status history of a volume (admin resets): old status, new status, reason, time.
+    History {
+        /// Volume id (UUID).
+        id: String,
+    },
+    /// Admin: compare what the backend records about the volume (e.g. a qcow2 chain record)
+    /// with its objects; with --repair, fix what is safe. Exit 0 only when consistent.
+    Check {
+        /// Volume id (UUID).
+        id: String,
+        /// Repair what can be repaired without losing data.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 /// `kiln volume create`
@@ -180,6 +212,22 @@ pub enum SnapshotCmd {
     Tree {
         /// Volume id (UUID).
         volume_id: String,
+    },
+    /// Admin: set a snapshot's status (Cinder's reset-state); see `volume reset-state`.
+    ResetState {
+        /// Snapshot id (UUID).
+        id: String,
+        /// New status: creating, available, deleting, error, error_deleting, restoring.
+        #[arg(long, value_name = "STATUS")]
+        state: String,
+        /// Why (kept in the history) [default: "reset by an administrator"].
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Status history of a snapshot (admin resets).
+    History {
+        /// Snapshot id (UUID).
+        id: String,
     },
     /// Write the snapshot's full raw image to FILE (sparse) or - (stdout); prints its sha256.
     Export {

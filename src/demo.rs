@@ -19,9 +19,10 @@ fn step(n: u32, started: Instant, what: String) {
 pub async fn run(service: &Service, keep: bool) -> Result<()> {
     let backend = service
         .backends()
+        .await
         .into_iter()
         .find(|b| b.default)
-        .ok_or_else(|| kiln_core::Error::Config("no default backend".into()))?;
+        .ok_or_else(|| kiln_core::Error::config("no default backend"))?;
     println!(
         "kiln demo on backend {:?} (driver {}, snapshots by {})",
         backend.name, backend.driver, backend.capabilities.snapshot_method
@@ -133,7 +134,7 @@ pub async fn run(service: &Service, keep: bool) -> Result<()> {
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_dir(&dir);
 
-    println!("lineage:\n{}", tree_text(&service.tree(vol.id)?));
+    println!("lineage:\n{}", tree_text(&service.tree(vol.id).await?));
 
     if keep {
         println!("kept volume {} and clone {} (--keep)", vol.id, clone.id);

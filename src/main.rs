@@ -1,9 +1,14 @@
-//! The `kiln` command: parses arguments, wires config -> drivers -> service, prints results.
+//! The `kiln` command: parses and validates arguments, opens the service through
+//! `kiln-runtime`, runs one job, prints its result.
+//!
+//! Order matters: every argument is checked (ids, sizes, labels, devices, statuses) before
+//! the store or any backend is touched, so bad input changes nothing and costs nothing; and
+//! backends open only when the job needs them.
 
 mod cli;
-mod config;
 mod demo;
 mod export;
+mod job;
 mod output;
 
 use std::path::PathBuf;
@@ -11,11 +16,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 use kiln_core::service::Service;
-use kiln_core::validate::parse_size;
-use kiln_core::{CreateVolume, Error, Progress, ProgressHandle, Result};
+use kiln_core::{Error, Progress, ProgressHandle, Result};
 
-use cli::{BackendCmd, BenchCmd, Cli, Command, Format, LogFormat, SnapshotCmd, VolumeCmd};
-use output::emit;
+use cli::{Cli, Format, LogFormat};
+use job::Job;
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
@@ -32,10 +36,23 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// One line, always: scripts grep it and people read it.
+fn fail(e: &Error) -> i32 {
+    let msg = e.to_string().replace('\n', " ");
+    eprintln!("kiln: error: {msg}");
+    e.kind().exit_code()
+}
+
 fn main() {
     let _failpoints = kiln_core::crash::setup();
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let fmt = cli.format;
+    // Validate before anything is opened.
+    let job = match Job::prepare(cli.command) {
+        Ok(job) => job,
+        Err(e) => std::process::exit(fail(&e)),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,29 +65,26 @@ fn main() {
     };
     let code = runtime.block_on(async {
         tokio::select! {
-            r = run(cli) => match r {
+            r = async {
+                let service = open(cli.config.as_deref(), cli.data_dir).await?;
+                job.run(&service, fmt).await
+            } => match r {
                 Ok(()) => 0,
-                Err(e) => {
-                    // One line, always: scripts grep it and people read it.
-                    let msg = e.to_string().replace('\n', " ");
-                    eprintln!("kiln: error: {msg}");
-                    e.kind().exit_code()
-                }
+                Err(e) => fail(&e),
             },
-            // Ctrl-C: stop between steps. Every operation is journaled, so whatever was in
-            // flight is resolved by recovery on the next start; 130 is the shell convention.
+            // Ctrl-C: stop *now*, as a crash would. Every operation is journaled, and
+            // the locks must not be released while driver work (a blocking thread, a
+            // qemu-img child) carries on, so the process exits at once instead of
+            // unwinding: the kernel drops its locks as it dies and its children die with
+            // it. The next kiln command resolves what was in flight.
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("kiln: interrupted; unfinished operations are resolved on the next start");
-                130
+                eprintln!("kiln: interrupted; unfinished operations are resolved by the next kiln command");
+                std::process::exit(130);
             }
         }
     });
     drop(runtime);
     std::process::exit(code);
-}
-
-fn parse_id<T: std::str::FromStr<Err = Error>>(s: &str) -> Result<T> {
-    s.parse()
 }
 
 /// Progress of driver-side copies, shown as a bar on an interactive stderr.
@@ -93,204 +107,13 @@ fn progress(format: Format) -> (ProgressHandle, indicatif::ProgressBar) {
     (Arc::new(BarProgress(pb.clone())), pb)
 }
 
-async fn open(cli: &Cli) -> Result<Service> {
-    let config = match &cli.config {
-        Some(path) => config::Config::load(path)?,
-        None => config::Config::default(),
+async fn open(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Result<Service> {
+    let config = match config {
+        Some(path) => kiln_runtime::Config::load(path)?,
+        None => kiln_runtime::Config::default(),
     };
-    let data_dir = config::data_dir(cli.data_dir.clone(), &config)?;
-    config::open_service(config, &data_dir).await
-}
-
-async fn run(cli: Cli) -> Result<()> {
-    let service = open(&cli).await?;
-    let fmt = cli.format;
-    match cli.command {
-        Command::Backend(BackendCmd::List) => {
-            let mut rows = Vec::new();
-            for info in service.backends() {
-                let (stats, stats_error) = match service.backend_stats(&info.name).await {
-                    Ok(s) => (Some(s), None),
-                    Err(e) => (None, Some(e.to_string())),
-                };
-                rows.push(output::BackendRow {
-                    info,
-                    stats,
-                    stats_error,
-                });
-            }
-            emit(fmt, &rows, || output::backends_table(&rows));
-        }
-        Command::Volume(cmd) => volume(&service, fmt, cmd).await?,
-        Command::Snapshot(cmd) => snapshot(&service, fmt, cmd).await?,
-        Command::Bench(BenchCmd::Snapshot {
-            backend,
-            volume,
-            size,
-            iterations,
-        }) => {
-            let target = match volume {
-                Some(id) => kiln_core::bench::Target::Volume(parse_id(&id)?),
-                None => kiln_core::bench::Target::Scratch {
-                    backend: backend.unwrap_or_else(|| {
-                        service
-                            .backends()
-                            .into_iter()
-                            .find(|b| b.default)
-                            .map(|b| b.name)
-                            .unwrap_or_default()
-                    }),
-                    size_bytes: parse_size(&size)?,
-                },
-            };
-            let r = kiln_core::bench::snapshot(&service, target, iterations).await?;
-            emit(fmt, &r, || {
-                let line = |name: &str, p: &kiln_core::bench::Percentiles| {
-                    format!(
-                        "{name:<28} median {:>9.3} ms   p90 {:>9.3} ms   p99 {:>9.3} ms\n",
-                        p.median, p.p90, p.p99
-                    )
-                };
-                let mut s = format!(
-                    "backend {} — volume {} — {} iterations\nprimitive: {}\n",
-                    r.backend,
-                    output::human(r.size_bytes),
-                    r.iterations,
-                    r.primitive
-                );
-                s += &line("kiln snapshot create", &r.create_ms);
-                s += &line("primitive create", &r.primitive_ms);
-                s += &line("kiln snapshot delete", &r.delete_ms);
-                s += &line("primitive delete", &r.primitive_delete_ms);
-                for c in &r.comparisons {
-                    s += &line(&format!("{} create", c.name), &c.create_ms);
-                    s += &line(&format!("{} delete", c.name), &c.delete_ms);
-                }
-                s += &format!(
-                    "create ratio (kiln/primitive median): {:.2}\ndelete ratio: {:.2}",
-                    r.create_ratio, r.delete_ratio
-                );
-                s
-            });
-        }
-        Command::Demo(args) => demo::run(&service, args.keep).await?,
-    }
-    Ok(())
-}
-
-async fn volume(service: &Service, fmt: Format, cmd: VolumeCmd) -> Result<()> {
-    match cmd {
-        VolumeCmd::Create(c) => {
-            let req = CreateVolume {
-                size_bytes: c.size.as_deref().map(parse_size).transpose()?,
-                backend: c.backend,
-                name: c.name,
-                source_snapshot: c.snapshot.as_deref().map(parse_id).transpose()?,
-            };
-            let v = service.create_volume(req).await?;
-            emit(fmt, &v, || output::volume_table(&v));
-        }
-        VolumeCmd::List => {
-            let vs = service.volumes()?;
-            emit(fmt, &vs, || output::volumes_table(&vs));
-        }
-        VolumeCmd::Show { id } => {
-            let v = service.volume(parse_id(&id)?)?;
-            emit(fmt, &v, || output::volume_table(&v));
-        }
-        VolumeCmd::Delete { id, cascade } => {
-            let id = parse_id(&id)?;
-            service.delete_volume(id, cascade).await?;
-            emit(fmt, &serde_json::json!({"id": id, "deleted": true}), || {
-                format!("deleted volume {id}")
-            });
-        }
-        VolumeCmd::Attach {
-            id,
-            instance,
-            device,
-        } => {
-            let v = service
-                .attach(parse_id(&id)?, parse_id(&instance)?, &device)
-                .await?;
-            emit(fmt, &v, || output::volume_table(&v));
-        }
-        VolumeCmd::Detach { id } => {
-            let v = service.detach(parse_id(&id)?).await?;
-            emit(fmt, &v, || output::volume_table(&v));
-        }
-    }
-    Ok(())
-}
-
-async fn snapshot(service: &Service, fmt: Format, cmd: SnapshotCmd) -> Result<()> {
-    match cmd {
-        SnapshotCmd::Create {
-            volume_id,
-            name,
-            force,
-        } => {
-            let s = service
-                .create_snapshot(parse_id(&volume_id)?, name, force)
-                .await?;
-            emit(fmt, &s, || output::snapshot_table(&s));
-        }
-        SnapshotCmd::List { volume } => {
-            let ss = service
-                .snapshots_checked(volume.as_deref().map(parse_id).transpose()?)
-                .await?;
-            emit(fmt, &ss, || output::snapshots_table(&ss));
-        }
-        SnapshotCmd::Show { id } => {
-            let s = service.snapshot_checked(parse_id(&id)?).await?;
-            emit(fmt, &s, || output::snapshot_table(&s));
-        }
-        SnapshotCmd::Delete {
-            id,
-            flatten_dependents,
-        } => {
-            let id = parse_id(&id)?;
-            service.delete_snapshot(id, flatten_dependents).await?;
-            emit(fmt, &serde_json::json!({"id": id, "deleted": true}), || {
-                format!("deleted snapshot {id}")
-            });
-        }
-        SnapshotCmd::Revert { snapshot_id } => {
-            let (p, pb) = progress(fmt);
-            let v = service.revert(parse_id(&snapshot_id)?, p).await?;
-            pb.finish_and_clear();
-            emit(fmt, &v, || output::volume_table(&v));
-        }
-        SnapshotCmd::Tree { volume_id } => {
-            let t = service.tree(parse_id(&volume_id)?)?;
-            emit(fmt, &t, || output::tree_text(&t));
-        }
-        SnapshotCmd::Export {
-            snapshot_id,
-            output: out,
-        } => {
-            let summary = export(service, parse_id(&snapshot_id)?, &out, fmt).await?;
-            if out == "-" {
-                // stdout carries the image: the summary goes to stderr.
-                eprintln!(
-                    "exported snapshot {} ({} bytes) sha256 {}",
-                    summary.snapshot_id, summary.size_bytes, summary.sha256
-                );
-            } else {
-                emit(fmt, &summary, || {
-                    format!(
-                        "exported snapshot {} to {}: {} image, {} of data written (sparse)\nsha256 {}",
-                        summary.snapshot_id,
-                        summary.output,
-                        output::human(summary.size_bytes),
-                        output::human(summary.data_bytes_written),
-                        summary.sha256
-                    )
-                });
-            }
-        }
-    }
-    Ok(())
+    let data_dir = kiln_runtime::data_dir(data_dir, &config)?;
+    kiln_runtime::open(&config, &data_dir).await
 }
 
 /// Exports a snapshot; on failure a partially written output file is removed.

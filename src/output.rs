@@ -1,7 +1,9 @@
 //! Rendering of command results: tables for people, one JSON document for scripts.
 
 use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
-use kiln_core::service::{BackendInfo, VolumeNode};
+use kiln_core::service::VolumeNode;
+use kiln_core::store::HistoryEntry;
+use kiln_core::{BackendInfo, CheckReport};
 use kiln_core::{BackendStats, Snapshot, Volume};
 use serde::Serialize;
 
@@ -289,4 +291,65 @@ mod tests {
         assert_eq!(human(1 << 30), "1.0 GiB");
         assert_eq!(human(1536 << 20), "1.5 GiB");
     }
+}
+
+/// Table of status-history entries.
+pub fn history_table(h: &[HistoryEntry]) -> String {
+    let mut t = table(&["at", "from", "to", "reason"]);
+    for e in h {
+        t.add_row(vec![
+            e.at.to_rfc3339(),
+            e.from_status.clone(),
+            e.to_status.clone(),
+            e.reason.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// What a consistency check found and repaired.
+pub fn check_text(r: &CheckReport) -> String {
+    let mut s = String::new();
+    for f in &r.findings {
+        s += &format!("found: {f}\n");
+    }
+    for f in &r.repaired {
+        s += &format!("repaired: {f}\n");
+    }
+    s += if r.consistent {
+        "consistent"
+    } else {
+        "NOT consistent"
+    };
+    s
+}
+
+/// The result of `kiln bench snapshot`.
+pub fn bench_text(r: &kiln_core::bench::SnapshotBench) -> String {
+    let line = |name: &str, p: &kiln_core::bench::Percentiles| {
+        format!(
+            "{name:<28} median {:>9.3} ms   p90 {:>9.3} ms   max {:>9.3} ms\n",
+            p.median, p.p90, p.max
+        )
+    };
+    let mut s = format!(
+        "backend {} — volume {} — {} iterations\nprimitive: {}\n",
+        r.backend,
+        human(r.size_bytes),
+        r.iterations,
+        r.primitive
+    );
+    s += &line("kiln snapshot create", &r.create_ms);
+    s += &line("primitive create", &r.primitive_ms);
+    s += &line("kiln snapshot delete", &r.delete_ms);
+    s += &line("primitive delete", &r.primitive_delete_ms);
+    for c in &r.comparisons {
+        s += &line(&format!("{} create", c.name), &c.create_ms);
+        s += &line(&format!("{} delete", c.name), &c.delete_ms);
+    }
+    s += &format!(
+        "create ratio (kiln/primitive median): {:.2}\ndelete ratio: {:.2}",
+        r.create_ratio, r.delete_ratio
+    );
+    s
 }

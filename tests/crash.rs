@@ -2,8 +2,9 @@
 //! in both directions, for create, delete and revert; the next start must leave no
 //! transitional status, no backend object without a record, and no record whose backend
 //! object is missing unless it is marked `error` with a reason.
-//! Needs the `failpoints` feature (tests/run-all.sh enables it).
-#![cfg(feature = "failpoints")]
+//! Needs the `failpoints` feature (tests/run-all.sh enables it). Without it this file does
+//! not quietly compile to zero tests: the guard test below fails, and so does every crash
+//! test (kiln cannot be crashed on purpose, so nothing aborts).
 
 mod common;
 
@@ -13,6 +14,16 @@ use std::os::unix::process::ExitStatusExt;
 use common::{Kiln, listing, s};
 use kiln_testkit::pattern;
 use serde_json::Value;
+
+/// A crash test run without fail points would prove nothing; say so loudly.
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn built_with_the_failpoints_feature() {
+    panic!(
+        "tests/crash.rs needs `cargo test --features failpoints` (tests/run-all.sh passes it): \
+         without fail points kiln cannot be crashed at the moments recovery must handle"
+    );
+}
 
 const TRANSITIONAL: [&str; 4] = ["creating", "deleting", "restoring", "reverting"];
 

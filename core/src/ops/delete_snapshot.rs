@@ -69,6 +69,7 @@ pub(crate) async fn run_locked(
             NewOp::of(KIND, s.volume_id, Some(id)).payload(json!({
                 "prev_status": s.status.as_str(),
                 "prev_reason": s.status_reason,
+                "prev_updated_at": s.updated_at,
             })),
             |c| conflict_error(c, "delete snapshot", "available, error or error_deleting"),
         )
@@ -96,13 +97,13 @@ pub(crate) async fn run_locked(
 fn conclude(s: &Snapshot, result: Result<DeleteAction>) -> (Vec<Step>, Result<DeleteAction>) {
     match result {
         Ok(action) => (vec![Step::DeleteSnapshot(s.id)], Ok(action)),
-        // Refused before anything changed: back to what it was.
+        // Refused before anything changed: back to exactly what it was.
         Err(e) if refused(&e) => (
-            vec![Step::SetSnapshotStatus {
+            vec![Step::RestoreSnapshotStatus {
                 id: s.id,
-                from: vec![],
-                to: s.status,
+                status: s.status,
                 reason: s.status_reason.clone(),
+                updated_at: s.updated_at,
             }],
             Err(e),
         ),
@@ -135,6 +136,12 @@ pub(crate) async fn recover(ctx: &Ctx, op: &Operation) -> Result<String> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(SnapshotStatus::Available);
     s.status_reason = op.payload["prev_reason"].as_str().map(str::to_string);
+    if let Some(at) = op.payload["prev_updated_at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+    {
+        s.updated_at = at;
+    }
     let driver = ctx.driver(&s.backend).await?;
     let result = match driver.delete_snapshot(&s).await {
         Err(e) if e.is_transient() => return Err(e),

@@ -66,6 +66,7 @@ pub(crate) async fn run(ctx: &Ctx, id: VolumeId, cascade: bool) -> Result<Delete
             NewOp::of(KIND, id, None).payload(json!({
                 "prev_status": v.status.as_str(),
                 "prev_reason": v.status_reason,
+                "prev_updated_at": v.updated_at,
             })),
             |c| {
                 if c.step == 1 {
@@ -89,12 +90,13 @@ pub(crate) async fn run(ctx: &Ctx, id: VolumeId, cascade: bool) -> Result<Delete
 fn conclude(v: &Volume, result: Result<DeleteAction>) -> (Vec<Step>, Result<DeleteAction>) {
     match result {
         Ok(action) => (vec![Step::DeleteVolume(v.id)], Ok(action)),
+        // Refused before anything changed: back to exactly what it was.
         Err(e) if refused(&e) => (
-            vec![Step::SetVolumeStatus {
+            vec![Step::RestoreVolumeStatus {
                 id: v.id,
-                from: vec![],
-                to: v.status,
+                status: v.status,
                 reason: v.status_reason.clone(),
+                updated_at: v.updated_at,
             }],
             Err(e),
         ),
@@ -121,6 +123,12 @@ pub(crate) async fn recover(ctx: &Ctx, op: &Operation) -> Result<String> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(VolumeStatus::Available);
     v.status_reason = op.payload["prev_reason"].as_str().map(str::to_string);
+    if let Some(at) = op.payload["prev_updated_at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+    {
+        v.updated_at = at;
+    }
     let driver = ctx.driver(&v.backend).await?;
     let result = match driver.delete_volume(&v).await {
         Err(e) if e.is_transient() => return Err(e),

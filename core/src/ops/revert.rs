@@ -64,9 +64,30 @@ pub(crate) async fn run(
 }
 
 fn conclude(v: &Volume, s: &Snapshot, result: Result<()>) -> (Vec<Step>, Result<()>) {
+    if let Err(e) = &result
+        && refused(e)
+    {
+        // Nothing changed: both records back exactly as they were.
+        return (
+            vec![
+                Step::RestoreVolumeStatus {
+                    id: v.id,
+                    status: v.status,
+                    reason: v.status_reason.clone(),
+                    updated_at: v.updated_at,
+                },
+                Step::RestoreSnapshotStatus {
+                    id: s.id,
+                    status: s.status,
+                    reason: s.status_reason.clone(),
+                    updated_at: s.updated_at,
+                },
+            ],
+            result,
+        );
+    }
     let (vstatus, reason) = match &result {
         Ok(()) => (VolumeStatus::Available, None),
-        Err(e) if refused(e) => (VolumeStatus::Available, None),
         Err(e) => (
             VolumeStatus::Error,
             Some(format!("revert to snapshot {} failed: {e}", s.id)),

@@ -130,6 +130,29 @@ pub enum Step {
         /// New status reason (`None` clears it).
         reason: Option<String>,
     },
+    /// Put a volume back exactly as it was before an operation that changed nothing
+    /// (status, reason and `updated_at`): a refused operation leaves no trace.
+    RestoreVolumeStatus {
+        /// Volume to restore.
+        id: VolumeId,
+        /// Its status before.
+        status: VolumeStatus,
+        /// Its status reason before.
+        reason: Option<String>,
+        /// Its `updated_at` before.
+        updated_at: DateTime<Utc>,
+    },
+    /// Put a snapshot back exactly as it was (see [`Step::RestoreVolumeStatus`]).
+    RestoreSnapshotStatus {
+        /// Snapshot to restore.
+        id: SnapshotId,
+        /// Its status before.
+        status: SnapshotStatus,
+        /// Its status reason before.
+        reason: Option<String>,
+        /// Its `updated_at` before.
+        updated_at: DateTime<Utc>,
+    },
     /// Record the backend location of a volume.
     SetVolumeLocation(VolumeId, Option<String>),
     /// Record the backend location of a snapshot.

@@ -371,6 +371,28 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                 params![id.to_string(), to.as_str(), reason, now],
             )?;
         }
+        Step::RestoreVolumeStatus {
+            id,
+            status,
+            reason,
+            updated_at,
+        } => {
+            tx.execute(
+                "UPDATE volumes SET status = ?2, status_reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id.to_string(), status.as_str(), reason, ts(updated_at)],
+            )?;
+        }
+        Step::RestoreSnapshotStatus {
+            id,
+            status,
+            reason,
+            updated_at,
+        } => {
+            tx.execute(
+                "UPDATE snapshots SET status = ?2, status_reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id.to_string(), status.as_str(), reason, ts(updated_at)],
+            )?;
+        }
         Step::SetVolumeLocation(id, loc) => {
             tx.execute(
                 "UPDATE volumes SET provider_location = ?2 WHERE id = ?1",

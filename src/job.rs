@@ -1,0 +1,321 @@
+//! One command line turned into one typed, validated job, then run against the service.
+//!
+//! [`Job::prepare`] parses every id, size, label, device and status *before* anything is
+//! opened: bad input is refused with a one-line error and the store and backends are never
+//! touched. [`Job::run`] then does the work and prints the result.
+
+use kiln_core::service::Service;
+use kiln_core::validate::{parse_size, validate_device, validate_label};
+use kiln_core::{
+    CreateVolume, Error, InstanceId, Result, SnapshotId, SnapshotStatus, VolumeId, VolumeStatus,
+};
+
+use crate::cli::{BackendCmd, BenchCmd, Command, Format, SnapshotCmd, VolumeCmd};
+use crate::output::{self, emit};
+
+/// A validated command.
+pub enum Job {
+    BackendList,
+    VolumeCreate(CreateVolume),
+    VolumeList,
+    VolumeShow(VolumeId),
+    VolumeDelete(VolumeId, bool),
+    VolumeAttach(VolumeId, InstanceId, String),
+    VolumeDetach(VolumeId),
+    VolumeFlatten(VolumeId),
+    VolumeReset(VolumeId, VolumeStatus, Option<String>),
+    VolumeHistory(VolumeId),
+    VolumeCheck(VolumeId, bool),
+    SnapshotCreate(VolumeId, Option<String>, bool),
+    SnapshotList(Option<VolumeId>),
+    SnapshotShow(SnapshotId),
+    SnapshotDelete(SnapshotId, bool),
+    SnapshotRevert(SnapshotId),
+    SnapshotTree(VolumeId),
+    SnapshotExport(SnapshotId, String),
+    SnapshotReset(SnapshotId, SnapshotStatus, Option<String>),
+    SnapshotHistory(SnapshotId),
+    Bench(BenchTarget, usize),
+    Demo(bool),
+}
+
+/// What `bench snapshot` runs on, before the default backend is known.
+pub enum BenchTarget {
+    Volume(VolumeId),
+    Scratch(Option<String>, u64),
+}
+
+fn id<T: std::str::FromStr<Err = Error>>(s: &str) -> Result<T> {
+    s.parse()
+}
+
+fn label(l: Option<String>) -> Result<Option<String>> {
+    if let Some(l) = &l {
+        validate_label(l)?;
+    }
+    Ok(l)
+}
+
+/// Parses a status given on the command line; refusals name the valid ones.
+fn status<T: std::str::FromStr<Err = Error>>(s: &str) -> Result<T> {
+    s.parse()
+        .map_err(|e: Error| Error::invalid("state", e.message().trim_start_matches("invalid ")))
+}
+
+impl Job {
+    /// Validates `cmd` completely; nothing is opened.
+    pub fn prepare(cmd: Command) -> Result<Job> {
+        Ok(match cmd {
+            Command::Backend(BackendCmd::List) => Job::BackendList,
+            Command::Volume(v) => match v {
+                VolumeCmd::Create(c) => Job::VolumeCreate(CreateVolume {
+                    size_bytes: c.size.as_deref().map(parse_size).transpose()?,
+                    backend: c.backend,
+                    name: label(c.name)?,
+                    source_snapshot: c.snapshot.as_deref().map(id).transpose()?,
+                }),
+                VolumeCmd::List => Job::VolumeList,
+                VolumeCmd::Show { id: i } => Job::VolumeShow(id(&i)?),
+                VolumeCmd::Delete { id: i, cascade } => Job::VolumeDelete(id(&i)?, cascade),
+                VolumeCmd::Attach {
+                    id: i,
+                    instance,
+                    device,
+                } => {
+                    validate_device(&device)?;
+                    Job::VolumeAttach(id(&i)?, id(&instance)?, device)
+                }
+                VolumeCmd::Detach { id: i } => Job::VolumeDetach(id(&i)?),
+                VolumeCmd::Flatten { id: i } => Job::VolumeFlatten(id(&i)?),
+                VolumeCmd::ResetState {
+                    id: i,
+                    state,
+                    reason,
+                } => Job::VolumeReset(id(&i)?, status(&state)?, reason),
+                VolumeCmd::History { id: i } => Job::VolumeHistory(id(&i)?),
+                VolumeCmd::Check { id: i, repair } => Job::VolumeCheck(id(&i)?, repair),
+            },
+            Command::Snapshot(s) => match s {
+                SnapshotCmd::Create {
+                    volume_id,
+                    name,
+                    force,
+                } => Job::SnapshotCreate(id(&volume_id)?, label(name)?, force),
+                SnapshotCmd::List { volume } => {
+                    Job::SnapshotList(volume.as_deref().map(id).transpose()?)
+                }
+                SnapshotCmd::Show { id: i } => Job::SnapshotShow(id(&i)?),
+                SnapshotCmd::Delete {
+                    id: i,
+                    flatten_dependents,
+                } => Job::SnapshotDelete(id(&i)?, flatten_dependents),
+                SnapshotCmd::Revert { snapshot_id } => Job::SnapshotRevert(id(&snapshot_id)?),
+                SnapshotCmd::Tree { volume_id } => Job::SnapshotTree(id(&volume_id)?),
+                SnapshotCmd::Export {
+                    snapshot_id,
+                    output,
+                } => {
+                    if output != "-" && std::path::Path::new(&output).exists() {
+                        return Err(Error::invalid(
+                            "output",
+                            format!("{output:?} exists; kiln never overwrites an export"),
+                        ));
+                    }
+                    Job::SnapshotExport(id(&snapshot_id)?, output)
+                }
+                SnapshotCmd::ResetState {
+                    id: i,
+                    state,
+                    reason,
+                } => Job::SnapshotReset(id(&i)?, status(&state)?, reason),
+                SnapshotCmd::History { id: i } => Job::SnapshotHistory(id(&i)?),
+            },
+            Command::Bench(BenchCmd::Snapshot {
+                backend,
+                volume,
+                size,
+                iterations,
+            }) => {
+                if iterations == 0 || iterations > kiln_core::bench::MAX_ITERATIONS {
+                    return Err(Error::invalid(
+                        "iterations",
+                        format!(
+                            "{iterations}: must be 1..={}",
+                            kiln_core::bench::MAX_ITERATIONS
+                        ),
+                    ));
+                }
+                let target = match volume {
+                    Some(v) => BenchTarget::Volume(id(&v)?),
+                    None => BenchTarget::Scratch(backend, parse_size(&size)?),
+                };
+                Job::Bench(target, iterations)
+            }
+            Command::Demo(args) => Job::Demo(args.keep),
+        })
+    }
+
+    /// Runs the job and prints its result in `fmt`.
+    pub async fn run(self, service: &Service, fmt: Format) -> Result<()> {
+        match self {
+            Job::BackendList => {
+                let mut rows = Vec::new();
+                for info in service.backends().await {
+                    let (stats, stats_error) = match service.backend_stats(&info.name).await {
+                        Ok(s) => (Some(s), None),
+                        Err(e) => (None, Some(e.to_string())),
+                    };
+                    rows.push(output::BackendRow {
+                        info,
+                        stats,
+                        stats_error,
+                    });
+                }
+                emit(fmt, &rows, || output::backends_table(&rows));
+            }
+            Job::VolumeCreate(req) => {
+                let (p, pb) = crate::progress(fmt);
+                let v = service.create_volume_with_progress(req, p).await?;
+                pb.finish_and_clear();
+                emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::VolumeList => {
+                let vs = service.volumes().await?;
+                emit(fmt, &vs, || output::volumes_table(&vs));
+            }
+            Job::VolumeShow(id) => {
+                let v = service.volume(id).await?;
+                emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::VolumeDelete(id, cascade) => {
+                let action = service.delete_volume(id, cascade).await?;
+                deleted(fmt, "volume", &id.to_string(), action);
+            }
+            Job::VolumeAttach(id, instance, device) => {
+                let v = service.attach(id, instance, &device).await?;
+                emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::VolumeDetach(id) => {
+                let v = service.detach(id).await?;
+                emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::VolumeFlatten(id) => {
+                let (p, pb) = crate::progress(fmt);
+                let v = service.flatten_volume(id, p).await?;
+                pb.finish_and_clear();
+                emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::VolumeReset(id, to, reason) => {
+                let v = service.reset_volume_state(id, to, reason).await?;
+                emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::VolumeHistory(id) => {
+                service.volume(id).await?;
+                let h = service.history(&id.to_string()).await?;
+                emit(fmt, &h, || output::history_table(&h));
+            }
+            Job::VolumeCheck(id, repair) => {
+                let r = service.check_volume(id, repair).await?;
+                emit(fmt, &r, || output::check_text(&r));
+                if !r.consistent {
+                    return Err(Error::wrong_state(format!(
+                        "volume {id} is not consistent: {} finding(s){}",
+                        r.findings.len(),
+                        if repair {
+                            " remain after repair"
+                        } else {
+                            "; run with --repair to fix what is safe"
+                        }
+                    )));
+                }
+            }
+            Job::SnapshotCreate(volume_id, name, force) => {
+                let s = service.create_snapshot(volume_id, name, force).await?;
+                emit(fmt, &s, || output::snapshot_table(&s));
+            }
+            Job::SnapshotList(volume) => {
+                let ss = service.snapshots(volume).await?;
+                emit(fmt, &ss, || output::snapshots_table(&ss));
+            }
+            Job::SnapshotShow(id) => {
+                let s = service.snapshot(id).await?;
+                emit(fmt, &s, || output::snapshot_table(&s));
+            }
+            Job::SnapshotDelete(id, flatten_dependents) => {
+                let action = service.delete_snapshot(id, flatten_dependents).await?;
+                deleted(fmt, "snapshot", &id.to_string(), action);
+            }
+            Job::SnapshotRevert(id) => {
+                let (p, pb) = crate::progress(fmt);
+                let v = service.revert(id, p).await?;
+                pb.finish_and_clear();
+                emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::SnapshotTree(volume_id) => {
+                let t = service.tree(volume_id).await?;
+                emit(fmt, &t, || output::tree_text(&t));
+            }
+            Job::SnapshotExport(id, out) => {
+                let summary = crate::export(service, id, &out, fmt).await?;
+                if out == "-" {
+                    // stdout carries the image: the summary goes to stderr.
+                    eprintln!(
+                        "exported snapshot {} ({} bytes) sha256 {}",
+                        summary.snapshot_id, summary.size_bytes, summary.sha256
+                    );
+                } else {
+                    emit(fmt, &summary, || {
+                        format!(
+                            "exported snapshot {} to {}: {} image, {} of data written (sparse)\nsha256 {}",
+                            summary.snapshot_id,
+                            summary.output,
+                            output::human(summary.size_bytes),
+                            output::human(summary.data_bytes_written),
+                            summary.sha256
+                        )
+                    });
+                }
+            }
+            Job::SnapshotReset(id, to, reason) => {
+                let s = service.reset_snapshot_state(id, to, reason).await?;
+                emit(fmt, &s, || output::snapshot_table(&s));
+            }
+            Job::SnapshotHistory(id) => {
+                service.snapshot(id).await?;
+                let h = service.history(&id.to_string()).await?;
+                emit(fmt, &h, || output::history_table(&h));
+            }
+            Job::Bench(target, iterations) => {
+                let target = match target {
+                    BenchTarget::Volume(id) => kiln_core::bench::Target::Volume(id),
+                    BenchTarget::Scratch(backend, size_bytes) => {
+                        kiln_core::bench::Target::Scratch {
+                            backend: backend
+                                .unwrap_or_else(|| service.default_backend().to_string()),
+                            size_bytes,
+                        }
+                    }
+                };
+                let r = kiln_core::bench::snapshot(service, target, iterations).await?;
+                emit(fmt, &r, || output::bench_text(&r));
+            }
+            Job::Demo(keep) => crate::demo::run(service, keep).await?,
+        }
+        Ok(())
+    }
+}
+
+/// Prints a delete's result: what was deleted, and whether the backend object was still
+/// there (a retried delete says so instead of pretending).
+fn deleted(fmt: Format, what: &str, id: &str, action: kiln_core::DeleteAction) {
+    emit(
+        fmt,
+        &serde_json::json!({"id": id, "deleted": true, "backend": action}),
+        || match action {
+            kiln_core::DeleteAction::Deleted => format!("deleted {what} {id}"),
+            kiln_core::DeleteAction::AlreadyGone => {
+                format!("deleted {what} {id} (its backend object was already gone)")
+            }
+        },
+    );
+}
