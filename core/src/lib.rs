@@ -11,15 +11,13 @@ pub mod crash;
 pub mod driver;
 pub mod error;
 pub mod locks;
+pub mod memory;
 pub mod ops;
 pub mod progress;
 pub mod service;
 pub mod store;
 pub mod types;
 pub mod validate;
-
-#[cfg(test)]
-mod fake;
 
 #[doc(hidden)]
 pub use fail as __fail;

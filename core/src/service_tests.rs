@@ -7,8 +7,8 @@ use chrono::Utc;
 
 use super::*;
 use crate::error::ErrorKind;
-use crate::fake::FakeDriver;
 use crate::locks::FlockLocks;
+use crate::memory::MemoryDriver as FakeDriver;
 use crate::store::{Batch, NewOp, SqliteStore, Step};
 
 struct Fixture {

@@ -1,6 +1,8 @@
 //! Fixtures for kiln's tests against real components: a loop-mounted XFS filesystem with
-//! reflink, and deterministic data patterns. Tests panic on setup failure on purpose: a
+//! reflink, deterministic data patterns, and the driver contract suite ([`contract`]). Tests panic on setup failure on purpose: a
 //! missing `mkfs.xfs` or a non-root run must fail loudly, never skip silently.
+
+pub mod contract;
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,9 @@
-//! An in-memory driver for unit tests of the service's logic (status machine, races,
-//! recovery). Never used to test a backend: drivers are tested against the real thing.
+//! The in-memory driver: a simulator beside the real backends, behind the same trait
+//! (stratisd's `sim_engine` idea). It exists for tests of everything above the drivers
+//! (status machine, races, recovery, multi-volume operations) and to prove the driver
+//! contract suite is not shaped to one backend. It is never used to test a backend: drivers
+//! are tested against the real thing. Its knobs (`fail_next`, `busy`, `broken`, `hang`,
+//! `unreachable`) inject the backend behaviours those tests need.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,9 +17,12 @@ use crate::types::*;
 
 /// Volumes and snapshots as byte vectors; `fail_next` makes the next mutating call fail.
 #[derive(Default)]
-pub struct FakeDriver {
+pub struct MemoryDriver {
+    /// Volume data by id.
     pub volumes: Mutex<HashMap<VolumeId, Vec<u8>>>,
+    /// Snapshot data by id.
     pub snapshots: Mutex<HashMap<SnapshotId, Vec<u8>>>,
+    /// The next call of this operation fails with a backend error.
     pub fail_next: Mutex<Option<&'static str>>,
     /// Snapshot ids the fake reports as having dependent clones.
     pub busy: Mutex<Vec<SnapshotId>>,
@@ -31,12 +38,15 @@ pub struct FakeDriver {
     pub unreachable: std::sync::atomic::AtomicBool,
 }
 
-impl FakeDriver {
+impl MemoryDriver {
     fn check_fail(&self, op: &str) -> Result<()> {
         if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::unavailable(op.to_string(), "cluster unreachable"));
         }
-        let mut f = self.fail_next.lock().unwrap();
+        let mut f = self
+            .fail_next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if f.is_some_and(|o| o == op) {
             *f = None;
             return Err(Error::backend(op.to_string(), "injected failure"));
@@ -44,34 +54,67 @@ impl FakeDriver {
         Ok(())
     }
 
+    /// Replaces volume `v`'s whole content with `data`.
     pub fn write(&self, v: VolumeId, data: &[u8]) {
-        self.volumes.lock().unwrap().insert(v, data.to_vec());
+        self.volumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(v, data.to_vec());
     }
 
+    /// Writes `data` at `offset` into volume `v` (growing it if needed), as a guest would.
+    pub fn write_at(&self, v: VolumeId, offset: u64, data: &[u8]) {
+        let mut vols = self
+            .volumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let buf = vols.entry(v).or_default();
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        if buf.len() < end {
+            buf.resize(end, 0);
+        }
+        buf[start..end].copy_from_slice(data);
+    }
+
+    /// Volume `v`'s content.
     pub fn data(&self, v: VolumeId) -> Option<Vec<u8>> {
-        self.volumes.lock().unwrap().get(&v).cloned()
+        self.volumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&v)
+            .cloned()
     }
 }
 
-struct VecReader(Vec<u8>, Vec<Extent>);
+/// Reads a snapshot of `size` bytes whose first `data.len()` bytes were written (the rest
+/// reads as zeros, like a sparse image).
+struct VecReader {
+    data: Vec<u8>,
+    size: u64,
+    extents: Vec<Extent>,
+}
 
 impl SnapshotReader for VecReader {
     fn size(&self) -> u64 {
-        self.0.len() as u64
+        self.size
     }
     fn extents(&self) -> &[Extent] {
-        &self.1
+        &self.extents
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let off = (offset as usize).min(self.0.len());
-        let n = buf.len().min(self.0.len() - off);
-        buf[..n].copy_from_slice(&self.0[off..off + n]);
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let n = buf.len().min((self.size - offset) as usize);
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = self.data.get(offset as usize + i).copied().unwrap_or(0);
+        }
         Ok(n)
     }
 }
 
 #[async_trait]
-impl VolumeDriver for FakeDriver {
+impl VolumeDriver for MemoryDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             thin: true,
@@ -84,24 +127,34 @@ impl VolumeDriver for FakeDriver {
     }
     async fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate> {
         self.check_fail("create_volume")?;
-        self.volumes.lock().unwrap().insert(v.id, vec![0; 16]);
+        self.volumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(v.id, Vec::new());
         Ok(ProviderUpdate {
             provider_location: Some(format!("mem:{}", v.backend_name())),
         })
     }
     async fn delete_volume(&self, v: &Volume) -> Result<DeleteAction> {
         self.check_fail("delete_volume")?;
-        Ok(match self.volumes.lock().unwrap().remove(&v.id) {
-            Some(_) => DeleteAction::Deleted,
-            None => DeleteAction::AlreadyGone,
-        })
+        Ok(
+            match self
+                .volumes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&v.id)
+            {
+                Some(_) => DeleteAction::Deleted,
+                None => DeleteAction::AlreadyGone,
+            },
+        )
     }
     async fn lookup_volume(&self, v: &Volume) -> Result<Option<ProviderUpdate>> {
         self.check_fail("lookup_volume")?;
         Ok(self
             .volumes
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains_key(&v.id)
             .then(|| ProviderUpdate {
                 provider_location: Some(format!("mem:{}", v.backend_name())),
@@ -114,11 +167,19 @@ impl VolumeDriver for FakeDriver {
             .ok_or_else(|| Error::not_found("volume", v.id.to_string()))?;
         // Yield so concurrent tasks really interleave in the race tests.
         tokio::task::yield_now().await;
-        if self.hang.lock().unwrap().contains(&v.id) {
+        if self
+            .hang
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&v.id)
+        {
             self.entered.notify_one();
             std::future::pending::<()>().await;
         }
-        self.snapshots.lock().unwrap().insert(s.id, data);
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(s.id, data);
         Ok(ProviderUpdate {
             provider_location: Some(format!("mem:{}", s.backend_name())),
         })
@@ -133,24 +194,36 @@ impl VolumeDriver for FakeDriver {
     }
     async fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction> {
         self.check_fail("delete_snapshot")?;
-        if self.busy.lock().unwrap().contains(&s.id) {
+        if self
+            .busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&s.id)
+        {
             return Err(Error::busy(
                 format!("snapshot {} has dependent clones", s.id),
                 vec![],
             ));
         }
         tokio::task::yield_now().await;
-        Ok(match self.snapshots.lock().unwrap().remove(&s.id) {
-            Some(_) => DeleteAction::Deleted,
-            None => DeleteAction::AlreadyGone,
-        })
+        Ok(
+            match self
+                .snapshots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&s.id)
+            {
+                Some(_) => DeleteAction::Deleted,
+                None => DeleteAction::AlreadyGone,
+            },
+        )
     }
     async fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>> {
         self.check_fail("lookup_snapshot")?;
         Ok(self
             .snapshots
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains_key(&s.id)
             .then(|| ProviderUpdate {
                 provider_location: Some(format!("mem:{}", s.backend_name())),
@@ -166,11 +239,14 @@ impl VolumeDriver for FakeDriver {
         let data = self
             .snapshots
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&s.id)
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
-        self.volumes.lock().unwrap().insert(v.id, data);
+        self.volumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(v.id, data);
         Ok(ProviderUpdate {
             provider_location: Some(format!("mem:{}", v.backend_name())),
         })
@@ -180,36 +256,50 @@ impl VolumeDriver for FakeDriver {
         let data = self
             .snapshots
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&s.id)
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
-        self.volumes.lock().unwrap().insert(v.id, data);
+        self.volumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(v.id, data);
         Ok(())
     }
     async fn flatten_volume(&self, _v: &Volume, _p: ProgressHandle) -> Result<()> {
-        self.busy.lock().unwrap().clear();
+        self.busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         Ok(())
     }
     async fn open_snapshot_reader(&self, s: &Snapshot) -> Result<Box<dyn SnapshotReader>> {
         let data = self
             .snapshots
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&s.id)
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
-        let ext = vec![Extent {
-            offset: 0,
-            length: data.len() as u64,
-        }];
-        Ok(Box::new(VecReader(data, ext)))
+        let extents = if data.is_empty() {
+            vec![]
+        } else {
+            vec![Extent {
+                offset: 0,
+                length: (data.len() as u64).min(s.size_bytes),
+            }]
+        };
+        Ok(Box::new(VecReader {
+            data,
+            size: s.size_bytes,
+            extents,
+        }))
     }
     async fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
         Ok(self
             .broken
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(&s.id)
             .then(|| "copy-on-write space overflowed".to_string()))
     }
