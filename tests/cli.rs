@@ -6,7 +6,7 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 
-use common::{Kiln, s};
+use common::{Kiln, listing, s};
 use kiln_testkit::pattern;
 use sha2::{Digest, Sha256};
 
@@ -353,6 +353,37 @@ fn bad_input_is_refused_and_changes_nothing() {
             3,
         ),
         (vec!["snapshot", "export", &sid, "--output", &exists], 4),
+        (vec!["volume", "reset-state", &vid, "--state", "bogus"], 4),
+        (vec!["volume", "reset-state", &vid, "--state", "in-use"], 4),
+        (
+            vec![
+                "volume",
+                "reset-state",
+                &vid,
+                "--state",
+                "error",
+                "--reason",
+                "$(reboot)",
+            ],
+            4,
+        ),
+        (
+            vec!["volume", "reset-state", unknown, "--state", "error"],
+            3,
+        ),
+        (
+            vec!["snapshot", "reset-state", &sid, "--state", "in-use"],
+            4,
+        ),
+        (
+            vec!["snapshot", "reset-state", unknown, "--state", "error"],
+            3,
+        ),
+        (vec!["volume", "history", unknown], 3),
+        (vec!["snapshot", "history", unknown], 3),
+        (vec!["volume", "flatten", unknown], 3),
+        (vec!["volume", "check", unknown], 3),
+        (vec!["volume", "check", "--", "-rf"], 4),
         (vec!["bench", "snapshot", "--iterations", "0"], 4),
         (vec!["bench", "snapshot", "--size", "0"], 4),
         (
@@ -436,7 +467,7 @@ fn backend_list_and_bench_report_in_json() {
             "primitive_ms",
             "primitive_delete_ms",
         ] {
-            for p in ["median", "p90", "p99"] {
+            for p in ["median", "p90", "max"] {
                 assert!(r[key][p].as_f64().unwrap() > 0.0, "{key}.{p} in {r}");
             }
         }
@@ -509,4 +540,176 @@ fn a_backend_that_cannot_open_is_listed_unavailable_and_changes_nothing() {
     assert_eq!(before, k.state());
     // The other backends keep working.
     k.json(&["volume", "create", "--size", "8M"]);
+}
+
+/// Bad input is refused before anything is opened: on a fresh data directory not even the
+/// directory (nor the store in it) comes into existence.
+#[test]
+fn bad_input_opens_nothing() {
+    let k = Kiln::new();
+    let unknown = "6a1d2e3f-4b5c-4d6e-8f70-8192a3b4c5d6";
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["volume", "create", "--size", "0"],
+        vec!["volume", "create", "--size", "1G", "--name", "$(reboot)"],
+        vec!["volume", "show", "not-a-uuid"],
+        vec!["snapshot", "create", "../x"],
+        vec!["volume", "reset-state", unknown, "--state", "bogus"],
+        vec![
+            "volume",
+            "attach",
+            unknown,
+            "--instance",
+            unknown,
+            "--device",
+            "/dev/../sda",
+        ],
+        vec!["bench", "snapshot", "--iterations", "0"],
+    ];
+    for args in &cases {
+        k.fails(args, 4);
+        assert!(
+            !k.data_dir().exists(),
+            "kiln {args:?} created the data directory"
+        );
+    }
+    assert!(listing(&k.raw_dir()).is_empty());
+}
+
+/// A command opens only the backends it needs: with a broken LVM backend configured, a
+/// listing and a raw-backend operation never try to open it (its open would be logged).
+#[test]
+fn commands_open_only_the_backends_they_need() {
+    let k = Kiln::new();
+    let mut cfg = std::fs::read_to_string(&k.config).unwrap();
+    cfg.push_str("\n[backends.gone]\ndriver = \"lvm\"\nvolume_group = \"kiln-no-such-vg\"\n");
+    std::fs::write(&k.config, cfg).unwrap();
+    for args in [
+        vec!["volume", "list"],
+        vec!["volume", "create", "--size", "8M"],
+        vec!["snapshot", "list"],
+    ] {
+        let out = k.cmd(&args).env("KILN_LOG", "info").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !log.contains("gone"),
+            "kiln {args:?} opened the lvm backend: {log}"
+        );
+        assert!(
+            !log.contains("qcow"),
+            "kiln {args:?} opened the qcow2 backend: {log}"
+        );
+    }
+    // And `backend list` does open it, to say why it is unavailable.
+    let out = k
+        .cmd(&["backend", "list"])
+        .env("KILN_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gone"));
+}
+
+/// A failure inside a driver (not a pre-validation refusal) is still one line on stderr at
+/// the default log level, exits with the backend-failure code, and changes nothing. The
+/// failure is real: the backend directory is made immutable (`chattr +i`), which even root
+/// cannot write through.
+#[test]
+fn a_driver_failure_is_one_line_and_changes_nothing() {
+    let k = Kiln::new();
+    let vid = s(&k.json(&["volume", "create", "--size", "16M"]), "id");
+    let qvid = s(
+        &k.json(&["volume", "create", "--size", "16M", "--backend", "qcow"]),
+        "id",
+    );
+    let before = k.state();
+    let qdir = k.qcow_dir().join(format!("volume-{qvid}"));
+    let frozen = [k.raw_dir(), qdir];
+    for d in &frozen {
+        let st = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chattr +i {}", d.display());
+    }
+    let results: Vec<String> = [
+        vec!["snapshot", "create", vid.as_str()],
+        vec!["snapshot", "create", qvid.as_str()],
+        vec!["volume", "create", "--size", "8M"],
+    ]
+    .iter()
+    .map(|args| k.fails(args, 8))
+    .collect();
+    for d in &frozen {
+        let st = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chattr -i {}", d.display());
+    }
+    for msg in &results {
+        assert!(msg.contains("Operation not permitted"), "{msg}");
+    }
+    assert_eq!(before, k.state(), "a failed driver call changed something");
+    // Everything works again once the directory is writable.
+    k.json(&["snapshot", "create", &vid]);
+    k.json(&["snapshot", "create", &qvid]);
+}
+
+/// Admin reset-state and history, flatten and check, end to end.
+#[test]
+fn reset_state_history_flatten_and_check_through_the_cli() {
+    let k = Kiln::new();
+    let vid = s(
+        &k.json(&["volume", "create", "--size", "16M", "--backend", "qcow"]),
+        "id",
+    );
+    let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
+    let v = k.json(&[
+        "volume",
+        "reset-state",
+        &vid,
+        "--state",
+        "error",
+        "--reason",
+        "disk replaced",
+    ]);
+    assert_eq!(v["status"], "error");
+    assert_eq!(v["status_reason"], "disk replaced");
+    // An error volume cannot be snapshotted ...
+    k.fails(&["snapshot", "create", &vid], 5);
+    // ... until the admin says it is fine again.
+    let v = k.json(&["volume", "reset-state", &vid, "--state", "available"]);
+    assert_eq!(v["status"], "available");
+    let h = k.json(&["volume", "history", &vid]);
+    let h = h.as_array().unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(
+        (h[0]["from_status"].as_str(), h[0]["to_status"].as_str()),
+        (Some("available"), Some("error"))
+    );
+    assert_eq!(h[0]["reason"], "disk replaced");
+    assert_eq!(h[1]["reason"], "reset by an administrator");
+    let sh = k.json(&["snapshot", "reset-state", &sid, "--state", "error_deleting"]);
+    assert_eq!(sh["status"], "error_deleting");
+    assert_eq!(
+        k.json(&["snapshot", "history", &sid])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // A clone, flattened (qcow2 clones are already independent: flatten is harmless).
+    k.json(&["snapshot", "reset-state", &sid, "--state", "available"]);
+    let cid = s(&k.json(&["volume", "create", "--snapshot", &sid]), "id");
+    let c = k.json(&["volume", "flatten", &cid]);
+    assert_eq!(c["status"], "available");
+    // The qcow2 chain record agrees with the qcow2 headers.
+    let r = k.json(&["volume", "check", &vid]);
+    assert_eq!(r["consistent"], true, "{r}");
+    assert!(r["findings"].as_array().unwrap().is_empty(), "{r}");
+    // Deletes say what they did.
+    let d = k.json(&["volume", "delete", &cid]);
+    assert_eq!(d["backend"], "deleted");
 }
