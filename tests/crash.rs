@@ -1,7 +1,8 @@
 //! Crash safety: kiln is killed (abort) between a driver call and the store update around it,
-//! in both directions, for create, delete and revert; the next start must leave no
-//! transitional status, no backend object without a record, and no record whose backend
-//! object is missing unless it is marked `error` with a reason.
+//! in both directions, for create, delete and revert, on both file formats (raw+reflink on
+//! XFS, qcow2 chains with qemu-img); the next start must leave no transitional status, no
+//! backend object without a record, and no record whose backend object is missing unless it
+//! is marked `error` with a reason.
 //! Needs the `failpoints` feature (tests/run-all.sh enables it). Without it this file does
 //! not quietly compile to zero tests: the guard test below fails, and so does every crash
 //! test (kiln cannot be crashed on purpose, so nothing aborts).
@@ -10,6 +11,8 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Command;
 
 use common::{Kiln, listing, s};
 use kiln_testkit::pattern;
@@ -47,14 +50,121 @@ fn libc_sigabrt() -> i32 {
     6
 }
 
+/// The two file formats the matrix runs on.
+#[derive(Clone, Copy, Debug)]
+enum Format {
+    Raw,
+    Qcow2,
+}
+
+const FORMATS: [Format; 2] = [Format::Raw, Format::Qcow2];
+
+impl Format {
+    fn backend(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow",
+        }
+    }
+
+    /// Backend objects: `volume-<id>` / `snapshot-<id>`. For qcow2 a volume is a directory
+    /// and its snapshots are the entries of its chain record.
+    fn objects(self, k: &Kiln) -> Vec<String> {
+        match self {
+            Format::Raw => listing(&k.raw_dir())
+                .into_iter()
+                .filter(|f| !f.starts_with('.'))
+                .collect(),
+            Format::Qcow2 => {
+                let mut out = Vec::new();
+                let Ok(rd) = std::fs::read_dir(k.qcow_dir()) else {
+                    return out;
+                };
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let chain = e.path().join("chain.json");
+                    if !name.starts_with("volume-") || !chain.exists() {
+                        continue;
+                    }
+                    let c: Value = serde_json::from_slice(&std::fs::read(chain).unwrap()).unwrap();
+                    for id in c["snapshots"].as_object().unwrap().keys() {
+                        out.push(format!("snapshot-{id}"));
+                    }
+                    out.push(name);
+                }
+                out.sort();
+                out
+            }
+        }
+    }
+
+    /// The file the volume's data lives in now (raw file, or the qcow2 active layer).
+    fn active(self, k: &Kiln, vid: &str) -> PathBuf {
+        match self {
+            Format::Raw => k.raw_dir().join(format!("volume-{vid}")),
+            Format::Qcow2 => {
+                let dir = k.qcow_dir().join(format!("volume-{vid}"));
+                let c: Value =
+                    serde_json::from_slice(&std::fs::read(dir.join("chain.json")).unwrap())
+                        .unwrap();
+                dir.join(c["active"].as_str().unwrap())
+            }
+        }
+    }
+
+    /// Writes `data` at offset 0 of the volume as a guest would.
+    fn write(self, k: &Kiln, vid: &str, data: &[u8]) {
+        let path = self.active(k, vid);
+        match self {
+            Format::Raw => {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.write_all_at(data, 0).unwrap();
+                f.sync_all().unwrap();
+            }
+            Format::Qcow2 => {
+                let src = k.dir.path().join("write.bin");
+                std::fs::write(&src, data).unwrap();
+                let cmd = format!("write -s {} 0 {}", src.display(), data.len());
+                let out = Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-c", &cmd, "-c", "flush"])
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+
+    /// The volume's whole data, as a guest would read it.
+    fn read(self, k: &Kiln, vid: &str) -> Vec<u8> {
+        let path = self.active(k, vid);
+        match self {
+            Format::Raw => std::fs::read(&path).unwrap(),
+            Format::Qcow2 => {
+                let out = k.dir.path().join("read.raw");
+                let _ = std::fs::remove_file(&out);
+                let st = Command::new("qemu-img")
+                    .args(["convert", "-U", "-O", "raw"])
+                    .arg(&path)
+                    .arg(&out)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                std::fs::read(&out).unwrap()
+            }
+        }
+    }
+}
+
 /// The invariants after recovery (which any kiln start runs).
-fn check_consistent(k: &Kiln) -> (Vec<Value>, Vec<Value>) {
+fn check_consistent(k: &Kiln, f: Format) -> (Vec<Value>, Vec<Value>) {
     let vols = k.json(&["volume", "list"]).as_array().unwrap().clone();
     let snaps = k.json(&["snapshot", "list"]).as_array().unwrap().clone();
-    let files: Vec<String> = listing(&k.raw_dir())
-        .into_iter()
-        .filter(|f| !f.starts_with('.'))
-        .collect();
+    let files = f.objects(k);
     let mut recorded = Vec::new();
     for (kind, obj) in vols
         .iter()
@@ -64,132 +174,158 @@ fn check_consistent(k: &Kiln) -> (Vec<Value>, Vec<Value>) {
         let status = s(obj, "status");
         assert!(
             !TRANSITIONAL.contains(&status.as_str()),
-            "{kind} left in {status}: {obj}"
+            "{f:?}: {kind} left in {status}: {obj}"
         );
         let file = format!("{kind}-{}", s(obj, "id"));
         if files.contains(&file) {
+            assert!(
+                status == "error" || !obj["provider_location"].is_null(),
+                "{f:?}: {kind} without its backend location: {obj}"
+            );
             recorded.push(file);
         } else {
             assert_eq!(
                 status, "error",
-                "{kind} record without backend object: {obj}"
+                "{f:?}: {kind} record without backend object: {obj}"
             );
             assert!(
                 obj["status_reason"].as_str().is_some_and(|r| !r.is_empty()),
-                "error without a reason: {obj}"
+                "{f:?}: error without a reason: {obj}"
             );
         }
     }
-    for f in &files {
+    for o in &files {
         assert!(
-            recorded.contains(f),
-            "backend object {f} has no record (files {files:?})"
+            recorded.contains(o),
+            "{f:?}: backend object {o} has no record (objects {files:?})"
         );
     }
     (vols, snaps)
 }
 
-fn volume_with_data(k: &Kiln) -> (String, String) {
-    let v = k.json(&["volume", "create", "--size", "16M"]);
-    let path = s(&v, "provider_location");
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&pattern(7, 1 << 20), 0).unwrap();
-    (s(&v, "id"), path)
+fn volume_with_data(k: &Kiln, f: Format) -> String {
+    let v = k.json(&[
+        "volume",
+        "create",
+        "--size",
+        "16M",
+        "--backend",
+        f.backend(),
+    ]);
+    let vid = s(&v, "id");
+    f.write(k, &vid, &pattern(7, 1 << 20));
+    vid
 }
 
 #[test]
 fn crash_during_volume_create() {
-    for phase in ["before_driver", "after_driver"] {
-        let k = Kiln::new();
-        crash(
-            &k,
-            &format!("create_volume::{phase}"),
-            &["volume", "create", "--size", "16M"],
-        );
-        let (vols, _) = check_consistent(&k);
-        assert_eq!(vols.len(), 1, "{phase}");
-        assert_eq!(
-            vols[0]["status"], "available",
-            "{phase}: creation is redone"
-        );
+    for f in FORMATS {
+        for phase in ["before_driver", "after_driver"] {
+            let k = Kiln::new();
+            crash(
+                &k,
+                &format!("create_volume::{phase}"),
+                &[
+                    "volume",
+                    "create",
+                    "--size",
+                    "16M",
+                    "--backend",
+                    f.backend(),
+                ],
+            );
+            let (vols, _) = check_consistent(&k, f);
+            assert_eq!(vols.len(), 1, "{f:?} {phase}");
+            assert_eq!(
+                vols[0]["status"], "available",
+                "{f:?} {phase}: creation is redone"
+            );
+        }
     }
 }
 
 #[test]
 fn crash_during_snapshot_create() {
-    for (phase, expect) in [("before_driver", "error"), ("after_driver", "available")] {
-        let k = Kiln::new();
-        let (vid, _) = volume_with_data(&k);
-        crash(
-            &k,
-            &format!("create_snapshot::{phase}"),
-            &["snapshot", "create", &vid],
-        );
-        let (_, snaps) = check_consistent(&k);
-        assert_eq!(snaps.len(), 1, "{phase}");
-        assert_eq!(snaps[0]["status"], expect, "{phase}: {}", snaps[0]);
-        // The volume is still usable afterwards.
-        k.json(&["snapshot", "create", &vid]);
-        check_consistent(&k);
+    for f in FORMATS {
+        for (phase, expect) in [("before_driver", "error"), ("after_driver", "available")] {
+            let k = Kiln::new();
+            let vid = volume_with_data(&k, f);
+            crash(
+                &k,
+                &format!("create_snapshot::{phase}"),
+                &["snapshot", "create", &vid],
+            );
+            let (_, snaps) = check_consistent(&k, f);
+            assert_eq!(snaps.len(), 1, "{f:?} {phase}");
+            assert_eq!(snaps[0]["status"], expect, "{f:?} {phase}: {}", snaps[0]);
+            // The volume is still usable afterwards.
+            k.json(&["snapshot", "create", &vid]);
+            check_consistent(&k, f);
+        }
     }
 }
 
 #[test]
 fn crash_during_snapshot_delete() {
-    for phase in ["before_driver", "after_driver"] {
-        let k = Kiln::new();
-        let (vid, _) = volume_with_data(&k);
-        let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
-        crash(
-            &k,
-            &format!("delete_snapshot::{phase}"),
-            &["snapshot", "delete", &sid],
-        );
-        let (_, snaps) = check_consistent(&k);
-        assert!(
-            snaps.is_empty(),
-            "{phase}: the delete is rolled forward: {snaps:?}"
-        );
+    for f in FORMATS {
+        for phase in ["before_driver", "after_driver"] {
+            let k = Kiln::new();
+            let vid = volume_with_data(&k, f);
+            let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
+            crash(
+                &k,
+                &format!("delete_snapshot::{phase}"),
+                &["snapshot", "delete", &sid],
+            );
+            let (_, snaps) = check_consistent(&k, f);
+            assert!(
+                snaps.is_empty(),
+                "{f:?} {phase}: the delete is rolled forward: {snaps:?}"
+            );
+            assert_eq!(k.json(&["volume", "show", &vid])["status"], "available");
+        }
     }
 }
 
 #[test]
 fn crash_during_volume_delete() {
-    for phase in ["before_driver", "after_driver"] {
-        let k = Kiln::new();
-        let (vid, _) = volume_with_data(&k);
-        crash(
-            &k,
-            &format!("delete_volume::{phase}"),
-            &["volume", "delete", &vid],
-        );
-        let (vols, _) = check_consistent(&k);
-        assert!(vols.is_empty(), "{phase}: {vols:?}");
+    for f in FORMATS {
+        for phase in ["before_driver", "after_driver"] {
+            let k = Kiln::new();
+            let vid = volume_with_data(&k, f);
+            crash(
+                &k,
+                &format!("delete_volume::{phase}"),
+                &["volume", "delete", &vid],
+            );
+            let (vols, _) = check_consistent(&k, f);
+            assert!(vols.is_empty(), "{f:?} {phase}: {vols:?}");
+        }
     }
 }
 
 #[test]
 fn crash_during_revert() {
-    for phase in ["before_driver", "after_driver"] {
-        let k = Kiln::new();
-        let (vid, path) = volume_with_data(&k);
-        let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
-        let snap_data = std::fs::read(&path).unwrap();
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&pattern(8, 2 << 20), 0).unwrap();
-        drop(f);
-        crash(
-            &k,
-            &format!("revert::{phase}"),
-            &["snapshot", "revert", &sid],
-        );
-        let (vols, snaps) = check_consistent(&k);
-        assert_eq!(vols[0]["status"], "available", "{phase}");
-        assert_eq!(snaps[0]["status"], "available", "{phase}");
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            snap_data,
-            "{phase}: the revert is rolled forward"
-        );
+    for f in FORMATS {
+        for phase in ["before_driver", "after_driver"] {
+            let k = Kiln::new();
+            let vid = volume_with_data(&k, f);
+            let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
+            let snap_data = f.read(&k, &vid);
+            f.write(&k, &vid, &pattern(8, 2 << 20));
+            assert_ne!(f.read(&k, &vid), snap_data);
+            crash(
+                &k,
+                &format!("revert::{phase}"),
+                &["snapshot", "revert", &sid],
+            );
+            let (vols, snaps) = check_consistent(&k, f);
+            assert_eq!(vols[0]["status"], "available", "{f:?} {phase}");
+            assert_eq!(snaps[0]["status"], "available", "{f:?} {phase}");
+            assert!(
+                f.read(&k, &vid) == snap_data,
+                "{f:?} {phase}: the revert is rolled forward"
+            );
+        }
     }
 }
