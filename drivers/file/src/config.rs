@@ -11,7 +11,8 @@ pub struct FileConfig {
     /// Directory holding every volume and snapshot of this backend; created if missing.
     pub path: PathBuf,
     /// On-disk format; `auto` (the default) picks raw files with reflink snapshots where the
-    /// directory's filesystem supports reflink, else qcow2 chains.
+    /// directory's filesystem supports reflink, else qcow2 chains, else (no `qemu-img` in
+    /// `PATH` either) raw full copies.
     #[serde(default)]
     pub format: Format,
     /// With `format = "raw"` on a filesystem without reflink: allow snapshots and clones as
@@ -36,7 +37,8 @@ impl FileConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// Raw with reflink where the filesystem supports it, else qcow2.
+    /// Raw with reflink where the filesystem supports it, else qcow2; without `qemu-img`
+    /// either, raw full copies (with a warning).
     #[default]
     Auto,
     /// Sparse raw files; snapshots and clones by reflink (or full copies, if allowed).
@@ -45,7 +47,7 @@ pub enum Format {
     Qcow2,
 }
 
-/// The mode a backend actually runs in, decided once by `FileDriver::open`.
+/// The mode a backend actually runs in, decided once by [`crate::open`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Raw files, snapshots and clones by FICLONE.

@@ -9,8 +9,14 @@
 //!   (external snapshots), recorded in `chain.json`.
 //!
 //! `format = "auto"` (the default) picks raw where the directory's filesystem supports
-//! reflink, else qcow2. The choice is recorded in the directory (`kiln-file-backend.json`) so
-//! a backend never reinterprets existing volumes in the other format.
+//! reflink, else qcow2, and where there is neither reflink nor `qemu-img` (found through
+//! `PATH`), raw full copies with one warning. The choice is recorded in the directory
+//! (`kiln-file-backend.json`) so a backend never reinterprets existing volumes.
+//!
+//! The backend is plain blocking code ([`FileBackend`], a [`kiln_core::BlockingDriver`])
+//! behind kiln's one blocking adapter ([`FileDriver`]). Every `qemu-img` it starts dies
+//! with kiln. It offers the bench primitive and, for the qcow2 chain record, the volume
+//! check ([`kiln_core::VolumeCheck`]).
 
 #![warn(missing_docs)]
 
@@ -22,12 +28,11 @@ mod sys;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
-use async_trait::async_trait;
 use kiln_core::{
-    Attachment, BackendStats, Capabilities, Error, PrimitiveSample, ProgressHandle, ProviderUpdate,
-    Result, Snapshot, SnapshotReader, Volume, VolumeDriver,
+    Attachment, BackendStats, BenchPrimitives, BlockingDriver, Capabilities, CheckReport,
+    DeleteAction, Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot,
+    SnapshotReader, Volume, VolumeCheck,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,15 +42,26 @@ pub use qcow2::chain::MAX_CHAIN_DEPTH;
 /// Name of the marker file recording a backend directory's format.
 const MARKER_FILE: &str = "kiln-file-backend.json";
 
+/// The Debian package that provides `qemu-img`, named in messages.
+const QEMU_PACKAGE: &str = "qemu-utils";
+
 /// What a backend directory records about itself.
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
     /// "raw" or "qcow2".
     format: String,
+    /// Set when `format = "auto"` found neither reflink nor `qemu-img` and settled on raw
+    /// full copies: `auto` keeps that mode for this directory even once `qemu-img` is
+    /// installed, so existing volumes are never reinterpreted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    full_copy: bool,
 }
 
-/// Shared state of an opened backend, handed to the blocking workers.
-pub(crate) struct Backend {
+/// The file backend as plain blocking code: one opened backend directory. It runs behind
+/// [`kiln_core::Blocking`] (see [`FileDriver`]), which puts every call on tokio's blocking
+/// pool; its own methods ([`FileBackend::active_image`], the [`BlockingDriver`] methods)
+/// block.
+pub struct FileBackend {
     /// Configured backend name (for logs and messages).
     pub(crate) name: String,
     /// Absolute, canonical backend directory.
@@ -54,135 +70,106 @@ pub(crate) struct Backend {
     pub(crate) mode: Mode,
 }
 
-/// The file backend driver. Cheap to clone; every operation runs its file I/O and `qemu-img`
-/// calls on tokio's blocking pool.
-#[derive(Clone)]
-pub struct FileDriver {
-    inner: Arc<Backend>,
-}
+/// The module-internal name the raw and qcow2 code use for an opened backend.
+pub(crate) type Backend = FileBackend;
 
-impl std::fmt::Debug for FileDriver {
+/// The file backend driver: [`FileBackend`] behind kiln's one blocking adapter. Cheap to
+/// clone; derefs to [`FileBackend`] for [`FileBackend::mode`], [`FileBackend::path`] and
+/// [`FileBackend::active_image`].
+pub type FileDriver = kiln_core::Blocking<FileBackend>;
+
+impl std::fmt::Debug for FileBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileDriver")
-            .field("name", &self.inner.name)
-            .field("dir", &self.inner.dir)
-            .field("mode", &self.inner.mode)
+        f.debug_struct("FileBackend")
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .field("mode", &self.mode)
             .finish()
     }
 }
 
-impl FileDriver {
-    /// Opens (creating the directory if missing) and validates a file backend: decides the
-    /// mode, probes reflink by cloning a scratch file in the directory, checks `qemu-img` in
-    /// qcow2 mode. Fails with [`Error::Config`] and a message saying what to change when the
-    /// configuration cannot work (e.g. `format = "raw"` on a filesystem without reflink and
-    /// without `allow_full_copy`), or when the directory already holds the other format.
-    pub async fn open(backend_name: &str, cfg: FileConfig) -> Result<FileDriver> {
-        let name = backend_name.to_string();
-        let backend = tokio::task::spawn_blocking(move || open_blocking(name, cfg))
-            .await
-            .map_err(|e| Error::backend("open file backend", format!("worker failed: {e}")))??;
-        tracing::info!(
-            backend = %backend.name,
-            dir = %backend.dir.display(),
-            mode = backend.mode.as_str(),
-            "file backend opened"
-        );
-        Ok(FileDriver {
-            inner: Arc::new(backend),
-        })
+/// Opens (creating the directory if missing) and validates a file backend: decides the mode,
+/// probes reflink by cloning a scratch file in the directory, checks `qemu-img` in qcow2
+/// mode. Fails with an `InvalidInput` (configuration) error and a message saying what to
+/// change when the configuration cannot work (e.g. `format = "raw"` on a filesystem without
+/// reflink and without `allow_full_copy`, or `format = "qcow2"` without `qemu-img`), or when
+/// the directory already holds the other format. With `format = "auto"`, a directory with
+/// neither reflink nor `qemu-img` (found through `PATH`) runs in raw full-copy mode, with one
+/// warning naming what would give copy-on-write snapshots.
+pub async fn open(backend_name: &str, cfg: FileConfig) -> Result<FileDriver> {
+    let name = backend_name.to_string();
+    let backend = tokio::task::spawn_blocking(move || FileBackend::open(name, cfg))
+        .await
+        .map_err(|e| Error::backend("open file backend", format!("worker failed: {e}")))??;
+    tracing::info!(
+        backend = %backend.name,
+        dir = %backend.dir.display(),
+        mode = backend.mode.as_str(),
+        "file backend opened"
+    );
+    Ok(kiln_core::Blocking::new(backend_name, backend))
+}
+
+impl FileBackend {
+    /// [`open`] without the runtime: blocks while it probes the directory and `qemu-img`.
+    pub fn open(backend_name: impl Into<String>, cfg: FileConfig) -> Result<FileBackend> {
+        open_blocking(backend_name.into(), cfg)
     }
 
     /// The mode this backend runs in.
     pub fn mode(&self) -> Mode {
-        self.inner.mode
+        self.mode
     }
 
     /// The backend directory (absolute).
     pub fn path(&self) -> &Path {
-        &self.inner.dir
+        &self.dir
     }
 
     /// The file a hypervisor should open for volume `v` right now: the raw file, or the
-    /// active qcow2 overlay (which changes with every snapshot and revert).
-    pub async fn active_image(&self, v: &Volume) -> Result<PathBuf> {
-        let v = v.clone();
-        self.run("active_image", tracing::Span::current(), move |b| {
-            match b.mode {
-                Mode::Qcow2 => {
-                    let dir = qcow2::volume_dir(&b.dir, &v.id);
-                    let chain =
-                        qcow2::chain::Chain::load(&dir)?.ok_or_else(|| Error::NotFound {
-                            what: "volume",
-                            id: v.id.to_string(),
-                        })?;
-                    Ok(dir.join(chain.active))
-                }
-                _ => Ok(raw::volume_path(&b.dir, &v.id)),
+    /// active qcow2 overlay (which changes with every snapshot and revert). Reads the
+    /// volume's record (qcow2): blocks briefly.
+    pub fn active_image(&self, v: &Volume) -> Result<PathBuf> {
+        match self.mode {
+            Mode::Qcow2 => {
+                let dir = qcow2::volume_dir(&self.dir, &v.id);
+                let chain = qcow2::chain::Chain::load(&dir)?
+                    .ok_or_else(|| Error::not_found("volume", v.id))?;
+                Ok(dir.join(chain.active))
             }
-        })
-        .await
-    }
-
-    /// Runs `f` on the blocking pool inside `span`, logging its outcome and elapsed time.
-    async fn run<T, F>(&self, op: &'static str, span: tracing::Span, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Backend) -> Result<T> + Send + 'static,
-    {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let start = Instant::now();
-            let r = f(&inner);
-            let elapsed_ms = start.elapsed().as_millis() as u64;
-            match &r {
-                Ok(_) => tracing::info!(op, elapsed_ms, "done"),
-                Err(e) => tracing::warn!(op, elapsed_ms, error = %e, "failed"),
-            }
-            r
-        })
-        .await
-        .map_err(|e| Error::backend(op, format!("worker failed: {e}")))?
-    }
-
-    fn span(&self, op: &'static str) -> tracing::Span {
-        tracing::info_span!("file", backend = %self.inner.name, op)
+            _ => Ok(raw::volume_path(&self.dir, &v.id)),
+        }
     }
 }
 
 fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
     let wanted = &cfg.path;
     std::fs::create_dir_all(wanted).map_err(|e| {
-        Error::Config(format!(
+        Error::config(format!(
             "backend {name}: cannot create directory {}: {e}",
             wanted.display()
         ))
     })?;
     let dir = std::fs::canonicalize(wanted).map_err(|e| {
-        Error::Config(format!(
+        Error::config(format!(
             "backend {name}: cannot resolve {}: {e}",
             wanted.display()
         ))
     })?;
     if !dir.is_dir() {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "backend {name}: {} is not a directory",
             dir.display()
         )));
     }
     let marker_path = dir.join(MARKER_FILE);
     let recorded = match sys::read_small(&marker_path) {
-        Ok(b) => Some(
-            serde_json::from_slice::<Marker>(&b)
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "backend {name}: {} is corrupt: {e}",
-                        marker_path.display()
-                    ))
-                })?
-                .format,
-        ),
+        Ok(b) => Some(serde_json::from_slice::<Marker>(&b).map_err(|e| {
+            Error::config(format!(
+                "backend {name}: {} is corrupt: {e}",
+                marker_path.display()
+            ))
+        })?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io(format!("read {}", marker_path.display()), e)),
     };
@@ -190,7 +177,7 @@ fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
         match probe_reflink(dir)? {
             None => Ok(Mode::RawReflink),
             Some(_) if cfg.allow_full_copy => Ok(Mode::RawFullCopy),
-            Some(why) => Err(Error::Config(format!(
+            Some(why) => Err(Error::config(format!(
                 "backend {name}: format = \"raw\" needs a filesystem with reflink (XFS with \
                  reflink=1, btrfs) but {} does not support it ({why}); put the directory on \
                  such a filesystem, set format = \"qcow2\", or set allow_full_copy = true to \
@@ -199,26 +186,50 @@ fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
             ))),
         }
     };
-    let mode = match (cfg.format, recorded.as_deref()) {
+    let recorded_format = recorded.as_ref().map(|m| m.format.as_str());
+    let recorded_full_copy = recorded.as_ref().is_some_and(|m| m.full_copy);
+    let mode = match (cfg.format, recorded_format) {
+        // `auto` settled on full copies here before: keep them (the volumes are raw files;
+        // a reflink filesystem or qemu-img appearing later does not change what they are).
+        (Format::Auto, Some("raw")) if recorded_full_copy => match probe_reflink(&dir)? {
+            None => Mode::RawReflink,
+            Some(_) => {
+                tracing::info!(backend = %name, dir = %dir.display(), "raw full-copy mode, as recorded in {MARKER_FILE}");
+                Mode::RawFullCopy
+            }
+        },
         (Format::Raw, _) | (Format::Auto, Some("raw")) => raw_mode(&dir)?,
         (Format::Qcow2, _) | (Format::Auto, Some("qcow2")) => Mode::Qcow2,
         (Format::Auto, None) => match probe_reflink(&dir)? {
             None => Mode::RawReflink,
-            Some(why) => {
+            Some(why) if qcow2::qemu_img_installed() => {
                 tracing::info!(backend = %name, dir = %dir.display(), %why, "no reflink: using qcow2");
                 Mode::Qcow2
             }
+            Some(why) => {
+                // The embedded default backend must work on a machine with only Rust
+                // installed: full copies are slow but correct.
+                tracing::warn!(
+                    backend = %name,
+                    dir = %dir.display(),
+                    "{} has no reflink ({why}) and qemu-img is not installed: snapshots are \
+                     full copies; install {QEMU_PACKAGE} (or use a reflink filesystem such as \
+                     XFS) for copy-on-write snapshots",
+                    dir.display()
+                );
+                Mode::RawFullCopy
+            }
         },
         (Format::Auto, Some(other)) => {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "backend {name}: {} records unknown format {other:?}",
                 marker_path.display()
             )));
         }
     };
-    match recorded {
+    match recorded_format {
         Some(f) if f != mode.format_name() => {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "backend {name}: {} already holds {f} volumes (see {}); it cannot be opened as {}",
                 dir.display(),
                 marker_path.display(),
@@ -229,11 +240,12 @@ fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
         None => {
             let m = Marker {
                 format: mode.format_name().to_string(),
+                full_copy: cfg.format == Format::Auto && mode == Mode::RawFullCopy,
             };
             let bytes = serde_json::to_vec_pretty(&m)
                 .map_err(|e| Error::backend("write marker", e.to_string()))?;
             sys::atomic_write(&marker_path, &bytes).map_err(|e| {
-                Error::Config(format!("backend {name}: directory is not writable: {e}"))
+                Error::config(format!("backend {name}: directory is not writable: {e}"))
             })?;
         }
     }
@@ -260,7 +272,7 @@ fn probe_reflink(dir: &Path) -> Result<Option<String>> {
         .and_then(|mut f| f.write_all(&[0x5a; 65536]).and_then(|_| f.sync_all()));
     if let Err(e) = made {
         let _ = std::fs::remove_file(&src);
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "{} is not writable: {e}",
             dir.display()
         )));
@@ -271,10 +283,9 @@ fn probe_reflink(dir: &Path) -> Result<Option<String>> {
     Ok(cloned.err().map(|e| format!("FICLONE failed: {e}")))
 }
 
-#[async_trait]
-impl VolumeDriver for FileDriver {
+impl BlockingDriver for FileBackend {
     fn capabilities(&self) -> Capabilities {
-        match self.inner.mode {
+        match self.mode {
             Mode::RawReflink => Capabilities {
                 thin: true,
                 online_snapshot: true,
@@ -308,65 +319,53 @@ impl VolumeDriver for FileDriver {
         }
     }
 
-    async fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate> {
-        let v = v.clone();
-        let span = tracing::info_span!(parent: &self.span("create_volume"), "volume", id = %v.id, size = v.size_bytes);
-        self.run("create_volume", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::create_volume(b, &v),
-            _ => raw::create_volume(b, &v),
-        })
-        .await
+    fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::create_volume(self, v),
+            _ => raw::create_volume(self, v),
+        }
     }
 
-    async fn delete_volume(&self, v: &Volume) -> Result<()> {
-        let v = v.clone();
-        let span = tracing::info_span!(parent: &self.span("delete_volume"), "volume", id = %v.id);
-        self.run("delete_volume", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::delete_volume(b, &v),
-            _ => raw::delete_volume(b, &v),
-        })
-        .await
+    fn delete_volume(&self, v: &Volume) -> Result<DeleteAction> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::delete_volume(self, v),
+            _ => raw::delete_volume(self, v),
+        }
     }
 
-    async fn volume_exists(&self, v: &Volume) -> Result<bool> {
-        let v = v.clone();
-        let span = tracing::info_span!(parent: &self.span("volume_exists"), "volume", id = %v.id);
-        self.run("volume_exists", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::volume_exists(b, &v),
-            _ => raw::volume_exists(b, &v),
-        })
-        .await
+    fn lookup_volume(&self, v: &Volume) -> Result<Option<ProviderUpdate>> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::lookup_volume(self, v),
+            _ => raw::lookup_volume(self, v),
+        }
     }
 
-    async fn create_snapshot(&self, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
-        let (s, v) = (s.clone(), v.clone());
-        let span = tracing::info_span!(parent: &self.span("create_snapshot"), "snapshot", id = %s.id, volume = %v.id);
-        self.run("create_snapshot", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::create_snapshot(b, &s, &v),
-            _ => raw::create_snapshot(b, &s, &v),
-        })
-        .await
+    fn create_snapshot(&self, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::create_snapshot(self, s, v),
+            _ => raw::create_snapshot(self, s, v),
+        }
     }
 
-    async fn create_snapshot_force(
+    fn create_snapshot_force(
         &self,
         s: &Snapshot,
         v: &Volume,
         a: &Attachment,
     ) -> Result<ProviderUpdate> {
-        match self.inner.mode {
+        match self.mode {
             // FICLONE locks both inodes and flushes the source: a point-in-time image even
             // while another process writes.
             Mode::RawReflink => {
-                tracing::info!(snapshot = %s.id, volume = %v.id, instance = %a.instance_id, "online snapshot by reflink");
-                self.create_snapshot(s, v).await
+                tracing::debug!(snapshot = %s.id, volume = %v.id, instance = %a.instance_id, "online snapshot by reflink");
+                raw::create_snapshot(self, s, v)
             }
-            Mode::RawFullCopy => Err(Error::Unsupported(format!(
+            Mode::RawFullCopy => Err(Error::unsupported(format!(
                 "backend {} makes snapshots by full copy (no reflink), which is not atomic \
                  against a writer; detach volume {} or move the backend to a reflink filesystem",
-                self.inner.name, v.id
+                self.name, v.id
             ))),
-            Mode::Qcow2 => Err(Error::Unsupported(format!(
+            Mode::Qcow2 => Err(Error::unsupported(format!(
                 "volume {} is attached to instance {}: a qcow2 snapshot of an attached volume \
                  needs the hypervisor to switch to the new overlay (QMP blockdev-snapshot-sync), \
                  which this backend does not do yet; detach the volume or snapshot it offline",
@@ -375,59 +374,33 @@ impl VolumeDriver for FileDriver {
         }
     }
 
-    async fn delete_snapshot(&self, s: &Snapshot) -> Result<()> {
-        let s = s.clone();
-        let span = tracing::info_span!(parent: &self.span("delete_snapshot"), "snapshot", id = %s.id, volume = %s.volume_id);
-        self.run("delete_snapshot", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::delete_snapshot(b, &s),
-            _ => raw::delete_snapshot(b, &s),
-        })
-        .await
+    fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::delete_snapshot(self, s),
+            _ => raw::delete_snapshot(self, s),
+        }
     }
 
-    async fn snapshot_exists(&self, s: &Snapshot) -> Result<bool> {
-        let s = s.clone();
-        let span = tracing::info_span!(parent: &self.span("snapshot_exists"), "snapshot", id = %s.id, volume = %s.volume_id);
-        self.run("snapshot_exists", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::snapshot_exists(b, &s),
-            _ => raw::snapshot_exists(b, &s),
-        })
-        .await
+    fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::lookup_snapshot(self, s),
+            _ => raw::lookup_snapshot(self, s),
+        }
     }
 
-    async fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
-        let s = s.clone();
-        let span = tracing::info_span!(parent: &self.span("snapshot_health"), "snapshot", id = %s.id, volume = %s.volume_id);
-        self.run("snapshot_health", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::snapshot_health(b, &s),
-            // A raw snapshot is one self-contained file: present (healthy) or absent.
-            _ => Ok(None),
-        })
-        .await
-    }
-
-    async fn create_volume_from_snapshot(
+    fn create_volume_from_snapshot(
         &self,
         v: &Volume,
         s: &Snapshot,
         progress: ProgressHandle,
     ) -> Result<ProviderUpdate> {
-        let (v, s) = (v.clone(), s.clone());
-        let span = tracing::info_span!(parent: &self.span("create_volume_from_snapshot"), "volume", id = %v.id, snapshot = %s.id, size = v.size_bytes);
-        self.run("create_volume_from_snapshot", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::create_volume_from_snapshot(b, &v, &s, &progress),
-            _ => raw::create_volume_from_snapshot(b, &v, &s, &progress),
-        })
-        .await
+        match self.mode {
+            Mode::Qcow2 => qcow2::create_volume_from_snapshot(self, v, s, &progress),
+            _ => raw::create_volume_from_snapshot(self, v, s, &progress),
+        }
     }
 
-    async fn revert_to_snapshot(
-        &self,
-        v: &Volume,
-        s: &Snapshot,
-        progress: ProgressHandle,
-    ) -> Result<()> {
-        let (v, s) = (v.clone(), s.clone());
+    fn revert_to_snapshot(&self, v: &Volume, s: &Snapshot, progress: ProgressHandle) -> Result<()> {
         if s.volume_id != v.id {
             return Err(Error::invalid(
                 "snapshot",
@@ -437,56 +410,78 @@ impl VolumeDriver for FileDriver {
                 ),
             ));
         }
-        let span = tracing::info_span!(parent: &self.span("revert_to_snapshot"), "volume", id = %v.id, snapshot = %s.id);
-        self.run("revert_to_snapshot", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::revert_to_snapshot(b, &v, &s),
-            _ => raw::revert_to_snapshot(b, &v, &s, &progress),
-        })
-        .await
+        match self.mode {
+            Mode::Qcow2 => qcow2::revert_to_snapshot(self, v, s),
+            _ => raw::revert_to_snapshot(self, v, s, &progress),
+        }
     }
 
-    async fn open_snapshot_reader(&self, s: &Snapshot) -> Result<Box<dyn SnapshotReader>> {
-        let s = s.clone();
-        let span = tracing::info_span!(parent: &self.span("open_snapshot_reader"), "snapshot", id = %s.id, volume = %s.volume_id);
-        self.run("open_snapshot_reader", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::open_snapshot_reader(b, &s),
-            _ => raw::open_snapshot_reader(b, &s),
-        })
-        .await
+    fn open_snapshot_reader(&self, s: &Snapshot) -> Result<Box<dyn SnapshotReader>> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::open_snapshot_reader(self, s),
+            _ => raw::open_snapshot_reader(self, s),
+        }
     }
 
-    async fn stats(&self) -> Result<BackendStats> {
-        self.run("stats", self.span("stats"), |b| {
-            let (total, free) = sys::statvfs(&b.dir)?;
-            let mut details = std::collections::BTreeMap::new();
-            details.insert("mode".to_string(), serde_json::json!(b.mode.as_str()));
+    fn stats(&self) -> Result<BackendStats> {
+        let (total, free) = sys::statvfs(&self.dir)?;
+        let mut details = std::collections::BTreeMap::new();
+        details.insert("mode".to_string(), serde_json::json!(self.mode.as_str()));
+        details.insert(
+            "path".to_string(),
+            serde_json::json!(self.dir.display().to_string()),
+        );
+        if self.mode == Mode::Qcow2 {
             details.insert(
-                "path".to_string(),
-                serde_json::json!(b.dir.display().to_string()),
+                "max_chain_depth".to_string(),
+                serde_json::json!(MAX_CHAIN_DEPTH),
             );
-            if b.mode == Mode::Qcow2 {
-                details.insert(
-                    "max_chain_depth".to_string(),
-                    serde_json::json!(MAX_CHAIN_DEPTH),
-                );
-            }
-            Ok(BackendStats {
-                total_bytes: Some(total),
-                free_bytes: Some(free),
-                details,
-            })
+        }
+        Ok(BackendStats {
+            total_bytes: Some(total),
+            free_bytes: Some(free),
+            details,
         })
-        .await
     }
 
-    async fn bench_primitives(&self, v: &Volume) -> Result<Vec<PrimitiveSample>> {
-        let v = v.clone();
-        let span =
-            tracing::info_span!(parent: &self.span("bench_primitives"), "volume", id = %v.id);
-        self.run("bench_primitives", span, move |b| match b.mode {
-            Mode::Qcow2 => qcow2::bench_primitives(b, &v),
-            _ => raw::bench_primitives(b, &v),
-        })
-        .await
+    fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::snapshot_health(self, s),
+            // A raw snapshot is one self-contained file: present (healthy) or absent.
+            _ => Ok(None),
+        }
+    }
+
+    fn bench(self: Arc<Self>) -> Option<Arc<dyn BenchPrimitives>> {
+        Some(self)
+    }
+
+    fn check(self: Arc<Self>) -> Option<Arc<dyn VolumeCheck>> {
+        Some(self)
+    }
+}
+
+impl BenchPrimitives for FileBackend {
+    /// Raw: one bare FICLONE (or sparse copy) of the volume into a temp name and its unlink;
+    /// qcow2: one bare `qemu-img create -b` overlay and its unlink.
+    fn bench_primitives(&self, v: &Volume) -> Result<Vec<PrimitiveSample>> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::bench_primitives(self, v),
+            _ => raw::bench_primitives(self, v),
+        }
+    }
+}
+
+impl VolumeCheck for FileBackend {
+    /// qcow2: compares the volume's chain record with every file's qcow2 header (missing,
+    /// extra and stray files, backing file, format, pending deletes); `repair` updates the
+    /// record to what the headers prove, finishes pending deletes and removes leftovers that
+    /// nothing references. Raw: the volume's file exists; `repair` removes its stale temp
+    /// files.
+    fn check_volume(&self, v: &Volume, repair: bool) -> Result<CheckReport> {
+        match self.mode {
+            Mode::Qcow2 => qcow2::check::check_volume(self, v, repair),
+            _ => raw::check_volume(self, v, repair),
+        }
     }
 }

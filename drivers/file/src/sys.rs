@@ -1,5 +1,6 @@
-//! Thin, safe wrappers around the Linux file primitives the driver is built on: FICLONE,
-//! SEEK_DATA/SEEK_HOLE, flock, statvfs and durable (fsync'ed) renames.
+//! Thin, safe wrappers around the Linux primitives the driver is built on: FICLONE,
+//! SEEK_DATA/SEEK_HOLE, flock, statvfs, durable (fsync'ed) renames, and child processes that
+//! die with kiln.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_core::{Error, Extent, Result};
 
-/// Maps an I/O error to [`Error::Io`] with what the driver was doing and on which path.
+/// Maps an I/O error to [`Error::io`] with what the driver was doing and on which path.
 pub(crate) fn io_ctx(what: &str, path: &Path) -> impl FnOnce(io::Error) -> Error {
     let context = format!("{what} {}", path.display());
     move |source| Error::io(context, source)
@@ -166,11 +167,11 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
-/// Removes a file; a file that is already gone is not an error.
-pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
+/// Removes a file; a file that is already gone is not an error. `true` if this call removed it.
+pub(crate) fn remove_if_exists(path: &Path) -> Result<bool> {
     match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
     }
 }
@@ -258,6 +259,66 @@ pub(crate) fn pid_alive(pid: i32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// Makes every process `expr` starts die (SIGKILL) when kiln dies, so that no child outlives
+/// the kiln that started it: a `qemu-img commit` or `rebase` left running after `kill -9`
+/// would keep qemu's image locks (the next kiln's recovery then meets `Failed to get "write"
+/// lock`) and could finish after that recovery recorded the chain, making the record lie.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not only the
+/// process. That is what we want here: every child is started and waited for by the same
+/// blocking thread (duct's `run`/`reader` spawn on the calling thread, which then waits), so
+/// the thread outlives the child unless kiln itself dies.
+pub(crate) fn dies_with_parent(expr: duct::Expression) -> duct::Expression {
+    expr.before_spawn(|cmd| {
+        use std::os::unix::process::CommandExt;
+        // Taken in the parent, before the fork.
+        let parent = libc::pid_t::try_from(std::process::id())
+            .map_err(|_| io::Error::other("process id out of range"))?;
+        // SAFETY: the hook runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed: `set_parent_death_signal` makes two syscalls
+        // and builds its error without allocating.
+        unsafe { cmd.pre_exec(move || set_parent_death_signal(parent)) };
+        Ok(())
+    })
+}
+
+/// In a freshly forked child: asks for SIGKILL when the parent (thread) dies, then closes the
+/// race where the parent died between the fork and the prctl (the child has then already
+/// been re-parented, and the signal would never come) by refusing to exec.
+fn set_parent_death_signal(parent: libc::pid_t) -> io::Result<()> {
+    const NO_ARG: libc::c_ulong = 0;
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            NO_ARG,
+            NO_ARG,
+            NO_ARG,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain syscall.
+    if unsafe { libc::getppid() } != parent {
+        // `from_raw_os_error` does not allocate (we are between fork and exec).
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
+/// The first executable file named `program` in the directories of `$PATH`, as
+/// `std::process::Command` would find it; `None` if there is none.
+pub(crate) fn find_in_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| d.join(program))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 /// Reads a small file completely.
 pub(crate) fn read_small(path: &Path) -> io::Result<Vec<u8>> {
     let mut f = File::open(path)?;
@@ -298,6 +359,60 @@ mod tests {
         let mut b = [0u8; 4096];
         g.read_exact_at(&mut b, 32 << 20).unwrap();
         assert!(b.iter().all(|x| *x == 9));
+    }
+
+    /// A child started through `dies_with_parent` from a thread that then exits without
+    /// waiting for it is killed by the kernel (what happens to qemu-img when kiln dies).
+    #[test]
+    fn children_die_with_the_thread_that_started_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let pf = pidfile.clone();
+        let t = std::thread::spawn(move || {
+            let h = dies_with_parent(duct::cmd!(
+                "sh",
+                "-c",
+                "echo $$ > \"$0\"; exec sleep 600",
+                &pf
+            ))
+            .stdin_null()
+            .start()
+            .unwrap();
+            while !pf.exists() || std::fs::read_to_string(&pf).unwrap().trim().is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // Leak the handle: the thread exits without waiting for the child.
+            std::mem::forget(h);
+        });
+        t.join().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let started = std::time::Instant::now();
+        // The kernel sends SIGKILL as the thread exits; nobody reaps the child yet (the
+        // handle was leaked), so it turns into a zombie.
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|r| r.trim().chars().next()))
+                .flatten();
+            if matches!(state, None | Some('Z') | Some('X')) {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "child {pid} still running ({state:?}) after its parent thread exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Reap it: it died by SIGKILL, not by anything else.
+        let mut status = 0;
+        // SAFETY: plain syscall on our own child, writing into a local.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
     }
 
     #[test]

@@ -33,11 +33,7 @@ impl Target for FileTarget {
             Mode::Qcow2 => {
                 let src = tempfile::NamedTempFile::new().unwrap();
                 std::fs::write(src.path(), data).unwrap();
-                let cmd = format!(
-                    "write -s {} {offset} {}",
-                    src.path().display(),
-                    data.len()
-                );
+                let cmd = format!("write -s {} {offset} {}", src.path().display(), data.len());
                 let out = std::process::Command::new("qemu-io")
                     .args(["-f", "qcow2", "-c", &cmd, "-c", "flush"])
                     .arg(&image)
@@ -50,7 +46,10 @@ impl Target for FileTarget {
                 );
             }
             Mode::RawReflink | Mode::RawFullCopy => {
-                let f = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&image)
+                    .unwrap();
                 f.write_all_at(data, offset).unwrap();
                 f.sync_all().unwrap();
             }

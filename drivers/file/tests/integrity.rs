@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Env, MIB, Vol, check_snapshot, listing, snapshot};
-use kiln_core::{ErrorKind, VolumeDriver, no_progress};
+use kiln_core::{DeleteAction, ErrorKind, VolumeDriver, no_progress};
 use kiln_driver_file::{MAX_CHAIN_DEPTH, Mode};
 
 const SIZE: u64 = 32 * MIB;
@@ -222,13 +222,13 @@ async fn delete_middle_then_base_snapshot(env: Env) {
     vol.write(&env, 17 * MIB + 8192, 4096, 4).await;
     // Middle: its data (seen by s3 and the volume) must survive in the children.
     d.delete_snapshot(&s2).await.unwrap();
-    assert!(!d.snapshot_exists(&s2).await.unwrap());
+    assert!(d.lookup_snapshot(&s2).await.unwrap().is_none());
     check_snapshot(d, &s1, &d1).await;
     check_snapshot(d, &s3, &d3).await;
     vol.check(&env).await;
     // Base.
     d.delete_snapshot(&s1).await.unwrap();
-    assert!(!d.snapshot_exists(&s1).await.unwrap());
+    assert!(d.lookup_snapshot(&s1).await.unwrap().is_none());
     check_snapshot(d, &s3, &d3).await;
     vol.check(&env).await;
     // The last one: the volume stands alone.
@@ -298,35 +298,43 @@ async fn revert_then_delete(env: Env) {
 async fn deletes_are_idempotent(env: Env) {
     let d = &env.driver;
     let mut vol = Vol::create(&env, SIZE).await;
-    assert!(d.volume_exists(&vol.v).await.unwrap());
+    assert!(d.lookup_volume(&vol.v).await.unwrap().is_some());
     // Creating it again (a re-run after a crash) is fine.
     d.create_volume(&vol.v).await.unwrap();
     vol.write(&env, 0, 4096, 1).await;
     let s = snapshot(&vol.v);
-    assert!(!d.snapshot_exists(&s).await.unwrap());
-    d.delete_snapshot(&s).await.unwrap(); // never existed
-    d.create_snapshot(&s, &vol.v).await.unwrap();
-    assert!(d.snapshot_exists(&s).await.unwrap());
+    assert_eq!(d.lookup_snapshot(&s).await.unwrap(), None);
+    // Never existed: honestly "already gone".
+    assert_eq!(
+        d.delete_snapshot(&s).await.unwrap(),
+        DeleteAction::AlreadyGone
+    );
+    let up = d.create_snapshot(&s, &vol.v).await.unwrap();
+    assert_eq!(d.lookup_snapshot(&s).await.unwrap(), Some(up));
     if d.mode() == Mode::Qcow2 {
         // The snapshot lives in the volume's chain: the volume cannot go first.
         let e = d.delete_volume(&vol.v).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
-        match e {
-            kiln_core::Error::Busy { dependents, .. } => {
-                assert_eq!(dependents, vec![s.id.to_string()])
-            }
-            other => panic!("{other}"),
-        }
-        assert!(d.volume_exists(&vol.v).await.unwrap());
+        assert_eq!(e.dependents(), [s.id.to_string()]);
+        assert!(d.lookup_volume(&vol.v).await.unwrap().is_some());
         vol.check(&env).await;
     }
-    d.delete_snapshot(&s).await.unwrap();
-    assert!(!d.snapshot_exists(&s).await.unwrap());
-    d.delete_snapshot(&s).await.unwrap();
-    d.delete_volume(&vol.v).await.unwrap();
-    assert!(!d.volume_exists(&vol.v).await.unwrap());
-    d.delete_volume(&vol.v).await.unwrap();
-    assert!(!d.volume_exists(&vol.v).await.unwrap());
+    assert_eq!(d.delete_snapshot(&s).await.unwrap(), DeleteAction::Deleted);
+    assert_eq!(d.lookup_snapshot(&s).await.unwrap(), None);
+    assert_eq!(
+        d.delete_snapshot(&s).await.unwrap(),
+        DeleteAction::AlreadyGone
+    );
+    assert_eq!(
+        d.delete_volume(&vol.v).await.unwrap(),
+        DeleteAction::Deleted
+    );
+    assert_eq!(d.lookup_volume(&vol.v).await.unwrap(), None);
+    assert_eq!(
+        d.delete_volume(&vol.v).await.unwrap(),
+        DeleteAction::AlreadyGone
+    );
+    assert_eq!(d.lookup_volume(&vol.v).await.unwrap(), None);
     // Snapshot of a missing volume: not found.
     let e = d
         .create_snapshot(&snapshot(&vol.v), &vol.v)
@@ -346,7 +354,12 @@ async fn bench_and_stats(env: Env) {
     let mut vol = Vol::create(&env, SIZE).await;
     vol.scatter(&env, 1).await;
     let before = listing(d.path());
-    let samples = d.bench_primitives(&vol.v).await.unwrap();
+    let bench = d.bench().expect("the file backend has a bench primitive");
+    let v = vol.v.clone();
+    let samples = tokio::task::spawn_blocking(move || bench.bench_primitives(&v))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(samples.len(), 1);
     let want = match d.mode() {
         Mode::RawReflink => "FICLONE",
@@ -510,11 +523,11 @@ async fn qcow2_interrupted_operations_complete_on_rerun() {
     .run()
     .unwrap();
     assert!(
-        d.snapshot_exists(&s2).await.unwrap(),
+        d.lookup_snapshot(&s2).await.unwrap().is_some(),
         "a pending delete is not done yet"
     );
     check_snapshot(d, &s3, &d3).await;
-    assert!(!d.snapshot_exists(&s2).await.unwrap());
+    assert!(d.lookup_snapshot(&s2).await.unwrap().is_none());
     assert!(!vdir.join(&s2_file).exists());
     vol.check(&env).await;
     d.delete_snapshot(&s2).await.unwrap();
@@ -542,7 +555,7 @@ async fn qcow2_and_full_copy_refuse_forced_snapshots() {
         if d.mode() == Mode::Qcow2 {
             assert!(e.to_string().contains("hypervisor"), "{e}");
         }
-        assert!(!d.snapshot_exists(&s).await.unwrap());
+        assert!(d.lookup_snapshot(&s).await.unwrap().is_none());
         assert!(!d.capabilities().online_snapshot);
     }
 }
@@ -560,7 +573,7 @@ async fn raw_interrupted_operations_complete_on_rerun() {
     let snap_tmp = d.path().join(format!(".snapshot-{}.tmp", s.id));
     std::fs::write(&snap_tmp, &junk).unwrap();
     assert!(
-        !d.snapshot_exists(&s).await.unwrap(),
+        d.lookup_snapshot(&s).await.unwrap().is_none(),
         "a temp file is not a snapshot"
     );
     d.create_snapshot(&s, &vol.v).await.unwrap();
@@ -586,9 +599,7 @@ async fn qcow2_two_drivers_on_one_directory_serialize() {
     let env = Env::qcow2().await;
     let mut cfg = kiln_driver_file::FileConfig::new(env.driver.path());
     cfg.format = kiln_driver_file::Format::Qcow2;
-    let second = kiln_driver_file::FileDriver::open("second", cfg)
-        .await
-        .unwrap();
+    let second = kiln_driver_file::open("second", cfg).await.unwrap();
     let mut vol = Vol::create(&env, 16 * MIB).await;
     vol.write(&env, MIB, 8192, 1).await;
     let drivers = [env.driver.clone(), second];
@@ -607,7 +618,7 @@ async fn qcow2_two_drivers_on_one_directory_serialize() {
     }
     for s in &snaps {
         assert!(
-            env.driver.snapshot_exists(s).await.unwrap(),
+            env.driver.lookup_snapshot(s).await.unwrap().is_some(),
             "lost {}",
             s.id
         );
@@ -624,7 +635,10 @@ async fn qcow2_two_drivers_on_one_directory_serialize() {
         t.await.unwrap().unwrap();
     }
     for (i, s) in snaps.iter().enumerate() {
-        assert_eq!(env.driver.snapshot_exists(s).await.unwrap(), i % 3 == 0);
+        assert_eq!(
+            env.driver.lookup_snapshot(s).await.unwrap().is_some(),
+            i % 3 == 0
+        );
         if i % 3 == 0 {
             check_snapshot(&env.driver, s, &vol.img).await;
         }
@@ -709,11 +723,13 @@ async fn qcow2_delete_under_an_open_active_file_fails_cleanly() {
     let (s3, d3) = vol.snap(&env).await;
     vol.write(&env, 0, 4096, 4).await;
     {
-        let _held = Holder::open(&d.active_image(&vol.v).await.unwrap());
-        // s3's file is the active file's parent: merging it rewrites the active file.
+        let _held = Holder::open(&d.active_image(&vol.v).unwrap());
+        // s3's file is the active file's parent: merging it rewrites the active file. qemu's
+        // lock refusal means "held by another process, retry later": unavailable.
         let e = d.delete_snapshot(&s3).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
-        assert!(d.snapshot_exists(&s3).await.unwrap());
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(e.to_string().contains("lock"), "{e}");
+        assert!(d.lookup_snapshot(&s3).await.unwrap().is_some());
         assert_record_matches_headers(&vdir);
         // s1's merge rewrites s2's frozen file, which is in the held file's backing chain:
         // qemu refuses that too (a running guest reads it).
@@ -755,7 +771,7 @@ async fn qcow2_delete_under_an_open_active_file_fails_cleanly() {
     vol.img = d2.clone();
     vol.write(&env, 8 * MIB, 4096, 6).await;
     {
-        let _held = Holder::open(&d.active_image(&vol.v).await.unwrap());
+        let _held = Holder::open(&d.active_image(&vol.v).unwrap());
         assert!(d.delete_snapshot(&s2).await.is_err());
         assert_record_matches_headers(&vdir);
         check_snapshot(d, &s2, &d2).await;

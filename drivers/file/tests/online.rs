@@ -171,7 +171,7 @@ async fn raw_force_snapshots_are_point_in_time_under_a_concurrent_writer() {
     let d = &env.driver;
     let vol = Vol::create(&env, 16 * MIB).await;
     let bases = bases();
-    let path = d.active_image(&vol.v).await.unwrap();
+    let path = d.active_image(&vol.v).unwrap();
     {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         write_generation(&bases, &f, 0);

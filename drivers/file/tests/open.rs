@@ -1,8 +1,8 @@
-//! `FileDriver::open`: mode selection by probing the real filesystem (XFS with reflink vs.
+//! `kiln_driver_file::open`: mode selection by probing the real filesystem (XFS with reflink vs.
 //! this machine's ext4), the refusal messages, and the format marker.
 
 use kiln_core::{ErrorKind, VolumeDriver};
-use kiln_driver_file::{FileConfig, FileDriver, Format, Mode};
+use kiln_driver_file::{FileConfig, Format, Mode};
 
 fn cfg(path: &std::path::Path, format: Format, allow_full_copy: bool) -> FileConfig {
     let mut c = FileConfig::new(path);
@@ -28,7 +28,7 @@ fn no_reflink_dir() -> tempfile::TempDir {
 #[tokio::test]
 async fn raw_on_a_filesystem_without_reflink_is_refused_clearly() {
     let dir = no_reflink_dir();
-    let e = FileDriver::open("t", cfg(&dir.path().join("b"), Format::Raw, false))
+    let e = kiln_driver_file::open("t", cfg(&dir.path().join("b"), Format::Raw, false))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
@@ -37,7 +37,7 @@ async fn raw_on_a_filesystem_without_reflink_is_refused_clearly() {
         assert!(msg.contains(word), "message lacks {word:?}: {msg}");
     }
     // Nothing was recorded: the directory can still be opened in another mode.
-    FileDriver::open("t", cfg(&dir.path().join("b"), Format::Qcow2, false))
+    kiln_driver_file::open("t", cfg(&dir.path().join("b"), Format::Qcow2, false))
         .await
         .unwrap();
 }
@@ -45,7 +45,7 @@ async fn raw_on_a_filesystem_without_reflink_is_refused_clearly() {
 #[tokio::test]
 async fn auto_without_reflink_picks_qcow2() {
     let dir = no_reflink_dir();
-    let d = FileDriver::open("t", cfg(&dir.path().join("b"), Format::Auto, false))
+    let d = kiln_driver_file::open("t", cfg(&dir.path().join("b"), Format::Auto, false))
         .await
         .unwrap();
     assert_eq!(d.mode(), Mode::Qcow2);
@@ -61,7 +61,7 @@ async fn auto_without_reflink_picks_qcow2() {
 #[tokio::test]
 async fn full_copy_mode_says_so() {
     let dir = no_reflink_dir();
-    let d = FileDriver::open("t", cfg(dir.path(), Format::Raw, true))
+    let d = kiln_driver_file::open("t", cfg(dir.path(), Format::Raw, true))
         .await
         .unwrap();
     assert_eq!(d.mode(), Mode::RawFullCopy);
@@ -73,7 +73,7 @@ async fn full_copy_mode_says_so() {
 #[tokio::test]
 async fn auto_on_xfs_picks_reflink() {
     let xfs = kiln_testkit::XfsMount::new(300 << 20);
-    let d = FileDriver::open("t", cfg(xfs.path(), Format::Auto, false))
+    let d = kiln_driver_file::open("t", cfg(xfs.path(), Format::Auto, false))
         .await
         .unwrap();
     assert_eq!(d.mode(), Mode::RawReflink);
@@ -84,18 +84,18 @@ async fn auto_on_xfs_picks_reflink() {
     );
     assert!(c.snapshot_method.contains("FICLONE"), "{c:?}");
     // qcow2 can be chosen explicitly on XFS too; but not once the directory holds raw volumes.
-    let e = FileDriver::open("t", cfg(xfs.path(), Format::Qcow2, false))
+    let e = kiln_driver_file::open("t", cfg(xfs.path(), Format::Qcow2, false))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("raw"), "{e}");
     let other = xfs.path().join("q");
-    let q = FileDriver::open("t", cfg(&other, Format::Qcow2, false))
+    let q = kiln_driver_file::open("t", cfg(&other, Format::Qcow2, false))
         .await
         .unwrap();
     assert_eq!(q.mode(), Mode::Qcow2);
     // Reopening with auto keeps the recorded format.
-    let again = FileDriver::open("t", cfg(&other, Format::Auto, false))
+    let again = kiln_driver_file::open("t", cfg(&other, Format::Auto, false))
         .await
         .unwrap();
     assert_eq!(again.mode(), Mode::Qcow2);
@@ -107,7 +107,7 @@ async fn unusable_directory_is_a_config_error() {
     let dir = no_reflink_dir();
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
-    let e = FileDriver::open("t", cfg(&file, Format::Auto, false))
+    let e = kiln_driver_file::open("t", cfg(&file, Format::Auto, false))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
@@ -123,7 +123,7 @@ async fn qcow2_open_removes_reader_temp_files_of_dead_processes() {
     let alive = b.join(format!(".reader-{}-snapshot-x-y.raw", std::process::id()));
     std::fs::write(&dead, b"stale").unwrap();
     std::fs::write(&alive, b"in use").unwrap();
-    FileDriver::open("t", cfg(&b, Format::Qcow2, false))
+    kiln_driver_file::open("t", cfg(&b, Format::Qcow2, false))
         .await
         .unwrap();
     assert!(!dead.exists(), "stale reader file kept");

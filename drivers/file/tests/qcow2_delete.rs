@@ -81,7 +81,7 @@ fn qemu_io(image: &Path, cmd: &str) {
 /// Zeroes a range of the active file with qcow2 zero clusters (`write -z`): the commit must
 /// carry zero clusters down too, or the data under them would show through.
 async fn zero(env: &Env, vol: &mut Vol, off: u64, len: u64) {
-    let img = env.driver.active_image(&vol.v).await.unwrap();
+    let img = env.driver.active_image(&vol.v).unwrap();
     qemu_io(&img, &format!("write -z {off} {len}"));
     vol.img[off as usize..(off + len) as usize].fill(0);
 }
@@ -119,7 +119,11 @@ impl Line {
     async fn check(&self, env: &Env, gone: &[usize]) {
         for (i, (s, want)) in self.snaps.iter().enumerate() {
             if gone.contains(&i) {
-                assert!(!env.driver.snapshot_exists(s).await.unwrap(), "s{}", i + 1);
+                assert!(
+                    env.driver.lookup_snapshot(s).await.unwrap().is_none(),
+                    "s{}",
+                    i + 1
+                );
             } else {
                 check_snapshot(&env.driver, s, want).await;
             }
@@ -137,14 +141,14 @@ async fn commit_deletes_keep_every_image() {
     let env = Env::qcow2().await;
     let d = &env.driver;
     let mut l = line(&env).await;
-    let active = d.active_image(&l.vol.v).await.unwrap();
+    let active = d.active_image(&l.vol.v).unwrap();
     let f: Vec<String> = l.snaps.iter().map(|(s, _)| file_of(&l.vdir, s)).collect();
 
     // Newest: its only child is the active file, committed into s3's file, which then
     // takes the active file's name.
     d.delete_snapshot(&l.snaps[2].0).await.unwrap();
     assert!(!l.vdir.join(&f[2]).exists());
-    assert_eq!(d.active_image(&l.vol.v).await.unwrap(), active);
+    assert_eq!(d.active_image(&l.vol.v).unwrap(), active);
     assert_eq!(
         backing_in_header(&l.vdir, active.file_name().unwrap().to_str().unwrap()),
         Some(f[1].clone())
@@ -156,7 +160,7 @@ async fn commit_deletes_keep_every_image() {
     l.vol.write(&env, 2 * MIB, 8192, 7).await;
     let s4 = l.vol.snap(&env).await;
     let f4 = file_of(&l.vdir, &s4.0);
-    let active = d.active_image(&l.vol.v).await.unwrap();
+    let active = d.active_image(&l.vol.v).unwrap();
     l.vol.write(&env, 3 * MIB, 4096, 8).await;
     l.snaps.push(s4);
     d.delete_snapshot(&l.snaps[1].0).await.unwrap();
@@ -173,7 +177,7 @@ async fn commit_deletes_keep_every_image() {
 
     // The last one: the volume is a single file again, under the active file's name.
     d.delete_snapshot(&l.snaps[3].0).await.unwrap();
-    assert_eq!(d.active_image(&l.vol.v).await.unwrap(), active);
+    assert_eq!(d.active_image(&l.vol.v).unwrap(), active);
     l.check(&env, &[0, 1, 2, 3]).await;
     assert_eq!(listing(&l.vdir).len(), 2);
     // Deleting again is a no-op; the volume keeps working.
@@ -223,7 +227,7 @@ async fn interrupted_commit_deletes_are_finished() {
     // 1. Intent committed, nothing else: the re-run of the delete does it all.
     let l = line(&env).await;
     let (f, _) = record_intent(&l.vdir, &l.snaps[1].0);
-    assert!(d.snapshot_exists(&l.snaps[1].0).await.unwrap());
+    assert!(d.lookup_snapshot(&l.snaps[1].0).await.unwrap().is_some());
     d.delete_snapshot(&l.snaps[1].0).await.unwrap();
     assert!(!l.vdir.join(&f).exists());
     l.check(&env, &[1]).await;
@@ -333,11 +337,13 @@ async fn held_chain_refuses_fresh_and_keeps_interrupted_commit_deletes() {
     let env = Env::qcow2().await;
     let d = &env.driver;
     let l = line(&env).await;
-    let active = d.active_image(&l.vol.v).await.unwrap();
+    let active = d.active_image(&l.vol.v).unwrap();
     {
         let _held = Holder::open(&active);
         for (s, _) in &l.snaps {
-            assert!(d.delete_snapshot(s).await.is_err());
+            // qemu's lock refusal: another process holds the chain, retry later.
+            let e = d.delete_snapshot(s).await.unwrap_err();
+            assert_eq!(e.kind(), kiln_core::ErrorKind::Unavailable, "{e}");
             assert_consistent(&l.vdir);
         }
         for (s, want) in &l.snaps {
@@ -350,7 +356,8 @@ async fn held_chain_refuses_fresh_and_keeps_interrupted_commit_deletes() {
     scribble_under_child(&l.vdir, &f);
     {
         let _held = Holder::open(&active);
-        assert!(d.delete_snapshot(&l.snaps[1].0).await.is_err());
+        let e = d.delete_snapshot(&l.snaps[1].0).await.unwrap_err();
+        assert_eq!(e.kind(), kiln_core::ErrorKind::Unavailable, "{e}");
         // Still pending: s2's image may be garbage, so it must not come back as a snapshot.
         assert_eq!(
             record(&l.vdir)["snapshots"][l.snaps[1].0.id.to_string()]["deleting"],

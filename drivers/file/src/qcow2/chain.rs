@@ -115,7 +115,7 @@ impl Chain {
             Error::backend("read chain", format!("{} is corrupt: {e}", path.display()))
         })?;
         chain
-            .check()
+            .validate()
             .map_err(|m| Error::backend("read chain", format!("{}: {m}", path.display())))?;
         Ok(Some(chain))
     }
@@ -128,7 +128,7 @@ impl Chain {
     }
 
     /// Structural checks: known version, only layer names, every reference resolves, no loops.
-    fn check(&self) -> std::result::Result<(), String> {
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
         if self.format_version != FORMAT_VERSION {
             return Err(format!("unknown format_version {}", self.format_version));
         }
@@ -218,8 +218,8 @@ mod tests {
         c.active = b.clone();
         assert_eq!(c.depth(&b), 2);
         assert_eq!(c.children(&a), vec![b.clone()]);
-        assert!(c.check().is_ok());
+        assert!(c.validate().is_ok());
         c.files.get_mut(&a).unwrap().backing = Some(b.clone());
-        assert!(c.check().is_err(), "a loop must be refused");
+        assert!(c.validate().is_err(), "a loop must be refused");
     }
 }

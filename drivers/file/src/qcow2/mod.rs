@@ -12,6 +12,7 @@
 //! operation completes it.
 
 pub(crate) mod chain;
+pub(crate) mod check;
 mod qemu;
 
 use std::fs::{self, File};
@@ -19,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kiln_core::{
-    Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot, SnapshotReader,
-    Volume, VolumeId,
+    DeleteAction, Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot,
+    SnapshotReader, Volume, VolumeId,
 };
 
 use crate::Backend;
@@ -47,12 +48,23 @@ fn deleting_dir(dir: &Path, id: &VolumeId) -> PathBuf {
 /// Prefix of the temp raw images readers convert snapshots into (in the backend directory).
 const READER_PREFIX: &str = ".reader-";
 
-/// Checks that `qemu-img` runs; called by `FileDriver::open` so a missing tool is a start-up
-/// error, not a failure of the first snapshot.
+/// Whether a `qemu-img` program is found through `PATH`.
+pub(crate) fn qemu_img_installed() -> bool {
+    sys::find_in_path(qemu::QEMU_IMG).is_some()
+}
+
+/// Checks that `qemu-img` runs; called when the backend opens so a missing tool is a
+/// start-up (configuration) error, not a failure of the first snapshot.
 pub(crate) fn probe(dir: &Path) -> Result<String> {
+    if !qemu_img_installed() {
+        return Err(Error::config(
+            "qcow2 mode needs qemu-img (Debian package qemu-utils), which is not in PATH; \
+             install it, or use format = \"raw\" on a reflink filesystem such as XFS",
+        ));
+    }
     qemu::version(dir).map_err(|e| {
-        Error::Config(format!(
-            "qcow2 mode needs qemu-img (Debian package qemu-utils): {e}"
+        Error::config(format!(
+            "qcow2 mode needs a working qemu-img (Debian package qemu-utils): {e}"
         ))
     })
 }
@@ -74,6 +86,47 @@ pub(crate) fn remove_stale_reader_files(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a volume directory holds beside the record and the files it names.
+#[derive(Debug, Default)]
+pub(crate) struct Leftovers {
+    /// Layer files (`layer-<uuid>.qcow2`) the record does not name.
+    pub layers: Vec<String>,
+    /// Temp files of interrupted operations (`.chain.json.tmp`, `.bench-*`, `.*.tmp`).
+    pub temps: Vec<String>,
+    /// Anything else kiln never creates there.
+    pub unknown: Vec<String>,
+}
+
+/// Sorts the names in volume directory `dir` that `chain` does not account for.
+fn leftovers_of(dir: &Path, chain: &Chain) -> Result<Leftovers> {
+    let mut out = Leftovers::default();
+    let rd = fs::read_dir(dir).map_err(io_ctx("list", dir))?;
+    for entry in rd {
+        let entry = entry.map_err(io_ctx("list", dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == CHAIN_FILE || chain.files.contains_key(&name) {
+            continue;
+        }
+        if chain::is_layer_name(&name) {
+            out.layers.push(name);
+        } else if name.starts_with('.') && (name.ends_with(".tmp") || name.starts_with(".bench-")) {
+            out.temps.push(name);
+        } else {
+            out.unknown.push(name);
+        }
+    }
+    out.layers.sort();
+    out.temps.sort();
+    out.unknown.sort();
+    Ok(out)
+}
+
+/// (unrecorded layers, temp files) of volume directory `dir`.
+fn leftovers(dir: &Path, chain: &Chain) -> Result<(Vec<String>, Vec<String>)> {
+    let l = leftovers_of(dir, chain)?;
+    Ok((l.layers, l.temps))
+}
+
 /// A volume directory, locked, with its record loaded.
 struct Locked {
     dir: PathBuf,
@@ -88,19 +141,53 @@ impl Locked {
 
     /// Removes files the record does not name: layers of an interrupted snapshot or revert,
     /// layers whose removal was interrupted after the commit, temp files, bench overlays.
+    ///
+    /// A layer the record does not name is only removed when no recorded file's header names
+    /// it as its backing file: after a crash that never happens (an unrecorded layer is a
+    /// leaf, or was unlinked from the chain before the record dropped it), but a record that
+    /// lies must not cost data. Those headers are only read when there is such a layer.
     fn remove_orphans(&self) -> Result<()> {
-        let rd = fs::read_dir(&self.dir).map_err(io_ctx("list", &self.dir))?;
-        for entry in rd.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let orphan_layer = chain::is_layer_name(&name) && !self.chain.files.contains_key(&name);
-            let temp =
-                name.starts_with('.') && (name.ends_with(".tmp") || name.starts_with(".bench-"));
-            if orphan_layer || temp {
-                tracing::info!(volume = %self.chain.volume_id, file = %name, "removing leftover of an interrupted operation");
-                sys::remove_if_exists(&entry.path())?;
+        let (layers, temps) = leftovers(&self.dir, &self.chain)?;
+        for name in temps {
+            tracing::info!(volume = %self.chain.volume_id, file = %name, "removing temp file of an interrupted operation");
+            sys::remove_if_exists(&self.path(&name))?;
+        }
+        if layers.is_empty() {
+            return Ok(());
+        }
+        let referenced = match self.referenced_by_headers() {
+            Ok(r) => r,
+            Err(e) => {
+                // Cannot tell: keep them (the check reports them).
+                tracing::info!(volume = %self.chain.volume_id, error = %e, "cannot read the headers; keeping unrecorded layers");
+                return Ok(());
             }
+        };
+        for name in layers {
+            if referenced.contains(&name) {
+                tracing::info!(volume = %self.chain.volume_id, file = %name, "keeping an unrecorded layer that a header references");
+                continue;
+            }
+            tracing::info!(volume = %self.chain.volume_id, file = %name, "removing layer of an interrupted operation");
+            sys::remove_if_exists(&self.path(&name))?;
         }
         Ok(())
+    }
+
+    /// Backing file names in the headers of the recorded files that exist.
+    fn referenced_by_headers(&self) -> Result<std::collections::BTreeSet<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for name in self.chain.files.keys() {
+            if sys::exists(&self.path(name))? {
+                out.extend(qemu::backing_of(&self.dir, name)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The backing file `child`'s own header names.
+    fn header_backing(&self, child: &str) -> Result<Option<String>> {
+        qemu::backing_of(&self.dir, child)
     }
 
     fn commit(&self) -> Result<()> {
@@ -153,8 +240,9 @@ impl Locked {
                     // The record could not be made true again: nothing may trust it.
                     return Err(e);
                 }
-                // Abandoned cleanly (the snapshot stays); the delete can be retried.
-                tracing::warn!(volume = %self.chain.volume_id, snapshot = %id, error = %e, "interrupted snapshot delete could not be finished; the snapshot stays");
+                // Abandoned cleanly (the snapshot stays); the delete can be retried. Logged
+                // at info: the operation that ran recovery goes on and reports its own result.
+                tracing::info!(volume = %self.chain.volume_id, snapshot = %id, error = %e, "interrupted snapshot delete could not be finished; the snapshot stays");
             }
         }
         Ok(())
@@ -170,6 +258,10 @@ impl Locked {
     ///   O(data allocated in `C`).
     /// - `F` has several children (branches after reverts) or none:
     ///   [`Self::delete_by_rebase`], O(virtual size) per child.
+    ///
+    /// Before choosing the path, the children's own headers are read (`qemu-img info`) and
+    /// compared with the record (see [`Self::verify_children`]): the record alone must not
+    /// decide, since a child may have been rebased behind its back.
     fn delete_snapshot(&mut self, id: &str) -> Result<()> {
         let Some(entry) = self.chain.snapshots.get(id) else {
             return Ok(());
@@ -177,15 +269,25 @@ impl Locked {
         let file = entry.file.clone();
         let fresh = !entry.deleting;
         if fresh {
-            let commit_child = match self.chain.children(&file).as_slice() {
+            let parent = self.chain.files.get(&file).and_then(|l| l.backing.clone());
+            let (still, moved) = self.verify_children(&file, parent.as_ref())?;
+            let mut next = self.chain.clone();
+            for child in &moved {
+                tracing::info!(volume = %self.chain.volume_id, file = %child, "recording a rebase its header proves already happened");
+                if let Some(layer) = next.files.get_mut(child) {
+                    layer.backing = parent.clone();
+                }
+            }
+            let commit_child = match still.as_slice() {
                 [only] => Some(only.clone()),
                 _ => None,
             };
-            if let Some(e) = self.chain.snapshots.get_mut(id) {
+            if let Some(e) = next.snapshots.get_mut(id) {
                 e.deleting = true;
                 e.commit_child = commit_child;
             }
-            self.commit()?;
+            next.save(&self.dir)?;
+            self.chain = next;
         }
         let commit_child = self
             .chain
@@ -194,8 +296,58 @@ impl Locked {
             .and_then(|e| e.commit_child.clone());
         match commit_child {
             Some(child) => self.delete_by_commit(id, &file, &child, fresh),
-            None => self.delete_by_rebase(id, &file),
+            None => self.delete_by_rebase(id, &file, fresh),
         }
+    }
+
+    /// Reads the header of every child the record lists for `file` and sorts them into
+    /// (still backed by `file`, already backed by `parent`). A child whose header names
+    /// `parent` was rebased behind the record's back (e.g. a `qemu-img rebase` of an earlier
+    /// kiln that outlived it and finished after that kiln's successor recorded the chain): a
+    /// safe rebase switches the header last, after copying the data, so the header proves
+    /// the rebase finished and the caller records it. Any other backing is refused with an
+    /// error naming the file: the record and the image no longer describe the same chain,
+    /// and no guess is safe (`check` with repair reconciles them).
+    fn verify_children(
+        &self,
+        file: &str,
+        parent: Option<&String>,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let (mut still, mut moved) = (Vec::new(), Vec::new());
+        for child in self.chain.children(file) {
+            let h = self.header_backing(&child)?;
+            if h.as_deref() == Some(file) {
+                still.push(child);
+            } else if h.as_ref() == parent {
+                moved.push(child);
+            } else {
+                return Err(self.disagreement(&child, h.as_deref(), file, parent));
+            }
+        }
+        Ok((still, moved))
+    }
+
+    /// The refusal for a child whose header names neither `file` (what the record says) nor
+    /// `parent` (what a finished step would leave).
+    fn disagreement(
+        &self,
+        child: &str,
+        header: Option<&str>,
+        file: &str,
+        parent: Option<&String>,
+    ) -> Error {
+        Error::backend(
+            "delete snapshot",
+            format!(
+                "the chain of volume {} is inconsistent: the qcow2 header of {} names backing \
+                 file {} but the record says {file} (or {} after the merge); refusing to \
+                 guess, run the volume check",
+                self.chain.volume_id,
+                self.path(child).display(),
+                header.unwrap_or("<none>"),
+                parent.map_or("<none>", String::as_str),
+            ),
+        )
     }
 
     /// The single-child merge: `qemu-img commit` writes the clusters the child `C` allocates
@@ -221,38 +373,58 @@ impl Locked {
     fn delete_by_commit(&mut self, id: &str, file: &str, child: &str, fresh: bool) -> Result<()> {
         let parent = self.chain.files.get(file).and_then(|l| l.backing.clone());
         let file_path = self.path(file);
-        if sys::exists(&file_path)? {
-            if let Err(e) = qemu::commit(&self.dir, child, file) {
-                if fresh && qemu::is_lock_refusal(&e) {
-                    self.abandon_delete(id, &[], parent.as_ref())?;
-                }
-                return Err(e);
-            }
-            fsync_file(&file_path)?;
-            sys::durable_rename(&file_path, &self.path(child))?;
+        // A fresh delete has just read this header (`verify_children`) under the same lock.
+        let backing = if fresh {
+            Some(file.to_string())
         } else {
-            let backing = qemu::backing_of(&self.dir, child)?;
-            if backing != parent {
-                return Err(Error::backend(
-                    "delete snapshot",
-                    format!(
-                        "{} is missing but {} is backed by {:?}, not by {:?}: the chain of \
-                         volume {} is inconsistent",
-                        file_path.display(),
-                        self.path(child).display(),
-                        backing,
-                        parent,
-                        self.chain.volume_id
-                    ),
-                ));
+            self.header_backing(child)?
+        };
+        let mut drop_file = false;
+        if sys::exists(&file_path)? {
+            if backing.as_deref() == Some(file) {
+                if let Err(e) = qemu::commit(&self.dir, child, file) {
+                    if fresh && qemu::is_lock_refusal(&e) {
+                        self.abandon_delete(id, &[], parent.as_ref())?;
+                    }
+                    return Err(e);
+                }
+                fsync_file(&file_path)?;
+                sys::durable_rename(&file_path, &self.path(child))?;
+            } else if backing == parent {
+                // The child no longer reads from F (rebased behind the record's back): F,
+                // whatever an earlier commit attempt left in it, is read by nothing any more.
+                // Drop it after the record.
+                drop_file = true;
+            } else {
+                return Err(self.disagreement(child, backing.as_deref(), file, parent.as_ref()));
             }
+        } else if backing != parent {
+            // F is gone, so the rename happened, and then the child (the renamed F) must be
+            // backed by F's parent.
+            return Err(Error::backend(
+                "delete snapshot",
+                format!(
+                    "{} is missing but {} is backed by {:?}, not by {:?}: the chain of \
+                     volume {} is inconsistent",
+                    file_path.display(),
+                    self.path(child).display(),
+                    backing,
+                    parent,
+                    self.chain.volume_id
+                ),
+            ));
         }
         if let Some(layer) = self.chain.files.get_mut(child) {
             layer.backing = parent;
         }
         self.chain.files.remove(file);
         self.chain.snapshots.remove(id);
-        self.commit()
+        self.commit()?;
+        if drop_file {
+            sys::remove_if_exists(&file_path)?;
+            sys::fsync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     /// The general merge: each child file of the snapshot's file `F` is rebased (safe mode)
@@ -261,15 +433,28 @@ impl Locked {
     ///
     /// A safe rebase copies the differing clusters into the child before it switches the
     /// backing pointer, so a crash during the rebases leaves every child showing the same
-    /// data as before; a re-run repeats the rebases (a no-op for children already switched)
-    /// and the commit. A failed rebase (typically qemu's image lock: a hypervisor holds the
-    /// child) abandons the delete with the record kept true.
-    fn delete_by_rebase(&mut self, id: &str, file: &str) -> Result<()> {
+    /// data as before; a re-run reads each child's header and rebases only the children
+    /// still backed by `F` (one whose header already names the parent is done). A failed
+    /// rebase (typically qemu's image lock: a hypervisor holds the child), or a header that
+    /// names neither `F` nor its parent, abandons the delete with the record kept true.
+    fn delete_by_rebase(&mut self, id: &str, file: &str, fresh: bool) -> Result<()> {
         let parent = self.chain.files.get(file).and_then(|x| x.backing.clone());
         let children = self.chain.children(file);
         for (n, child) in children.iter().enumerate() {
-            let rebased = qemu::rebase(&self.dir, child, parent.as_deref())
-                .and_then(|()| fsync_file(&self.path(child)));
+            let rebased = (|| {
+                // A fresh delete has just read every child's header under the same lock.
+                if !fresh {
+                    let h = self.header_backing(child)?;
+                    if h == parent {
+                        return Ok(());
+                    }
+                    if h.as_deref() != Some(file) {
+                        return Err(self.disagreement(child, h.as_deref(), file, parent.as_ref()));
+                    }
+                }
+                qemu::rebase(&self.dir, child, parent.as_deref())?;
+                fsync_file(&self.path(child))
+            })();
             if let Err(e) = rebased {
                 // Give up the delete but keep the record true: the children already rebased
                 // now hang off the parent (showing the same data), the snapshot stays.
@@ -296,8 +481,19 @@ impl Locked {
     }
 }
 
-/// Locks volume `id` and loads its record; `None` if the volume does not exist.
+/// Locks volume `id` and loads its record, then brings it to a committed state (see
+/// [`Locked::recover`]); `None` if the volume does not exist.
 fn lock(dir: &Path, id: &VolumeId) -> Result<Option<Locked>> {
+    let Some(mut l) = lock_as_is(dir, id)? else {
+        return Ok(None);
+    };
+    l.recover()?;
+    Ok(Some(l))
+}
+
+/// Locks volume `id` and loads its record as it is, without recovery (for the check, which
+/// must see what a crash left, and for callers that look before recovering).
+fn lock_as_is(dir: &Path, id: &VolumeId) -> Result<Option<Locked>> {
     let vdir = volume_dir(dir, id);
     if !sys::exists(&vdir)? {
         return Ok(None);
@@ -305,7 +501,7 @@ fn lock(dir: &Path, id: &VolumeId) -> Result<Option<Locked>> {
     let lock = match Flock::exclusive(&vdir, false) {
         Ok(l) => l,
         // Removed by a concurrent delete between the check and the open.
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
             return Ok(None);
         }
         Err(e) => return Err(e),
@@ -314,20 +510,15 @@ fn lock(dir: &Path, id: &VolumeId) -> Result<Option<Locked>> {
     let Some(chain) = Chain::load(&vdir)? else {
         return Ok(None);
     };
-    let mut l = Locked {
+    Ok(Some(Locked {
         dir: vdir,
         chain,
         _lock: lock,
-    };
-    l.recover()?;
-    Ok(Some(l))
+    }))
 }
 
 fn lock_required(dir: &Path, id: &VolumeId) -> Result<Locked> {
-    lock(dir, id)?.ok_or_else(|| Error::NotFound {
-        what: "volume",
-        id: id.to_string(),
-    })
+    lock(dir, id)?.ok_or_else(|| Error::not_found("volume", id.to_string()))
 }
 
 fn location(p: &Path) -> ProviderUpdate {
@@ -337,10 +528,7 @@ fn location(p: &Path) -> ProviderUpdate {
 }
 
 fn snapshot_not_found(s: &Snapshot) -> Error {
-    Error::NotFound {
-        what: "snapshot",
-        id: s.id.to_string(),
-    }
+    Error::not_found("snapshot", s.id.to_string())
 }
 
 fn fsync_file(p: &Path) -> Result<()> {
@@ -360,7 +548,7 @@ fn build_volume(
     if let Some(existing) = lock(&b.dir, &v.id)? {
         // A re-run after a crash that happened after the rename: already done.
         if existing.chain.size_bytes != v.size_bytes {
-            return Err(Error::WrongState(format!(
+            return Err(Error::wrong_state(format!(
                 "{} already exists with {} bytes, not {}",
                 vdir.display(),
                 existing.chain.size_bytes,
@@ -392,52 +580,71 @@ pub(crate) fn create_volume(b: &Backend, v: &Volume) -> Result<ProviderUpdate> {
     })
 }
 
-pub(crate) fn delete_volume(b: &Backend, v: &Volume) -> Result<()> {
+/// Removes the volume's directory; `Busy` (naming the snapshots) while its chain still holds
+/// snapshots. `AlreadyGone` when there was no volume directory (a re-run may still clean up
+/// what an interrupted delete left past its point of no return).
+pub(crate) fn delete_volume(b: &Backend, v: &Volume) -> Result<DeleteAction> {
     let gone = deleting_dir(&b.dir, &v.id);
+    let mut removed = false;
     if let Some(l) = lock(&b.dir, &v.id)? {
         if !l.chain.snapshots.is_empty() {
             let dependents: Vec<String> = l.chain.snapshots.keys().cloned().collect();
-            return Err(Error::Busy {
-                reason: format!(
+            return Err(Error::busy(
+                format!(
                     "volume {} still has {} snapshot(s) in its qcow2 chain ({}); delete them first",
                     v.id,
                     dependents.len(),
                     dependents.join(", ")
                 ),
                 dependents,
-            });
+            ));
         }
         sys::remove_dir_if_exists(&gone)?;
         // The rename is the point of no return: from here the volume no longer exists.
         sys::durable_rename(&l.dir, &gone)?;
+        removed = true;
     } else if sys::exists(&volume_dir(&b.dir, &v.id))? {
         // A directory without a record: a volume nothing can use; remove it as well.
         sys::durable_rename(&volume_dir(&b.dir, &v.id), &gone)?;
+        removed = true;
     }
     sys::remove_dir_if_exists(&gone)?;
     sys::remove_dir_if_exists(&creating_dir(&b.dir, &v.id))?;
-    sys::fsync_dir(&b.dir)
+    sys::fsync_dir(&b.dir)?;
+    Ok(if removed {
+        DeleteAction::Deleted
+    } else {
+        DeleteAction::AlreadyGone
+    })
 }
 
-pub(crate) fn volume_exists(b: &Backend, v: &Volume) -> Result<bool> {
+/// The volume's location (its record, as [`create_volume`] returns it) when its record
+/// exists and names an active file that exists.
+pub(crate) fn lookup_volume(b: &Backend, v: &Volume) -> Result<Option<ProviderUpdate>> {
     let vdir = volume_dir(&b.dir, &v.id);
     match Chain::load(&vdir)? {
-        Some(c) => sys::exists(&vdir.join(&c.active)),
-        None => Ok(false),
+        Some(c) if sys::exists(&vdir.join(&c.active))? => {
+            Ok(Some(location(&vdir.join(CHAIN_FILE))))
+        }
+        _ => Ok(None),
     }
 }
 
-pub(crate) fn snapshot_exists(b: &Backend, s: &Snapshot) -> Result<bool> {
+/// The snapshot's location (its frozen file, as [`create_snapshot`] returns it) when the
+/// record holds the snapshot and that file exists. Files keep their names through every
+/// later operation (a commit-path delete renames the merged file over the child, keeping the
+/// child's name), so the location stays the one `create_snapshot` reported.
+pub(crate) fn lookup_snapshot(b: &Backend, s: &Snapshot) -> Result<Option<ProviderUpdate>> {
     let vdir = volume_dir(&b.dir, &s.volume_id);
     match Chain::load(&vdir)?.and_then(|c| c.snapshots.get(&s.id.to_string()).cloned()) {
-        Some(e) => sys::exists(&vdir.join(e.file)),
-        None => Ok(false),
+        Some(e) if sys::exists(&vdir.join(&e.file))? => Ok(Some(location(&vdir.join(e.file)))),
+        _ => Ok(None),
     }
 }
 
 /// `Some(reason)` when the snapshot is recorded but a file of its backing chain is missing
 /// (deleted by hand, lost with a disk), so its data cannot be read; `None` when every layer
-/// is there or the snapshot does not exist (that is `snapshot_exists`'s question).
+/// is there or the snapshot does not exist (that is `lookup_snapshot`'s question).
 pub(crate) fn snapshot_health(b: &Backend, s: &Snapshot) -> Result<Option<String>> {
     let vdir = volume_dir(&b.dir, &s.volume_id);
     let Some(chain) = Chain::load(&vdir)? else {
@@ -474,7 +681,7 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
     }
     let depth = l.chain.depth(&l.chain.active);
     if depth >= MAX_CHAIN_DEPTH {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::unsupported(format!(
             "volume {} already has a backing chain of {depth} qcow2 files, the limit is \
              {MAX_CHAIN_DEPTH} (every layer slows every read); delete older snapshots of it \
              first, or create a new volume from a snapshot",
@@ -506,13 +713,22 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
     Ok(location(&l.path(&frozen)))
 }
 
-/// Removes a snapshot and merges its file away (see [`Locked::delete_snapshot`]). Succeeds
-/// if the snapshot or its whole volume is already gone.
-pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<()> {
-    let Some(mut l) = lock(&b.dir, &s.volume_id)? else {
-        return Ok(()); // the whole volume directory is gone, so is the snapshot
+/// Removes a snapshot and merges its file away (see [`Locked::delete_snapshot`]).
+/// `AlreadyGone` if neither the record nor the volume held it when this call started
+/// (`Deleted` when this call's recovery finished an interrupted delete of it).
+pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<DeleteAction> {
+    let Some(mut l) = lock_as_is(&b.dir, &s.volume_id)? else {
+        return Ok(DeleteAction::AlreadyGone); // the whole volume is gone, so is the snapshot
     };
-    l.delete_snapshot(&s.id.to_string())
+    let id = s.id.to_string();
+    let recorded = l.chain.snapshots.contains_key(&id);
+    l.recover()?;
+    l.delete_snapshot(&id)?;
+    Ok(if recorded {
+        DeleteAction::Deleted
+    } else {
+        DeleteAction::AlreadyGone
+    })
 }
 
 /// Points the volume at a new empty overlay on the snapshot's frozen file. The previous

@@ -1,42 +1,76 @@
 //! `qemu-img` invocations, as argv vectors through duct (never a shell), each traced with
-//! its elapsed time. A failure carries qemu-img's own stderr.
+//! its elapsed time. A failure carries qemu-img's own stderr; qemu's image-lock refusal is
+//! [`ErrorKind::Unavailable`] (another process holds the image: retry later). Every
+//! `qemu-img` is found through `PATH` and dies with kiln (see [`sys::dies_with_parent`]).
 
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::Instant;
 
-use kiln_core::{Error, Extent, Result};
+use kiln_core::{Error, ErrorKind, Extent, Result};
 use serde::Deserialize;
+
+use crate::sys;
+
+/// The program, looked up through `PATH` when it is run.
+pub(crate) const QEMU_IMG: &str = "qemu-img";
+
+/// `qemu-img <args>` in `cwd`, stdin closed, as a child that dies with kiln.
+fn command(cwd: &Path, args: &[OsString]) -> duct::Expression {
+    sys::dies_with_parent(duct::cmd(QEMU_IMG, args).dir(cwd).stdin_null())
+}
+
+fn cannot_run(op: &'static str, e: std::io::Error) -> Error {
+    Error::backend(
+        op,
+        format!("cannot run {QEMU_IMG}: {e} (is qemu-utils installed?)"),
+    )
+    .with_source(e)
+}
+
+/// The error for a `qemu-img` that exited with `status` and printed `stderr`. qemu's
+/// image-lock refusal (`Failed to get "write" lock`, `Failed to get shared "write"
+/// lock`) means another process (a hypervisor, or another qemu-img) has the image open:
+/// nothing was decided or written (qemu takes its locks while opening, before any I/O), so
+/// it is `Unavailable`, not a failure.
+fn failed(
+    op: &'static str,
+    args: &[OsString],
+    elapsed_ms: u64,
+    status: std::process::ExitStatus,
+    stderr: &[u8],
+) -> Error {
+    let msg = String::from_utf8_lossy(stderr).trim().replace('\n', "; ");
+    // The caller reports the error; the adapter logs it at info. Only details here.
+    tracing::debug!(op, ?args, elapsed_ms, %msg, "qemu-img failed");
+    let msg = if msg.is_empty() {
+        format!("exited with {status}")
+    } else {
+        msg
+    };
+    if msg.contains("Failed to get") && msg.contains("lock") {
+        Error::unavailable(
+            op,
+            format!("{msg} (another process holds the image; retry later)"),
+        )
+    } else {
+        Error::backend(op, msg)
+    }
+}
 
 /// Runs `qemu-img <args>` in `cwd` and returns its stdout. `op` names the operation in errors
 /// (e.g. "qemu-img rebase").
-pub(crate) fn run(op: &str, cwd: &Path, args: Vec<OsString>) -> Result<Vec<u8>> {
+pub(crate) fn run(op: &'static str, cwd: &Path, args: Vec<OsString>) -> Result<Vec<u8>> {
     let start = Instant::now();
-    let out = duct::cmd("qemu-img", &args)
-        .dir(cwd)
-        .stdin_null()
+    let out = command(cwd, &args)
         .stdout_capture()
         .stderr_capture()
         .unchecked()
         .run()
-        .map_err(|e| {
-            Error::backend(
-                op,
-                format!("cannot run qemu-img: {e} (is qemu-utils installed?)"),
-            )
-        })?;
+        .map_err(|e| cannot_run(op, e))?;
     let elapsed_ms = start.elapsed().as_millis() as u64;
     if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        tracing::warn!(op, ?args, elapsed_ms, %msg, "qemu-img failed");
-        return Err(Error::backend(
-            op,
-            if msg.is_empty() {
-                format!("exited with {}", out.status)
-            } else {
-                msg
-            },
-        ));
+        return Err(failed(op, &args, elapsed_ms, out.status, &out.stderr));
     }
     tracing::debug!(op, ?args, elapsed_ms, "qemu-img done");
     Ok(out.stdout)
@@ -103,30 +137,50 @@ pub(crate) fn commit(cwd: &Path, file: &str, base: &str) -> Result<()> {
 
 /// Whether `e` is qemu-img refusing to open an image because another process (a
 /// hypervisor) holds a conflicting image lock. qemu acquires those locks while opening,
-/// before any I/O, so a command failing this way wrote nothing.
+/// before any I/O, so a command failing this way wrote nothing. [`run`] makes exactly these
+/// failures `Unavailable`.
 pub(crate) fn is_lock_refusal(e: &Error) -> bool {
-    matches!(e, Error::Backend { message, .. }
-        if message.contains("Failed to get") && message.contains("lock"))
+    e.kind() == ErrorKind::Unavailable
 }
 
-#[derive(Deserialize)]
-struct Info {
+/// What a file's header says, from `qemu-img info`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub(crate) struct Header {
+    /// The image format qemu detected ("qcow2", "raw", ...).
+    pub format: String,
+    /// The backing file name in the header; `None` for a standalone image.
     #[serde(rename = "backing-filename")]
-    backing_filename: Option<String>,
+    pub backing: Option<String>,
+    /// The virtual disk size.
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
 }
 
-/// The backing file name recorded in the header of `file` (`None` for a standalone image),
-/// from `qemu-img info -U --output=json`. Reads only the header (the backing file need not
-/// exist); `-U` so a hypervisor holding the file does not make this fail.
+/// The header of `file` as qemu reads it (format probed, not assumed: a file that is not
+/// qcow2 shows up as such), from `qemu-img info -U --output=json`. Reads only the header
+/// (the backing file need not exist); `-U` so a hypervisor holding the file does not make
+/// this fail.
+pub(crate) fn header(cwd: &Path, file: &str) -> Result<Header> {
+    let out = run(
+        "qemu-img info",
+        cwd,
+        argv!["info", "-U", "--output=json", file],
+    )?;
+    serde_json::from_slice(&out)
+        .map_err(|e| Error::backend("qemu-img info", format!("unexpected output: {e}")))
+}
+
+/// The backing file name recorded in the qcow2 header of `file` (`None` for a standalone
+/// image); see [`header`].
 pub(crate) fn backing_of(cwd: &Path, file: &str) -> Result<Option<String>> {
     let out = run(
         "qemu-img info",
         cwd,
         argv!["info", "-U", "--output=json", "-f", "qcow2", file],
     )?;
-    let info: Info = serde_json::from_slice(&out)
+    let h: Header = serde_json::from_slice(&out)
         .map_err(|e| Error::backend("qemu-img info", format!("unexpected output: {e}")))?;
-    Ok(info.backing_filename)
+    Ok(h.backing)
 }
 
 /// `qemu-img convert -U -f qcow2 -O <fmt> <src> <dst>`: the whole chain under `src` flattened
@@ -159,13 +213,11 @@ pub(crate) fn convert_with_progress(
     let op = "qemu-img convert";
     let args = argv!["convert", "-p", "-U", "-f", "qcow2", "-O", fmt, src, dst];
     let start = Instant::now();
-    let handle = duct::cmd("qemu-img", &args)
-        .dir(cwd)
-        .stdin_null()
+    let handle = command(cwd, &args)
         .stderr_capture()
         .unchecked()
         .reader()
-        .map_err(|e| Error::backend(op, format!("cannot run qemu-img: {e}")))?;
+        .map_err(|e| cannot_run(op, e))?;
     let mut reported = 0u64;
     let mut report = |line: &[u8]| {
         if let Some(pct) = parse_percent(line) {
@@ -202,16 +254,7 @@ pub(crate) fn convert_with_progress(
         .ok_or_else(|| Error::backend(op, "qemu-img did not exit after closing its output"))?;
     let elapsed_ms = start.elapsed().as_millis() as u64;
     if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        tracing::warn!(op, ?args, elapsed_ms, %msg, "qemu-img failed");
-        return Err(Error::backend(
-            op,
-            if msg.is_empty() {
-                format!("exited with {}", out.status)
-            } else {
-                msg
-            },
-        ));
+        return Err(failed(op, &args, elapsed_ms, out.status, &out.stderr));
     }
     tracing::debug!(op, ?args, elapsed_ms, "qemu-img done");
     if total > reported {

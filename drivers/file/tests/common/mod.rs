@@ -28,7 +28,7 @@ impl Env {
         let xfs = kiln_testkit::XfsMount::new(512 * MIB);
         let mut cfg = FileConfig::new(xfs.path().join("kiln"));
         cfg.format = Format::Raw;
-        let driver = FileDriver::open("raw-test", cfg).await.unwrap();
+        let driver = kiln_driver_file::open("raw-test", cfg).await.unwrap();
         assert_eq!(driver.mode(), Mode::RawReflink);
         Env {
             driver,
@@ -45,12 +45,21 @@ impl Env {
             .unwrap();
         let mut cfg = FileConfig::new(tmp.path().join("kiln"));
         cfg.format = Format::Qcow2;
-        let driver = FileDriver::open("qcow2-test", cfg).await.unwrap();
+        let driver = kiln_driver_file::open("qcow2-test", cfg).await.unwrap();
         assert_eq!(driver.mode(), Mode::Qcow2);
         Env {
             driver,
             _xfs: None,
             _tmp: Some(tmp),
+        }
+    }
+
+    /// A driver opened by the test itself; `tmp` (if any) is kept alive with it.
+    pub fn with_driver(driver: FileDriver, tmp: Option<tempfile::TempDir>) -> Env {
+        Env {
+            driver,
+            _xfs: None,
+            _tmp: tmp,
         }
     }
 
@@ -63,7 +72,7 @@ impl Env {
         let mut cfg = FileConfig::new(tmp.path().join("kiln"));
         cfg.format = Format::Raw;
         cfg.allow_full_copy = true;
-        let driver = FileDriver::open("fullcopy-test", cfg).await.unwrap();
+        let driver = kiln_driver_file::open("fullcopy-test", cfg).await.unwrap();
         assert_eq!(driver.mode(), Mode::RawFullCopy);
         Env {
             driver,
@@ -119,10 +128,13 @@ impl Vol {
     /// Creates a volume of `size` bytes on the backend.
     pub async fn create(env: &Env, size: u64) -> Vol {
         let v = volume(size);
+        assert_eq!(env.driver.lookup_volume(&v).await.unwrap(), None);
         let up = env.driver.create_volume(&v).await.unwrap();
-        let loc = up.provider_location.unwrap();
+        let loc = up.provider_location.clone().unwrap();
         assert!(Path::new(&loc).is_absolute(), "{loc}");
         assert!(Path::new(&loc).exists(), "{loc}");
+        // Recovery records what lookup says: it must be the location create reported.
+        assert_eq!(env.driver.lookup_volume(&v).await.unwrap(), Some(up));
         Vol {
             v,
             img: vec![0; size as usize],
@@ -157,14 +169,15 @@ impl Vol {
     /// Takes a snapshot (offline) and returns it with the bytes it must hold.
     pub async fn snap(&self, env: &Env) -> (Snapshot, Vec<u8>) {
         let s = snapshot(&self.v);
-        assert!(!env.driver.snapshot_exists(&s).await.unwrap());
+        assert_eq!(env.driver.lookup_snapshot(&s).await.unwrap(), None);
         let up = env.driver.create_snapshot(&s, &self.v).await.unwrap();
-        let loc = up.provider_location.unwrap();
+        let loc = up.provider_location.clone().unwrap();
         assert!(
             Path::new(&loc).is_absolute() && Path::new(&loc).exists(),
             "{loc}"
         );
-        assert!(env.driver.snapshot_exists(&s).await.unwrap());
+        // Recovery records what lookup says: it must be the location create reported.
+        assert_eq!(env.driver.lookup_snapshot(&s).await.unwrap(), Some(up));
         (s, self.img.clone())
     }
 
@@ -178,7 +191,7 @@ impl Vol {
 /// Writes `data` at `off` into volume `v`'s current image: pwrite on the raw file, or
 /// `qemu-io` on the active qcow2 overlay.
 pub async fn write_image(driver: &FileDriver, v: &Volume, off: u64, data: &[u8]) {
-    let img = driver.active_image(v).await.unwrap();
+    let img = driver.active_image(v).unwrap();
     match driver.mode() {
         Mode::Qcow2 => {
             let src = tempfile::NamedTempFile::new().unwrap();
@@ -210,7 +223,7 @@ pub async fn write_image(driver: &FileDriver, v: &Volume, off: u64, data: &[u8])
 
 /// Reads volume `v`'s current data (qcow2: converted to raw through its chain).
 pub async fn read_volume(driver: &FileDriver, v: &Volume) -> Vec<u8> {
-    let img = driver.active_image(v).await.unwrap();
+    let img = driver.active_image(v).unwrap();
     match driver.mode() {
         Mode::Qcow2 => {
             let dir = tempfile::tempdir().unwrap();
