@@ -23,7 +23,8 @@ use crate::driver::{
 use crate::error::{Error, Result};
 use crate::progress::ProgressHandle;
 use crate::types::{
-    Attachment, BackendStats, Capabilities, DeleteAction, ProviderUpdate, Snapshot, Volume,
+    Attachment, BackendStats, Capabilities, ConnectionInfo, DeleteAction, ProviderUpdate, Snapshot,
+    Volume,
 };
 
 /// A backend written as blocking code: the same contract as [`VolumeDriver`] (see its docs
@@ -84,6 +85,13 @@ pub trait BlockingDriver: Send + Sync + 'static {
     fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
         let _ = s;
         Ok(None)
+    }
+    /// See [`VolumeDriver::connection_info`].
+    fn connection_info(&self, v: &Volume) -> Result<ConnectionInfo> {
+        let _ = v;
+        Err(crate::error::Error::unsupported(
+            "this backend does not report connection info yet",
+        ))
     }
     /// See [`VolumeDriver::bench`]. A driver with a primitive returns `Some(self)`.
     fn bench(self: Arc<Self>) -> Option<Arc<dyn BenchPrimitives>> {
@@ -306,6 +314,14 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
         let s = s.clone();
         self.call("snapshot_health", s.id.to_string(), move |d| {
             d.snapshot_health(&s)
+        })
+        .await
+    }
+
+    async fn connection_info(&self, v: &Volume) -> Result<ConnectionInfo> {
+        let v = v.clone();
+        self.call("connection_info", v.id.to_string(), move |d| {
+            d.connection_info(&v)
         })
         .await
     }

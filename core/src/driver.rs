@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::progress::ProgressHandle;
 use crate::types::{
-    Attachment, BackendStats, Capabilities, DeleteAction, Extent, PrimitiveSample, ProviderUpdate,
-    Snapshot, Volume,
+    Attachment, BackendStats, Capabilities, ConnectionInfo, DeleteAction, Extent, PrimitiveSample,
+    ProviderUpdate, Snapshot, Volume,
 };
 
 /// Sequential raw reader of a snapshot's image, with the extents that hold data.
@@ -151,6 +151,16 @@ pub trait VolumeDriver: Send + Sync {
 
     /// Capacity and usage.
     async fn stats(&self) -> Result<BackendStats>;
+
+    /// What a hypervisor needs to open volume `v` now (Cinder's `initialize_connection`);
+    /// it can change with every snapshot (a qcow2 active layer does). Drivers that have not
+    /// implemented it yet say so with an `Unsupported` error.
+    async fn connection_info(&self, v: &Volume) -> Result<ConnectionInfo> {
+        let _ = v;
+        Err(crate::error::Error::unsupported(
+            "this backend does not report connection info yet",
+        ))
+    }
 
     /// `Some(reason)` when the snapshot still exists but its data is unusable (e.g. an LVM
     /// thick snapshot whose copy-on-write space overflowed), so the service can mark it

@@ -371,6 +371,12 @@ impl Service {
             .map_err(|e| Error::backend("check", format!("worker thread failed: {e}")))?
     }
 
+    /// What a hypervisor needs to open the volume now (Cinder's `initialize_connection`).
+    pub async fn connection_info(&self, id: VolumeId) -> Result<crate::types::ConnectionInfo> {
+        let v = self.ctx.volume(id).await?;
+        self.ctx.driver(&v.backend).await?.connection_info(&v).await
+    }
+
     /// Opens an `available` snapshot for reading. The returned reader holds the volume's
     /// lock, so the snapshot cannot be deleted or reverted to while it is read.
     pub async fn open_snapshot_reader(&self, id: SnapshotId) -> Result<LockedReader> {

@@ -260,6 +260,19 @@ impl fmt::Display for DeleteAction {
     }
 }
 
+/// What a hypervisor needs to open a volume right now, in the shape of Cinder's
+/// `initialize_connection` result: `{"driver_volume_type": "file"|"rbd"|"local", "data": {..}}`.
+/// For files `data` has `path` (the active image: for qcow2 the active layer, not the chain
+/// record) and `format`; for RBD `name` (`pool/image`), `hosts`/`ports` (monitors) and
+/// `auth_username`; for LVM `device_path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// Cinder's connector kind: "file", "rbd" or "local".
+    pub driver_volume_type: String,
+    /// Connector-specific fields.
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
 /// What a driver reports back after creating something; the service stores it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProviderUpdate {
