@@ -92,6 +92,14 @@ impl SqliteStore {
         // crash recovery trusts.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Every kiln command is a short-lived process: checkpointing the WAL into the
+        // database on every close cost two fsyncs per command, and deleting the WAL made the
+        // next command re-create it (a header and a directory fsync more). The WAL is durable
+        // on its own; SQLite's automatic checkpoint (every 1000 pages) folds it back in.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let store = SqliteStore {
             conn: Mutex::new(conn),
