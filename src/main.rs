@@ -53,7 +53,9 @@ fn main() {
         Ok(job) => job,
         Err(e) => std::process::exit(fail(&e)),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One command, one operation: a single runtime thread (blocking work goes to the
+    // blocking pool anyway) spares start-up the worker threads it would never use.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
