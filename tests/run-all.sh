@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The whole kiln test suite on a fresh Debian 12 machine (as root): installs the system
-# packages the tests need, checks formatting and lints, runs the unit and end-to-end tests
-# (file backend on a real loop-mounted XFS and with the real qemu-img; crash tests with fail
-# points), the RBD tests against a real single-node Ceph cluster it starts and stops, and the
-# LVM tests on real device-mapper inside a user-mode-Linux guest.
+# packages the tests need, checks formatting and lints, then runs three independent suites
+# side by side — each on its own real components, so they do not interfere:
+#   host  unit tests, the driver contract suite (in-memory + the file backend's three modes),
+#         the file driver on a real loop-mounted XFS and real qemu-img, the CLI end to end,
+#         crash recovery with fail points, kiln killed while its qemu-img children work;
+#   rbd   the RBD driver and CLI tests against a real single-node Ceph it starts and stops;
+#   lvm   the LVM driver and CLI tests on real device-mapper inside a user-mode-Linux guest.
+# Each suite's output goes to its own log, printed when it ends. Exits non-zero if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -16,16 +20,28 @@ phase "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --features rbd,failpoints -- -D warnings
 
-phase "unit and end-to-end tests (core, file backend, CLI, crash recovery)"
-# The RBD and LVM tests need a cluster / a guest kernel: their suites below run them
-# (drivers/rbd, drivers/lvm, tests/cli_rbd.rs, tests/cli_lvm.rs).
-cargo test --workspace --exclude kiln --exclude kiln-driver-rbd --exclude kiln-driver-lvm
-cargo test -p kiln --features failpoints --bins --test cli --test crash
+logs=$(mktemp -d /tmp/kiln-run-all.XXXXXX)
+host_suite() {
+  # The RBD and LVM tests need a cluster / a guest kernel: their suites run them.
+  cargo test --workspace --exclude kiln --exclude kiln-driver-rbd --exclude kiln-driver-lvm
+  cargo test -p kiln --features failpoints --bins --test cli --test crash --test crash_children
+}
 
-phase "RBD tests against a real single-node Ceph"
-tests/harness/rbd-suite.sh
+phase "suites side by side: host, rbd, lvm (logs in $logs)"
+declare -A pids
+host_suite >"$logs/host.log" 2>&1 & pids[host]=$!
+tests/harness/rbd-suite.sh >"$logs/rbd.log" 2>&1 & pids[rbd]=$!
+tests/harness/lvm-suite.sh >"$logs/lvm.log" 2>&1 & pids[lvm]=$!
 
-phase "LVM tests on real device-mapper in user-mode Linux"
-tests/harness/lvm-suite.sh
+failed=()
+for suite in host rbd lvm; do
+  if wait "${pids[$suite]}"; then status=passed; else status=FAILED; failed+=("$suite"); fi
+  phase "$suite suite $status; its log follows"
+  cat "$logs/$suite.log" >&2
+done
 
+if [ ${#failed[@]} -gt 0 ]; then
+  phase "FAILED: ${failed[*]}"
+  exit 1
+fi
 phase "all suites passed"
