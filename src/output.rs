@@ -281,18 +281,6 @@ fn tree_lines(node: &VolumeNode, indent: &str, out: &mut String) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(1 << 30), "1.0 GiB");
-        assert_eq!(human(1536 << 20), "1.5 GiB");
-    }
-}
-
 /// Table of status-history entries.
 pub fn history_table(h: &[HistoryEntry]) -> String {
     let mut t = table(&["at", "from", "to", "reason"]);
@@ -352,4 +340,16 @@ pub fn bench_text(r: &kiln_core::bench::SnapshotBench) -> String {
         r.create_ratio, r.delete_ratio
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1 << 30), "1.0 GiB");
+        assert_eq!(human(1536 << 20), "1.5 GiB");
+    }
 }

@@ -10,13 +10,16 @@ use kiln_core::backends::Opener;
 use kiln_core::{Error, Result, VolumeDriver};
 use serde::de::DeserializeOwned;
 
+/// Builds a backend's lazy opener from its config table (minus `driver`) and the data dir.
+type Build = fn(&str, toml::Table, &Path) -> Result<Opener>;
+
 /// A driver kind kiln knows (whether or not this build includes it).
 pub struct DriverKind {
     /// The `driver = "..."` value.
     pub name: &'static str,
     /// Builds an opener from a backend's table; `None` when this build lacks the driver
     /// (the reason is [`DriverKind::missing`]).
-    build: Option<fn(&str, toml::Table, &Path) -> Result<Opener>>,
+    build: Option<Build>,
     /// Why this build cannot open it, when `build` is `None`.
     pub missing: &'static str,
 }
