@@ -478,37 +478,124 @@ fn backend_list_and_bench_report_in_json() {
     assert_eq!(k.json(&["volume", "list"]), serde_json::json!([]));
 }
 
+/// The sha256 the demo printed under the first step line containing `needle`.
+fn demo_sha(stdout: &str, needle: &str) -> String {
+    let mut lines = stdout.lines();
+    lines
+        .find(|l| l.starts_with('[') && l.contains(needle))
+        .unwrap_or_else(|| panic!("no step {needle:?} in:\n{stdout}"));
+    let sum = lines
+        .take_while(|l| !l.starts_with('['))
+        .find_map(|l| l.trim_start().strip_prefix("sha256 "))
+        .unwrap_or_else(|| panic!("step {needle:?} printed no sha256:\n{stdout}"));
+    let hex = sum
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{hex:?}"
+    );
+    hex
+}
+
+/// Both embedded defaults a machine without reflink gets (this machine's temp dir is ext4):
+/// qcow2 with qemu-img in `PATH`, and raw full copies with a `PATH` holding no qemu-img. The
+/// demo writes data through the volume's connection info, and its printed sums must show
+/// what it claims: the snapshot holds what was written, the overwrite changes the volume,
+/// the clone and the revert bring the snapshot's data back.
 #[test]
 fn demo_runs_on_the_embedded_default_without_a_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("demo")
-        .env("KILN_DATA_DIR", dir.path())
-        .env_remove("KILN_CONFIG")
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(std::env::temp_dir())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fs = String::from_utf8_lossy(&fs.stdout).trim().to_string();
     assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        fs == "ext2/ext3" || fs == "tmpfs",
+        "the temp dir must be on a filesystem without reflink, found {fs}"
     );
-    for needle in [
-        "created volume",
-        "snapshot",
-        "cloned volume",
-        "reverted volume",
-        "sha256",
-        "lineage:",
-        "deleted",
-    ] {
+    let no_qemu = tempfile::tempdir().unwrap();
+    let runs = [
+        (
+            std::env::var_os("PATH").unwrap(),
+            "qcow2 external overlay",
+            "qcow2 image",
+        ),
+        (no_qemu.path().into(), "full sparse copy", "raw image"),
+    ];
+    for (path, method, image) in runs {
+        let dir = tempfile::tempdir().unwrap();
+        // The demo's scratch files (exports, qcow2 data) go to TMPDIR: it must clean up.
+        let scratch = dir.path().join("tmp");
+        std::fs::create_dir(&scratch).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("demo")
+            .env("KILN_DATA_DIR", dir.path().join("data"))
+            .env("TMPDIR", &scratch)
+            .env("PATH", &path)
+            .env_remove("KILN_CONFIG")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            stdout.contains(needle),
-            "demo output lacks {needle:?}:\n{stdout}"
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        assert!(
+            stdout.lines().next().unwrap_or_default().contains(method),
+            "expected snapshots by {method}:\n{stdout}"
+        );
+        for needle in [
+            "created volume",
+            "lineage:",
+            "deleted the clone, the volume and its snapshots",
+        ] {
+            assert!(
+                stdout.contains(needle),
+                "demo output lacks {needle:?}:\n{stdout}"
+            );
+        }
+        let written = demo_sha(&stdout, "wrote ");
+        assert!(
+            stdout.contains(&format!("through the volume's connection info: {image}")),
+            "{stdout}"
+        );
+        let snap = demo_sha(&stdout, "\"before-upgrade\" of the detached volume");
+        let overwritten = demo_sha(&stdout, "overwrote the volume");
+        let clone = demo_sha(&stdout, "cloned volume");
+        let reverted = demo_sha(&stdout, "reverted volume");
+        assert_eq!(written, snap, "the snapshot does not hold what was written");
+        assert_ne!(overwritten, snap, "the overwrite changed nothing");
+        assert_eq!(clone, snap, "the clone does not hold the snapshot's data");
+        assert_eq!(reverted, snap, "the revert did not bring the snapshot back");
+        assert_ne!(reverted, overwritten);
+        // Neither mode can snapshot an attached volume: the demo says so, and why.
+        let forced = stdout
+            .lines()
+            .find(|l| l.starts_with("[5] "))
+            .unwrap_or_default();
+        assert!(
+            forced.contains("refuses a forced snapshot") && forced.contains("unsupported"),
+            "{forced}"
+        );
+        if image == "qcow2 image" {
+            assert!(forced.contains("hypervisor"), "{forced}");
+        }
+        // Cleaned up: no volume, no snapshot file, no scratch file.
+        let volumes = dir.path().join("data").join("volumes");
+        let left: Vec<String> = std::fs::read_dir(&volumes)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "kiln-file-backend.json" && n != ".locks")
+            .collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", volumes.display());
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+        assert!(dir.path().join("data").join("kiln.db").exists());
     }
-    assert!(dir.path().join("kiln.db").exists());
-    assert!(dir.path().join("volumes").is_dir());
 }
 
 #[test]

@@ -31,8 +31,8 @@ use std::sync::Arc;
 
 use kiln_core::{
     Attachment, BackendStats, BenchPrimitives, BlockingDriver, Capabilities, CheckReport,
-    DeleteAction, Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot,
-    SnapshotReader, Volume, VolumeCheck,
+    ConnectionInfo, DeleteAction, Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result,
+    Snapshot, SnapshotReader, Volume, VolumeCheck,
 };
 use serde::{Deserialize, Serialize};
 
@@ -127,16 +127,13 @@ impl FileBackend {
     }
 
     /// The file a hypervisor should open for volume `v` right now: the raw file, or the
-    /// active qcow2 overlay (which changes with every snapshot and revert). Reads the
-    /// volume's record (qcow2): blocks briefly.
+    /// active qcow2 layer (which changes with every snapshot and revert), as
+    /// [`BlockingDriver::connection_info`] reports it but without checking that the file
+    /// exists. qcow2: reads the volume's record under its flock, so it blocks while another
+    /// operation on the volume runs; `NotFound` when the volume has no record.
     pub fn active_image(&self, v: &Volume) -> Result<PathBuf> {
         match self.mode {
-            Mode::Qcow2 => {
-                let dir = qcow2::volume_dir(&self.dir, &v.id);
-                let chain = qcow2::chain::Chain::load(&dir)?
-                    .ok_or_else(|| Error::not_found("volume", v.id))?;
-                Ok(dir.join(chain.active))
-            }
+            Mode::Qcow2 => qcow2::active_layer(self, v),
             _ => Ok(raw::volume_path(&self.dir, &v.id)),
         }
     }
@@ -450,6 +447,43 @@ impl BlockingDriver for FileBackend {
             // A raw snapshot is one self-contained file: present (healthy) or absent.
             _ => Ok(None),
         }
+    }
+
+    /// `{"driver_volume_type": "file", "data": {"path": <image>, "format": "raw"|"qcow2"}}`:
+    /// the raw volume file, or the qcow2 volume's active layer (not `chain.json`: that is
+    /// kiln's record, not an image), which a snapshot or revert replaces, so callers ask
+    /// again after either. `NotFound` when the volume does not exist; a qcow2 record naming
+    /// an active layer that is missing is a backend error (the volume check reports it).
+    fn connection_info(&self, v: &Volume) -> Result<ConnectionInfo> {
+        let image = self.active_image(v)?;
+        if !sys::exists(&image)? {
+            return Err(match self.mode {
+                Mode::Qcow2 => Error::backend(
+                    "connection info",
+                    format!(
+                        "the record of volume {} names active layer {}, which does not exist; \
+                         run the volume check",
+                        v.id,
+                        image.display()
+                    ),
+                ),
+                _ => Error::not_found("volume", v.id),
+            });
+        }
+        // A lossy rendering would hand the hypervisor a path that names another file.
+        let path = image.to_str().ok_or_else(|| {
+            Error::backend(
+                "connection info",
+                format!("{} is not valid UTF-8", image.display()),
+            )
+        })?;
+        let mut data = serde_json::Map::new();
+        data.insert("path".into(), serde_json::json!(path));
+        data.insert("format".into(), serde_json::json!(self.mode.format_name()));
+        Ok(ConnectionInfo {
+            driver_volume_type: "file".into(),
+            data,
+        })
     }
 
     fn bench(self: Arc<Self>) -> Option<Arc<dyn BenchPrimitives>> {

@@ -630,6 +630,19 @@ pub(crate) fn lookup_volume(b: &Backend, v: &Volume) -> Result<Option<ProviderUp
     }
 }
 
+/// The volume's active layer (the file a hypervisor opens for it now), named by its record
+/// read under the volume's flock, so it is never a record a concurrent snapshot or revert
+/// is replacing. No recovery runs: this is a read and must not merge or remove anything
+/// (nor fail because a pending merge cannot run while a hypervisor holds the chain), and
+/// no interrupted step changes which file is active (a commit-path delete renames the
+/// merged file over the active file, keeping its name; a snapshot or revert switches
+/// `active` only with the record, after the new overlay is durable). `NotFound` when the
+/// volume does not exist.
+pub(crate) fn active_layer(b: &Backend, v: &Volume) -> Result<PathBuf> {
+    let l = lock_as_is(&b.dir, &v.id)?.ok_or_else(|| Error::not_found("volume", v.id))?;
+    Ok(l.path(&l.chain.active))
+}
+
 /// The snapshot's location (its frozen file, as [`create_snapshot`] returns it) when the
 /// record holds the snapshot and that file exists. Files keep their names through every
 /// later operation (a commit-path delete renames the merged file over the child, keeping the
