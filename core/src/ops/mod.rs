@@ -28,7 +28,6 @@ pub mod reset_state;
 pub mod revert;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::backends::Backends;
 use crate::crash::crash_point;
@@ -150,15 +149,9 @@ impl Ctx {
         op: &'static str,
         fut: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
+        // Timing and logging of the call itself belong to the driver adapter (once).
         crash_point(op, "before_driver");
-        let started = Instant::now();
         let r = fut.await;
-        tracing::debug!(
-            op,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            ok = r.is_ok(),
-            "driver step done"
-        );
         crash_point(op, "after_driver");
         r
     }

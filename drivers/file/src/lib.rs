@@ -55,6 +55,20 @@ struct Marker {
     /// installed, so existing volumes are never reinterpreted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     full_copy: bool,
+    /// The device (`st_dev`) of the directory's filesystem when reflink was last proven to
+    /// work there. While it is the same, opening skips the reflink probe: the probe writes,
+    /// fsyncs and clones a scratch file, the most expensive part of every command's
+    /// start-up. A moved directory (another device) is probed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reflink_dev: Option<u64>,
+}
+
+/// The device of `dir`'s filesystem.
+fn device_of(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir)
+        .map(|m| m.dev())
+        .map_err(|e| Error::io(format!("stat {}", dir.display()), e))
 }
 
 /// The file backend as plain blocking code: one opened backend directory. It runs behind
@@ -185,6 +199,8 @@ fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
     };
     let recorded_format = recorded.as_ref().map(|m| m.format.as_str());
     let recorded_full_copy = recorded.as_ref().is_some_and(|m| m.full_copy);
+    let dev = device_of(&dir)?;
+    let reflink_proven = recorded.as_ref().and_then(|m| m.reflink_dev) == Some(dev);
     let mode = match (cfg.format, recorded_format) {
         // `auto` settled on full copies here before: keep them (the volumes are raw files;
         // a reflink filesystem or qemu-img appearing later does not change what they are).
@@ -195,6 +211,7 @@ fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
                 Mode::RawFullCopy
             }
         },
+        (Format::Raw, _) | (Format::Auto, Some("raw")) if reflink_proven => Mode::RawReflink,
         (Format::Raw, _) | (Format::Auto, Some("raw")) => raw_mode(&dir)?,
         (Format::Qcow2, _) | (Format::Auto, Some("qcow2")) => Mode::Qcow2,
         (Format::Auto, None) => match probe_reflink(&dir)? {
@@ -224,6 +241,8 @@ fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
             )));
         }
     };
+    // Record where reflink was proven, so the next open can skip the probe.
+    let prove = mode == Mode::RawReflink && !reflink_proven;
     match recorded_format {
         Some(f) if f != mode.format_name() => {
             return Err(Error::config(format!(
@@ -233,11 +252,15 @@ fn open_blocking(name: String, cfg: FileConfig) -> Result<Backend> {
                 mode.format_name()
             )));
         }
-        Some(_) => {}
-        None => {
+        Some(_) if !prove => {}
+        _ => {
             let m = Marker {
                 format: mode.format_name().to_string(),
-                full_copy: cfg.format == Format::Auto && mode == Mode::RawFullCopy,
+                full_copy: match &recorded {
+                    Some(r) => r.full_copy,
+                    None => cfg.format == Format::Auto && mode == Mode::RawFullCopy,
+                },
+                reflink_dev: (mode == Mode::RawReflink).then_some(dev),
             };
             let bytes = serde_json::to_vec_pretty(&m)
                 .map_err(|e| Error::backend("write marker", e.to_string()))?;

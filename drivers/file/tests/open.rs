@@ -129,3 +129,37 @@ async fn qcow2_open_removes_reader_temp_files_of_dead_processes() {
     assert!(!dead.exists(), "stale reader file kept");
     assert!(alive.exists(), "a live process's reader file was removed");
 }
+
+/// The reflink probe (a written, fsynced and cloned scratch file) runs once per filesystem:
+/// the marker records the device it was proven on, the next open on that device trusts it,
+/// and a marker naming another device (a moved directory) is probed again.
+#[tokio::test]
+async fn reflink_is_probed_once_per_filesystem() {
+    use std::os::unix::fs::MetadataExt;
+    let xfs = kiln_testkit::XfsMount::new(300 << 20);
+    let dir = xfs.path().join("b");
+    let d = kiln_driver_file::open("t", cfg(&dir, Format::Auto, false))
+        .await
+        .unwrap();
+    assert_eq!(d.mode(), Mode::RawReflink);
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("kiln-file-backend.json")).unwrap())
+            .unwrap();
+    let dev = std::fs::metadata(&dir).unwrap().dev();
+    assert_eq!(marker["reflink_dev"], dev, "{marker}");
+    drop(d);
+    // A directory on ext4 whose marker claims reflink was proven on the XFS device: the
+    // claim is not trusted (another device), the probe runs and refuses raw mode.
+    let plain = no_reflink_dir();
+    let moved = plain.path().join("b");
+    std::fs::create_dir(&moved).unwrap();
+    std::fs::write(
+        moved.join("kiln-file-backend.json"),
+        format!("{{\"format\": \"raw\", \"reflink_dev\": {dev}}}"),
+    )
+    .unwrap();
+    let e = kiln_driver_file::open("t", cfg(&moved, Format::Raw, false))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("FICLONE"), "{e}");
+}

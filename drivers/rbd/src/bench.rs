@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use kiln_core::{Error, PrimitiveSample, Result, VolumeId};
 
 use crate::cluster::Cluster;
-use crate::image::Image;
+use crate::errno::RbdCallError;
+use crate::handles::{Failure, ImageCache};
 use crate::names::volume_image;
 
 /// Seconds the `rbd` CLI may take for one command before it is killed (it otherwise waits
@@ -17,35 +18,38 @@ const CLI_TIMEOUT_SECS: u64 = 60;
 /// Times `rbd_snap_create` + `rbd_snap_remove` on volume `v` (sample 1), then the `rbd snap
 /// create` / `rbd snap rm` CLI (sample 2). The snapshots are named `bench-<fresh uuid>` and
 /// removed again (also when the CLI fails half-way); without the `rbd` CLI only sample 1
-/// is returned. The image handle is opened before and closed after the timed calls.
-pub fn run(c: &Arc<Cluster>, v: &VolumeId) -> Result<Vec<PrimitiveSample>> {
+/// is returned. Sample 1 runs on the backend's own cached handle of the image — the one
+/// kiln's snapshot create and delete use — so it is the librbd floor under kiln's path; a
+/// separate handle would instead make the two fight over the image's exclusive lock.
+pub fn run(c: &Arc<Cluster>, images: &ImageCache, v: &VolumeId) -> Result<Vec<PrimitiveSample>> {
     let image = volume_image(v);
     let mut samples = Vec::with_capacity(2);
-    {
-        let img = Image::open(c, &image, None).map_err(|e| {
-            if e.is_not_found() {
-                Error::NotFound {
-                    what: "volume",
-                    id: v.to_string(),
-                }
-            } else {
-                e.into()
-            }
-        })?;
-        let snap = format!("bench-{}", uuid::Uuid::new_v4());
-        let t = Instant::now();
-        img.snap_create(&snap)?;
-        let create = t.elapsed();
-        let t = Instant::now();
-        img.snap_remove(&snap)?;
-        let delete = t.elapsed();
-        samples.push(PrimitiveSample {
-            name: "rbd_snap_create + rbd_snap_remove (librbd, open connection)".into(),
-            create,
-            delete,
+    let snap = format!("bench-{}", uuid::Uuid::new_v4());
+    let timed = images
+        .with(&image, |img| -> Result<(Duration, Duration)> {
+            let t = Instant::now();
+            img.snap_create(&snap)?;
+            let create = t.elapsed();
+            let t = Instant::now();
+            img.snap_remove(&snap)?;
+            Ok((create, t.elapsed()))
+        })
+        .map_err(|e| match e {
+            Failure::Open(e) if e.is_not_found() => Error::not_found("volume", v.to_string()),
+            Failure::Open(e) => e.into(),
+            Failure::Op(e) => e,
         });
-    }
-    // The handle above is closed: the CLI would otherwise have to ask it for the lock.
+    let (create, delete) = match timed {
+        Ok(t) => t,
+        Err(e) => return Err(cleanup_after(e, images, &image, &snap)),
+    };
+    samples.push(PrimitiveSample {
+        name: "rbd_snap_create + rbd_snap_remove (librbd, open connection, open image)".into(),
+        create,
+        delete,
+    });
+    // The cached handle may own the image's exclusive lock: the CLI's requests then go to
+    // it (librbd forwards snapshot operations to the lock owner), as they would to a VM.
     let snap = format!("bench-{}", uuid::Uuid::new_v4());
     let spec = format!("{}/{image}@{snap}", c.pool());
     let create = match cli(c, &["snap", "create", &spec]) {
@@ -56,16 +60,12 @@ pub fn run(c: &Arc<Cluster>, v: &VolumeId) -> Result<Vec<PrimitiveSample>> {
             tracing::warn!(error = %e, "rbd CLI not runnable (install ceph-common); CLI sample skipped");
             return Ok(samples);
         }
-        Err(CliError::Failed(e)) => {
-            remove_leftover(c, &image, &snap);
-            return Err(e);
-        }
+        Err(CliError::Failed(e)) => return Err(cleanup_after(e, images, &image, &snap)),
     };
     let delete = match cli(c, &["snap", "rm", &spec]) {
         Ok(d) => d,
         Err(CliError::Missing(e)) | Err(CliError::Failed(e)) => {
-            remove_leftover(c, &image, &snap);
-            return Err(e);
+            return Err(cleanup_after(e, images, &image, &snap));
         }
     };
     samples.push(PrimitiveSample {
@@ -76,16 +76,27 @@ pub fn run(c: &Arc<Cluster>, v: &VolumeId) -> Result<Vec<PrimitiveSample>> {
     Ok(samples)
 }
 
-/// Removes a bench snapshot the CLI may have left behind, so bench leaves nothing.
-fn remove_leftover(c: &Arc<Cluster>, image: &str, snap: &str) {
-    let res = Image::open(c, image, None).and_then(|img| {
+/// `e`, after removing the bench snapshot a failed run may have left behind (so bench
+/// leaves nothing); if that removal fails too, the error says so (one line).
+fn cleanup_after(e: Error, images: &ImageCache, image: &str, snap: &str) -> Error {
+    let res = images.with(image, |img| {
         if img.snap_exists(snap)? {
             img.snap_remove(snap)?;
         }
-        Ok(())
+        Ok::<(), RbdCallError>(())
     });
-    if let Err(e) = res {
-        tracing::warn!(image, snap, error = %e, "could not remove the bench snapshot");
+    match res {
+        // No image, no snapshot: nothing left behind.
+        Ok(())
+        | Err(Failure::Open(RbdCallError {
+            errno: libc::ENOENT,
+            ..
+        })) => e,
+        Err(Failure::Open(rm) | Failure::Op(rm)) => Error::backend(
+            "bench",
+            format!("{e}; removing the bench snapshot {image}@{snap} also failed: {rm}"),
+        )
+        .with_source(e),
     }
 }
 

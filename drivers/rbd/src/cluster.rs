@@ -74,7 +74,7 @@ unsafe impl Send for Cluster {}
 unsafe impl Sync for Cluster {}
 
 fn cstring(what: &str, s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::Config(format!("{what} {s:?} contains a NUL byte")))
+    CString::new(s).map_err(|_| Error::config(format!("{what} {s:?} contains a NUL byte")))
 }
 
 impl Cluster {
@@ -85,12 +85,12 @@ impl Cluster {
         let conf = cfg
             .ceph_conf
             .to_str()
-            .ok_or_else(|| Error::Config(format!("ceph_conf {:?} is not UTF-8", cfg.ceph_conf)))?
+            .ok_or_else(|| Error::config(format!("ceph_conf {:?} is not UTF-8", cfg.ceph_conf)))?
             .to_owned();
         let keyring = match &cfg.keyring {
             Some(k) => Some(
                 k.to_str()
-                    .ok_or_else(|| Error::Config(format!("keyring {k:?} is not UTF-8")))?
+                    .ok_or_else(|| Error::config(format!("keyring {k:?} is not UTF-8")))?
                     .to_owned(),
             ),
             None => None,
@@ -115,7 +115,7 @@ impl Cluster {
         // SAFETY: live handle, NUL-terminated path.
         let rc = unsafe { r::rados_conf_read_file(rados.0, conf_c.as_ptr()) };
         if rc < 0 {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "cannot read ceph_conf {conf}: {}",
                 std::io::Error::from_raw_os_error(-rc)
             )));
@@ -141,7 +141,7 @@ impl Cluster {
         // SAFETY: live, configured handle.
         let rc = unsafe { r::rados_connect(rados.0) };
         if rc < 0 {
-            return Err(Error::backend(
+            return Err(Error::unavailable(
                 "rados_connect",
                 format!(
                     "cannot connect to the Ceph cluster of {conf} as client.{}: {} — is the cluster up and reachable, and is the conf/keyring right?",
@@ -155,7 +155,7 @@ impl Cluster {
         let rc = unsafe { r::rados_ioctx_create(rados.0, pool_c.as_ptr(), &mut io) };
         let ioctx = IoctxHandle(io);
         if rc == -libc::ENOENT {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "pool {:?} does not exist in the cluster of {conf} (create it with `ceph osd pool create {} && rbd pool init {}`)",
                 cfg.pool, cfg.pool, cfg.pool
             )));
@@ -195,7 +195,7 @@ impl Cluster {
                 "rados_connect",
                 "the connect thread ended without a result",
             )),
-            Err(_) => Err(Error::backend(
+            Err(_) => Err(Error::unavailable(
                 "rados_connect",
                 format!(
                     "no answer from the Ceph cluster of {} within {:.1}s (connect_timeout_secs = {}) — is the cluster up and reachable?",

@@ -77,7 +77,7 @@ impl RbdConfig {
     /// Checks the values that can be checked without the cluster; `backend` names the
     /// section in messages.
     pub fn validate(&self, backend: &str) -> Result<()> {
-        let bad = |msg: String| Error::Config(format!("backend {backend:?} (rbd): {msg}"));
+        let bad = |msg: String| Error::config(format!("backend {backend:?} (rbd): {msg}"));
         if self.pool.is_empty() || self.pool.contains('\0') || self.pool.contains('/') {
             return Err(bad(format!(
                 "pool {:?} is not a valid pool name",

@@ -34,14 +34,23 @@ impl std::error::Error for RbdCallError {}
 
 impl From<RbdCallError> for Error {
     fn from(e: RbdCallError) -> Self {
-        Error::Backend {
-            op: e.op.clone(),
-            message: format!(
-                "{} (errno {})",
-                std::io::Error::from_raw_os_error(e.errno),
-                e.errno
-            ),
-        }
+        let message = format!(
+            "{} (errno {})",
+            std::io::Error::from_raw_os_error(e.errno),
+            e.errno
+        );
+        // The cluster did not answer in time or the client lost its session: nothing was
+        // decided, a later retry may succeed (recovery keeps the operation journaled).
+        let transient = matches!(
+            e.errno,
+            libc::ETIMEDOUT | libc::ENOTCONN | libc::ESHUTDOWN | libc::ECONNREFUSED
+        );
+        let err = if transient {
+            Error::unavailable(e.op.clone(), message)
+        } else {
+            Error::backend(e.op.clone(), message)
+        };
+        err.with_source(e)
     }
 }
 
@@ -70,5 +79,24 @@ mod tests {
         assert_eq!(check(|| unreachable!(), 5).unwrap(), 5);
         let k: Error = e.into();
         assert_eq!(k.kind(), kiln_core::ErrorKind::Backend);
+    }
+
+    #[test]
+    fn a_cluster_that_does_not_answer_is_unavailable_not_a_backend_failure() {
+        for errno in [
+            libc::ETIMEDOUT,
+            libc::ENOTCONN,
+            libc::ESHUTDOWN,
+            libc::ECONNREFUSED,
+        ] {
+            let k: Error = check(|| "rbd_snap_create x@y".into(), -i64::from(errno))
+                .unwrap_err()
+                .into();
+            assert_eq!(k.kind(), kiln_core::ErrorKind::Unavailable, "{k}");
+        }
+        let k: Error = check(|| "rbd_snap_create x@y".into(), -i64::from(libc::EIO))
+            .unwrap_err()
+            .into();
+        assert_eq!(k.kind(), kiln_core::ErrorKind::Backend, "{k}");
     }
 }

@@ -35,6 +35,9 @@ pub const RBD_FEATURE_FAST_DIFF: u64 = 1 << 4;
 /// `RBD_FEATURE_DEEP_FLATTEN`
 pub const RBD_FEATURE_DEEP_FLATTEN: u64 = 1 << 5;
 
+/// `RBD_OPERATION_FEATURE_CLONE_PARENT` (rbd/features.h): the image has clone-v2 children.
+pub const RBD_OPERATION_FEATURE_CLONE_PARENT: u64 = 1 << 0;
+
 /// `RBD_IMAGE_OPTION_FEATURES`
 pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 /// `RBD_IMAGE_OPTION_ORDER`
@@ -114,6 +117,8 @@ unsafe extern "C" {
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
     pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    pub fn rbd_get_op_features(image: rbd_image_t, op_features: *mut u64) -> c_int;
+    pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: size_t) -> c_int;
     pub fn rbd_get_parent(
         image: rbd_image_t,
         parent_image: *mut rbd_linked_image_spec_t,

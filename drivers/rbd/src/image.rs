@@ -95,6 +95,39 @@ pub fn clone(cluster: &Cluster, parent: &str, snap: &str, child: &str) -> CallRe
     check(op, rc.into()).map(drop)
 }
 
+/// The RADOS id of the image named `name` right now, read from its directory object
+/// `rbd_id.<name>` (one small read; the image is not opened). `ENOENT` when no image has
+/// that name (removed, renamed, moved to the trash); `EINVAL` for old format-1 images.
+pub fn id_of(cluster: &Cluster, name: &str) -> CallResult<String> {
+    let op = || format!("rados_read rbd_id.{name}");
+    let oid = c("rados_read", &format!("rbd_id.{name}"))?;
+    // The object holds the id as an encoded string: little-endian u32 length, then the
+    // bytes. Ids are short (12-16 characters); 256 bytes is ample.
+    let mut buf = vec![0u8; 256];
+    // SAFETY: live ioctx, NUL-terminated object name, buf writable for its length.
+    let rc = unsafe {
+        ceph::rados::rados_read(
+            cluster.ioctx(),
+            oid.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+        )
+    };
+    let n = usize::try_from(check(op, rc.into())?).unwrap_or(0);
+    decode_id(&buf[..n.min(buf.len())]).ok_or_else(|| RbdCallError {
+        op: format!("{} (not an encoded image id)", op()),
+        errno: libc::EINVAL,
+    })
+}
+
+/// Decodes the content of an `rbd_id.<name>` object (u32 LE length + id bytes).
+fn decode_id(data: &[u8]) -> Option<String> {
+    let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?);
+    let id = data.get(4..4 + usize::try_from(len).ok()?)?;
+    Some(String::from_utf8_lossy(id).into_owned())
+}
+
 /// Where a clone's data comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParentSpec {
@@ -227,6 +260,35 @@ impl Image {
         Ok(f)
     }
 
+    /// Operation-feature bits of the image (`RBD_OPERATION_FEATURE_*`), e.g. whether clone-v2
+    /// children depend on one of its snapshots.
+    pub fn op_features(&self) -> CallResult<u64> {
+        let mut f = 0u64;
+        // SAFETY: open handle, valid out-pointer.
+        let rc = unsafe { ffi::rbd_get_op_features(self.handle, &mut f) };
+        check(|| self.op("rbd_get_op_features"), rc.into())?;
+        Ok(f)
+    }
+
+    /// The image's RADOS id (what its header object is named after; stays the same across
+    /// renames, differs for a new image of the same name). `EINVAL` for old format-1 images,
+    /// which have none.
+    pub fn id(&self) -> CallResult<String> {
+        let mut len: usize = 64;
+        loop {
+            let mut buf = vec![0u8; len];
+            // SAFETY: open handle; buf is writable for len bytes; librbd NUL-terminates.
+            let rc = unsafe { ffi::rbd_get_id(self.handle, buf.as_mut_ptr().cast(), len) };
+            if rc == -libc::ERANGE && len < 4096 {
+                len *= 4;
+                continue;
+            }
+            check(|| self.op("rbd_get_id"), rc.into())?;
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            return Ok(String::from_utf8_lossy(&buf[..end]).into_owned());
+        }
+    }
+
     /// Grows (or shrinks) the image to `size` bytes.
     pub fn resize(&self, size: u64) -> CallResult<()> {
         // SAFETY: open handle.
@@ -264,6 +326,25 @@ impl Image {
 
     /// Names of the image's (user) snapshots.
     pub fn snap_names(&self) -> CallResult<Vec<String>> {
+        Ok(self.snaps()?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Size in bytes of the image at snapshot `snap` (what a rollback restores), from the
+    /// snapshot listing of this handle: no second handle on the image is opened for it.
+    /// `ENOENT` if there is no such snapshot.
+    pub fn snap_size(&self, snap: &str) -> CallResult<u64> {
+        self.snaps()?
+            .into_iter()
+            .find(|(name, _)| name == snap)
+            .map(|(_, size)| size)
+            .ok_or_else(|| RbdCallError {
+                op: self.snap_op("rbd_snap_list", snap),
+                errno: libc::ENOENT,
+            })
+    }
+
+    /// The image's (user) snapshots with their sizes.
+    fn snaps(&self) -> CallResult<Vec<(String, u64)>> {
         let mut max: c_int = 16;
         loop {
             let cap = usize::try_from(max).unwrap_or(16).max(1) + 1;
@@ -278,14 +359,14 @@ impl Image {
                 continue;
             }
             let count = check(|| self.op("rbd_snap_list"), rc.into())?;
-            let names = buf
+            let snaps = buf
                 .iter()
                 .take(usize::try_from(count).unwrap_or(0))
-                .map(|s| owned(s.name))
+                .map(|s| (owned(s.name), s.size))
                 .collect();
             // SAFETY: frees the names librbd allocated in this successful call.
             unsafe { ffi::rbd_snap_list_end(buf.as_mut_ptr()) };
-            return Ok(names);
+            return Ok(snaps);
         }
     }
 
@@ -578,6 +659,17 @@ mod tests {
         let x = |offset, length| Extent { offset, length };
         let mut v = vec![x(8, 4), x(0, 4), x(4, 4), x(20, 0), x(30, 5), x(32, 1)];
         assert_eq!(merge_extents(&mut v), vec![x(0, 12), x(30, 5)]);
+    }
+
+    #[test]
+    fn directory_ids_decode_and_garbage_does_not() {
+        // What `rados get rbd_id.<name>` returns for an image whose `rbd info` id is
+        // 113fa0e421bf.
+        let mut raw = vec![12, 0, 0, 0];
+        raw.extend_from_slice(b"113fa0e421bf");
+        assert_eq!(decode_id(&raw).as_deref(), Some("113fa0e421bf"));
+        assert_eq!(decode_id(&raw[..10]), None, "truncated");
+        assert_eq!(decode_id(&[1, 0]), None, "no length");
     }
 
     #[test]

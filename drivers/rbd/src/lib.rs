@@ -2,11 +2,12 @@
 //!
 //! One persistent librados connection per backend ([`cluster::Cluster`], built with the `ceph`
 //! crate's librados bindings), librbd through a small hand-written FFI module ([`ffi`]), and
-//! [`RbdDriver`] implementing [`kiln_core::VolumeDriver`] on top: volumes are `volume-<uuid>`
-//! images, snapshots are `snapshot-<uuid>` RBD snapshots, volumes from snapshots are
-//! copy-on-write clones (flattened by policy), reverts are `rbd_snap_rollback`.
+//! [`RbdBackend`] implementing [`kiln_core::BlockingDriver`] on top: volumes are
+//! `volume-<uuid>` images, snapshots are `snapshot-<uuid>` RBD snapshots, volumes from
+//! snapshots are copy-on-write clones (flattened by policy), reverts are `rbd_snap_rollback`.
 //!
-//! Every librbd call blocks and runs in `tokio::task::spawn_blocking`.
+//! Every librbd call blocks; [`open`] wraps the backend in [`kiln_core::Blocking`]
+//! ([`RbdDriver`]), which runs each call on tokio's blocking pool.
 
 mod bench;
 pub mod cluster;
@@ -14,6 +15,7 @@ mod config;
 mod driver;
 mod errno;
 pub mod ffi;
+pub mod handles;
 pub mod image;
 mod names;
 mod progress;
@@ -21,7 +23,7 @@ mod reader;
 mod stats;
 
 pub use config::{MAX_CONNECT_TIMEOUT_SECS, RbdConfig};
-pub use driver::RbdDriver;
+pub use driver::{RbdBackend, RbdDriver, open};
 pub use errno::RbdCallError;
 pub use names::{snapshot_name, volume_image};
 pub use reader::RbdSnapshotReader;

@@ -6,9 +6,18 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use kiln_core::{Error, ErrorKind, VolumeDriver, no_progress};
+use kiln_core::{DeleteAction, Error, ErrorKind, VolumeDriver, no_progress};
 use kiln_driver_rbd::volume_image;
 use kiln_testkit::pattern;
+
+/// The error of a delete that must have been refused as `Busy`.
+fn busy(r: kiln_core::Result<DeleteAction>) -> Error {
+    match r {
+        Err(e) if e.kind() == ErrorKind::Busy => e,
+        Err(e) => panic!("expected Busy, got {e}"),
+        Ok(a) => panic!("expected Busy, the delete returned {a}"),
+    }
+}
 
 #[tokio::test]
 async fn deleting_a_snapshot_with_clones_is_busy_until_they_are_flattened() {
@@ -33,29 +42,20 @@ async fn deleting_a_snapshot_with_clones_is_busy_until_they_are_flattened() {
     assert_eq!(info["protected"], serde_json::json!("true"), "{info}");
 
     // The volume itself cannot go while it has snapshots.
-    match d.delete_volume(&v).await.unwrap_err() {
-        Error::Busy { dependents, reason } => {
-            assert_eq!(dependents, vec![s.id.to_string()], "{reason}");
-        }
-        e => panic!("expected Busy, got {e}"),
-    }
+    let e = busy(d.delete_volume(&v).await);
+    assert_eq!(e.dependents(), [s.id.to_string()], "{e}");
 
-    match d.delete_snapshot(&s).await.unwrap_err() {
-        Error::Busy {
-            reason,
-            mut dependents,
-        } => {
-            dependents.sort();
-            let mut want = vec![c1.id.to_string(), c2.id.to_string()];
-            want.sort();
-            assert_eq!(dependents, want, "Busy names the dependent volumes");
-            assert!(reason.contains(&format!("volume-{}", c1.id)), "{reason}");
-            assert!(reason.contains(&format!("volume-{}", c2.id)), "{reason}");
-        }
-        e => panic!("expected Busy, got {e}"),
-    }
+    let e = busy(d.delete_snapshot(&s).await);
+    let mut dependents = e.dependents().to_vec();
+    dependents.sort();
+    let mut want = vec![c1.id.to_string(), c2.id.to_string()];
+    want.sort();
+    assert_eq!(dependents, want, "Busy names the dependent volumes");
+    let reason = e.message();
+    assert!(reason.contains(&format!("volume-{}", c1.id)), "{reason}");
+    assert!(reason.contains(&format!("volume-{}", c2.id)), "{reason}");
     assert!(
-        d.snapshot_exists(&s).await.unwrap(),
+        snapshot_exists(&d, &s).await,
         "a refused delete leaves the snapshot"
     );
 
@@ -71,24 +71,22 @@ async fn deleting_a_snapshot_with_clones_is_busy_until_they_are_flattened() {
         read_head(&d, &c1, 0, 8 << 20).await == data,
         "flattened clone keeps its data"
     );
-    match d.delete_snapshot(&s).await.unwrap_err() {
-        Error::Busy { dependents, .. } => assert_eq!(dependents, vec![c2.id.to_string()]),
-        e => panic!("expected Busy, got {e}"),
-    }
+    let e = busy(d.delete_snapshot(&s).await);
+    assert_eq!(e.dependents(), [c2.id.to_string()], "{e}");
     // Flattening a volume that is no clone is a no-op.
     d.flatten_volume(&c1, no_progress()).await.unwrap();
 
     // Deleting the other clone also frees the snapshot: unprotect + remove succeed.
-    d.delete_volume(&c2).await.unwrap();
-    d.delete_snapshot(&s).await.unwrap();
-    assert!(!d.snapshot_exists(&s).await.unwrap());
+    assert_eq!(d.delete_volume(&c2).await.unwrap(), DeleteAction::Deleted);
+    assert_eq!(d.delete_snapshot(&s).await.unwrap(), DeleteAction::Deleted);
+    assert!(!snapshot_exists(&d, &s).await);
     assert!(cli_snapshots(&image).is_empty());
     assert!(
         read_head(&d, &c1, 0, 8 << 20).await == data,
         "flattened clone survives its origin's snapshot"
     );
-    d.delete_volume(&c1).await.unwrap();
-    d.delete_volume(&v).await.unwrap();
+    assert_eq!(d.delete_volume(&c1).await.unwrap(), DeleteAction::Deleted);
+    assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }
 
 #[tokio::test]
@@ -125,7 +123,7 @@ async fn clones_deeper_than_max_clone_depth_are_flattened() {
     );
     assert!(read_head(&d, &c2, 0, 4 << 20).await.iter().all(|b| *b == 0));
     // Its source snapshot has no dependents now, so it can be deleted right away.
-    d.delete_snapshot(&s1).await.unwrap();
+    assert_eq!(d.delete_snapshot(&s1).await.unwrap(), DeleteAction::Deleted);
 
     // flatten_clones: every clone is a full copy, whatever the depth.
     let f = driver_with(|c| c.flatten_clones = true).await;
@@ -140,10 +138,10 @@ async fn clones_deeper_than_max_clone_depth_are_flattened() {
     assert!(read_head(&f, &c3, 4 << 20, 4 << 20).await == data);
 
     for v in [&c3, &c2, &c1] {
-        d.delete_volume(v).await.unwrap();
+        assert_eq!(d.delete_volume(v).await.unwrap(), DeleteAction::Deleted);
     }
-    d.delete_snapshot(&s0).await.unwrap();
-    d.delete_volume(&base).await.unwrap();
+    assert_eq!(d.delete_snapshot(&s0).await.unwrap(), DeleteAction::Deleted);
+    assert_eq!(d.delete_volume(&base).await.unwrap(), DeleteAction::Deleted);
 }
 
 #[tokio::test]
@@ -157,6 +155,6 @@ async fn missing_source_snapshot_is_not_found() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-    assert!(!d.volume_exists(&c).await.unwrap());
-    d.delete_volume(&v).await.unwrap();
+    assert!(!volume_exists(&d, &c).await);
+    assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }

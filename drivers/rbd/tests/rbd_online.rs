@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kiln_core::VolumeDriver;
+use kiln_core::{DeleteAction, VolumeDriver};
 use kiln_driver_rbd::cluster::Cluster;
 use kiln_driver_rbd::image::Image;
 use kiln_driver_rbd::volume_image;
@@ -141,6 +141,14 @@ async fn force_snapshot_while_another_process_writes_is_point_in_time() {
     let d = driver().await;
     let v = create_volume(&d, SIZE).await;
     let image = volume_image(&v.id);
+    // A plain snapshot first: the driver's cached handle of the image takes the exclusive
+    // lock for it and keeps it while idle. The writer must get the lock anyway (librbd in
+    // this process hands it over on request), and the forced snapshots below then go to
+    // the writer as the lock owner.
+    let s0 = take_snapshot(&d, &v).await;
+    let ours = cli_watchers(&image);
+    assert_eq!(ours.len(), 1, "the driver keeps one handle open: {ours:?}");
+    assert_eq!(cli_locks(&image), vec![format!("auto {}", ours[0])]);
     let dir = tempfile::tempdir().unwrap();
     let stop = dir.path().join("stop");
     let spec = format!("{}|{image}|{}", ceph_conf().display(), stop.display());
@@ -202,6 +210,14 @@ async fn force_snapshot_while_another_process_writes_is_point_in_time() {
     .unwrap();
     assert_eq!(owners.0.len(), 1, "one lock owner: {owners:?}");
     assert!(!owners.1, "the test's handle must not own the lock");
+    let locks = cli_locks(&image);
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_ne!(
+        locks[0],
+        format!("auto {}", ours[0]),
+        "the driver's cached handle gave the lock up to the writer"
+    );
+    assert!(cli_watchers(&image).contains(&ours[0]), "and is still open");
 
     let mut snaps = Vec::new();
     for _ in 0..3 {
@@ -267,7 +283,8 @@ async fn force_snapshot_while_another_process_writes_is_point_in_time() {
         "no snapshot cut through a pass: were the writes concurrent at all?"
     );
     for (s, _) in &snaps {
-        d.delete_snapshot(s).await.unwrap();
+        assert_eq!(d.delete_snapshot(s).await.unwrap(), DeleteAction::Deleted);
     }
-    d.delete_volume(&v).await.unwrap();
+    assert_eq!(d.delete_snapshot(&s0).await.unwrap(), DeleteAction::Deleted);
+    assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }

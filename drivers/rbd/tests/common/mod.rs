@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use kiln_core::{
-    Attachment, Extent, InstanceId, Progress, Snapshot, SnapshotId, SnapshotStatus, Volume,
-    VolumeDriver, VolumeId, VolumeStatus,
+    Attachment, Extent, InstanceId, PrimitiveSample, Progress, Result, Snapshot, SnapshotId,
+    SnapshotStatus, Volume, VolumeDriver, VolumeId, VolumeStatus,
 };
 use kiln_driver_rbd::image::{Image, ParentSpec};
 use kiln_driver_rbd::{RbdConfig, RbdDriver, volume_image};
@@ -40,7 +40,7 @@ pub fn config() -> RbdConfig {
 pub async fn driver_with(tweak: impl FnOnce(&mut RbdConfig)) -> RbdDriver {
     let mut cfg = config();
     tweak(&mut cfg);
-    RbdDriver::open("rbd-test", cfg)
+    kiln_driver_rbd::open("rbd-test", cfg)
         .await
         .unwrap_or_else(|e| panic!("cannot open the RBD backend on {:?}: {e}", ceph_conf()))
 }
@@ -115,6 +115,43 @@ pub async fn take_snapshot(d: &RbdDriver, v: &Volume) -> Snapshot {
         Some(format!("rbd/volume-{}@snapshot-{}", v.id, s.id).as_str())
     );
     s
+}
+
+/// Whether `v`'s image exists, per `lookup_volume`; when it does, the location it reports
+/// must be the image's.
+pub async fn volume_exists(d: &RbdDriver, v: &Volume) -> bool {
+    let found = d.lookup_volume(v).await.unwrap();
+    if let Some(up) = &found {
+        assert_eq!(
+            up.provider_location.as_deref(),
+            Some(format!("rbd/volume-{}", v.id).as_str()),
+            "lookup_volume reports the image's location"
+        );
+    }
+    found.is_some()
+}
+
+/// Whether `s` exists on its volume's image, per `lookup_snapshot`; when it does, the
+/// location it reports must be the snapshot's.
+pub async fn snapshot_exists(d: &RbdDriver, s: &Snapshot) -> bool {
+    let found = d.lookup_snapshot(s).await.unwrap();
+    if let Some(up) = &found {
+        assert_eq!(
+            up.provider_location.as_deref(),
+            Some(format!("rbd/volume-{}@snapshot-{}", s.volume_id, s.id).as_str()),
+            "lookup_snapshot reports the snapshot's location"
+        );
+    }
+    found.is_some()
+}
+
+/// Runs the bench capability's primitive on `v` (on a blocking thread, as `kiln bench` does).
+pub async fn bench(d: &RbdDriver, v: &Volume) -> Result<Vec<PrimitiveSample>> {
+    let prim = d.bench().expect("the RBD backend has a bench primitive");
+    let v = v.clone();
+    tokio::task::spawn_blocking(move || prim.bench_primitives(&v))
+        .await
+        .unwrap()
 }
 
 /// Writes `data` at `offset` of `v`'s head with rbd_write (test-only path), then flushes.
@@ -282,4 +319,29 @@ pub fn assert_prefix_then_zeros(data: &[u8], expected: &[u8], what: &str) {
         data[expected.len()..].iter().all(|b| *b == 0),
         "{what}: non-zero bytes after the written data"
     );
+}
+
+/// Watch cookies on image `name` according to `rbd status` (an independent view): one per
+/// open read-write handle of any client.
+pub fn cli_watchers(name: &str) -> Vec<u64> {
+    let json = rbd_cli(&["status", "--format", "json", &format!("rbd/{name}")]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["watchers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["cookie"].as_u64().unwrap())
+        .collect()
+}
+
+/// Lock ids on image `name` according to `rbd lock ls`; librbd's exclusive lock is
+/// `auto <watch cookie of the owning handle>`.
+pub fn cli_locks(name: &str) -> Vec<String> {
+    let json = rbd_cli(&["lock", "ls", "--format", "json", &format!("rbd/{name}")]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect()
 }
