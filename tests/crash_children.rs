@@ -220,9 +220,23 @@ fn qemu_img_child_at_work(kiln: &mut Child, sub: &str) -> i32 {
     }
 }
 
-/// Starts `kiln snapshot delete <sid>`, kills it (SIGKILL) while its qemu-img `sub` child
+/// How the test stops kiln mid-delete.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// `kill -9`, or the OOM killer.
+    Kill,
+    /// Ctrl-C (SIGINT): kiln must stop at once, as a crash would, and never release its
+    /// locks while its child still works.
+    Interrupt,
+}
+
+/// Starts `kiln snapshot delete <sid>`, stops it (`how`) while its qemu-img `sub` child
 /// works, and asserts the child died of SIGKILL too.
 fn kill_kiln_during(k: &Kiln, sid: &str, sub: &str) {
+    stop_kiln_during(k, sid, sub, Stop::Kill)
+}
+
+fn stop_kiln_during(k: &Kiln, sid: &str, sub: &str, how: Stop) {
     become_subreaper();
     let mut kiln = k
         .cmd(&["snapshot", "delete", sid])
@@ -232,9 +246,31 @@ fn kill_kiln_during(k: &Kiln, sid: &str, sub: &str) {
         .unwrap();
     let qpid = qemu_img_child_at_work(&mut kiln, sub);
     let (_, _, started) = stat(qpid).unwrap();
-    kiln.kill().unwrap();
-    let st = kiln.wait().unwrap();
-    assert_eq!(st.signal(), Some(SIGKILL), "kiln: {st}");
+    match how {
+        Stop::Kill => {
+            kiln.kill().unwrap();
+            let st = kiln.wait().unwrap();
+            assert_eq!(st.signal(), Some(SIGKILL), "kiln: {st}");
+        }
+        Stop::Interrupt => {
+            // SAFETY: plain syscall on a child we started.
+            assert_eq!(unsafe { libc::kill(kiln.id() as i32, libc::SIGINT) }, 0);
+            // kiln exits at once with 130 rather than waiting for qemu-img: bounded, so a
+            // kiln that waits for its child fails here instead of hanging.
+            let asked = Instant::now();
+            let st = loop {
+                if let Some(st) = kiln.try_wait().unwrap() {
+                    break st;
+                }
+                assert!(
+                    asked.elapsed() < Duration::from_secs(30),
+                    "kiln did not stop on SIGINT"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            assert_eq!(st.code(), Some(130), "kiln: {st}");
+        }
+    }
     // The orphan is now this process's child: wait for it and see how it ended. Bounded
     // so that a qemu-img that survives makes the test fail rather than hang.
     let waited = Instant::now();
@@ -369,4 +405,21 @@ fn kill_during_qcow2_rebase_kills_the_child_and_recovers() {
     check_after_recovery(&k, &vol, &s1.0, std::slice::from_ref(&s2));
     delete_if_listed(&k, &vol, &s1.0);
     check_after_recovery(&k, &vol, &s1.0, &[s2]);
+}
+
+/// Ctrl-C during the commit: kiln exits at once (130); its qemu-img child dies with it, so
+/// no lock is released while the child still writes; the next command recovers.
+#[test]
+fn ctrl_c_during_qcow2_commit_stops_kiln_and_its_child_and_recovers() {
+    let k = Kiln::new();
+    let mut vol = Vol::create(&k);
+    vol.fill(1, 0);
+    let s1 = vol.snap();
+    vol.fill(2, LAYER_MIB / 2);
+    let s2 = vol.snap();
+    vol.fill(3, SIZE_MIB - LAYER_MIB);
+    stop_kiln_during(&k, &s2.0, "commit", Stop::Interrupt);
+    check_after_recovery(&k, &vol, &s2.0, std::slice::from_ref(&s1));
+    delete_if_listed(&k, &vol, &s2.0);
+    check_after_recovery(&k, &vol, &s2.0, &[s1]);
 }
