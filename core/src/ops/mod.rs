@@ -187,7 +187,8 @@ impl Ctx {
         match driver.snapshot_health(&s).await {
             Ok(None) => Ok(s),
             Ok(Some(reason)) => {
-                tracing::warn!(snapshot = %s.id, %reason, "backend reports the snapshot unusable; marking it error");
+                // info: the caller reports the refusal; the CLI keeps its one line on stderr.
+                tracing::info!(snapshot = %s.id, %reason, "backend reports the snapshot unusable; marking it error");
                 // Compare-and-set: if someone else changed it meanwhile, their status stands.
                 let _ = self
                     .store

@@ -1,11 +1,11 @@
 //! The synchronous core of the driver: one volume group (and optionally its thin pool), the
-//! LV queries and the activation helpers every operation shares. Everything here blocks; the
-//! async [`crate::LvmDriver`] calls it from `spawn_blocking`.
+//! LV queries and the activation helpers every operation shares. Everything here blocks;
+//! [`crate::LvmDriver`] (kiln-core's one blocking adapter) runs it on tokio's blocking pool.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kiln_core::{Error, Result};
+use kiln_core::{Error, ErrorKind, Result};
 
 use crate::command::{Retry, Runner};
 use crate::config::{LvmConfig, LvmType};
@@ -21,46 +21,56 @@ pub enum Kind {
     Thick,
 }
 
-/// One opened LVM backend.
+/// One opened LVM backend: a volume group, and for thin its pool. It implements
+/// [`kiln_core::BlockingDriver`]; [`crate::LvmDriver`] wraps it. Blocking throughout.
 #[derive(Debug)]
-pub(crate) struct Backend {
-    pub vg: String,
-    pub pool: String,
-    pub kind: Kind,
-    pub cfg: LvmConfig,
-    pub runner: Runner,
+pub struct LvmBackend {
+    pub(crate) vg: String,
+    pub(crate) pool: String,
+    pub(crate) kind: Kind,
+    pub(crate) cfg: LvmConfig,
+    pub(crate) runner: Runner,
+    /// The VG's extent size in bytes: every LV size is rounded up to a multiple of it.
+    pub(crate) extent: u64,
 }
 
-impl Backend {
-    /// Validates the configuration against the real VG and resolves `auto`.
-    pub fn open(cfg: LvmConfig) -> Result<Backend> {
+impl LvmBackend {
+    /// Validates the configuration against the real VG and resolves `auto`. Fails with an
+    /// `InvalidInput` (configuration) error naming what is missing or wrong.
+    pub(crate) fn open(cfg: LvmConfig) -> Result<LvmBackend> {
         names::check_config_name("volume_group", &cfg.volume_group)?;
         names::check_config_name("thin_pool", &cfg.thin_pool)?;
         if !(1..=100).contains(&cfg.thick_snapshot_percent) {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "thick_snapshot_percent must be between 1 and 100, not {}",
                 cfg.thick_snapshot_percent
             )));
         }
         if cfg.command_timeout_secs == 0 {
-            return Err(Error::Config(
-                "command_timeout_secs must be at least 1".into(),
-            ));
+            return Err(Error::config("command_timeout_secs must be at least 1"));
         }
         let runner = Runner::new(Duration::from_secs(cfg.command_timeout_secs));
-        let mut b = Backend {
+        let mut b = LvmBackend {
             vg: cfg.volume_group.clone(),
             pool: cfg.thin_pool.clone(),
             kind: Kind::Thick,
             cfg,
             runner,
+            extent: 0,
         };
-        b.vg_row().map_err(|e| match e {
-            Error::Backend { message, .. } if message.contains("not found") => {
-                Error::Config(format!("volume group {:?} not found: {message}", b.vg))
+        let vg = b.vg_row().map_err(|e| match e {
+            e if e.kind() == ErrorKind::Backend && e.message().contains("not found") => {
+                Error::config(format!("volume group {:?} not found: {e}", b.vg)).with_source(e)
             }
             other => other,
         })?;
+        b.extent = report::parse_u64("vg_extent_size", &vg.vg_extent_size)?;
+        if b.extent == 0 {
+            return Err(Error::backend(
+                "vgs",
+                format!("volume group {:?} reports an extent size of 0", b.vg),
+            ));
+        }
         let pool = b.lv(&b.pool)?;
         b.kind = match (b.cfg.lvm_type, pool) {
             (LvmType::Thick, _) => Kind::Thick,
@@ -80,13 +90,13 @@ impl Backend {
                 Kind::Thin
             }
             (LvmType::Thin | LvmType::Auto, Some(_)) => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "{}/{} exists but is not a thin pool",
                     b.vg, b.pool
                 )));
             }
             (LvmType::Thin, None) => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "thin pool {}/{} not found (create it with `lvcreate --type thin-pool -L SIZE \
                      -n {} {}`, or set type = \"thick\")",
                     b.vg, b.pool, b.pool, b.vg
@@ -97,18 +107,34 @@ impl Backend {
         Ok(b)
     }
 
+    /// Whether this backend creates thin LVs (after resolving `auto`).
+    pub fn is_thin(&self) -> bool {
+        self.kind == Kind::Thin
+    }
+
+    /// The volume group this backend manages.
+    pub fn volume_group(&self) -> &str {
+        &self.vg
+    }
+
+    /// The size of the LV lvm makes for `bytes`: rounded up to whole extents. kiln makes
+    /// every origin LV with its volume's `size_bytes`, so this is the origin's LV size.
+    pub(crate) fn lv_bytes(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.extent).saturating_mul(self.extent)
+    }
+
     /// `vg/lv`, the form lvm commands take.
-    pub fn spec(&self, lv: &str) -> String {
+    pub(crate) fn spec(&self, lv: &str) -> String {
         format!("{}/{}", self.vg, lv)
     }
 
     /// The device node of an active LV (libdm creates it even without udev).
-    pub fn device(&self, lv: &str) -> PathBuf {
+    pub(crate) fn device(&self, lv: &str) -> PathBuf {
         PathBuf::from(format!("/dev/mapper/{}", names::dm_name(&self.vg, lv)))
     }
 
     /// The VG as `vgs` reports it.
-    pub fn vg_row(&self) -> Result<VgRow> {
+    pub(crate) fn vg_row(&self) -> Result<VgRow> {
         let out = self.runner.lvm(
             "vgs",
             &[
@@ -131,7 +157,7 @@ impl Backend {
     }
 
     /// Every LV of the VG, hidden ones included.
-    pub fn lvs(&self) -> Result<Vec<LvRow>> {
+    pub(crate) fn lvs(&self) -> Result<Vec<LvRow>> {
         let out = self.runner.lvm(
             "lvs",
             &[
@@ -151,15 +177,55 @@ impl Backend {
         report::parse_lvs(&out.stdout)
     }
 
-    /// One LV by name, or `None` when it does not exist.
-    pub fn lv(&self, name: &str) -> Result<Option<LvRow>> {
-        Ok(self.lvs()?.into_iter().find(|r| r.lv_name == name))
+    /// The LVs of the VG matching the lvm selection `select`, with the report `fields`
+    /// (which must include `lv_name`, `lv_attr` and `lv_size`). One `lvs` process; lvm
+    /// evaluates the selection before it gathers an LV's status, so unselected LVs cost
+    /// next to nothing. Never activates anything.
+    pub(crate) fn lvs_where(&self, select: &str, fields: &str) -> Result<Vec<LvRow>> {
+        let out = self.runner.lvm(
+            "lvs",
+            &[
+                "lvs",
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                fields,
+                "-S",
+                select,
+                &self.vg,
+            ],
+            Retry::Transient,
+        )?;
+        report::parse_lvs(&out.stdout)
+    }
+
+    /// The LVs called `names` (those that exist), with every field kiln uses.
+    pub(crate) fn lvs_named(&self, names: &[&str]) -> Result<Vec<LvRow>> {
+        // Names are kiln's own (UUID-derived) or checked config names: no quote can occur.
+        let select = names
+            .iter()
+            .map(|n| format!("lv_name=\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        let rows = self.lvs_where(&select, report::LV_FIELDS)?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| names.contains(&r.lv_name.as_str()))
+            .collect())
+    }
+
+    /// One LV by name, or `None` when it does not exist (one `lvs` of that LV only).
+    pub(crate) fn lv(&self, name: &str) -> Result<Option<LvRow>> {
+        Ok(self.lvs_named(&[name])?.into_iter().next())
     }
 
     /// Activates an LV; `ignore_skip` adds `-K` for LVs carrying the activation-skip flag.
     /// Activation races with a pool or origin briefly suspended by another command, hence
     /// the retry.
-    pub fn activate(&self, lv: &str, ignore_skip: bool) -> Result<()> {
+    pub(crate) fn activate(&self, lv: &str, ignore_skip: bool) -> Result<()> {
         let spec = self.spec(lv);
         let mut args = vec!["lvchange", "-q", "-ay"];
         if ignore_skip {
@@ -171,8 +237,8 @@ impl Backend {
     }
 
     /// Removes an LV (`lvremove -f`; for a thick origin this would take its snapshots along,
-    /// so callers check for snapshots first).
-    pub fn remove(&self, lv: &str) -> Result<()> {
+    /// so callers check for snapshots first). Fails when the LV does not exist.
+    pub(crate) fn remove(&self, lv: &str) -> Result<()> {
         let spec = self.spec(lv);
         self.runner.lvm(
             "lvremove",
@@ -183,7 +249,7 @@ impl Backend {
     }
 
     /// Renames an LV within the VG (atomic in the VG metadata).
-    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+    pub(crate) fn rename(&self, from: &str, to: &str) -> Result<()> {
         self.runner.lvm(
             "lvrename",
             &["lvrename", "-q", &self.vg, from, to],
@@ -193,7 +259,7 @@ impl Backend {
     }
 
     /// Grows an LV to at least `bytes`.
-    pub fn extend_to(&self, lv: &str, bytes: u64) -> Result<()> {
+    pub(crate) fn extend_to(&self, lv: &str, bytes: u64) -> Result<()> {
         let spec = self.spec(lv);
         let size = format!("{bytes}b");
         self.runner.lvm(
@@ -206,7 +272,7 @@ impl Backend {
 
     /// Makes sure a thick snapshot's dm devices exist: they are live exactly when its origin
     /// is, and `lvchange` refuses to act on the snapshot alone.
-    pub fn ensure_thick_active(&self, row: &LvRow) -> Result<()> {
+    pub(crate) fn ensure_thick_active(&self, row: &LvRow) -> Result<()> {
         if row.is_active() {
             return Ok(());
         }
@@ -220,7 +286,7 @@ impl Backend {
 
     /// The image size of a snapshot: a thin snapshot's own size, a thick snapshot's origin size
     /// (a thick snapshot's `lv_size` is its COW space).
-    pub fn snapshot_image_size(&self, row: &LvRow) -> Result<u64> {
+    pub(crate) fn snapshot_image_size(&self, row: &LvRow) -> Result<u64> {
         if row.is_thick_snapshot() {
             report::parse_u64("origin_size", &row.origin_size)
         } else {
@@ -228,8 +294,24 @@ impl Backend {
         }
     }
 
+    /// Checks that snapshot `row` holds at least `image` bytes (its record's `size_bytes`):
+    /// anything else means the LV is not the snapshot kiln recorded.
+    pub(crate) fn check_image_covers(&self, row: &LvRow, image: u64) -> Result<()> {
+        let have = self.snapshot_image_size(row)?;
+        if have < image {
+            return Err(Error::backend(
+                "lvs",
+                format!(
+                    "{} holds {have} bytes, less than the snapshot's recorded {image} bytes",
+                    self.spec(&row.lv_name)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Why a snapshot cannot be read, if it cannot: a thick snapshot whose COW overflowed.
-    pub fn invalid_reason(&self, row: &LvRow) -> Option<String> {
+    pub(crate) fn invalid_reason(&self, row: &LvRow) -> Option<String> {
         row.is_invalid_snapshot().then(|| {
             format!(
                 "snapshot {} is invalid: its copy-on-write space ({} bytes) overflowed after \

@@ -1,6 +1,6 @@
-//! Runs lvm2 and device-mapper tools as argv vectors: `LC_ALL=C`, a timeout, warnings logged,
-//! known transient failures retried with backoff, every other failure surfaced in the tool's own
-//! words as [`Error::Backend`].
+//! Runs lvm2 and device-mapper tools as argv vectors: `LC_ALL=C`, a timeout, the stderr of
+//! successful commands logged at debug, known transient failures retried with backoff, every
+//! other failure surfaced in the tool's own words as a `Backend` error.
 
 use std::time::{Duration, Instant};
 
@@ -95,7 +95,7 @@ impl Runner {
             .start()
             .map_err(|e| {
                 Failure::Final(Error::backend(
-                    op,
+                    op.to_string(),
                     format!("cannot run {program}: {e} (is lvm2 installed?)"),
                 ))
             })?;
@@ -106,7 +106,7 @@ impl Runner {
                     let _ = handle.kill();
                     tracing::error!(op, ?args, "command timed out");
                     return Err(Failure::Final(Error::backend(
-                        op,
+                        op.to_string(),
                         format!(
                             "{program} {} did not finish within {} s and was killed",
                             args.join(" "),
@@ -117,7 +117,7 @@ impl Runner {
                 Ok(None) => std::thread::sleep(POLL),
                 Err(e) => {
                     return Err(Failure::Final(Error::backend(
-                        op,
+                        op.to_string(),
                         format!("waiting for {program}: {e}"),
                     )));
                 }
@@ -128,10 +128,11 @@ impl Runner {
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if output.status.success() {
             tracing::debug!(op, ?args, elapsed_ms, "command ok");
-            // Warnings such as thin over-provisioning arrive on stderr of successful commands:
-            // worth an operator's attention, never a failure.
+            // Successful commands print notes on stderr ("Rounding up size to full physical
+            // extent", thin over-provisioning): never a failure, and not worth a line on the
+            // CLI's stderr at the default level (which promises one line, on failure only).
             for line in stderr.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                tracing::warn!(op, "{program}: {line}");
+                tracing::debug!(op, "{program}: {line}");
             }
             return Ok(Output { stdout });
         }
@@ -144,8 +145,9 @@ impl Runner {
         } else {
             format!("{} (exit {code})", one_line(&stderr))
         };
-        tracing::debug!(op, ?args, elapsed_ms, %message, "command failed");
-        let e = Error::backend(op, message);
+        // (`error`, not `message`: a field called `message` would replace the event's own.)
+        tracing::debug!(op, ?args, elapsed_ms, error = %message, "command failed");
+        let e = Error::backend(op.to_string(), message);
         if is_transient(&stderr) {
             Err(Failure::Transient(e))
         } else {
@@ -165,7 +167,7 @@ pub(crate) fn is_transient(stderr: &str) -> bool {
     TRANSIENT.iter().any(|t| lower.contains(t))
 }
 
-/// Joins lvm's indented multi-line messages into one line for `Error::Backend`.
+/// Joins lvm's indented multi-line messages into one line for a `Backend` error.
 fn one_line(s: &str) -> String {
     s.lines()
         .map(str::trim)

@@ -54,7 +54,7 @@ pub fn check_config_name(what: &str, name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(format!(
+        Err(Error::config(format!(
             "{what} {name:?} is not a valid LVM name (letters, digits and +_.- only, no leading -)"
         )))
     }

@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 
 use kiln_core::{Error, Extent, Result, Snapshot, SnapshotReader};
 
-use crate::backend::Backend;
+use crate::backend::LvmBackend;
 use crate::command::{Retry, Runner};
 use crate::names;
 use crate::report::LvRow;
@@ -55,20 +55,18 @@ impl Drop for LvmSnapshotReader {
                 &["lvchange", "-q", "-an", &spec],
                 Retry::Transient,
             ) {
-                tracing::warn!(lv = %spec, error = %e, "could not deactivate after reading");
+                tracing::info!(lv = %spec, error = %e, "could not deactivate after reading");
             }
         }
     }
 }
 
-impl Backend {
+impl LvmBackend {
     /// Activates the snapshot (`-K` for thin ones), opens its device, and lists its extents.
-    pub fn open_snapshot_reader(&self, s: &Snapshot) -> Result<LvmSnapshotReader> {
+    /// The image is exactly the snapshot's `size_bytes` long.
+    pub(crate) fn open_snapshot_reader(&self, s: &Snapshot) -> Result<LvmSnapshotReader> {
         let snap = names::snapshot(&s.id);
-        let not_found = || Error::NotFound {
-            what: "snapshot",
-            id: s.id.to_string(),
-        };
+        let not_found = || Error::not_found("snapshot", s.id.to_string());
         let row = self.lv(&snap)?.ok_or_else(not_found)?;
         let mut deactivate = None;
         let row = if row.is_thick_snapshot() {
@@ -78,7 +76,7 @@ impl Backend {
             }
             let row = self.lv(&snap)?.ok_or_else(not_found)?;
             if let Some(reason) = self.invalid_reason(&row) {
-                return Err(Error::WrongState(reason));
+                return Err(Error::wrong_state(reason));
             }
             row
         } else {
@@ -98,8 +96,22 @@ impl Backend {
         let dev = self.device(&snap);
         let file =
             File::open(&dev).map_err(|e| Error::io(format!("opening {}", dev.display()), e))?;
-        reader.size = crate::blockdev::size(&file)
+        let device_size = crate::blockdev::size(&file)
             .map_err(|e| Error::io(format!("sizing {}", dev.display()), e))?;
+        // The image is the snapshot's recorded size: lvm rounds LV sizes up to whole
+        // extents, and that slack is not part of the volume (an export must have exactly
+        // `size_bytes`).
+        if device_size < s.size_bytes {
+            return Err(Error::backend(
+                "open_snapshot_reader",
+                format!(
+                    "{} has {device_size} bytes, less than the snapshot's recorded {} bytes",
+                    dev.display(),
+                    s.size_bytes
+                ),
+            ));
+        }
+        reader.size = s.size_bytes;
         reader.file = Some(file);
         let whole = vec![Extent {
             offset: 0,
@@ -113,8 +125,9 @@ impl Backend {
         Ok(reader)
     }
 
-    /// Mapped extents of a thin LV from a metadata snapshot of its pool, or `None` (logged)
-    /// when they cannot be read — the caller then reads everything.
+    /// Mapped extents of a thin LV from a metadata snapshot of its pool, or `None` (logged at
+    /// info: the result stays correct, only slower) when they cannot be read — the caller
+    /// then reads everything.
     fn thin_extents(&self, row: &LvRow, size: u64) -> Option<Vec<Extent>> {
         let id = row.thin_id()?;
         let tpool = format!("{}-tpool", names::dm_name(&self.vg, &row.pool_lv));
@@ -130,7 +143,7 @@ impl Backend {
             &["message", &tpool, "0", "reserve_metadata_snap"],
             Retry::Transient,
         ) {
-            tracing::warn!(pool = %tpool, error = %e, "no metadata snapshot; reading all extents");
+            tracing::info!(pool = %tpool, error = %e, "no metadata snapshot; reading all extents");
             return None;
         }
         let dev_id = id.to_string();
@@ -146,18 +159,18 @@ impl Backend {
             &["message", &tpool, "0", "release_metadata_snap"],
             Retry::Transient,
         ) {
-            tracing::warn!(pool = %tpool, error = %e, "could not release the metadata snapshot");
+            tracing::info!(pool = %tpool, error = %e, "could not release the metadata snapshot");
         }
         match dump {
             Ok(out) => {
                 let e = thin_map::extents_from_dump(&out.stdout, size);
                 if e.is_none() {
-                    tracing::warn!(pool = %tpool, "thin_dump output not understood; reading all extents");
+                    tracing::info!(pool = %tpool, "thin_dump output not understood; reading all extents");
                 }
                 e
             }
             Err(e) => {
-                tracing::warn!(pool = %tpool, error = %e, "thin_dump failed; reading all extents");
+                tracing::info!(pool = %tpool, error = %e, "thin_dump failed; reading all extents");
                 None
             }
         }

@@ -8,6 +8,10 @@ use kiln_core::{Error, Result};
 pub const LV_FIELDS: &str = "lv_name,lv_attr,origin,pool_lv,lv_size,data_percent,\
 metadata_percent,snap_percent,lv_snapshot_invalid,thin_id,chunk_size,zero,origin_size";
 
+/// The few columns that tell whether a snapshot is usable: all [`crate::LvmBackend`]'s
+/// invalidity check reads. Cheaper than [`LV_FIELDS`] (no pool or thin-id lookups).
+pub const HEALTH_FIELDS: &str = "lv_name,lv_attr,lv_size,origin,lv_snapshot_invalid";
+
 /// Columns kiln asks `vgs` for; [`VgRow`] mirrors them.
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
 

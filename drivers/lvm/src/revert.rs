@@ -9,21 +9,24 @@
 //! the snapshot's image is copied back into the origin, writing only the chunks that differ.
 //! The writes go through the origin, so every other snapshot copies-on-write the data it needs
 //! and keeps its own point in time; the chosen snapshot needs no new COW space, because every
-//! chunk that differs from it is one it already holds.
+//! chunk that differs from it is one it already holds. Another snapshot with less COW space
+//! than the revert writes overflows like under any other write to the origin: the revert
+//! then still completes (the volume holds the chosen snapshot's data) but returns an error
+//! naming the snapshots it invalidated.
 
 use kiln_core::{Error, ProgressHandle, Result, Snapshot, Volume};
 
-use crate::backend::{Backend, Kind};
+use crate::backend::{Kind, LvmBackend};
 use crate::blockdev;
 use crate::names;
-use crate::report::LvRow;
+use crate::report::{self, LvRow};
 
 /// Default COW chunk size of thick snapshots, used when lvm does not report one.
 const DEFAULT_CHUNK: u64 = 4096;
 
-impl Backend {
+impl LvmBackend {
     /// See the module documentation.
-    pub fn revert_to_snapshot(
+    pub(crate) fn revert_to_snapshot(
         &self,
         v: &Volume,
         s: &Snapshot,
@@ -44,13 +47,10 @@ impl Backend {
             .iter()
             .find(|r| r.lv_name == snap)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                what: "snapshot",
-                id: s.id.to_string(),
-            })?;
+            .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
         match self.kind {
             Kind::Thin => self.revert_thin(v, &snap_row, &rows),
-            Kind::Thick => self.revert_thick(v, &snap_row, progress),
+            Kind::Thick => self.revert_thick(v, s, &snap_row, progress),
         }
     }
 
@@ -60,17 +60,14 @@ impl Backend {
         let old = names::revert_old(&v.id);
         let has = |n: &str| rows.iter().any(|r| r.lv_name == n);
         if !has(&vol) && !has(&old) {
-            return Err(Error::NotFound {
-                what: "volume",
-                id: v.id.to_string(),
-            });
+            return Err(Error::not_found("volume", v.id.to_string()));
         }
         if let Some(r) = rows
             .iter()
             .find(|r| r.lv_name == vol)
             .filter(|r| r.is_open())
         {
-            return Err(Error::WrongState(format!(
+            return Err(Error::wrong_state(format!(
                 "{} is open (attached or in use); detach it before reverting",
                 self.spec(&r.lv_name)
             )));
@@ -88,7 +85,7 @@ impl Backend {
                 self.remove(&old)?;
                 stale_new = false;
             } else {
-                tracing::warn!(volume = %v.id, "rolling back an interrupted revert");
+                tracing::info!(volume = %v.id, "rolling back an interrupted revert");
                 self.rename(&old, &vol)?;
             }
         }
@@ -105,7 +102,13 @@ impl Backend {
         Ok(())
     }
 
-    fn revert_thick(&self, v: &Volume, snap: &LvRow, progress: &ProgressHandle) -> Result<()> {
+    fn revert_thick(
+        &self,
+        v: &Volume,
+        s: &Snapshot,
+        snap: &LvRow,
+        progress: &ProgressHandle,
+    ) -> Result<()> {
         let vol = names::volume(&v.id);
         if snap.origin != vol {
             return Err(Error::invalid(
@@ -113,26 +116,37 @@ impl Backend {
                 format!("{} is not a snapshot of {}", snap.lv_name, self.spec(&vol)),
             ));
         }
-        let origin = self.lv(&vol)?.ok_or_else(|| Error::NotFound {
-            what: "volume",
-            id: v.id.to_string(),
-        })?;
+        let origin = self
+            .lv(&vol)?
+            .ok_or_else(|| Error::not_found("volume", v.id.to_string()))?;
         if origin.is_open() {
-            return Err(Error::WrongState(format!(
+            return Err(Error::wrong_state(format!(
                 "{} is open (attached or in use); detach it before reverting",
                 self.spec(&vol)
             )));
         }
         self.ensure_thick_active(&origin)?;
-        // Re-read: invalidity is only visible while the table is live.
-        let snap = self.lv(&snap.lv_name)?.ok_or_else(|| Error::NotFound {
-            what: "snapshot",
-            id: snap.lv_name.clone(),
-        })?;
+        // Re-read every snapshot of the volume now that their tables are live (invalidity
+        // only shows then): the chosen one must be valid, and the check after the copy must
+        // blame the revert only for snapshots it invalidated.
+        let before = self.lvs_where(&format!("origin=\"{vol}\""), report::LV_FIELDS)?;
+        let snap = before
+            .iter()
+            .find(|r| r.lv_name == snap.lv_name)
+            .cloned()
+            .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
+        let invalid_before: Vec<&str> = before
+            .iter()
+            .filter(|r| r.is_invalid_snapshot())
+            .map(|r| r.lv_name.as_str())
+            .collect();
         if let Some(reason) = self.invalid_reason(&snap) {
-            return Err(Error::WrongState(reason));
+            return Err(Error::wrong_state(reason));
         }
-        let image = self.snapshot_image_size(&snap)?;
+        // Exactly the snapshot's recorded size: the LVs' extent-rounding slack beyond it is
+        // not part of the volume's data.
+        let image = s.size_bytes;
+        self.check_image_covers(&snap, image)?;
         let src_path = self.device(&snap.lv_name);
         let dst_path = self.device(&vol);
         let src = blockdev::open_read(&src_path)
@@ -145,15 +159,57 @@ impl Backend {
         let written = blockdev::copy_differences(&src, &dst, image, granule, progress)
             .map_err(|e| Error::io(format!("copying {} back into {vol}", snap.lv_name), e))?;
         drop(dst);
-        // The copy must not have pushed the chosen snapshot over its COW limit (it cannot,
-        // see the module docs); if it did, say so instead of claiming success.
-        if let Some(reason) = self
-            .lv(&snap.lv_name)?
-            .and_then(|r| self.invalid_reason(&r))
+        self.check_snapshots_after_revert(v, &snap.lv_name, &invalid_before)?;
+        tracing::info!(volume = %v.id, snapshot = %snap.lv_name, written, "thick revert done");
+        Ok(())
+    }
+
+    /// After a thick revert, one `lvs` of every snapshot of the volume. The chosen snapshot
+    /// cannot have overflowed (see the module docs); if it did anyway, say so instead of
+    /// claiming success. Any other snapshot may have: its COW space took the origin's old
+    /// data for every chunk the revert rewrote. The volume's data is reverted either way, so
+    /// the error says that, and names the snapshots that became invalid (those already
+    /// invalid before, `invalid_before`, are not the revert's doing).
+    fn check_snapshots_after_revert(
+        &self,
+        v: &Volume,
+        chosen: &str,
+        invalid_before: &[&str],
+    ) -> Result<()> {
+        let vol = names::volume(&v.id);
+        let rows = self.lvs_where(&format!("origin=\"{vol}\""), report::HEALTH_FIELDS)?;
+        if let Some(reason) = rows
+            .iter()
+            .find(|r| r.lv_name == chosen)
+            .and_then(|r| self.invalid_reason(r))
         {
             return Err(Error::backend("revert", reason));
         }
-        tracing::info!(volume = %v.id, snapshot = %snap.lv_name, written, "thick revert done");
-        Ok(())
+        let overflowed: Vec<String> = rows
+            .iter()
+            .filter(|r| {
+                r.lv_name != chosen
+                    && r.is_invalid_snapshot()
+                    && !invalid_before.contains(&r.lv_name.as_str())
+            })
+            .map(|r| {
+                names::parse_snapshot(&r.lv_name).map_or(r.lv_name.clone(), |id| id.to_string())
+            })
+            .collect();
+        if overflowed.is_empty() {
+            return Ok(());
+        }
+        Err(Error::backend(
+            "revert",
+            format!(
+                "volume {} now holds the data of snapshot {}, but rewriting it overflowed the \
+                 copy-on-write space of {} other snapshot(s) of it ({}): they are invalid, their \
+                 data is lost and they can only be deleted",
+                v.id,
+                names::parse_snapshot(chosen).map_or(chosen.to_string(), |id| id.to_string()),
+                overflowed.len(),
+                overflowed.join(", ")
+            ),
+        ))
     }
 }

@@ -1,13 +1,14 @@
 //! Creating, deleting and cloning volumes.
 
-use kiln_core::{Error, ProgressHandle, ProviderUpdate, Result, Snapshot, Volume};
+use kiln_core::{DeleteAction, Error, ProgressHandle, ProviderUpdate, Result, Snapshot, Volume};
 
-use crate::backend::{Backend, Kind};
+use crate::backend::{Kind, LvmBackend};
 use crate::blockdev;
 use crate::command::Retry;
 use crate::names;
 
-impl Backend {
+impl LvmBackend {
+    /// The location kiln records for LV `lv`: `vg/lv`.
     pub(crate) fn provider(&self, lv: &str) -> ProviderUpdate {
         ProviderUpdate {
             provider_location: Some(self.spec(lv)),
@@ -15,7 +16,7 @@ impl Backend {
     }
 
     /// `lvcreate` of an empty volume; a re-run finding the LV already there succeeds.
-    pub fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate> {
+    pub(crate) fn create_volume(&self, v: &Volume) -> Result<ProviderUpdate> {
         let name = names::volume(&v.id);
         if let Some(row) = self.lv(&name)? {
             if row.size()? >= v.size_bytes {
@@ -60,9 +61,11 @@ impl Backend {
         Ok(())
     }
 
-    /// Removes a volume and any leftovers of an interrupted revert or clone of it. A thick
-    /// origin with snapshots is `Busy` (lvremove would silently take the snapshots along).
-    pub fn delete_volume(&self, v: &Volume) -> Result<()> {
+    /// Removes a volume and any leftovers of an interrupted revert or clone of it:
+    /// [`DeleteAction::Deleted`] when this call removed any of those LVs,
+    /// [`DeleteAction::AlreadyGone`] when none existed. A thick origin with snapshots is
+    /// `Busy` (lvremove would silently take the snapshots along).
+    pub(crate) fn delete_volume(&self, v: &Volume) -> Result<DeleteAction> {
         let name = names::volume(&v.id);
         let rows = self.lvs()?;
         let snaps: Vec<&str> = rows
@@ -71,18 +74,18 @@ impl Backend {
             .map(|r| r.lv_name.as_str())
             .collect();
         if !snaps.is_empty() {
-            return Err(Error::Busy {
-                reason: format!(
+            return Err(Error::busy(
+                format!(
                     "thick volume {} still has {} snapshot(s) ({}); delete them first",
                     self.spec(&name),
                     snaps.len(),
                     snaps.join(", ")
                 ),
-                dependents: snaps
+                snaps
                     .iter()
                     .map(|s| names::parse_snapshot(s).map_or(s.to_string(), |id| id.to_string()))
                     .collect(),
-            });
+            ));
         }
         let candidates = [
             name.clone(),
@@ -90,12 +93,13 @@ impl Backend {
             names::revert_old(&v.id),
             names::partial_clone(&v.id),
         ];
+        let mut action = DeleteAction::AlreadyGone;
         for lv in candidates {
             let Some(row) = rows.iter().find(|r| r.lv_name == lv) else {
                 continue;
             };
             if row.is_open() {
-                return Err(Error::WrongState(format!(
+                return Err(Error::wrong_state(format!(
                     "{} is open (attached or in use); detach it before deleting",
                     self.spec(&lv)
                 )));
@@ -112,23 +116,26 @@ impl Backend {
                     .map_err(|e| Error::io(format!("zeroing {}", dev.display()), e))?;
             }
             self.remove(&lv)?;
+            action = DeleteAction::Deleted;
         }
-        Ok(())
+        Ok(action)
     }
 
-    /// Whether the volume exists — also in the middle of an interrupted thin revert, when it
-    /// briefly carries the `-revert-old` name.
-    pub fn volume_exists(&self, v: &Volume) -> Result<bool> {
-        let rows = self.lvs()?;
+    /// The volume's location (`vg/volume-<id>`, as [`LvmBackend::create_volume`] returns it)
+    /// when it exists — also in the middle of an interrupted thin revert, when it briefly
+    /// carries the `-revert-old` name (the revert's re-run restores the name). A half-copied
+    /// thick clone (`-partial`) is not a volume yet: `None`.
+    pub(crate) fn lookup_volume(&self, v: &Volume) -> Result<Option<ProviderUpdate>> {
         let name = names::volume(&v.id);
         let old = names::revert_old(&v.id);
-        Ok(rows.iter().any(|r| r.lv_name == name || r.lv_name == old))
+        let rows = self.lvs_named(&[&name, &old])?;
+        Ok((!rows.is_empty()).then(|| self.provider(&name)))
     }
 
     /// Creates volume `v` holding snapshot `s`'s data. Thin: a writable, normally activating
     /// snapshot of the snapshot (O(1), independent of it in the pool). Thick: a new LV filled
     /// by a block copy under a temporary name, renamed when complete.
-    pub fn create_volume_from_snapshot(
+    pub(crate) fn create_volume_from_snapshot(
         &self,
         v: &Volume,
         s: &Snapshot,
@@ -140,11 +147,10 @@ impl Backend {
             .iter()
             .find(|r| r.lv_name == snap)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                what: "snapshot",
-                id: s.id.to_string(),
-            })?;
-        let image = self.snapshot_image_size(&row)?;
+            .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
+        // The user-visible size is the snapshot's `size_bytes`; its LV may be larger (lvm
+        // rounds sizes up to whole extents), and that slack is not part of the snapshot.
+        let image = s.size_bytes;
         if v.size_bytes < image {
             return Err(Error::invalid(
                 "size",
@@ -154,6 +160,7 @@ impl Backend {
                 ),
             ));
         }
+        self.check_image_covers(&row, image)?;
         let name = names::volume(&v.id);
         match self.kind {
             Kind::Thin => {
@@ -170,7 +177,7 @@ impl Backend {
                     return Ok(self.provider(&name));
                 }
                 if let Some(reason) = self.invalid_reason(&row) {
-                    return Err(Error::WrongState(reason));
+                    return Err(Error::wrong_state(reason));
                 }
                 let partial = names::partial_clone(&v.id);
                 if rows.iter().any(|r| r.lv_name == partial) {
@@ -179,7 +186,8 @@ impl Backend {
                 self.lvcreate_plain(&partial, v.size_bytes)?;
                 if let Err(e) = self.fill_thick_clone(&row, &partial, image, progress) {
                     if let Err(cleanup) = self.remove(&partial) {
-                        tracing::warn!(lv = %partial, error = %cleanup, "could not remove a failed clone");
+                        // The clone's own error is what the caller reports; this is a detail.
+                        tracing::info!(lv = %partial, error = %cleanup, "could not remove a failed clone");
                     }
                     return Err(e);
                 }
@@ -234,6 +242,8 @@ impl Backend {
         Ok(())
     }
 
+    /// Copies the first `image` bytes (the snapshot's `size_bytes`) of thick snapshot `snap`
+    /// into `target` and zeroes the rest of `target`.
     fn fill_thick_clone(
         &self,
         snap: &crate::report::LvRow,
@@ -250,12 +260,20 @@ impl Backend {
             .map_err(|e| Error::io(format!("opening {}", dst_path.display()), e))?;
         let dst_size = blockdev::size(&dst)
             .map_err(|e| Error::io(format!("sizing {}", dst_path.display()), e))?;
+        if dst_size < image {
+            return Err(Error::backend(
+                "lvcreate",
+                format!(
+                    "{target} has {dst_size} bytes, less than the {image} bytes to copy into it"
+                ),
+            ));
+        }
         progress.set_total(dst_size);
         progress.set_message(&format!("copying {} to {}", snap.lv_name, target));
         let stats = blockdev::copy(&src, &dst, image, progress)
             .map_err(|e| Error::io(format!("copying {} to {}", snap.lv_name, target), e))?;
-        // The LV may be larger than the image (bigger target, extent rounding): the tail must
-        // not show what those extents held before.
+        // The LV may be larger than the image (bigger target, extent rounding, the source's
+        // own rounding slack not copied): the tail must not show what those extents held.
         blockdev::zero_range(&dst, image, dst_size - image)
             .and_then(|()| dst.sync_all())
             .map_err(|e| Error::io(format!("zeroing the tail of {target}"), e))?;

@@ -155,6 +155,36 @@ impl TestVg {
         v
     }
 
+    /// `lv_attr` of one LV.
+    pub fn attr(&self, lv: &str) -> String {
+        run(&[
+            "lvs",
+            "--noheadings",
+            "-o",
+            "lv_attr",
+            &format!("{}/{lv}", self.vg),
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// Size of one LV in bytes.
+    pub fn lv_size(&self, lv: &str) -> u64 {
+        run(&[
+            "lvs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "lv_size",
+            &format!("{}/{lv}", self.vg),
+        ])
+        .trim()
+        .parse()
+        .unwrap()
+    }
+
     /// Names of the LVs (hidden ones excluded).
     pub fn lv_names(&self) -> Vec<String> {
         let out = run(&["lvs", "--noheadings", "-o", "lv_name", &self.vg]);
@@ -397,6 +427,23 @@ pub fn assert_snapshot(
     extents
 }
 
+/// Compares `len` bytes of a device at `offset` with the model (both multiples of 64 KiB).
+#[track_caller]
+pub fn assert_dev_range(dev: &Path, want: &Image, offset: u64, len: u64, what: &str) {
+    let f =
+        std::fs::File::open(dev).unwrap_or_else(|e| panic!("{what}: open {}: {e}", dev.display()));
+    let mut got = vec![0u8; MIB as usize];
+    let mut exp = vec![0u8; MIB as usize];
+    let mut off = offset;
+    while off < offset + len {
+        let n = MIB.min(offset + len - off) as usize;
+        f.read_exact_at(&mut got[..n], off).unwrap();
+        want.fill(off, &mut exp[..n]);
+        assert_chunk(&got[..n], &exp[..n], off, what);
+        off += n as u64;
+    }
+}
+
 /// Reads `len` bytes of a device at `offset`.
 pub fn read_range(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
     let f = std::fs::File::open(dev).unwrap();
@@ -440,4 +487,94 @@ impl Progress for Counter {
 pub fn counter() -> (Arc<Counter>, kiln_core::ProgressHandle) {
     let c = Arc::new(Counter::default());
     (c.clone(), c)
+}
+
+/// One tracing event as [`capture`] saw it.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub level: tracing::Level,
+    /// The event's message.
+    pub message: String,
+    /// Every other field, `name=value` (Debug formatting), space-separated.
+    pub fields: String,
+}
+
+impl Captured {
+    /// For the driver's "command ok"/"command failed" events: the lvm subcommand (or the
+    /// program) the command ran, i.e. the first element of its argv.
+    pub fn command(&self) -> Option<String> {
+        if self.message != "command ok" && self.message != "command failed" {
+            return None;
+        }
+        let rest = &self.fields[self.fields.find("args=[\"")? + 7..];
+        Some(rest[..rest.find('"')?].to_string())
+    }
+}
+
+#[derive(Default)]
+struct Collector {
+    events: std::sync::Mutex<Vec<Captured>>,
+    next_span: AtomicU64,
+}
+
+struct Sub(Arc<Collector>);
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: String,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.rest.push_str(&format!("{}={value:?} ", field.name()));
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.rest.push_str(&format!("{}={value} ", field.name()));
+        }
+    }
+}
+
+impl tracing::Subscriber for Sub {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(self.0.next_span.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        self.0.events.lock().unwrap().push(Captured {
+            level: *event.metadata().level(),
+            message: f.message,
+            fields: f.rest,
+        });
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Runs `f` on this thread with a subscriber that records every tracing event (all levels);
+/// returns `f`'s result and the events. Call the driver's blocking methods inside (the
+/// async adapter would move them to other threads, out of this subscriber's reach).
+pub fn capture<T>(f: impl FnOnce() -> T) -> (T, Vec<Captured>) {
+    let c = Arc::new(Collector::default());
+    let r = tracing::subscriber::with_default(Sub(c.clone()), f);
+    let events = c.events.lock().unwrap().clone();
+    (r, events)
+}
+
+/// The lvm subcommands (argv[0] of `lvm`, or the program) that `events` record, in order.
+pub fn commands(events: &[Captured]) -> Vec<String> {
+    events.iter().filter_map(Captured::command).collect()
 }
