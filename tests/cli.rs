@@ -175,38 +175,85 @@ fn qcow2_lifecycle_through_the_cli() {
     let v = k.json(&["volume", "create", "--backend", "qcow", "--size", "32M"]);
     assert_eq!(v["backend"], "qcow");
     let vid = s(&v, "id");
+    // Data goes where a hypervisor would write it: the volume's active qcow2 layer.
+    let write = |off: u64, data: &[u8]| {
+        let dir = k.qcow_dir().join(format!("volume-{vid}"));
+        let chain: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("chain.json")).unwrap()).unwrap();
+        let active = dir.join(chain["active"].as_str().unwrap());
+        let src = k.dir.path().join("chunk.bin");
+        std::fs::write(&src, data).unwrap();
+        let cmd = format!("write -s {} {off} {}", src.display(), data.len());
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &cmd, "-c", "flush"])
+            .arg(&active)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let export_sha = |sid: &str, name: &str| {
+        let out = k.dir.path().join(name);
+        let e = k.json(&["snapshot", "export", sid, "--output", out.to_str().unwrap()]);
+        assert_eq!(e["size_bytes"], 32 * MIB);
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 * MIB);
+        s(&e, "sha256")
+    };
+    let sha = |img: &[u8]| hex::encode(Sha256::digest(img));
+    let (g1, g2, g3) = (
+        pattern(71, 2 << 20),
+        pattern(72, 2 << 20),
+        pattern(73, 2 << 20),
+    );
+    write(0, &g1);
     let s1 = s(
         &k.json(&["snapshot", "create", &vid, "--name", "one"]),
         "id",
     );
+    write(4 * MIB, &g2);
     let s2 = s(
         &k.json(&["snapshot", "create", &vid, "--name", "two"]),
         "id",
     );
+    write(0, &g3);
     let s3 = s(
         &k.json(&["snapshot", "create", &vid, "--name", "three"]),
         "id",
     );
+    let img1 = image(32 * MIB, &[(0, &g1)]);
+    let img2 = image(32 * MIB, &[(0, &g1), (4 * MIB, &g2)]);
+    let img3 = image(32 * MIB, &[(0, &g3), (4 * MIB, &g2)]);
     let list = k.json(&["snapshot", "list", "--volume", &vid]);
     assert_eq!(list.as_array().unwrap().len(), 3);
+    assert_eq!(export_sha(&s1, "s1.raw"), sha(&img1));
+    assert_eq!(export_sha(&s2, "s2.raw"), sha(&img2));
+    assert_eq!(export_sha(&s3, "s3.raw"), sha(&img3));
 
+    // Revert to the oldest: the volume holds its data (read back through a new snapshot),
+    // the others are intact.
     k.json(&["snapshot", "revert", &s1]);
-    let out = k.dir.path().join("s3.raw");
-    let e = k.json(&["snapshot", "export", &s3, "--output", out.to_str().unwrap()]);
-    assert_eq!(e["size_bytes"], 32 * MIB);
-    assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 * MIB);
+    let now = s(&k.json(&["snapshot", "create", &vid]), "id");
+    assert_eq!(export_sha(&now, "now.raw"), sha(&img1), "revert to one");
+    k.json(&["snapshot", "delete", &now]);
+    assert_eq!(export_sha(&s3, "s3b.raw"), sha(&img3));
 
-    // Middle snapshot deleted: the chain is merged, the others stay readable.
+    // Middle snapshot deleted: the chain is merged, the others stay readable and exact.
     k.json(&["snapshot", "delete", &s2]);
-    k.json(&[
-        "snapshot",
-        "export",
-        &s3,
-        "--output",
-        k.dir.path().join("s3b.raw").to_str().unwrap(),
-    ]);
+    assert_eq!(export_sha(&s1, "s1c.raw"), sha(&img1));
+    assert_eq!(export_sha(&s3, "s3c.raw"), sha(&img3));
     let c = k.json(&["volume", "create", "--snapshot", &s3]);
     assert_eq!(c["backend"], "qcow");
+    let cid = s(&c, "id");
+    let cs = s(&k.json(&["snapshot", "create", &cid]), "id");
+    assert_eq!(
+        export_sha(&cs, "clone.raw"),
+        sha(&img3),
+        "clone holds snapshot three"
+    );
+    k.json(&["snapshot", "delete", &cs]);
 
     // An attached qcow2 volume cannot be switched to a new overlay behind the hypervisor:
     // unsupported, and nothing changes.
@@ -226,7 +273,7 @@ fn qcow2_lifecycle_through_the_cli() {
     k.json(&["volume", "detach", &vid]);
 
     k.json(&["volume", "delete", &vid, "--cascade"]);
-    k.json(&["volume", "delete", s(&c, "id").as_str()]);
+    k.json(&["volume", "delete", &cid]);
     assert_eq!(k.json(&["volume", "list"]), serde_json::json!([]));
 }
 

@@ -138,6 +138,25 @@ impl BlockingDriver for LvmBackend {
         LvmBackend::snapshot_health(self, s)
     }
 
+    /// Cinder's LVM shape for a local attach: `local` with the device node. The node is
+    /// device-mapper's (`/dev/mapper/<vg>-<lv>`, dashes doubled), which exists whenever the
+    /// LV is active, unlike the udev-made `/dev/<vg>/<lv>` link.
+    fn connection_info(&self, v: &Volume) -> Result<kiln_core::ConnectionInfo> {
+        if LvmBackend::lookup_volume(self, v)?.is_none() {
+            return Err(kiln_core::Error::not_found("volume", v.id));
+        }
+        let dev = format!(
+            "/dev/mapper/{}",
+            crate::names::dm_name(&self.vg, &crate::names::volume(&v.id))
+        );
+        let mut data = serde_json::Map::new();
+        data.insert("device_path".into(), dev.into());
+        Ok(kiln_core::ConnectionInfo {
+            driver_volume_type: "local".into(),
+            data,
+        })
+    }
+
     fn bench(self: Arc<Self>) -> Option<Arc<dyn BenchPrimitives>> {
         Some(self)
     }

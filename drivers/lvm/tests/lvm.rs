@@ -1186,3 +1186,38 @@ async fn successful_commands_stderr_is_logged_at_debug_never_warn() {
     assert!(loud.is_empty(), "logged at warn or error: {loud:?}");
     assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }
+
+// ---------------------------------------------------------------- connection info
+
+/// `connection_info` names the device a hypervisor opens: writing there is writing the
+/// volume (a snapshot taken afterwards holds the data); an unknown volume is `NotFound`.
+async fn connection_info_is_the_volume_device(thin: bool) {
+    let t = TestVg::new(if thin { "conn-thin" } else { "conn-thick" }, thin, 256);
+    let d = driver(&t).await;
+    let v = volume(16 * MIB);
+    d.create_volume(&v).await.unwrap();
+    let c = d.connection_info(&v).await.unwrap();
+    assert_eq!(c.driver_volume_type, "local");
+    let path = c.data["device_path"].as_str().unwrap().to_string();
+    assert_eq!(std::path::Path::new(&path), t.vol_dev(&v));
+    let mut img = Image::zeros(16 * MIB);
+    img.write(std::path::Path::new(&path), MIB, 64 << 10, 7);
+    let s = snapshot(&v);
+    d.create_snapshot(&s, &v).await.unwrap();
+    let r = d.open_snapshot_reader(&s).await.unwrap();
+    assert_snapshot(r, &img, "snapshot after a write through the connection");
+    let e = d.connection_info(&volume(16 * MIB)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    d.delete_snapshot(&s).await.unwrap();
+    d.delete_volume(&v).await.unwrap();
+}
+
+#[tokio::test]
+async fn thin_connection_info_is_the_volume_device() {
+    connection_info_is_the_volume_device(true).await;
+}
+
+#[tokio::test]
+async fn thick_connection_info_is_the_volume_device() {
+    connection_info_is_the_volume_device(false).await;
+}
