@@ -335,12 +335,12 @@ async fn bench_and_stats(env: Env) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(samples.len(), 1);
-    let want = match d.mode() {
-        Mode::RawReflink => "FICLONE",
-        Mode::RawFullCopy => "full copy",
-        Mode::Qcow2 => "qemu-img create",
+    let (want, n) = match d.mode() {
+        Mode::RawReflink => ("durable FICLONE", 2),
+        Mode::RawFullCopy => ("durable sparse copy", 2),
+        Mode::Qcow2 => ("qemu-img create", 1),
     };
+    assert_eq!(samples.len(), n, "{samples:?}");
     assert!(samples[0].name.contains(want), "{:?}", samples[0].name);
     assert_eq!(listing(d.path()), before, "bench left something behind");
     if d.mode() == Mode::Qcow2 {
