@@ -4,7 +4,7 @@
 #   xfsprogs            real XFS with reflink for the raw file backend tests
 #   qemu-utils          qemu-img for the qcow2 file backend (already on the rust machine image;
 #                       NOT reinstalled from bookworm, which would downgrade the backports build)
-#   ceph-*, lib*-dev    a real single-node Ceph cluster and the librados/librbd the RBD driver links
+#   ceph-*, lib*-dev    a real single-node Ceph cluster and the librados/librbd the RBD driver loads
 #   user-mode-linux     a kernel with device-mapper modules, for the LVM tests
 #   lvm2, thin-provisioning-tools, kmod   LVM itself, thin_check/thin_delta, modprobe
 set -euo pipefail

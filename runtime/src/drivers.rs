@@ -42,7 +42,7 @@ pub const DRIVERS: &[DriverKind] = &[
         build: Some(rbd),
         #[cfg(not(feature = "rbd"))]
         build: None,
-        missing: "this kiln was built without RBD support; rebuild with `cargo build --features rbd` (needs librbd-dev, librados-dev)",
+        missing: "this kiln was built without RBD support; rebuild with `cargo build --features rbd` (the RBD backend then needs librbd1 at run time)",
     },
 ];
 

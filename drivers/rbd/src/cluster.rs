@@ -1,22 +1,19 @@
 //! The backend's one long-lived connection: a librados cluster handle and an I/O context on
 //! the configured pool.
 //!
-//! The handles come from the `ceph` crate's librados bindings (`ceph::rados`), but the
-//! connection is built here rather than with `ceph::ceph::connect_to_ceph`, because the
-//! timeouts below must be set between `rados_conf_read_file` and `rados_connect`, and the
-//! crate's `Rados::config_set` refuses to run on a created handle. Building it here also
-//! avoids that crate's `disconnect_from_ceph`/`destroy_rados_ioctx`, which free the handle a
-//! second time on drop.
+//! The connection is built from the librados C functions (through [`crate::ffi`], which
+//! loads the libraries on the first connect) because the timeouts below must be set between
+//! `rados_conf_read_file` and `rados_connect`; the handles are freed exactly once, in
+//! `Drop`.
 
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
-use ceph::rados as r;
 use kiln_core::{Error, Result};
 
 use crate::config::RbdConfig;
 use crate::errno::{CallResult, RbdCallError, check};
-use crate::ffi::{rados_ioctx_t, rados_t};
+use crate::ffi::{self as r, rados_ioctx_t, rados_t};
 
 /// Bound on every monitor and OSD request made over the connection (pool ops such as
 /// snapshot-id allocation, reads, writes). Without it librados waits forever for a cluster
@@ -99,6 +96,12 @@ impl Cluster {
         let conf_c = cstring("ceph_conf", &conf)?;
         let pool_c = cstring("pool", &cfg.pool)?;
 
+        // librbd and librados are not linked (see ffi.rs): the first connection maps them.
+        r::load().map_err(|e| {
+            Error::config(format!(
+                "{e} (the RBD backend needs the librbd1 and librados2 packages at run time)"
+            ))
+        })?;
         let mut raw: rados_t = std::ptr::null_mut();
         // SAFETY: valid out-pointer and NUL-terminated id.
         let rc = unsafe { r::rados_create(&mut raw, id.as_ptr()) };
@@ -230,6 +233,38 @@ impl Cluster {
     /// The keyring path, if one was configured.
     pub fn keyring(&self) -> Option<&str> {
         self.keyring.as_deref()
+    }
+
+    /// The value of configuration option `option` as this connection sees it (ceph.conf,
+    /// the environment and the settings made at connect time, e.g. `cluster` or
+    /// `auth_client_required`).
+    pub fn conf_get(&self, option: &str) -> CallResult<String> {
+        let op = || format!("rados_conf_get {option}");
+        let key = CString::new(option).map_err(|_| RbdCallError {
+            op: op(),
+            errno: libc::EINVAL,
+        })?;
+        // Option values are short (paths, lists of monitor addresses); librados answers
+        // ENAMETOOLONG when the buffer is too small, and the buffer grows then.
+        let mut len = 256usize;
+        loop {
+            let mut buf = vec![0u8; len];
+            // SAFETY: connected handle, NUL-terminated key, buffer of `len` writable bytes.
+            let rc = unsafe {
+                r::rados_conf_get(self.rados.0, key.as_ptr(), buf.as_mut_ptr().cast(), len)
+            };
+            if rc == -libc::ENAMETOOLONG && len < 1 << 20 {
+                len *= 4;
+                continue;
+            }
+            check(op, rc.into())?;
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(len);
+            buf.truncate(end);
+            return String::from_utf8(buf).map_err(|_| RbdCallError {
+                op: format!("{} (the value is not UTF-8)", op()),
+                errno: libc::EINVAL,
+            });
+        }
     }
 
     /// Runs a monitor command (JSON) and returns its output buffer.

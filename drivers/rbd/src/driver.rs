@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Attachment, BackendStats, BenchPrimitives, BlockingDriver, Capabilities, DeleteAction, Error,
-    PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot, SnapshotReader, Volume,
+    Attachment, BackendStats, BenchPrimitives, BlockingDriver, Capabilities, ConnectionInfo,
+    DeleteAction, Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot,
+    SnapshotReader, Volume,
 };
 
 use crate::cluster::Cluster;
@@ -189,7 +190,15 @@ fn create_snapshot_on(img: &Image, s: &Snapshot, force: bool) -> Result<()> {
             )));
         }
     }
-    match img.snap_create(&snap) {
+    // A force snapshot keeps librbd's quiesce round: the volume is attached, and a client
+    // with quiesce hooks (rbd-nbd --quiesce) freezes its filesystem for it. A plain one is
+    // of a volume nobody has attached, so there is nobody to quiesce.
+    let created = if force {
+        img.snap_create(&snap)
+    } else {
+        img.snap_create_skip_quiesce(&snap)
+    };
+    match created {
         Ok(()) => Ok(()),
         // The name is this snapshot's own UUID: it exists only if an earlier attempt of this
         // very request got through, so the request is done.
@@ -572,6 +581,12 @@ impl BlockingDriver for RbdBackend {
 
     fn stats(&self) -> Result<BackendStats> {
         stats::pool_stats(&self.cluster)
+    }
+
+    /// Cinder's RBD shape: `pool/volume-<id>`, the monitors of the current monmap, the
+    /// cluster name and the client identity; `NotFound` when the image does not exist.
+    fn connection_info(&self, v: &Volume) -> Result<ConnectionInfo> {
+        crate::connection::connection_info(&self.cluster, v)
     }
 
     fn bench(self: Arc<Self>) -> Option<Arc<dyn BenchPrimitives>> {

@@ -1,16 +1,32 @@
-//! Hand-written bindings for exactly the librbd functions this driver calls.
+//! Hand-written bindings for exactly the librados and librbd functions this driver calls,
+//! resolved with `dlopen`/`dlsym` on first use instead of linked.
 //!
-//! The `ceph` crate binds librados only; librbd gets this small `extern "C"` block instead of a
-//! bindgen build step, so building needs nothing but `librbd-dev`. Every signature and struct
-//! layout is copied from `/usr/include/rbd/librbd.h` (Ceph 16.2, LIBRBD_VER 1.16); the
-//! layouts are checked at run time against the real library by the integration tests (every
-//! struct here is read back from librbd by at least one test).
+//! Linking librbd made every kiln command of a `--features rbd` build load librbd,
+//! librados, libceph-common and 24 more shared objects before `main` (≈ 17 ms of CPU, see
+//! docs/benchmarks.md), an RBD backend configured or not. Now nothing links them: [`load`]
+//! (called when the first RBD connection is made) maps `librbd.so.1` and its dependencies
+//! and resolves every function below, so only commands that use an RBD backend pay, and a
+//! missing library is that backend's error instead of every command's loader failure.
+//!
+//! Every signature and struct layout is copied from `/usr/include/rbd/librbd.h` and
+//! `/usr/include/rados/librados.h` (Ceph 16.2, LIBRBD_VER 1.16); the layouts are checked at
+//! run time against the real library by the integration tests (every struct here is read
+//! back from librbd by at least one test).
 
 #![allow(non_camel_case_types)]
+// The C structs' fields mirror librbd.h one to one, under the header's names; the header
+// documents them.
+#![allow(missing_docs)]
+
+use std::ffi::CString;
+use std::sync::OnceLock;
 
 use libc::{c_char, c_int, c_void, size_t, ssize_t};
 
-pub use ceph::rados::{rados_ioctx_t, rados_t};
+/// `rados_t`: a cluster handle.
+pub type rados_t = *mut c_void;
+/// `rados_ioctx_t`: an I/O context on one pool.
+pub type rados_ioctx_t = *mut c_void;
 
 /// `rbd_image_t`: an open image handle.
 pub type rbd_image_t = *mut c_void;
@@ -37,6 +53,9 @@ pub const RBD_FEATURE_DEEP_FLATTEN: u64 = 1 << 5;
 
 /// `RBD_OPERATION_FEATURE_CLONE_PARENT` (rbd/features.h): the image has clone-v2 children.
 pub const RBD_OPERATION_FEATURE_CLONE_PARENT: u64 = 1 << 0;
+/// `RBD_SNAP_CREATE_SKIP_QUIESCE`: `rbd_snap_create2` sends no quiesce/unquiesce
+/// notifications to the image's watchers.
+pub const RBD_SNAP_CREATE_SKIP_QUIESCE: u32 = 1 << 0;
 
 /// `RBD_IMAGE_OPTION_FEATURES`
 pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
@@ -73,8 +92,160 @@ pub struct rbd_snap_info_t {
     pub name: *const c_char,
 }
 
-#[link(name = "rbd")]
-unsafe extern "C" {
+/// The shared object mapped by [`load`]; its dependencies (librados, libceph-common, …)
+/// come with it, and `dlsym` on its handle finds their symbols too.
+pub const LIBRBD: &str = "librbd.so.1";
+
+static API: OnceLock<Result<Api, String>> = OnceLock::new();
+
+/// Maps librbd (once per process) and resolves every function of this module; later calls
+/// return the first result. `Err` names the library or the symbol that is missing.
+pub fn load() -> Result<(), String> {
+    match API.get_or_init(open) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+fn open() -> Result<Api, String> {
+    let name = CString::new(LIBRBD).map_err(|_| format!("{LIBRBD:?} contains a NUL byte"))?;
+    // RTLD_NOW: a symbol librbd itself lacks fails here, not in the middle of an operation.
+    // The handle is never closed: the functions stay in use until the process exits.
+    // SAFETY: NUL-terminated name; loading librbd runs its constructors, as linking did.
+    let lib = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if lib.is_null() {
+        return Err(format!("cannot load {LIBRBD}: {}", dlerror()));
+    }
+    // SAFETY: live handle; every name below is the C function with the signature copied
+    // from the header.
+    unsafe { Api::resolve(lib) }
+}
+
+/// The loader's last error message (for a failed `dlopen`).
+fn dlerror() -> String {
+    // SAFETY: dlerror returns null or a NUL-terminated string owned by the loader, copied
+    // at once.
+    let e = unsafe { libc::dlerror() };
+    if e.is_null() {
+        "unknown error".into()
+    } else {
+        // SAFETY: see above.
+        unsafe { std::ffi::CStr::from_ptr(e) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// What a wrapper returns if [`load`] never succeeded. Unreachable in practice: every
+/// handle the wrappers take comes from a [`crate::cluster::Cluster`], which loads first.
+trait Unloaded {
+    fn unloaded() -> Self;
+}
+impl Unloaded for c_int {
+    fn unloaded() -> Self {
+        -libc::ENOSYS
+    }
+}
+impl Unloaded for ssize_t {
+    fn unloaded() -> Self {
+        -(libc::ENOSYS as ssize_t)
+    }
+}
+impl Unloaded for () {
+    fn unloaded() -> Self {}
+}
+
+/// Declares each C function as a field of `Api` (its address, from `dlsym`) and as a
+/// `pub unsafe fn` of the same name and signature that calls through it, so call sites read
+/// as with an `extern "C"` block.
+macro_rules! dynamic_fns {
+    ($( pub fn $name:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? ; )*) => {
+        /// The address of every function, resolved by [`load`].
+        struct Api {
+            $( $name: unsafe extern "C" fn($($ty),*) $(-> $ret)?, )*
+        }
+
+        impl Api {
+            /// # Safety
+            /// `lib` is a live `dlopen` handle of librbd.
+            unsafe fn resolve(lib: *mut c_void) -> Result<Api, String> {
+                Ok(Api {
+                    $( $name: {
+                        let sym = concat!(stringify!($name), "\0");
+                        // SAFETY: live handle, NUL-terminated name.
+                        let p = unsafe { libc::dlsym(lib, sym.as_ptr().cast()) };
+                        if p.is_null() {
+                            return Err(format!(
+                                "{LIBRBD} (or a library it loads) has no function {}",
+                                stringify!($name)
+                            ));
+                        }
+                        // SAFETY: the symbol is the C function of that name; the signature
+                        // is the header's.
+                        unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(p)
+                        }
+                    }, )*
+                })
+            }
+        }
+
+        $(
+            #[doc = concat!("`", stringify!($name), "` of librados/librbd.")]
+            ///
+            /// # Safety
+            /// As the C function's: valid handles and pointers, as its header documents.
+            // The C signatures decide the argument count.
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                match API.get() {
+                    // SAFETY: the caller upholds the C function's contract.
+                    Some(Ok(api)) => unsafe { (api.$name)($($arg),*) },
+                    _ => Unloaded::unloaded(),
+                }
+            }
+        )*
+    };
+}
+
+dynamic_fns! {
+    pub fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
+    pub fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
+    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    pub fn rados_conf_get(
+        cluster: rados_t,
+        option: *const c_char,
+        buf: *mut c_char,
+        len: size_t,
+    ) -> c_int;
+    pub fn rados_connect(cluster: rados_t) -> c_int;
+    pub fn rados_shutdown(cluster: rados_t);
+    pub fn rados_ioctx_create(
+        cluster: rados_t,
+        pool_name: *const c_char,
+        ioctx: *mut rados_ioctx_t,
+    ) -> c_int;
+    pub fn rados_ioctx_destroy(io: rados_ioctx_t);
+    pub fn rados_mon_command(
+        cluster: rados_t,
+        cmd: *mut *const c_char,
+        cmdlen: size_t,
+        inbuf: *const c_char,
+        inbuflen: size_t,
+        outbuf: *mut *mut c_char,
+        outbuflen: *mut size_t,
+        outs: *mut *mut c_char,
+        outslen: *mut size_t,
+    ) -> c_int;
+    pub fn rados_buffer_free(buf: *mut c_char);
+    pub fn rados_read(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *mut c_char,
+        len: size_t,
+        off: u64,
+    ) -> c_int;
+
     pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
     pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
     pub fn rbd_image_options_set_uint64(
@@ -140,6 +311,13 @@ unsafe extern "C" {
     pub fn rbd_snap_exists(image: rbd_image_t, snapname: *const c_char, exists: *mut bool)
     -> c_int;
     pub fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    pub fn rbd_snap_create2(
+        image: rbd_image_t,
+        snap_name: *const c_char,
+        flags: u32,
+        cb: librbd_progress_fn_t,
+        cbdata: *mut c_void,
+    ) -> c_int;
     pub fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
     pub fn rbd_snap_rollback_with_progress(
         image: rbd_image_t,

@@ -106,7 +106,7 @@ pub fn id_of(cluster: &Cluster, name: &str) -> CallResult<String> {
     let mut buf = vec![0u8; 256];
     // SAFETY: live ioctx, NUL-terminated object name, buf writable for its length.
     let rc = unsafe {
-        ceph::rados::rados_read(
+        ffi::rados_read(
             cluster.ioctx(),
             oid.as_ptr(),
             buf.as_mut_ptr().cast(),
@@ -388,6 +388,32 @@ impl Image {
         // SAFETY: open handle, NUL-terminated name.
         let rc = unsafe { ffi::rbd_snap_create(self.handle, s.as_ptr()) };
         check(|| self.snap_op("rbd_snap_create", snap), rc.into()).map(drop)
+    }
+
+    /// [`Image::snap_create`] without librbd's quiesce round: no quiesce / unquiesce
+    /// notification goes to the image's watchers (librbd's default, as `rbd snap create`
+    /// without `--skip-quiesce`, notifies every watcher before and after the snapshot so
+    /// that a client with quiesce hooks, such as `rbd-nbd --quiesce`, can freeze its
+    /// filesystem). For a volume nobody has attached there is nobody to quiesce, and the
+    /// two notifications are two round trips through the header object's watchers.
+    pub fn snap_create_skip_quiesce(&self, snap: &str) -> CallResult<()> {
+        /// librbd calls the progress function without a null check, so one is passed.
+        unsafe extern "C" fn ignore_progress(_: u64, _: u64, _: *mut libc::c_void) -> c_int {
+            0
+        }
+        let s = c("rbd_snap_create2", snap)?;
+        // SAFETY: open handle, NUL-terminated name; the progress function ignores its data
+        // pointer, so null is fine.
+        let rc = unsafe {
+            ffi::rbd_snap_create2(
+                self.handle,
+                s.as_ptr(),
+                ffi::RBD_SNAP_CREATE_SKIP_QUIESCE,
+                Some(ignore_progress),
+                std::ptr::null_mut(),
+            )
+        };
+        check(|| self.snap_op("rbd_snap_create2", snap), rc.into()).map(drop)
     }
 
     /// Removes snapshot `snap` (must be unprotected).

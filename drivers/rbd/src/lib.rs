@@ -1,7 +1,7 @@
 //! kiln's Ceph RBD backend.
 //!
-//! One persistent librados connection per backend ([`cluster::Cluster`], built with the `ceph`
-//! crate's librados bindings), librbd through a small hand-written FFI module ([`ffi`]), and
+//! One persistent librados connection per backend ([`cluster::Cluster`]), librados and librbd
+//! through a small hand-written FFI module ([`ffi`]) that loads them on first use, and
 //! [`RbdBackend`] implementing [`kiln_core::BlockingDriver`] on top: volumes are
 //! `volume-<uuid>` images, snapshots are `snapshot-<uuid>` RBD snapshots, volumes from
 //! snapshots are copy-on-write clones (flattened by policy), reverts are `rbd_snap_rollback`.
@@ -12,6 +12,7 @@
 mod bench;
 pub mod cluster;
 mod config;
+mod connection;
 mod driver;
 mod errno;
 pub mod ffi;
