@@ -6,7 +6,7 @@
 //! `unreachable`) inject the backend behaviours those tests need.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
 
@@ -46,7 +46,7 @@ impl MemoryDriver {
         let mut f = self
             .fail_next
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner);
         if f.is_some_and(|o| o == op) {
             *f = None;
             return Err(Error::backend(op.to_string(), "injected failure"));
@@ -58,16 +58,13 @@ impl MemoryDriver {
     pub fn write(&self, v: VolumeId, data: &[u8]) {
         self.volumes
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(v, data.to_vec());
     }
 
     /// Writes `data` at `offset` into volume `v` (growing it if needed), as a guest would.
     pub fn write_at(&self, v: VolumeId, offset: u64, data: &[u8]) {
-        let mut vols = self
-            .volumes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut vols = self.volumes.lock().unwrap_or_else(PoisonError::into_inner);
         let buf = vols.entry(v).or_default();
         let (start, end) = (offset as usize, offset as usize + data.len());
         if buf.len() < end {
@@ -80,7 +77,7 @@ impl MemoryDriver {
     pub fn data(&self, v: VolumeId) -> Option<Vec<u8>> {
         self.volumes
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&v)
             .cloned()
     }
@@ -88,6 +85,21 @@ impl MemoryDriver {
 
 /// Reads a snapshot of `size` bytes whose first `data.len()` bytes were written (the rest
 /// reads as zeros, like a sparse image).
+/// A delete's result from what `HashMap::remove` returned.
+fn delete_action<T>(removed: Option<T>) -> DeleteAction {
+    match removed {
+        Some(_) => DeleteAction::Deleted,
+        None => DeleteAction::AlreadyGone,
+    }
+}
+
+/// Where the in-memory backend says an object lives.
+fn location(name: String) -> ProviderUpdate {
+    ProviderUpdate {
+        provider_location: Some(format!("mem:{name}")),
+    }
+}
+
 struct VecReader {
     data: Vec<u8>,
     size: u64,
@@ -129,36 +141,27 @@ impl VolumeDriver for MemoryDriver {
         self.check_fail("create_volume")?;
         self.volumes
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(v.id, Vec::new());
-        Ok(ProviderUpdate {
-            provider_location: Some(format!("mem:{}", v.backend_name())),
-        })
+        Ok(location(v.backend_name()))
     }
     async fn delete_volume(&self, v: &Volume) -> Result<DeleteAction> {
         self.check_fail("delete_volume")?;
-        Ok(
-            match self
-                .volumes
+        Ok(delete_action(
+            self.volumes
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&v.id)
-            {
-                Some(_) => DeleteAction::Deleted,
-                None => DeleteAction::AlreadyGone,
-            },
-        )
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&v.id),
+        ))
     }
     async fn lookup_volume(&self, v: &Volume) -> Result<Option<ProviderUpdate>> {
         self.check_fail("lookup_volume")?;
         Ok(self
             .volumes
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .contains_key(&v.id)
-            .then(|| ProviderUpdate {
-                provider_location: Some(format!("mem:{}", v.backend_name())),
-            }))
+            .then(|| location(v.backend_name())))
     }
     async fn create_snapshot(&self, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
         self.check_fail("create_snapshot")?;
@@ -170,7 +173,7 @@ impl VolumeDriver for MemoryDriver {
         if self
             .hang
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .contains(&v.id)
         {
             self.entered.notify_one();
@@ -178,11 +181,9 @@ impl VolumeDriver for MemoryDriver {
         }
         self.snapshots
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(s.id, data);
-        Ok(ProviderUpdate {
-            provider_location: Some(format!("mem:{}", s.backend_name())),
-        })
+        Ok(location(s.backend_name()))
     }
     async fn create_snapshot_force(
         &self,
@@ -197,7 +198,7 @@ impl VolumeDriver for MemoryDriver {
         if self
             .busy
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .contains(&s.id)
         {
             return Err(Error::busy(
@@ -206,28 +207,21 @@ impl VolumeDriver for MemoryDriver {
             ));
         }
         tokio::task::yield_now().await;
-        Ok(
-            match self
-                .snapshots
+        Ok(delete_action(
+            self.snapshots
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&s.id)
-            {
-                Some(_) => DeleteAction::Deleted,
-                None => DeleteAction::AlreadyGone,
-            },
-        )
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&s.id),
+        ))
     }
     async fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>> {
         self.check_fail("lookup_snapshot")?;
         Ok(self
             .snapshots
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .contains_key(&s.id)
-            .then(|| ProviderUpdate {
-                provider_location: Some(format!("mem:{}", s.backend_name())),
-            }))
+            .then(|| location(s.backend_name())))
     }
     async fn create_volume_from_snapshot(
         &self,
@@ -239,37 +233,35 @@ impl VolumeDriver for MemoryDriver {
         let data = self
             .snapshots
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&s.id)
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
         self.volumes
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(v.id, data);
-        Ok(ProviderUpdate {
-            provider_location: Some(format!("mem:{}", v.backend_name())),
-        })
+        Ok(location(v.backend_name()))
     }
     async fn revert_to_snapshot(&self, v: &Volume, s: &Snapshot, _p: ProgressHandle) -> Result<()> {
         self.check_fail("revert_to_snapshot")?;
         let data = self
             .snapshots
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&s.id)
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
         self.volumes
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(v.id, data);
         Ok(())
     }
     async fn flatten_volume(&self, _v: &Volume, _p: ProgressHandle) -> Result<()> {
         self.busy
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .clear();
         Ok(())
     }
@@ -277,7 +269,7 @@ impl VolumeDriver for MemoryDriver {
         let data = self
             .snapshots
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&s.id)
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
@@ -299,7 +291,7 @@ impl VolumeDriver for MemoryDriver {
         Ok(self
             .broken
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .contains(&s.id)
             .then(|| "copy-on-write space overflowed".to_string()))
     }
