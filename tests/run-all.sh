@@ -20,11 +20,17 @@ phase "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --features rbd,failpoints -- -D warnings
 
+# Every build of the kiln binary uses these features, in every suite: the suites share the
+# target directory, and a test runs the binary at target/debug/kiln (CARGO_BIN_EXE_kiln),
+# which is one file whatever the features. Builds with different features running side by
+# side would overwrite it under each other's tests (seen: cli_rbd running a kiln built
+# without rbd). With one feature set, whichever suite builds it first, the others reuse it.
+# (rbd-suite.sh and lvm-suite.sh build the binary with the same features.)
 logs=$(mktemp -d /tmp/kiln-run-all.XXXXXX)
 host_suite() {
   # The RBD and LVM tests need a cluster / a guest kernel: their suites run them.
   cargo test --workspace --exclude kiln --exclude kiln-driver-rbd --exclude kiln-driver-lvm
-  cargo test -p kiln --features failpoints --bins --test cli --test crash --test crash_children
+  cargo test -p kiln --features rbd,failpoints --bins --test cli --test crash --test crash_children
 }
 
 phase "suites side by side: host, rbd, lvm (logs in $logs)"

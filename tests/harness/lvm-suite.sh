@@ -35,7 +35,7 @@ for p in $parts; do
       # The same command builds the kiln binary that cli_lvm runs (CARGO_BIN_EXE_kiln).
       echo "lvm-suite: building the CLI test cli_lvm and the kiln binary on the host" >&2
       # Its artifacts include the kiln binary itself: keep only the cli_lvm test target's.
-      mapfile -t bins < <(cargo test -p kiln --test cli_lvm --no-run --message-format=json-render-diagnostics |
+      mapfile -t bins < <(cargo test -p kiln --features rbd,failpoints --test cli_lvm --no-run --message-format=json-render-diagnostics |
         grep -F '"kind":["test"]' | grep -F '"name":"cli_lvm"' | executables)
       [ ${#bins[@]} -eq 1 ] || { echo "lvm-suite: expected one cli_lvm binary, got ${#bins[@]}" >&2; exit 1; }
       runs+=("$root|${bins[0]}")

@@ -6,7 +6,7 @@
 #   2. CEPH_CONF=<dir>/ceph.conf cargo test -p kiln-driver-rbd [args] (CARGO_TARGET_DIR is
 #      honoured if set),
 #   3. then, on the same cluster (also when step 2 failed, so one run reports both), the
-#      end-to-end tests of the real binary: cargo test -p kiln --features rbd --test cli_rbd,
+#      end-to-end tests of the real binary: cargo test -p kiln --features rbd,failpoints --test cli_rbd,
 #   4. ALWAYS stops the cluster and removes the dir (trap), even on failure or Ctrl-C.
 # RBD_SUITE_PARTS selects the runs: "driver cli" (default), "driver" or "cli". Extra
 # arguments go to the driver run (e.g. `--test rbd_online`), or to the CLI run when it is
@@ -62,11 +62,11 @@ case " $PARTS " in
         cargo test -p kiln-driver-rbd "$@"
         record driver $?
         case " $PARTS " in
-            *" cli "*) cargo test -p kiln --features rbd --test cli_rbd; record CLI $? ;;
+            *" cli "*) cargo test -p kiln --features rbd,failpoints --test cli_rbd; record CLI $? ;;
         esac
         ;;
     *)
-        cargo test -p kiln --features rbd --test cli_rbd "$@"
+        cargo test -p kiln --features rbd,failpoints --test cli_rbd "$@"
         record CLI $?
         ;;
 esac
