@@ -169,6 +169,26 @@ async fn read_volume(d: &Arc<dyn VolumeDriver>, v: &Volume) -> Vec<u8> {
     data
 }
 
+/// Takes snapshot of `v` (panics with `what` if the driver refuses).
+async fn take_snapshot(d: &Arc<dyn VolumeDriver>, v: &Volume, what: &str) -> Snapshot {
+    let s = snapshot(v);
+    d.create_snapshot(&s, v)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    s
+}
+
+/// A volume cloned from `s`, with the location the driver reported.
+async fn make_clone(d: &Arc<dyn VolumeDriver>, s: &Snapshot) -> Volume {
+    let mut c = clone_record(s);
+    c.provider_location = d
+        .create_volume_from_snapshot(&c, s, no_progress())
+        .await
+        .unwrap_or_else(|e| panic!("clone of {}: {e}", s.id))
+        .provider_location;
+    c
+}
+
 async fn new_volume<T: Target>(t: &Arc<T>) -> (Arc<dyn VolumeDriver>, Volume) {
     let d = t.driver();
     let mut v = volume(t.as_ref());
@@ -207,11 +227,9 @@ pub async fn point_in_time_data<T: Target>(t: Arc<T>) {
         pattern(3, 2 << 20),
     );
     write(&t, &v, 0, a.clone()).await;
-    let s1 = snapshot(&v);
-    d.create_snapshot(&s1, &v).await.expect("snapshot 1");
+    let s1 = take_snapshot(&d, &v, "snapshot 1").await;
     write(&t, &v, 1 << 20, b.clone()).await;
-    let s2 = snapshot(&v);
-    d.create_snapshot(&s2, &v).await.expect("snapshot 2");
+    let s2 = take_snapshot(&d, &v, "snapshot 2").await;
     write(&t, &v, 0, c.clone()).await;
     assert!(
         read_snapshot(&d, &s1).await == expect(&[(0, &a)]),
@@ -242,11 +260,9 @@ pub async fn revert_to_any_snapshot_keeps_the_others<T: Target>(t: Arc<T>) {
         pattern(13, 1 << 20),
     );
     write(&t, &v, 0, a.clone()).await;
-    let s1 = snapshot(&v);
-    d.create_snapshot(&s1, &v).await.expect("snapshot 1");
+    let s1 = take_snapshot(&d, &v, "snapshot 1").await;
     write(&t, &v, 0, b.clone()).await;
-    let s2 = snapshot(&v);
-    d.create_snapshot(&s2, &v).await.expect("snapshot 2");
+    let s2 = take_snapshot(&d, &v, "snapshot 2").await;
     write(&t, &v, 0, c).await;
     d.revert_to_snapshot(&v, &s1, no_progress())
         .await
@@ -277,8 +293,7 @@ pub async fn revert_to_any_snapshot_keeps_the_others<T: Target>(t: Arc<T>) {
 /// never existed are already gone too.
 pub async fn deletes_are_idempotent_and_say_what_they_did<T: Target>(t: Arc<T>) {
     let (d, v) = new_volume(&t).await;
-    let s = snapshot(&v);
-    d.create_snapshot(&s, &v).await.expect("snapshot");
+    let s = take_snapshot(&d, &v, "snapshot").await;
     assert_eq!(
         d.delete_snapshot(&s).await.expect("delete"),
         DeleteAction::Deleted
@@ -343,14 +358,8 @@ pub async fn a_snapshot_with_a_clone_is_busy_or_independent<T: Target>(t: Arc<T>
     let (d, v) = new_volume(&t).await;
     let a = pattern(21, 1 << 20);
     write(&t, &v, 0, a.clone()).await;
-    let s = snapshot(&v);
-    d.create_snapshot(&s, &v).await.expect("snapshot");
-    let mut c = clone_record(&s);
-    c.provider_location = d
-        .create_volume_from_snapshot(&c, &s, no_progress())
-        .await
-        .expect("clone")
-        .provider_location;
+    let s = take_snapshot(&d, &v, "snapshot").await;
+    let c = make_clone(&d, &s).await;
     match d.delete_snapshot(&s).await {
         Ok(DeleteAction::Deleted) => {}
         Ok(DeleteAction::AlreadyGone) => panic!("the snapshot existed"),
@@ -384,14 +393,8 @@ pub async fn clones_are_independent<T: Target>(t: Arc<T>) {
     assert!(d.capabilities().clone, "every kiln driver clones");
     let a = pattern(31, 1 << 20);
     write(&t, &v, 0, a.clone()).await;
-    let s = snapshot(&v);
-    d.create_snapshot(&s, &v).await.expect("snapshot");
-    let mut c = clone_record(&s);
-    c.provider_location = d
-        .create_volume_from_snapshot(&c, &s, no_progress())
-        .await
-        .expect("clone")
-        .provider_location;
+    let s = take_snapshot(&d, &v, "snapshot").await;
+    let c = make_clone(&d, &s).await;
     let (x, y) = (pattern(32, 1 << 20), pattern(33, 1 << 20));
     write(&t, &c, 0, x.clone()).await;
     write(&t, &v, 2 << 20, y.clone()).await;
@@ -483,8 +486,7 @@ pub async fn reader_extents_cover_the_data<T: Target>(t: Arc<T>) {
     let (a, b) = (pattern(51, 64 << 10), pattern(52, 128 << 10));
     write(&t, &v, 0, a.clone()).await;
     write(&t, &v, 5 << 20, b.clone()).await;
-    let s = snapshot(&v);
-    d.create_snapshot(&s, &v).await.expect("snapshot");
+    let s = take_snapshot(&d, &v, "snapshot").await;
     let mut r = d.open_snapshot_reader(&s).await.expect("reader");
     let (size, extents, data) = blocking(move || {
         let e = r.extents().to_vec();

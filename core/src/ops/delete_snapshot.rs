@@ -9,9 +9,7 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
-
-use super::{Ctx, conflict_error, flatten, refused};
+use super::{Before, Ctx, conflict_error, flatten, refused};
 use crate::driver::VolumeDriver;
 use crate::error::{ErrorKind, Result};
 use crate::locks::LockKey;
@@ -66,11 +64,14 @@ pub(crate) async fn run_locked(
                 reason: None,
             }],
             // What it was before, so a refusal (here or in recovery) can put it back.
-            NewOp::of(KIND, s.volume_id, Some(id)).payload(json!({
-                "prev_status": s.status.as_str(),
-                "prev_reason": s.status_reason,
-                "prev_updated_at": s.updated_at,
-            })),
+            NewOp::of(KIND, s.volume_id, Some(id)).payload(
+                Before {
+                    status: s.status,
+                    reason: s.status_reason.clone(),
+                    updated_at: s.updated_at,
+                }
+                .payload(),
+            ),
             |c| conflict_error(c, "delete snapshot", "available, error or error_deleting"),
         )
         .await?;
@@ -129,19 +130,9 @@ pub(crate) async fn recover(ctx: &Ctx, op: &Operation) -> Result<String> {
         ctx.finish(vec![Step::FinishOp(op.id)]).await?;
         return Ok("snapshot record already gone".into());
     };
-    // The status before the delete began (journals written before kiln recorded it count
-    // as `available`, the old rule).
-    s.status = op.payload["prev_status"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(SnapshotStatus::Available);
-    s.status_reason = op.payload["prev_reason"].as_str().map(str::to_string);
-    if let Some(at) = op.payload["prev_updated_at"]
-        .as_str()
-        .and_then(|t| t.parse().ok())
-    {
-        s.updated_at = at;
-    }
+    // The record as it was before the delete began.
+    let before = Before::read(&op.payload, SnapshotStatus::Available, s.updated_at);
+    (s.status, s.status_reason, s.updated_at) = (before.status, before.reason, before.updated_at);
     let driver = ctx.driver(&s.backend).await?;
     let result = match driver.delete_snapshot(&s).await {
         Err(e) if e.is_transient() => return Err(e),

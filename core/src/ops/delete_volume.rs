@@ -4,9 +4,7 @@
 //! status and reason it had; any other failure leaves it `error_deleting` with the reason.
 //! Recovery re-runs the delete (idempotent) and says whether anything was still there.
 
-use serde_json::json;
-
-use super::{Ctx, conflict_error, delete_snapshot, refused};
+use super::{Before, Ctx, conflict_error, delete_snapshot, refused};
 use crate::error::{Error, Result};
 use crate::locks::LockKey;
 use crate::store::{NewOp, Operation, Step};
@@ -63,11 +61,14 @@ pub(crate) async fn run(ctx: &Ctx, id: VolumeId, cascade: bool) -> Result<Delete
                 },
                 Step::VolumeHasNoSnapshots(id),
             ],
-            NewOp::of(KIND, id, None).payload(json!({
-                "prev_status": v.status.as_str(),
-                "prev_reason": v.status_reason,
-                "prev_updated_at": v.updated_at,
-            })),
+            NewOp::of(KIND, id, None).payload(
+                Before {
+                    status: v.status,
+                    reason: v.status_reason.clone(),
+                    updated_at: v.updated_at,
+                }
+                .payload(),
+            ),
             |c| {
                 if c.step == 1 {
                     Error::wrong_state(format!(
@@ -118,17 +119,9 @@ pub(crate) async fn recover(ctx: &Ctx, op: &Operation) -> Result<String> {
         ctx.finish(vec![Step::FinishOp(op.id)]).await?;
         return Ok("volume record already gone".into());
     };
-    v.status = op.payload["prev_status"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(VolumeStatus::Available);
-    v.status_reason = op.payload["prev_reason"].as_str().map(str::to_string);
-    if let Some(at) = op.payload["prev_updated_at"]
-        .as_str()
-        .and_then(|t| t.parse().ok())
-    {
-        v.updated_at = at;
-    }
+    // The record as it was before the delete began.
+    let before = Before::read(&op.payload, VolumeStatus::Available, v.updated_at);
+    (v.status, v.status_reason, v.updated_at) = (before.status, before.reason, before.updated_at);
     let driver = ctx.driver(&v.backend).await?;
     let result = match driver.delete_volume(&v).await {
         Err(e) if e.is_transient() => return Err(e),

@@ -62,6 +62,46 @@ pub(crate) fn conflict_error(c: &Conflict, action: &str, needed: &str) -> Error 
     }
 }
 
+/// What a record looked like before an operation changed it, kept in the journal payload
+/// so that a refusal found by recovery can put it back exactly (status, reason and
+/// `updated_at`).
+pub(crate) struct Before<S> {
+    pub(crate) status: S,
+    pub(crate) reason: Option<String>,
+    pub(crate) updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl<S: std::str::FromStr + std::fmt::Display> Before<S> {
+    /// The journal payload recording it.
+    pub(crate) fn payload(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prev_status": self.status.to_string(),
+            "prev_reason": self.reason,
+            "prev_updated_at": self.updated_at,
+        })
+    }
+
+    /// Reads it back from `payload`. Journals written before kiln recorded it give
+    /// `default` (the old rule) and keep `updated_at` as the record has it now.
+    pub(crate) fn read(
+        payload: &serde_json::Value,
+        default: S,
+        updated_at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        Before {
+            status: payload["prev_status"]
+                .as_str()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(default),
+            reason: payload["prev_reason"].as_str().map(str::to_string),
+            updated_at: payload["prev_updated_at"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(updated_at),
+        }
+    }
+}
+
 impl NewOp {
     /// A top-level journal entry of `kind` about `volume` (and `snapshot`).
     pub(crate) fn of(kind: &'static str, volume: VolumeId, snapshot: Option<SnapshotId>) -> Self {
