@@ -66,12 +66,150 @@ pub enum Command {
     /// Create, list, show, delete, revert, export snapshots; show lineage.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Instances (servers): their guest agent, and snapshots of all their volumes at once.
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+    /// Images: metadata-only records of instance snapshots (Nova's block_device_mapping);
+    /// list, show, delete, restore (boot) them.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Measure kiln against the backend's raw primitive.
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Walk through kiln's main job on the configured default backend and print each step:
     /// create a volume, write data, snapshot, overwrite, clone, revert, export, clean up.
     Demo(DemoArgs),
+    /// Internal: the freeze guard kiln starts for an instance snapshot (holds the guest
+    /// agent, thaws on request, when kiln dies, or at the deadline). Not for direct use.
+    #[command(hide = true)]
+    AgentGuard(AgentGuardArgs),
+}
+
+/// `kiln agent-guard` (internal).
+#[derive(Debug, Args)]
+pub struct AgentGuardArgs {
+    /// Agent socket.
+    #[arg(long)]
+    pub agent: String,
+    /// Mountpoint to freeze (repeatable; none = all).
+    #[arg(long)]
+    pub mountpoint: Vec<String>,
+    /// Freeze deadline (ms).
+    #[arg(long)]
+    pub deadline_ms: u64,
+    /// Longest wait for one agent answer (ms).
+    #[arg(long)]
+    pub timeout_ms: u64,
+}
+
+/// `kiln instance ...`
+#[derive(Debug, Subcommand)]
+pub enum InstanceCmd {
+    /// Record an instance: its guest agent socket, what to freeze, its root device and the
+    /// image properties its snapshots inherit.
+    Create(InstanceCreate),
+    /// List instances.
+    List,
+    /// Show an instance and its attached volumes (with connection info).
+    Show {
+        /// Instance id (UUID).
+        id: String,
+    },
+    /// Delete an instance record (refused while volumes are attached).
+    Delete {
+        /// Instance id (UUID).
+        id: String,
+    },
+    /// Snapshot every attached volume at one instant (frozen through the guest agent when
+    /// there is one) and record an image listing the snapshots; all or nothing.
+    Snapshot(InstanceSnapshot),
+}
+
+/// `kiln instance create`
+#[derive(Debug, Args)]
+pub struct InstanceCreate {
+    /// Use this id (e.g. Nova's server UUID) [default: a new one].
+    #[arg(long, value_name = "UUID")]
+    pub id: Option<String>,
+    /// Label.
+    #[arg(long, value_name = "LABEL")]
+    pub name: Option<String>,
+    /// Host-side unix socket of the instance's qemu-guest-agent channel.
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<String>,
+    /// Freeze only this guest mountpoint (repeatable; uses guest-fsfreeze-freeze-list);
+    /// without it the agent freezes every filesystem.
+    #[arg(long = "freeze-mountpoint", value_name = "PATH")]
+    pub freeze_mountpoints: Vec<String>,
+    /// Root device (Nova's root_device_name).
+    #[arg(long, value_name = "DEVICE", default_value = "/dev/vda")]
+    pub root_device: String,
+    /// Image property its snapshots inherit (repeatable), e.g. hw_disk_bus=virtio.
+    #[arg(long = "property", value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+}
+
+/// How `instance snapshot` quiesces the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuiesceArg {
+    /// Freeze if the instance has an agent that answers; else crash-consistent.
+    Auto,
+    /// Freeze or fail.
+    Required,
+    /// Never freeze.
+    Off,
+}
+
+/// `kiln instance snapshot`
+#[derive(Debug, Args)]
+pub struct InstanceSnapshot {
+    /// Instance id (UUID).
+    pub id: String,
+    /// Image name.
+    #[arg(long, value_name = "LABEL")]
+    pub name: String,
+    /// Freeze the guest's filesystems first.
+    #[arg(long, value_enum, default_value_t = QuiesceArg::Auto)]
+    pub quiesce: QuiesceArg,
+    /// Longest freeze: the guest is thawed at this deadline even if snapshots still run
+    /// (then the operation rolls back). E.g. 10s, 500ms, 1m.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub freeze_timeout: String,
+    /// Extra image property (repeatable).
+    #[arg(long = "property", value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+}
+
+/// `kiln image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// List images.
+    List,
+    /// Show an image (with --format json: as Glance v2 serves it, properties flattened).
+    Show {
+        /// Image id (UUID).
+        id: String,
+    },
+    /// Delete an image and its snapshots (unlike Nova, which leaves them behind).
+    Delete {
+        /// Image id (UUID).
+        id: String,
+        /// Keep the snapshots (they become ordinary snapshots).
+        #[arg(long)]
+        keep_snapshots: bool,
+    },
+    /// Create every volume of the image from its snapshot and attach it to an instance at
+    /// its recorded device and boot index; all or nothing. Prints the instance.
+    Restore {
+        /// Image id (UUID).
+        id: String,
+        /// Attach to this instance [default: a new instance].
+        #[arg(long, value_name = "UUID")]
+        instance: Option<String>,
+        /// Label of the new instance and volumes.
+        #[arg(long, value_name = "LABEL")]
+        name: Option<String>,
+    },
 }
 
 /// `kiln backend ...`
@@ -111,6 +249,18 @@ pub enum VolumeCmd {
         /// Guest device, e.g. /dev/vdb.
         #[arg(long)]
         device: String,
+        /// Boot order (0 = the root device); omit for a non-boot disk.
+        #[arg(long, value_name = "N")]
+        boot_index: Option<i32>,
+        /// Guest bus as Nova records it (virtio, scsi, ide, ...).
+        #[arg(long, value_name = "BUS")]
+        disk_bus: Option<String>,
+        /// Device type (disk, cdrom, ...) [default: disk].
+        #[arg(long, value_name = "TYPE")]
+        device_type: Option<String>,
+        /// Recorded in images: a restored volume is meant to go with its instance.
+        #[arg(long)]
+        delete_on_termination: bool,
     },
     /// Remove the attachment; the volume becomes available.
     Detach {

@@ -500,7 +500,9 @@ async fn walk(
     }
 
     let instance = InstanceId::new();
-    service.attach(vol.id, instance, "/dev/vda").await?;
+    service
+        .attach(vol.id, kiln_core::Attachment::new(instance, "/dev/vda"))
+        .await?;
     let t = Instant::now();
     let forced = service
         .create_snapshot(vol.id, Some("while-running".into()), true)

@@ -5,9 +5,10 @@
 //! touched. [`Job::run`] then does the work and prints the result.
 
 use kiln_core::service::Service;
-use kiln_core::validate::{parse_size, validate_device, validate_label};
+use kiln_core::validate::{parse_size, validate_attachment, validate_device, validate_label};
 use kiln_core::{
-    CreateVolume, Error, InstanceId, Result, SnapshotId, SnapshotStatus, VolumeId, VolumeStatus,
+    Attachment, CreateVolume, Error, InstanceId, Result, SnapshotId, SnapshotStatus, VolumeId,
+    VolumeStatus,
 };
 
 use crate::cli::{BackendCmd, BenchCmd, Command, Format, SnapshotCmd, VolumeCmd};
@@ -20,7 +21,7 @@ pub enum Job {
     VolumeList,
     VolumeShow(VolumeId),
     VolumeDelete(VolumeId, bool),
-    VolumeAttach(VolumeId, InstanceId, String),
+    VolumeAttach(VolumeId, Attachment),
     VolumeDetach(VolumeId),
     VolumeFlatten(VolumeId),
     VolumeReset(VolumeId, VolumeStatus, Option<String>),
@@ -37,6 +38,7 @@ pub enum Job {
     SnapshotHistory(SnapshotId),
     Bench(BenchTarget, usize),
     Demo(bool),
+    Instance(crate::instance_cmd::InstanceJob),
 }
 
 /// What `bench snapshot` runs on, before the default backend is known.
@@ -45,11 +47,11 @@ pub enum BenchTarget {
     Scratch(Option<String>, u64),
 }
 
-fn id<T: std::str::FromStr<Err = Error>>(s: &str) -> Result<T> {
+pub(crate) fn id<T: std::str::FromStr<Err = Error>>(s: &str) -> Result<T> {
     s.parse()
 }
 
-fn label(l: Option<String>) -> Result<Option<String>> {
+pub(crate) fn label(l: Option<String>) -> Result<Option<String>> {
     if let Some(l) = &l {
         validate_label(l)?;
     }
@@ -81,9 +83,19 @@ impl Job {
                     id: i,
                     instance,
                     device,
+                    boot_index,
+                    disk_bus,
+                    device_type,
+                    delete_on_termination,
                 } => {
                     validate_device(&device)?;
-                    Job::VolumeAttach(id(&i)?, id(&instance)?, device)
+                    let mut a = Attachment::new(id::<InstanceId>(&instance)?, device);
+                    a.boot_index = boot_index;
+                    a.disk_bus = disk_bus;
+                    a.device_type = device_type;
+                    a.delete_on_termination = delete_on_termination;
+                    validate_attachment(&a)?;
+                    Job::VolumeAttach(id(&i)?, a)
                 }
                 VolumeCmd::Detach { id: i } => Job::VolumeDetach(id(&i)?),
                 VolumeCmd::Flatten { id: i } => Job::VolumeFlatten(id(&i)?),
@@ -152,6 +164,14 @@ impl Job {
                 Job::Bench(target, iterations)
             }
             Command::Demo(args) => Job::Demo(args.keep),
+            Command::Instance(c) => Job::Instance(crate::instance_cmd::InstanceJob::instance(c)?),
+            Command::Image(c) => Job::Instance(crate::instance_cmd::InstanceJob::image(c)?),
+            Command::AgentGuard(_) => {
+                return Err(Error::invalid(
+                    "command",
+                    "agent-guard is run by kiln itself",
+                ));
+            }
         })
     }
 
@@ -191,8 +211,8 @@ impl Job {
                 let action = service.delete_volume(id, cascade).await?;
                 deleted(fmt, "volume", &id.to_string(), action);
             }
-            Job::VolumeAttach(id, instance, device) => {
-                let v = service.attach(id, instance, &device).await?;
+            Job::VolumeAttach(id, a) => {
+                let v = service.attach(id, a).await?;
                 emit(fmt, &v, || output::volume_table(&v));
             }
             Job::VolumeDetach(id) => {
@@ -300,6 +320,7 @@ impl Job {
                 emit(fmt, &r, || output::bench_text(&r));
             }
             Job::Demo(keep) => crate::demo::run(service, keep).await?,
+            Job::Instance(j) => j.run(service, fmt).await?,
         }
         Ok(())
     }

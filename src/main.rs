@@ -8,6 +8,7 @@
 mod cli;
 mod demo;
 mod export;
+mod instance_cmd;
 mod job;
 mod output;
 
@@ -46,6 +47,20 @@ fn fail(e: &Error) -> i32 {
 fn main() {
     let _failpoints = kiln_core::crash::setup();
     let cli = Cli::parse();
+    if let cli::Command::AgentGuard(g) = &cli.command {
+        // The freeze guard: no logging, no store, no runtime — only the agent and a pipe.
+        let req = kiln_core::agent::FreezeRequest {
+            agent: g.agent.clone(),
+            mountpoints: g.mountpoint.clone(),
+            deadline: std::time::Duration::from_millis(g.deadline_ms),
+            timeout: std::time::Duration::from_millis(g.timeout_ms),
+        };
+        std::process::exit(kiln_core::agent::run_guard(
+            &req,
+            std::io::stdin(),
+            std::io::stdout(),
+        ));
+    }
     init_logging(cli.log_format);
     let fmt = cli.format;
     // Validate before anything is opened.
@@ -115,7 +130,19 @@ async fn open(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Re
         None => kiln_runtime::Config::default(),
     };
     let data_dir = kiln_runtime::data_dir(data_dir, &config)?;
-    kiln_runtime::open(&config, &data_dir).await
+    let service = kiln_runtime::open(&config, &data_dir).await?;
+    // Freeze guards are this same binary (`kiln agent-guard`), so they need nothing else
+    // installed and match kiln's version.
+    Ok(match std::env::current_exe() {
+        Ok(exe) => service.with_agents(Arc::new(kiln_core::agent::ProcessAgents::new(
+            exe,
+            vec!["agent-guard".into()],
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot find the kiln binary; instance snapshots will not quiesce");
+            service
+        }
+    })
 }
 
 /// Exports a snapshot; on failure a partially written output file is removed.

@@ -21,7 +21,7 @@ pub fn emit<T: Serialize + ?Sized>(format: Format, value: &T, table: impl FnOnce
     }
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY)
         .set_content_arrangement(ContentArrangement::Dynamic)

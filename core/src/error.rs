@@ -216,6 +216,13 @@ impl Error {
         self
     }
 
+    /// Prefixes the one-line message with what it concerns (e.g. `volume <id> (backend
+    /// b)`), for errors of one member among many.
+    pub fn about(mut self, what: impl fmt::Display) -> Self {
+        self.0.message = format!("{what}: {}", self.0.message);
+        self
+    }
+
     /// The category of this error.
     pub fn kind(&self) -> ErrorKind {
         self.0.kind

@@ -4,12 +4,14 @@
 //! Data flows one way: CLI -> [`service::Service`] -> [`VolumeDriver`] -> backend. The store
 //! sits beside the service; drivers never touch it.
 
+pub mod agent;
 pub mod backends;
 pub mod bench;
 pub mod blocking;
 pub mod crash;
 pub mod driver;
 pub mod error;
+pub mod instance;
 pub mod locks;
 pub mod memory;
 pub mod ops;
@@ -29,6 +31,7 @@ pub use driver::{
     VolumeDriver,
 };
 pub use error::{Error, ErrorKind, Result};
+pub use instance::{Image, ImageStatus, Instance};
 pub use progress::{NoProgress, Progress, ProgressHandle, no_progress};
 pub use service::{CreateVolume, Service};
 pub use types::*;

@@ -16,8 +16,7 @@ use crate::ops::{self, Ctx};
 use crate::progress::{ProgressHandle, no_progress};
 use crate::store::{AsyncStore, HistoryEntry, Store};
 use crate::types::{
-    DeleteAction, Extent, InstanceId, Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId,
-    VolumeStatus,
+    DeleteAction, Extent, Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId, VolumeStatus,
 };
 
 pub use crate::ops::recovery::RecoveryAction;
@@ -61,6 +60,9 @@ pub struct Service {
 /// Recovery's maximum lineage depth when walking trees; deeper means a corrupt store.
 const MAX_TREE_DEPTH: usize = 256;
 
+mod instances;
+pub use instances::InstanceSpec;
+
 impl Service {
     /// Builds the service over `store`, `backends` (opened on first use) and `locks`.
     pub fn new(
@@ -74,8 +76,16 @@ impl Service {
                 store: AsyncStore::new(store),
                 backends,
                 locks,
+                agents: None,
             },
         })
+    }
+
+    /// Gives the service access to guest agents (instance snapshots freeze through them;
+    /// recovery thaws through them). Without it, instance snapshots are crash-consistent.
+    pub fn with_agents(mut self, agents: Arc<dyn crate::agent::GuestAgents>) -> Self {
+        self.ctx.agents = Some(agents);
+        self
     }
 
     /// The store (async face), for listings and tests.
@@ -221,16 +231,29 @@ impl Service {
         ops::delete_volume::run(&self.ctx, id, cascade).await
     }
 
-    /// Records an attachment: `available` -> `in-use`.
-    pub async fn attach(&self, id: VolumeId, instance: InstanceId, device: &str) -> Result<Volume> {
-        crate::validate::validate_device(device)?;
+    /// Records an attachment `a` (instance, device, boot index, bus, ...): `available` ->
+    /// `in-use`. The device must be free on that instance.
+    pub async fn attach(&self, id: VolumeId, a: crate::types::Attachment) -> Result<Volume> {
+        crate::validate::validate_device(&a.device)?;
+        crate::validate::validate_attachment(&a)?;
         self.ctx.volume(id).await?;
-        let _locks = self.ctx.lock([id.into()]).await?;
-        let a = crate::types::Attachment {
-            instance_id: instance,
-            device: device.to_string(),
-            attached_at: chrono::Utc::now(),
-        };
+        let _locks = self
+            .ctx
+            .lock([id.into(), LockKey::Instance(a.instance_id)])
+            .await?;
+        if let Some(other) = self
+            .ctx
+            .store
+            .instance_volumes(a.instance_id)
+            .await?
+            .iter()
+            .find(|v| v.attachments.iter().any(|x| x.device == a.device))
+        {
+            return Err(Error::wrong_state(format!(
+                "cannot attach volume {id}: instance {} already has volume {} at {}",
+                a.instance_id, other.id, a.device
+            )));
+        }
         self.ctx
             .guarded(
                 vec![

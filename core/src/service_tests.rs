@@ -10,6 +10,7 @@ use crate::error::ErrorKind;
 use crate::locks::FlockLocks;
 use crate::memory::MemoryDriver as FakeDriver;
 use crate::store::{Batch, NewOp, SqliteStore, Step};
+use crate::types::{Attachment, Consistency, ImageId, InstanceId};
 
 struct Fixture {
     svc: Arc<Service>,
@@ -70,7 +71,7 @@ async fn snapshot_gate_follows_cinder() {
         .unwrap();
 
     f.svc
-        .attach(v.id, InstanceId::new(), "/dev/vdb")
+        .attach(v.id, Attachment::new(InstanceId::new(), "/dev/vdb"))
         .await
         .unwrap();
     let e = f.svc.create_snapshot(v.id, None, false).await.unwrap_err();
@@ -144,7 +145,7 @@ async fn unknown_ids_and_bad_input_change_nothing() {
     );
     assert_eq!(
         f.svc
-            .attach(v.id, InstanceId::new(), "/dev/../sda")
+            .attach(v.id, Attachment::new(InstanceId::new(), "/dev/../sda"))
             .await
             .unwrap_err()
             .kind(),
@@ -198,7 +199,7 @@ async fn delete_volume_needs_cascade_when_it_has_snapshots() {
     );
 
     f.svc
-        .attach(v.id, InstanceId::new(), "/dev/vdc")
+        .attach(v.id, Attachment::new(InstanceId::new(), "/dev/vdc"))
         .await
         .unwrap();
     let e = f.svc.delete_volume(v.id, true).await.unwrap_err();
@@ -240,7 +241,7 @@ async fn revert_to_any_snapshot_keeps_the_others() {
 
     // Attached volumes are not reverted behind the guest's back.
     f.svc
-        .attach(v.id, InstanceId::new(), "/dev/vdd")
+        .attach(v.id, Attachment::new(InstanceId::new(), "/dev/vdd"))
         .await
         .unwrap();
     let e = f.svc.revert(snaps[1].id, no_progress()).await.unwrap_err();
@@ -448,6 +449,8 @@ async fn recovery_resolves_every_unfinished_operation() {
         status_reason: None,
         provider_location: None,
         forced: false,
+        image_id: None,
+        consistency: None,
         created_at: now,
         updated_at: now,
     };
@@ -652,6 +655,8 @@ fn snapshot_record(v: &Volume, status: SnapshotStatus) -> Snapshot {
         status_reason: None,
         provider_location: None,
         forced: false,
+        image_id: None,
+        consistency: None,
         created_at: now,
         updated_at: now,
     }
@@ -863,6 +868,21 @@ impl Store for FlakyStore {
     }
     fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>> {
         self.inner.history(object_id)
+    }
+    fn instance(&self, id: InstanceId) -> Result<Option<crate::instance::Instance>> {
+        self.inner.instance(id)
+    }
+    fn instances(&self) -> Result<Vec<crate::instance::Instance>> {
+        self.inner.instances()
+    }
+    fn instance_volumes(&self, id: InstanceId) -> Result<Vec<Volume>> {
+        self.inner.instance_volumes(id)
+    }
+    fn image(&self, id: ImageId) -> Result<Option<crate::instance::Image>> {
+        self.inner.image(id)
+    }
+    fn images(&self) -> Result<Vec<crate::instance::Image>> {
+        self.inner.images()
     }
 }
 
@@ -1200,4 +1220,476 @@ async fn an_aborted_group_over_two_backends_is_rolled_back_as_one_unit_by_the_ne
         );
     }
     assert!(next.recover().await.unwrap().is_empty());
+}
+
+// ---- instances and images (the orchestrator's core logic; real agents and backends are
+// exercised end to end in tests/instance.rs) ----
+
+use crate::agent::{FreezeRequest, Frozen, GuestAgents, Thawed};
+use crate::ops::image_restore::RestoreRequest;
+use crate::ops::instance_snapshot::{InstanceSnapshotRequest, Quiesce};
+
+/// A stand-in agent for the orchestrator's logic: records freezes and thaws; can be down,
+/// or report that its deadline passed before the thaw.
+#[derive(Default)]
+struct FakeAgents {
+    log: std::sync::Mutex<Vec<String>>,
+    down: std::sync::atomic::AtomicBool,
+    deadline_passes: std::sync::atomic::AtomicBool,
+    frozen: std::sync::atomic::AtomicBool,
+}
+
+struct FakeFrozen(Arc<FakeAgents>);
+
+#[async_trait::async_trait]
+impl Frozen for FakeFrozen {
+    fn count(&self) -> u64 {
+        1
+    }
+    async fn thaw(self: Box<Self>) -> Result<Thawed> {
+        self.0.log.lock().unwrap().push("thaw".into());
+        self.0
+            .frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(Thawed {
+            by_deadline: self
+                .0
+                .deadline_passes
+                .load(std::sync::atomic::Ordering::SeqCst),
+            window_ms: 1.0,
+        })
+    }
+}
+
+struct AgentsHandle(Arc<FakeAgents>);
+
+#[async_trait::async_trait]
+impl GuestAgents for AgentsHandle {
+    async fn freeze(&self, req: FreezeRequest) -> Result<Box<dyn Frozen>> {
+        if self.0.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::unavailable("guest agent", "not answering"));
+        }
+        self.0
+            .log
+            .lock()
+            .unwrap()
+            .push(format!("freeze {}", req.agent));
+        self.0
+            .frozen
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(Box::new(FakeFrozen(self.0.clone())))
+    }
+    async fn thaw_if_frozen(&self, agent: &str, _timeout: std::time::Duration) -> Result<bool> {
+        self.0.log.lock().unwrap().push(format!("check {agent}"));
+        Ok(self
+            .0
+            .frozen
+            .swap(false, std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+fn snap_req(instance: InstanceId, quiesce: Quiesce) -> InstanceSnapshotRequest {
+    InstanceSnapshotRequest {
+        instance,
+        name: "nightly".into(),
+        quiesce,
+        freeze_timeout: std::time::Duration::from_secs(10),
+        properties: [("os_distro".to_string(), "debian".to_string())].into(),
+    }
+}
+
+/// Three volumes (two backends) attached to a new instance with an agent: vda boot 0, vdb, vdc.
+async fn instance_with_volumes(svc: &Service) -> (InstanceId, Vec<VolumeId>) {
+    let inst = svc
+        .create_instance(crate::service::InstanceSpec {
+            agent: Some("/run/agent.sock".into()),
+            properties: [("hw_disk_bus".to_string(), "virtio".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vols = three_volumes(svc).await;
+    for (i, v) in vols.iter().enumerate() {
+        let mut a = Attachment::new(inst.id, format!("/dev/vd{}", ["a", "b", "c"][i]));
+        a.boot_index = (i == 0).then_some(0);
+        svc.attach(*v, a).await.unwrap();
+    }
+    (inst.id, vols)
+}
+
+#[tokio::test]
+async fn an_instance_snapshot_freezes_snapshots_every_volume_thaws_and_records_a_nova_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
+    let (a, b) = (
+        Arc::new(FakeDriver::default()),
+        Arc::new(FakeDriver::default()),
+    );
+    let agents = Arc::new(FakeAgents::default());
+    let svc = two_backend_service(&store, &a, &b, dir.path())
+        .with_agents(Arc::new(AgentsHandle(agents.clone())));
+    let (inst, vols) = instance_with_volumes(&svc).await;
+    let (img, window) = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Auto))
+        .await
+        .unwrap();
+    assert_eq!(
+        *agents.log.lock().unwrap(),
+        vec!["freeze /run/agent.sock", "thaw"]
+    );
+    assert_eq!(window, Some(1.0));
+    assert_eq!(img.consistency, Consistency::Quiesced);
+    assert_eq!(img.snapshots.len(), 3);
+    assert_eq!(img.properties["kiln_consistency"], "quiesced");
+    assert_eq!(img.properties["os_distro"], "debian");
+    assert_eq!(
+        img.properties["hw_disk_bus"], "virtio",
+        "inherited from the instance"
+    );
+    assert_eq!(img.properties["bdm_v2"], "True");
+    assert_eq!(img.properties["root_device_name"], "/dev/vda");
+    let bdm = crate::instance::image_bdm(&img).unwrap();
+    assert_eq!(bdm.len(), 3);
+    assert_eq!(bdm[0]["device_name"], "/dev/vda");
+    assert_eq!(bdm[0]["boot_index"], 0);
+    assert!(bdm[1]["boot_index"].is_null());
+    for s in &img.snapshots {
+        let s = svc.snapshot(*s).await.unwrap();
+        assert_eq!(s.status, SnapshotStatus::Available);
+        assert_eq!(s.image_id, Some(img.id));
+        assert_eq!(s.consistency, Some(Consistency::Quiesced));
+        assert!(s.forced, "taken of an attached volume");
+        assert!(vols.contains(&s.volume_id));
+    }
+    // A snapshot an image lists cannot be deleted on its own.
+    let e = svc
+        .delete_snapshot(img.snapshots[0], false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy);
+    assert!(e.to_string().contains(&img.id.to_string()), "{e}");
+    assert!(store.operations().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_instance_snapshot_is_all_or_nothing_and_thaws_on_failure_and_on_a_passed_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
+    let (a, b) = (
+        Arc::new(FakeDriver::default()),
+        Arc::new(FakeDriver::default()),
+    );
+    let agents = Arc::new(FakeAgents::default());
+    let svc = two_backend_service(&store, &a, &b, dir.path())
+        .with_agents(Arc::new(AgentsHandle(agents.clone())));
+    let (inst, vols) = instance_with_volumes(&svc).await;
+    let before = dump(&store);
+    // One member fails: the error names its volume and backend; the guest was thawed.
+    *b.fail_next.lock().unwrap() = Some("create_snapshot");
+    let e = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Required))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&vols[2].to_string()) && e.to_string().contains("mem2"),
+        "{e}"
+    );
+    assert_eq!(agents.log.lock().unwrap().last().unwrap(), "thaw");
+    assert!(a.snapshots.lock().unwrap().is_empty() && b.snapshots.lock().unwrap().is_empty());
+    assert_eq!(dump(&store), before, "nothing recorded");
+    // The freeze deadline passed before the thaw: not consistent, rolled back.
+    agents
+        .deadline_passes
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Required))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("deadline"), "{e}");
+    assert!(a.snapshots.lock().unwrap().is_empty() && b.snapshots.lock().unwrap().is_empty());
+    assert_eq!(dump(&store), before);
+    // The agent is down: `required` fails with nothing changed, `auto` goes crash-consistent.
+    agents
+        .deadline_passes
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    agents.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Required))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable);
+    assert_eq!(dump(&store), before);
+    let (img, window) = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Auto))
+        .await
+        .unwrap();
+    assert_eq!(window, None);
+    assert_eq!(img.consistency, Consistency::CrashConsistent);
+    let (img2, _) = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Off))
+        .await
+        .unwrap();
+    assert_eq!(img2.consistency, Consistency::CrashConsistent);
+}
+
+/// Every table, every column (timestamps included): "nothing changed" means this is equal.
+fn dump(store: &Arc<SqliteStore>) -> String {
+    format!(
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        store.volumes().unwrap(),
+        store.snapshots(None).unwrap(),
+        store.instances().unwrap(),
+        store.images().unwrap(),
+        store.operations().unwrap()
+    )
+}
+
+#[tokio::test]
+async fn bad_instance_input_is_refused_and_changes_nothing() {
+    let f = fixture();
+    let v = volume(&f).await;
+    let inst = f
+        .svc
+        .create_instance(crate::service::InstanceSpec::default())
+        .await
+        .unwrap();
+    f.svc
+        .attach(v.id, Attachment::new(inst.id, "/dev/vda"))
+        .await
+        .unwrap();
+    let empty = f
+        .svc
+        .create_instance(crate::service::InstanceSpec::default())
+        .await
+        .unwrap();
+    let before = dump(&f.store);
+    let mut long = snap_req(inst.id, Quiesce::Off);
+    long.freeze_timeout = std::time::Duration::from_secs(3600);
+    let mut zero = snap_req(inst.id, Quiesce::Off);
+    zero.freeze_timeout = std::time::Duration::ZERO;
+    let mut reserved = snap_req(inst.id, Quiesce::Off);
+    reserved
+        .properties
+        .insert("block_device_mapping".into(), "[]".into());
+    let mut shell = snap_req(inst.id, Quiesce::Off);
+    shell.name = "$(rm -rf /)".into();
+    for (req, kind) in [
+        (
+            snap_req(InstanceId::new(), Quiesce::Off),
+            ErrorKind::NotFound,
+        ),
+        (snap_req(empty.id, Quiesce::Off), ErrorKind::InvalidInput),
+        (long, ErrorKind::InvalidInput),
+        (zero, ErrorKind::InvalidInput),
+        (reserved, ErrorKind::InvalidInput),
+        (shell, ErrorKind::InvalidInput),
+        // No agent: `required` cannot be met.
+        (snap_req(inst.id, Quiesce::Required), ErrorKind::WrongState),
+    ] {
+        let e = f.svc.snapshot_instance(req).await.unwrap_err();
+        assert_eq!(e.kind(), kind, "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+    // A second volume at a taken device, an attached volume attached again, an agent path
+    // that is relative, an instance with volumes deleted, an image id that is a snapshot id.
+    let w = volume(&f).await;
+    let before_w = dump(&f.store);
+    let e = f
+        .svc
+        .attach(w.id, Attachment::new(inst.id, "/dev/vda"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WrongState, "{e}");
+    let e = f
+        .svc
+        .attach(v.id, Attachment::new(empty.id, "/dev/vdb"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WrongState, "{e}");
+    let e = f
+        .svc
+        .create_instance(crate::service::InstanceSpec {
+            agent: Some("../agent.sock".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    let e = f.svc.delete_instance(inst.id).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy);
+    let s = f.svc.create_snapshot(w.id, None, false).await.unwrap();
+    let e = f.svc.image(ImageId(s.id.0)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let e = f
+        .svc
+        .restore_image(RestoreRequest {
+            image: ImageId(s.id.0),
+            instance: None,
+            name: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    f.svc.delete_snapshot(s.id, false).await.unwrap();
+    assert_eq!(dump(&f.store), before_w);
+    f.svc.delete_volume(w.id, false).await.unwrap();
+    assert_eq!(dump(&f.store), before);
+}
+
+#[tokio::test]
+async fn an_image_restores_every_volume_with_its_data_and_deletes_with_its_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
+    let (a, b) = (
+        Arc::new(FakeDriver::default()),
+        Arc::new(FakeDriver::default()),
+    );
+    let svc = two_backend_service(&store, &a, &b, dir.path());
+    let (inst, vols) = instance_with_volumes(&svc).await;
+    a.write(vols[0], b"root disk");
+    a.write(vols[1], b"data disk");
+    b.write(vols[2], b"logs disk");
+    let (img, _) = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Auto))
+        .await
+        .unwrap();
+    assert_eq!(
+        img.consistency,
+        Consistency::CrashConsistent,
+        "no agent access"
+    );
+    a.write(vols[0], b"changed!!");
+    // All or nothing: one clone fails, nothing is left.
+    let before = dump(&store);
+    *b.fail_next.lock().unwrap() = Some("create_volume_from_snapshot");
+    let e = svc
+        .restore_image(RestoreRequest {
+            image: img.id,
+            instance: None,
+            name: Some("restored".into()),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("mem2"), "{e}");
+    assert_eq!(dump(&store), before);
+    let (ri, rvols) = svc
+        .restore_image(RestoreRequest {
+            image: img.id,
+            instance: None,
+            name: Some("restored".into()),
+        })
+        .await
+        .unwrap();
+    assert_ne!(ri.id, inst);
+    assert_eq!(ri.properties["hw_disk_bus"], "virtio");
+    assert!(!ri.properties.contains_key("block_device_mapping"));
+    assert_eq!(rvols.len(), 3);
+    let want = [
+        ("/dev/vda", Some(0), &b"root disk"[..]),
+        ("/dev/vdb", None, b"data disk"),
+        ("/dev/vdc", None, b"logs disk"),
+    ];
+    for (dev, boot, data) in want {
+        let v = rvols
+            .iter()
+            .find(|v| v.attachments[0].device == dev)
+            .unwrap();
+        assert_eq!(v.status, VolumeStatus::InUse);
+        assert_eq!(v.attachments[0].instance_id, ri.id);
+        assert_eq!(v.attachments[0].boot_index, boot);
+        let d = if v.backend == "mem" {
+            a.data(v.id)
+        } else {
+            b.data(v.id)
+        };
+        assert_eq!(&d.unwrap()[..data.len()], data, "{dev}");
+    }
+    // Restoring onto an instance that has those devices taken is refused.
+    let e = svc
+        .restore_image(RestoreRequest {
+            image: img.id,
+            instance: Some(ri.id),
+            name: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::WrongState, "{e}");
+    // Deleting the image deletes its snapshots (the restored volumes are full clones on
+    // the fake driver, so nothing depends on them).
+    let r = svc.delete_image(img.id, false).await.unwrap();
+    assert_eq!(r.snapshots_deleted.len(), 3);
+    assert!(svc.images().await.unwrap().is_empty());
+    for s in &img.snapshots {
+        assert_eq!(
+            svc.snapshot(*s).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+    // --keep-snapshots releases them instead.
+    let (img, _) = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Off))
+        .await
+        .unwrap();
+    let r = svc.delete_image(img.id, true).await.unwrap();
+    assert_eq!(r.snapshots_kept.len(), 3);
+    for s in &img.snapshots {
+        let s = svc.snapshot(*s).await.unwrap();
+        assert_eq!(s.image_id, None);
+        svc.delete_snapshot(s.id, false).await.unwrap();
+    }
+}
+
+/// A crash in the middle of an instance snapshot (the task is killed while the third
+/// member hangs inside the backend, the guest frozen): the next start thaws the guest and
+/// rolls every member back; no image is recorded.
+#[tokio::test]
+async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
+    let (a, b) = (
+        Arc::new(FakeDriver::default()),
+        Arc::new(FakeDriver::default()),
+    );
+    let agents = Arc::new(FakeAgents::default());
+    let first = Arc::new(
+        two_backend_service(&store, &a, &b, dir.path())
+            .with_agents(Arc::new(AgentsHandle(agents.clone()))),
+    );
+    let (inst, vols) = instance_with_volumes(&first).await;
+    b.hang.lock().unwrap().push(vols[2]);
+    let task = {
+        let svc = first.clone();
+        tokio::spawn(async move {
+            svc.snapshot_instance(snap_req(inst, Quiesce::Required))
+                .await
+        })
+    };
+    b.entered.notified().await;
+    while a.snapshots.lock().unwrap().len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    drop(first);
+    assert!(
+        agents.frozen.load(std::sync::atomic::Ordering::SeqCst),
+        "left frozen by the crash"
+    );
+
+    b.hang.lock().unwrap().clear();
+    let next = two_backend_service(&store, &a, &b, dir.path())
+        .with_agents(Arc::new(AgentsHandle(agents.clone())));
+    let actions = next.recover().await.unwrap();
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    let outcome = &actions[0].outcome;
+    assert!(
+        outcome.contains("thawed") && outcome.contains("no image"),
+        "{outcome}"
+    );
+    assert_eq!(outcome.matches("made, deleted").count(), 2, "{outcome}");
+    assert!(!agents.frozen.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(a.snapshots.lock().unwrap().is_empty() && b.snapshots.lock().unwrap().is_empty());
+    assert!(store.snapshots(None).unwrap().is_empty());
+    assert!(store.images().unwrap().is_empty());
+    assert!(store.operations().unwrap().is_empty());
 }

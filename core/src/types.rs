@@ -62,6 +62,11 @@ uuid_id!(
     InstanceId,
     "instance"
 );
+uuid_id!(
+    /// Identifies an image: the metadata-only record of an instance snapshot.
+    ImageId,
+    "image"
+);
 
 /// Cinder's volume statuses. Serialized exactly as stored and printed (`in-use`,
 /// `error_deleting`: Cinder's own, mixed spelling).
@@ -110,17 +115,17 @@ macro_rules! status_strings {
             /// Every status, for validation and documentation.
             pub const ALL: &'static [$ty] = &[$($ty::$variant),*];
         }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
-        impl FromStr for $ty {
+        impl std::str::FromStr for $ty {
             type Err = Error;
-            fn from_str(s: &str) -> Result<Self, Error> {
+            fn from_str(s: &str) -> Result<Self, $crate::error::Error> {
                 match s {
                     $($s => Ok($ty::$variant),)*
-                    _ => Err(Error::invalid(
+                    _ => Err($crate::error::Error::invalid(
                         stringify!($ty),
                         format!("unknown status {s:?}; one of: {}", [$($s),*].join(", ")),
                     )),
@@ -128,19 +133,21 @@ macro_rules! status_strings {
             }
         }
         // One spelling everywhere: JSON output uses the stored form, never serde's renaming.
-        impl Serialize for $ty {
+        impl serde::Serialize for $ty {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
                 ser.serialize_str(self.as_str())
             }
         }
-        impl<'de> Deserialize<'de> for $ty {
+        impl<'de> serde::Deserialize<'de> for $ty {
             fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(de)?;
+                let s = <String as serde::Deserialize>::deserialize(de)?;
                 s.parse().map_err(serde::de::Error::custom)
             }
         }
     };
 }
+
+pub(crate) use status_strings;
 
 status_strings!(VolumeStatus {
     Creating => "creating",
@@ -170,6 +177,34 @@ pub struct Attachment {
     pub device: String,
     /// When the attachment was recorded.
     pub attached_at: DateTime<Utc>,
+    /// Boot order (Nova's `boot_index`): 0 is the root device, `None` not bootable.
+    #[serde(default)]
+    pub boot_index: Option<i32>,
+    /// Guest bus (`virtio`, `scsi`, `ide`, ...), as Nova records it; `None` = hypervisor default.
+    #[serde(default)]
+    pub disk_bus: Option<String>,
+    /// Device type (`disk`, `cdrom`, ...); `None` = `disk`.
+    #[serde(default)]
+    pub device_type: Option<String>,
+    /// Whether deleting the instance should delete the volume (recorded for images).
+    #[serde(default)]
+    pub delete_on_termination: bool,
+}
+
+impl Attachment {
+    /// An attachment of `instance` at `device`, now, with Nova's defaults for the rest
+    /// (not bootable, default bus, `disk`, kept on termination).
+    pub fn new(instance: InstanceId, device: impl Into<String>) -> Self {
+        Attachment {
+            instance_id: instance,
+            device: device.into(),
+            attached_at: Utc::now(),
+            boot_index: None,
+            disk_bus: None,
+            device_type: None,
+            delete_on_termination: false,
+        }
+    }
 }
 
 /// A block volume.
@@ -227,6 +262,13 @@ pub struct Snapshot {
     pub provider_location: Option<String>,
     /// Whether the volume was attached (taken with force) when the snapshot was made.
     pub forced: bool,
+    /// The image (instance snapshot) this snapshot belongs to, if any: such a snapshot
+    /// cannot be deleted on its own.
+    #[serde(default)]
+    pub image_id: Option<ImageId>,
+    /// How consistent the data is, for a snapshot taken as part of an instance snapshot.
+    #[serde(default)]
+    pub consistency: Option<Consistency>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last status change.
@@ -239,6 +281,23 @@ impl Snapshot {
         format!("snapshot-{}", self.id)
     }
 }
+
+/// How consistent an instance snapshot (and each of its snapshots) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Consistency {
+    /// Every filesystem was frozen through the guest agent while the snapshots were taken.
+    Quiesced,
+    /// No freeze, but every volume was cut at one instant by one group primitive.
+    CrashConsistentGroup,
+    /// No freeze; each volume was cut on its own (as after a power cut, per volume).
+    CrashConsistent,
+}
+
+status_strings!(Consistency {
+    Quiesced => "quiesced",
+    CrashConsistentGroup => "crash-consistent-group",
+    CrashConsistent => "crash-consistent",
+});
 
 /// What a delete did (stratisd's `DeleteAction`): deletes are idempotent, and the result
 /// says honestly whether this call removed something or found it already gone.

@@ -116,6 +116,89 @@ pub fn validate_device(device: &str) -> Result<()> {
     }
 }
 
+/// Checks an attachment's Nova fields: boot index 0-255, bus and device type short words
+/// of lower-case letters and digits.
+pub fn validate_attachment(a: &crate::types::Attachment) -> Result<()> {
+    if let Some(b) = a.boot_index
+        && !(0..=255).contains(&b)
+    {
+        return Err(Error::invalid(
+            "boot index",
+            format!("{b}: must be 0 to 255"),
+        ));
+    }
+    for (what, v) in [("disk bus", &a.disk_bus), ("device type", &a.device_type)] {
+        if let Some(v) = v
+            && (v.is_empty()
+                || v.len() > 16
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+        {
+            return Err(Error::invalid(
+                what,
+                format!("{v:?}: expected a short word such as virtio, scsi, disk, cdrom"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Properties kiln writes itself on an image; a user may not set them.
+pub const RESERVED_PROPERTIES: &[&str] = &["root_device_name", "bdm_v2", "block_device_mapping"];
+
+/// Checks image properties (`KEY=VALUE`): keys of 1-255 characters from letters, digits
+/// and `_.:-`, not starting with `-`, not reserved (`root_device_name`, `bdm_v2`,
+/// `block_device_mapping`, `kiln_*`); values up to 64 KiB without control characters.
+pub fn validate_properties(props: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in props {
+        let bad = |reason: &str| Error::invalid("property", format!("{k:?}: {reason}"));
+        if k.is_empty() || k.len() > 255 {
+            return Err(bad("keys are 1 to 255 characters"));
+        }
+        if k.starts_with('-') {
+            return Err(bad("must not start with '-'"));
+        }
+        if let Some(c) = k
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "_.:-".contains(*c)))
+        {
+            return Err(bad(&format!(
+                "character {c:?} is not allowed in a key (letters, digits and _.:- only)"
+            )));
+        }
+        if RESERVED_PROPERTIES.contains(&k.as_str()) || k.starts_with("kiln_") {
+            return Err(bad("kiln sets this property itself"));
+        }
+        if v.len() > 64 << 10 {
+            return Err(bad("value longer than 64 KiB"));
+        }
+        if v.chars().any(char::is_control) {
+            return Err(bad("control characters are not allowed in a value"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a host path kiln stores and later opens (an agent socket): absolute, no `..`
+/// component, no control characters, at most 4096 bytes.
+pub fn validate_host_path(what: &str, path: &str) -> Result<()> {
+    let bad = |reason: &str| Error::invalid(what.to_string(), format!("{path:?}: {reason}"));
+    if !path.starts_with('/') {
+        return Err(bad("must be an absolute path"));
+    }
+    if path.len() > 4096 {
+        return Err(bad("longer than 4096 bytes"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(bad("must not contain '..'"));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(bad("control characters are not allowed"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

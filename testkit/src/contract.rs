@@ -94,6 +94,8 @@ fn snapshot(v: &Volume) -> Snapshot {
         status_reason: None,
         provider_location: None,
         forced: false,
+        image_id: None,
+        consistency: None,
         created_at: now,
         updated_at: now,
     }
@@ -428,11 +430,7 @@ pub async fn capabilities_match_behaviour<T: Target>(t: Arc<T>) {
     );
     let a = pattern(41, 1 << 20);
     write(&t, &v, 0, a.clone()).await;
-    let att = Attachment {
-        instance_id: InstanceId::new(),
-        device: "/dev/vdb".into(),
-        attached_at: chrono::Utc::now(),
-    };
+    let att = Attachment::new(InstanceId::new(), "/dev/vdb");
     let mut attached = v.clone();
     attached.status = VolumeStatus::InUse;
     attached.attachments = vec![att.clone()];

@@ -30,6 +30,8 @@ pub(crate) fn new_record(v: &Volume, name: Option<String>) -> Snapshot {
         status_reason: None,
         provider_location: None,
         forced: v.status == VolumeStatus::InUse,
+        image_id: None,
+        consistency: None,
         created_at: now,
         updated_at: now,
     }

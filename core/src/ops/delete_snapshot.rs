@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::{Before, Ctx, conflict_error, flatten, refused};
 use crate::driver::VolumeDriver;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::locks::LockKey;
 use crate::store::{NewOp, Operation, Step};
 use crate::types::{DeleteAction, Snapshot, SnapshotId, SnapshotStatus};
@@ -57,12 +57,15 @@ pub(crate) async fn run_locked(
     let id = s.id;
     let op = ctx
         .begin(
-            vec![Step::SetSnapshotStatus {
-                id,
-                from: DELETABLE.to_vec(),
-                to: SnapshotStatus::Deleting,
-                reason: None,
-            }],
+            vec![
+                Step::SnapshotFreeOfImage(id),
+                Step::SetSnapshotStatus {
+                    id,
+                    from: DELETABLE.to_vec(),
+                    to: SnapshotStatus::Deleting,
+                    reason: None,
+                },
+            ],
             // What it was before, so a refusal (here or in recovery) can put it back.
             NewOp::of(KIND, s.volume_id, Some(id)).payload(
                 Before {
@@ -72,7 +75,16 @@ pub(crate) async fn run_locked(
                 }
                 .payload(),
             ),
-            |c| conflict_error(c, "delete snapshot", "available, error or error_deleting"),
+            |c| match c.what {
+                "image" => Error::busy(
+                    format!(
+                        "snapshot {id} belongs to image {}; delete the image instead (kiln image delete {})",
+                        c.id, c.id
+                    ),
+                    vec![format!("image {}", c.id)],
+                ),
+                _ => conflict_error(c, "delete snapshot", "available, error or error_deleting"),
+            },
         )
         .await?;
     let result = ctx

@@ -23,8 +23,11 @@ use super::{Ctx, conflict_error, create_snapshot};
 use crate::driver::GroupMember;
 use crate::error::{Error, Result};
 use crate::locks::LockKey;
-use crate::store::{NewOp, Operation, Step};
-use crate::types::{DeleteAction, Snapshot, SnapshotId, SnapshotStatus, VolumeId, VolumeStatus};
+use crate::store::{NewOp, OpId, Operation, Step};
+use crate::types::{
+    DeleteAction, ProviderUpdate, Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId,
+    VolumeStatus,
+};
 use crate::validate::validate_label;
 
 /// Journal kind of the parent.
@@ -49,10 +52,232 @@ struct Member {
     snapshot: SnapshotId,
 }
 
+/// The parent's journal payload. Operations built on a group (instance snapshots) add
+/// their own fields beside these.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Payload {
     rule: Rule,
     members: Vec<Member>,
+}
+
+/// A group whose parent is journaled and whose members are recorded `creating`.
+pub(crate) struct Planned {
+    /// The parent journal entry.
+    pub(crate) parent: OpId,
+    /// Each member's new snapshot record and its volume.
+    pub(crate) members: Vec<(Snapshot, Volume)>,
+}
+
+/// What taking the members gave: the snapshots made, and the first failure if any.
+pub(crate) struct Taken {
+    /// Members the backend made, with their locations.
+    pub(crate) made: Vec<(Snapshot, ProviderUpdate)>,
+    /// The first failure (naming the volume and backend).
+    pub(crate) error: Option<Error>,
+    /// Whether every member was cut by one native group primitive (one backend that has it).
+    pub(crate) one_instant: bool,
+}
+
+/// Checks a group's volume list: 1 to [`MAX_MEMBERS`] distinct volumes.
+pub(crate) fn check_members(volumes: &[VolumeId]) -> Result<Vec<VolumeId>> {
+    let mut ids = volumes.to_vec();
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() || ids.len() > MAX_MEMBERS || ids.len() != volumes.len() {
+        return Err(Error::invalid(
+            "volumes",
+            format!("a group needs 1 to {MAX_MEMBERS} distinct volumes"),
+        ));
+    }
+    Ok(ids)
+}
+
+/// Records every member `creating` and journals the parent (`kind`, with `extra` fields in
+/// its payload) in one batch; the caller holds every member's lock.
+pub(crate) async fn begin(
+    ctx: &Ctx,
+    kind: &'static str,
+    vols: Vec<Volume>,
+    name: Option<String>,
+    force: bool,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Result<Planned> {
+    let (allowed, needed) = if force {
+        (
+            vec![VolumeStatus::Available, VolumeStatus::InUse],
+            "available or in-use",
+        )
+    } else {
+        (
+            vec![VolumeStatus::Available],
+            "available (use --force for attached volumes)",
+        )
+    };
+    let members: Vec<(Snapshot, Volume)> = vols
+        .into_iter()
+        .map(|v| (create_snapshot::new_record(&v, name.clone()), v))
+        .collect();
+    let Some(first) = members.first().map(|(_, v)| v.id) else {
+        return Err(Error::invalid(
+            "volumes",
+            "a group needs at least one volume",
+        ));
+    };
+    let payload = Payload {
+        rule: Rule::RollBack,
+        members: members
+            .iter()
+            .map(|(s, v)| Member {
+                volume: v.id,
+                snapshot: s.id,
+            })
+            .collect(),
+    };
+    let mut payload = serde_json::to_value(&payload).map_err(Error::store)?;
+    if let serde_json::Value::Object(m) = &mut payload {
+        m.extend(extra);
+    }
+    let mut steps = Vec::new();
+    for (s, v) in &members {
+        steps.push(Step::VolumeIn {
+            id: v.id,
+            any_of: allowed.clone(),
+        });
+        steps.push(Step::InsertSnapshot(s.clone()));
+    }
+    let parent = ctx
+        .begin(steps, NewOp::of(kind, first, None).payload(payload), |c| {
+            conflict_error(c, "snapshot the group", needed)
+        })
+        .await?;
+    Ok(Planned { parent, members })
+}
+
+/// Takes every member: per backend concurrently, each backend's members in one
+/// `create_group_snapshot` call, each member's child journal entry written first.
+pub(crate) async fn take(ctx: &Ctx, p: &Planned) -> Taken {
+    let parent = p.parent;
+    let mut by_backend: BTreeMap<String, Vec<GroupMember>> = BTreeMap::new();
+    for (s, v) in &p.members {
+        let a = (v.status == VolumeStatus::InUse)
+            .then(|| v.attachments.first().cloned())
+            .flatten();
+        by_backend
+            .entry(v.backend.clone())
+            .or_default()
+            .push((s.clone(), v.clone(), a));
+    }
+    let backends = by_backend.len();
+    let mut native = true;
+    let per_backend = by_backend.into_iter().map(|(backend, group)| async move {
+        let r = async {
+            let driver = ctx.driver(&backend).await?;
+            for (s, v, _) in &group {
+                ctx.begin(
+                    vec![],
+                    NewOp {
+                        parent: Some(parent),
+                        ..NewOp::of(create_snapshot::KIND, v.id, Some(s.id))
+                    },
+                    |c| conflict_error(c, "snapshot the group", "available or in-use"),
+                )
+                .await?;
+            }
+            let group_primitive = driver.capabilities().group_snapshot;
+            let r = ctx.drive(KIND, driver.create_group_snapshot(&group)).await;
+            r.map(|results| (results, group_primitive))
+        }
+        .await
+        .map_err(|e| {
+            let vols: Vec<String> = group.iter().map(|(_, v, _)| v.id.to_string()).collect();
+            e.with_backend(backend.clone())
+                .about(format!("volume {} (backend {backend})", vols.join(", ")))
+        });
+        (group, r)
+    });
+    let mut made: Vec<(Snapshot, ProviderUpdate)> = Vec::new();
+    let mut first_error: Option<Error> = None;
+    for (group, r) in futures::future::join_all(per_backend).await {
+        match r {
+            Ok((results, group_primitive)) => {
+                native &= group_primitive;
+                for ((s, v, _), r) in group.into_iter().zip(results) {
+                    match r {
+                        Ok(u) => made.push((s, u)),
+                        Err(e) => {
+                            first_error.get_or_insert(
+                                e.with_object(format!("volume {}", v.id))
+                                    .with_backend(v.backend.clone())
+                                    .about(format!("volume {} (backend {})", v.id, v.backend)),
+                            );
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Taken {
+        made,
+        error: first_error,
+        one_instant: native && backends == 1,
+    }
+}
+
+/// The steps that mark every made member `available` at its location and finish the
+/// parent and its children (the caller adds its own steps to the same batch).
+pub(crate) fn success_steps(p: &Planned, made: &[(Snapshot, ProviderUpdate)]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for (s, u) in made {
+        steps.push(Step::SetSnapshotStatus {
+            id: s.id,
+            from: vec![SnapshotStatus::Creating],
+            to: SnapshotStatus::Available,
+            reason: None,
+        });
+        steps.push(Step::SetSnapshotLocation(s.id, u.provider_location.clone()));
+    }
+    steps.push(Step::FinishChildren(p.parent));
+    steps.push(Step::FinishOp(p.parent));
+    steps
+}
+
+/// All or nothing: deletes every made member again and removes every record, finishing
+/// the parent. A member whose removal fails stays recorded in `error`, so nothing is left
+/// untracked.
+pub(crate) async fn roll_back(
+    ctx: &Ctx,
+    p: &Planned,
+    made: &[(Snapshot, ProviderUpdate)],
+    why: &str,
+) -> Result<()> {
+    let mut steps = Vec::new();
+    for (s, _) in made {
+        if let Err(cleanup) = async { ctx.driver(&s.backend).await?.delete_snapshot(s).await }.await
+        {
+            steps.push(Step::SetSnapshotStatus {
+                id: s.id,
+                from: vec![],
+                to: SnapshotStatus::Error,
+                reason: Some(format!(
+                    "{why}; removing this member failed too ({cleanup})"
+                )),
+            });
+        }
+    }
+    for (s, _) in &p.members {
+        if !steps
+            .iter()
+            .any(|st| matches!(st, Step::SetSnapshotStatus { id, .. } if *id == s.id))
+        {
+            steps.push(Step::DeleteSnapshot(s.id));
+        }
+    }
+    steps.push(Step::FinishChildren(p.parent));
+    steps.push(Step::FinishOp(p.parent));
+    ctx.finish(steps).await
 }
 
 /// Snapshots every volume in `volumes` as one unit (see the module docs). `force` allows
@@ -66,15 +291,7 @@ pub(crate) async fn run(
     if let Some(n) = &name {
         validate_label(n)?;
     }
-    let mut ids = volumes.to_vec();
-    ids.sort();
-    ids.dedup();
-    if ids.is_empty() || ids.len() > MAX_MEMBERS || ids.len() != volumes.len() {
-        return Err(Error::invalid(
-            "volumes",
-            format!("a group needs 1 to {MAX_MEMBERS} distinct volumes"),
-        ));
-    }
+    let ids = check_members(volumes)?;
     for id in &ids {
         ctx.volume(*id).await?;
     }
@@ -83,146 +300,25 @@ pub(crate) async fn run(
     for id in volumes {
         vols.push(ctx.volume(*id).await?);
     }
-    let (allowed, needed) = if force {
-        (
-            vec![VolumeStatus::Available, VolumeStatus::InUse],
-            "available or in-use",
-        )
-    } else {
-        (
-            vec![VolumeStatus::Available],
-            "available (use --force for attached volumes)",
-        )
-    };
-    let members: Vec<(Snapshot, crate::types::Volume)> = vols
-        .into_iter()
-        .map(|v| (create_snapshot::new_record(&v, name.clone()), v))
-        .collect();
-    let payload = Payload {
-        rule: Rule::RollBack,
-        members: members
-            .iter()
-            .map(|(s, v)| Member {
-                volume: v.id,
-                snapshot: s.id,
-            })
-            .collect(),
-    };
-    let mut steps = Vec::new();
-    for (s, v) in &members {
-        steps.push(Step::VolumeIn {
-            id: v.id,
-            any_of: allowed.clone(),
-        });
-        steps.push(Step::InsertSnapshot(s.clone()));
-    }
-    let parent = ctx
-        .begin(
-            steps,
-            NewOp::of(KIND, members[0].1.id, None)
-                .payload(serde_json::to_value(&payload).map_err(Error::store)?),
-            |c| conflict_error(c, "snapshot the group", needed),
-        )
-        .await?;
-
-    // Per backend, concurrently; within a backend, one group call.
-    let mut by_backend: BTreeMap<String, Vec<GroupMember>> = BTreeMap::new();
-    for (s, v) in &members {
-        let a = (v.status == VolumeStatus::InUse)
-            .then(|| v.attachments.first().cloned())
-            .flatten();
-        by_backend
-            .entry(v.backend.clone())
-            .or_default()
-            .push((s.clone(), v.clone(), a));
-    }
-    let per_backend = by_backend.into_iter().map(|(backend, group)| async move {
-        let r = async {
-            let driver = ctx.driver(&backend).await?;
-            for (s, v, _) in &group {
-                ctx.begin(
-                    vec![],
-                    NewOp {
-                        parent: Some(parent),
-                        ..NewOp::of(create_snapshot::KIND, v.id, Some(s.id))
-                    },
-                    |c| conflict_error(c, "snapshot the group", needed),
-                )
-                .await?;
-            }
-            ctx.drive(KIND, driver.create_group_snapshot(&group)).await
-        }
-        .await;
-        (group, r)
-    });
-    let mut made: Vec<(Snapshot, crate::types::ProviderUpdate)> = Vec::new();
-    let mut first_error: Option<Error> = None;
-    for (group, r) in futures::future::join_all(per_backend).await {
-        match r {
-            Ok(results) => {
-                for ((s, _, _), r) in group.into_iter().zip(results) {
-                    match r {
-                        Ok(u) => made.push((s, u)),
-                        Err(e) => {
-                            first_error.get_or_insert(e);
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    let mut steps = Vec::new();
-    match first_error {
+    let p = begin(ctx, KIND, vols, name, force, serde_json::Map::new()).await?;
+    let taken = take(ctx, &p).await;
+    match taken.error {
         None => {
-            for (s, u) in &made {
-                steps.push(Step::SetSnapshotStatus {
-                    id: s.id,
-                    from: vec![SnapshotStatus::Creating],
-                    to: SnapshotStatus::Available,
-                    reason: None,
-                });
-                steps.push(Step::SetSnapshotLocation(s.id, u.provider_location.clone()));
-            }
-            steps.push(Step::FinishChildren(parent));
-            steps.push(Step::FinishOp(parent));
-            ctx.finish(steps).await?;
-            let mut out = Vec::with_capacity(members.len());
-            for (s, _) in &members {
+            ctx.finish(success_steps(&p, &taken.made)).await?;
+            let mut out = Vec::with_capacity(p.members.len());
+            for (s, _) in &p.members {
                 out.push(ctx.snapshot(s.id).await?);
             }
             Ok(out)
         }
         Some(e) => {
-            // All or nothing: take back what was made. A member whose cleanup fails stays
-            // recorded in `error`, so nothing is left untracked.
-            for (s, _) in &made {
-                if let Err(cleanup) =
-                    async { ctx.driver(&s.backend).await?.delete_snapshot(s).await }.await
-                {
-                    steps.push(Step::SetSnapshotStatus {
-                        id: s.id,
-                        from: vec![],
-                        to: SnapshotStatus::Error,
-                        reason: Some(format!(
-                            "group snapshot failed ({e}); removing this member failed too ({cleanup})"
-                        )),
-                    });
-                }
-            }
-            for (s, _) in &members {
-                if !steps
-                    .iter()
-                    .any(|st| matches!(st, Step::SetSnapshotStatus { id, .. } if *id == s.id))
-                {
-                    steps.push(Step::DeleteSnapshot(s.id));
-                }
-            }
-            steps.push(Step::FinishChildren(parent));
-            steps.push(Step::FinishOp(parent));
-            ctx.finish(steps).await?;
+            roll_back(
+                ctx,
+                &p,
+                &taken.made,
+                &format!("group snapshot failed ({e})"),
+            )
+            .await?;
             Err(e)
         }
     }
@@ -239,6 +335,20 @@ pub(crate) fn lock_keys(op: &Operation) -> Vec<LockKey> {
 /// answer now leaves the whole group journaled (nothing is half-resolved: the store
 /// changes in one batch at the end).
 pub(crate) async fn recover(ctx: &Ctx, op: &Operation, children: &[Operation]) -> Result<String> {
+    let (mut steps, report) = roll_back_recovered(ctx, op, children).await?;
+    steps.push(Step::FinishChildren(op.id));
+    steps.push(Step::FinishOp(op.id));
+    ctx.finish(steps).await?;
+    Ok(format!("group snapshot {report}"))
+}
+
+/// The rollback of an interrupted group (the steps, without finishing the parent) and a
+/// report of what was found per member.
+pub(crate) async fn roll_back_recovered(
+    ctx: &Ctx,
+    op: &Operation,
+    children: &[Operation],
+) -> Result<(Vec<Step>, String)> {
     let payload: Payload = serde_json::from_value(op.payload.clone())
         .map_err(|e| Error::store(format!("group snapshot journal entry {}: {e}", op.id.0)))?;
     let Rule::RollBack = payload.rule;
@@ -280,12 +390,12 @@ pub(crate) async fn recover(ctx: &Ctx, op: &Operation, children: &[Operation]) -
             }
         }
     }
-    steps.push(Step::FinishChildren(op.id));
-    steps.push(Step::FinishOp(op.id));
-    ctx.finish(steps).await?;
-    Ok(format!(
-        "group snapshot of {} volume(s) rolled back: {}",
-        payload.members.len(),
-        report.join("; ")
+    Ok((
+        steps,
+        format!(
+            "of {} volume(s) rolled back: {}",
+            payload.members.len(),
+            report.join("; ")
+        ),
     ))
 }

@@ -23,6 +23,9 @@ pub mod delete_snapshot;
 pub mod delete_volume;
 pub mod flatten;
 pub mod group_snapshot;
+pub mod image_delete;
+pub mod image_restore;
+pub mod instance_snapshot;
 pub mod recovery;
 pub mod reset_state;
 pub mod revert;
@@ -42,6 +45,8 @@ pub(crate) struct Ctx {
     pub(crate) store: AsyncStore,
     pub(crate) backends: Backends,
     pub(crate) locks: Arc<dyn LockManager>,
+    /// Guest-agent access (freeze/thaw), when the process has it.
+    pub(crate) agents: Option<Arc<dyn crate::agent::GuestAgents>>,
 }
 
 /// Whether a driver error means the backend refused *before changing anything*: dependents

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{
     Ctx, clone, create_snapshot, create_volume, delete_snapshot, delete_volume, flatten,
-    group_snapshot, revert,
+    group_snapshot, image_restore, instance_snapshot, revert,
 };
 use crate::error::{Error, Result};
 use crate::locks::LockKey;
@@ -29,6 +29,8 @@ pub struct RecoveryAction {
 fn lock_keys(op: &Operation, children: &[Operation]) -> Vec<LockKey> {
     let mut keys = match op.kind.as_str() {
         group_snapshot::KIND => group_snapshot::lock_keys(op),
+        instance_snapshot::KIND => instance_snapshot::lock_keys(op),
+        image_restore::KIND => image_restore::lock_keys(op),
         _ => vec![LockKey::from(op.volume_id)],
     };
     keys.extend(children.iter().map(|c| LockKey::from(c.volume_id)));
@@ -45,6 +47,8 @@ async fn recover_one(ctx: &Ctx, op: &Operation, children: &[Operation]) -> Resul
         revert::KIND => revert::recover(ctx, op).await,
         flatten::KIND => flatten::recover(ctx, op).await,
         group_snapshot::KIND => group_snapshot::recover(ctx, op, children).await,
+        instance_snapshot::KIND => instance_snapshot::recover(ctx, op, children).await,
+        image_restore::KIND => image_restore::recover(ctx, op, children).await,
         other => Err(Error::store(format!(
             "journal entry {} has unknown kind {other:?} (written by a newer kiln?); left as it is",
             op.id.0

@@ -17,8 +17,10 @@ use serde::Serialize;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::instance::{Image, ImageStatus, Instance};
 use crate::types::{
-    Attachment, Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId, VolumeStatus,
+    Attachment, Consistency, ImageId, InstanceId, Snapshot, SnapshotId, SnapshotStatus, Volume,
+    VolumeId, VolumeStatus,
 };
 
 /// Id of a journaled operation.
@@ -171,6 +173,37 @@ pub enum Step {
     FinishChildren(OpId),
     /// Append to the status history.
     RecordHistory(HistoryEntry),
+    /// Insert a new instance row.
+    InsertInstance(Instance),
+    /// Guard: no volume is attached to the instance (conflict `found` = how many are).
+    InstanceHasNoVolumes(InstanceId),
+    /// Delete the instance row (conflict if it does not exist).
+    DeleteInstance(InstanceId),
+    /// Insert a new image row (its snapshots are linked with [`Step::SetSnapshotImage`]).
+    InsertImage(Image),
+    /// Compare-and-set of an image's status (empty `from` = any status).
+    SetImageStatus {
+        /// Image to change.
+        id: ImageId,
+        /// Statuses it must be in now.
+        from: Vec<ImageStatus>,
+        /// New status.
+        to: ImageStatus,
+    },
+    /// Delete the image row; snapshots that listed it are released (kept).
+    DeleteImage(ImageId),
+    /// Record which image a snapshot belongs to and how consistent it is.
+    SetSnapshotImage {
+        /// Snapshot to change.
+        id: SnapshotId,
+        /// Its image.
+        image: Option<ImageId>,
+        /// Its consistency.
+        consistency: Option<Consistency>,
+    },
+    /// Guard: no image (other than one being deleted) lists the snapshot (conflict: `what`
+    /// "image", `id` the image, `found` its status).
+    SnapshotFreeOfImage(SnapshotId),
 }
 
 /// Steps applied atomically, optionally journaling a new operation in the same transaction.
@@ -217,7 +250,7 @@ impl Batch {
 pub struct Conflict {
     /// Index of the failing step in the batch.
     pub step: usize,
-    /// "volume" or "snapshot".
+    /// "volume", "snapshot", "instance" or "image".
     pub what: &'static str,
     /// The object's id.
     pub id: String,
@@ -250,6 +283,16 @@ pub trait Store: Send + Sync + 'static {
     fn operations(&self) -> Result<Vec<Operation>>;
     /// The status history of one object, oldest first.
     fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>>;
+    /// One instance.
+    fn instance(&self, id: InstanceId) -> Result<Option<Instance>>;
+    /// All instances, oldest first.
+    fn instances(&self) -> Result<Vec<Instance>>;
+    /// The volumes attached to an instance, by device name.
+    fn instance_volumes(&self, id: InstanceId) -> Result<Vec<Volume>>;
+    /// One image, with its snapshots.
+    fn image(&self, id: ImageId) -> Result<Option<Image>>;
+    /// All images, oldest first.
+    fn images(&self) -> Result<Vec<Image>>;
 }
 
 /// The async face of a [`Store`]: every call runs on the blocking pool, so a slow disk (a
@@ -307,6 +350,26 @@ impl AsyncStore {
     /// See [`Store::operations`].
     pub async fn operations(&self) -> Result<Vec<Operation>> {
         blocking_call!(self, |s| s.operations())
+    }
+    /// See [`Store::instance`].
+    pub async fn instance(&self, id: InstanceId) -> Result<Option<Instance>> {
+        blocking_call!(self, |s| s.instance(id))
+    }
+    /// See [`Store::instances`].
+    pub async fn instances(&self) -> Result<Vec<Instance>> {
+        blocking_call!(self, |s| s.instances())
+    }
+    /// See [`Store::instance_volumes`].
+    pub async fn instance_volumes(&self, id: InstanceId) -> Result<Vec<Volume>> {
+        blocking_call!(self, |s| s.instance_volumes(id))
+    }
+    /// See [`Store::image`].
+    pub async fn image(&self, id: ImageId) -> Result<Option<Image>> {
+        blocking_call!(self, |s| s.image(id))
+    }
+    /// See [`Store::images`].
+    pub async fn images(&self) -> Result<Vec<Image>> {
+        blocking_call!(self, |s| s.images())
     }
     /// See [`Store::history`].
     pub async fn history(&self, object_id: String) -> Result<Vec<HistoryEntry>> {

@@ -8,7 +8,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Batch, Conflict, HistoryEntry, OpId, Operation, Step, Store};
 use crate::error::{Error, Result};
-use crate::types::{Attachment, InstanceId, Snapshot, SnapshotId, Volume, VolumeId};
+use crate::instance::{Image, ImageStatus, Instance};
+use crate::types::{Attachment, ImageId, InstanceId, Snapshot, SnapshotId, Volume, VolumeId};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Never edit a released entry: append a new one.
@@ -70,6 +71,37 @@ const MIGRATIONS: &[&str] = &[
         at TEXT NOT NULL
     );
     CREATE INDEX status_history_object ON status_history(object_id);",
+    // 3: instances, images (instance snapshots), Nova's attachment fields, and each
+    //    snapshot's image and consistency.
+    "CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        agent TEXT,
+        freeze_mountpoints TEXT NOT NULL,
+        root_device TEXT NOT NULL,
+        properties TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        min_disk INTEGER NOT NULL,
+        consistency TEXT NOT NULL,
+        properties TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    ALTER TABLE attachments ADD COLUMN boot_index INTEGER;
+    ALTER TABLE attachments ADD COLUMN disk_bus TEXT;
+    ALTER TABLE attachments ADD COLUMN device_type TEXT;
+    ALTER TABLE attachments ADD COLUMN delete_on_termination INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX attachments_instance ON attachments(instance_id);
+    ALTER TABLE snapshots ADD COLUMN image_id TEXT;
+    ALTER TABLE snapshots ADD COLUMN consistency TEXT;
+    CREATE INDEX snapshots_image ON snapshots(image_id);",
 ];
 
 /// WAL pages after which a commit checkpoints (see `SqliteStore::open`): a command writes
@@ -193,7 +225,11 @@ fn size_param(v: u64) -> Result<i64> {
 }
 
 const VOLUME_COLS: &str = "id, name, size_bytes, backend, status, status_reason, provider_location, source_snapshot_id, created_at, updated_at";
-const SNAPSHOT_COLS: &str = "id, volume_id, name, size_bytes, backend, status, status_reason, provider_location, forced, created_at, updated_at";
+const SNAPSHOT_COLS: &str = "id, volume_id, name, size_bytes, backend, status, status_reason, provider_location, forced, created_at, updated_at, image_id, consistency";
+const INSTANCE_COLS: &str =
+    "id, name, agent, freeze_mountpoints, root_device, properties, created_at, updated_at";
+const IMAGE_COLS: &str =
+    "id, name, status, instance_id, min_disk, consistency, properties, created_at, updated_at";
 
 fn volume_row(r: &Row<'_>) -> rusqlite::Result<Volume> {
     let source: Option<String> = r.get(7)?;
@@ -225,18 +261,92 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         forced: r.get::<_, i64>(8)? != 0,
         created_at: parse_ts(&r.get::<_, String>(9)?)?,
         updated_at: parse_ts(&r.get::<_, String>(10)?)?,
+        image_id: r
+            .get::<_, Option<String>>(11)?
+            .as_deref()
+            .map(parse_col)
+            .transpose()?,
+        consistency: r
+            .get::<_, Option<String>>(12)?
+            .as_deref()
+            .map(parse_col)
+            .transpose()?,
     })
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(i: usize, s: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn json_param<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(Error::store)
+}
+
+fn instance_row(r: &Row<'_>) -> rusqlite::Result<Instance> {
+    Ok(Instance {
+        id: parse_col(&r.get::<_, String>(0)?)?,
+        name: r.get(1)?,
+        agent: r.get(2)?,
+        freeze_mountpoints: json_col(3, &r.get::<_, String>(3)?)?,
+        root_device: r.get(4)?,
+        properties: json_col(5, &r.get::<_, String>(5)?)?,
+        created_at: parse_ts(&r.get::<_, String>(6)?)?,
+        updated_at: parse_ts(&r.get::<_, String>(7)?)?,
+    })
+}
+
+fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
+    Ok(Image {
+        id: parse_col(&r.get::<_, String>(0)?)?,
+        name: r.get(1)?,
+        status: parse_col(&r.get::<_, String>(2)?)?,
+        instance_id: parse_col(&r.get::<_, String>(3)?)?,
+        min_disk: size_col(r.get(4)?)?,
+        consistency: parse_col(&r.get::<_, String>(5)?)?,
+        properties: json_col(6, &r.get::<_, String>(6)?)?,
+        snapshots: Vec::new(),
+        created_at: parse_ts(&r.get::<_, String>(7)?)?,
+        updated_at: parse_ts(&r.get::<_, String>(8)?)?,
+    })
+}
+
+fn load_images(conn: &Connection, sql: &str, arg: Option<String>) -> Result<Vec<Image>> {
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = match arg {
+        Some(a) => st
+            .query_map([a], image_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+        None => st
+            .query_map([], image_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+    };
+    let mut snaps =
+        conn.prepare_cached("SELECT id FROM snapshots WHERE image_id = ?1 ORDER BY rowid")?;
+    rows.into_iter()
+        .map(|mut i| {
+            i.snapshots = snaps
+                .query_map([i.id.to_string()], |r| parse_col(&r.get::<_, String>(0)?))?
+                .collect::<rusqlite::Result<Vec<SnapshotId>>>()?;
+            Ok(i)
+        })
+        .collect()
 }
 
 fn attachments_of(conn: &Connection, id: VolumeId) -> rusqlite::Result<Vec<Attachment>> {
     let mut st = conn.prepare_cached(
-        "SELECT instance_id, device, attached_at FROM attachments WHERE volume_id = ?1",
+        "SELECT instance_id, device, attached_at, boot_index, disk_bus, device_type, delete_on_termination FROM attachments WHERE volume_id = ?1",
     )?;
     st.query_map([id.to_string()], |r| {
         Ok(Attachment {
             instance_id: parse_col::<InstanceId>(&r.get::<_, String>(0)?)?,
             device: r.get(1)?,
             attached_at: parse_ts(&r.get::<_, String>(2)?)?,
+            boot_index: r.get(3)?,
+            disk_bus: r.get(4)?,
+            device_type: r.get(5)?,
+            delete_on_termination: r.get::<_, i64>(6)? != 0,
         })
     })?
     .collect()
@@ -325,7 +435,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
         }
         Step::InsertSnapshot(s) => {
             tx.execute(
-                &format!("INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                &format!("INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     s.id.to_string(),
                     s.volume_id.to_string(),
@@ -338,8 +448,111 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                     i64::from(s.forced),
                     ts(&s.created_at),
                     ts(&s.updated_at),
+                    s.image_id.map(|i| i.to_string()),
+                    s.consistency.map(|c| c.as_str()),
                 ],
             )?;
+        }
+        Step::InsertInstance(i) => {
+            tx.execute(
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                params![
+                    i.id.to_string(),
+                    i.name,
+                    i.agent,
+                    json_param(&i.freeze_mountpoints)?,
+                    i.root_device,
+                    json_param(&i.properties)?,
+                    ts(&i.created_at),
+                    ts(&i.updated_at),
+                ],
+            )?;
+        }
+        Step::InstanceHasNoVolumes(id) => {
+            let n: i64 = tx.query_row(
+                "SELECT count(*) FROM attachments WHERE instance_id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )?;
+            if n > 0 {
+                return conflict("instance", id.to_string(), Some(n.to_string()));
+            }
+        }
+        Step::DeleteInstance(id) => {
+            let n = tx.execute("DELETE FROM instances WHERE id = ?1", [id.to_string()])?;
+            if n == 0 {
+                return conflict("instance", id.to_string(), None);
+            }
+        }
+        Step::InsertImage(i) => {
+            tx.execute(
+                &format!(
+                    "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                ),
+                params![
+                    i.id.to_string(),
+                    i.name,
+                    i.status.as_str(),
+                    i.instance_id.to_string(),
+                    size_param(i.min_disk)?,
+                    i.consistency.as_str(),
+                    json_param(&i.properties)?,
+                    ts(&i.created_at),
+                    ts(&i.updated_at),
+                ],
+            )?;
+        }
+        Step::SetImageStatus { id, from, to } => {
+            let found: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM images WHERE id = ?1",
+                    [id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if !status_ok(&found, from.iter().map(|s| s.as_str()), true) {
+                return conflict("image", id.to_string(), found);
+            }
+            tx.execute(
+                "UPDATE images SET status = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id.to_string(), to.as_str(), now],
+            )?;
+        }
+        Step::DeleteImage(id) => {
+            tx.execute(
+                "UPDATE snapshots SET image_id = NULL WHERE image_id = ?1",
+                [id.to_string()],
+            )?;
+            tx.execute("DELETE FROM images WHERE id = ?1", [id.to_string()])?;
+        }
+        Step::SetSnapshotImage {
+            id,
+            image,
+            consistency,
+        } => {
+            tx.execute(
+                "UPDATE snapshots SET image_id = ?2, consistency = ?3 WHERE id = ?1",
+                params![
+                    id.to_string(),
+                    image.map(|i| i.to_string()),
+                    consistency.map(|c| c.as_str())
+                ],
+            )?;
+        }
+        Step::SnapshotFreeOfImage(id) => {
+            // Busy while an image that is not being deleted lists it.
+            let found: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT images.id, images.status FROM snapshots JOIN images ON images.id = snapshots.image_id WHERE snapshots.id = ?1",
+                    [id.to_string()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((image, status)) = found
+                && status != ImageStatus::PendingDelete.as_str()
+            {
+                return conflict("image", image, Some(status));
+            }
         }
         Step::VolumeIn { id, any_of } => {
             let found = volume_status(tx, *id)?;
@@ -468,8 +681,17 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
 
 fn insert_attachment(tx: &Connection, id: VolumeId, a: &Attachment) -> Result<()> {
     tx.execute(
-        "INSERT INTO attachments (volume_id, instance_id, device, attached_at) VALUES (?1, ?2, ?3, ?4)",
-        params![id.to_string(), a.instance_id.to_string(), a.device, ts(&a.attached_at)],
+        "INSERT INTO attachments (volume_id, instance_id, device, attached_at, boot_index, disk_bus, device_type, delete_on_termination) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            id.to_string(),
+            a.instance_id.to_string(),
+            a.device,
+            ts(&a.attached_at),
+            a.boot_index,
+            a.disk_bus,
+            a.device_type,
+            i64::from(a.delete_on_termination)
+        ],
     )?;
     Ok(())
 }
@@ -602,6 +824,57 @@ impl Store for SqliteStore {
         Ok(ops)
     }
 
+    fn instance(&self, id: InstanceId) -> Result<Option<Instance>> {
+        let conn = self.lock()?;
+        Ok(conn
+            .query_row(
+                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = ?1"),
+                [id.to_string()],
+                instance_row,
+            )
+            .optional()?)
+    }
+
+    fn instances(&self) -> Result<Vec<Instance>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {INSTANCE_COLS} FROM instances ORDER BY rowid"
+        ))?;
+        Ok(st
+            .query_map([], instance_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn instance_volumes(&self, id: InstanceId) -> Result<Vec<Volume>> {
+        let conn = self.lock()?;
+        let sql = format!(
+            "SELECT {} FROM volumes v JOIN attachments a ON a.volume_id = v.id WHERE a.instance_id = ?1 ORDER BY a.device",
+            VOLUME_COLS
+                .split(", ")
+                .map(|c| format!("v.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        load_volumes(&conn, &sql, Some(id.to_string()))
+    }
+
+    fn image(&self, id: ImageId) -> Result<Option<Image>> {
+        let conn = self.lock()?;
+        let sql = format!("SELECT {IMAGE_COLS} FROM images WHERE id = ?1");
+        Ok(load_images(&conn, &sql, Some(id.to_string()))?
+            .into_iter()
+            .next())
+    }
+
+    fn images(&self) -> Result<Vec<Image>> {
+        let conn = self.lock()?;
+        load_images(
+            &conn,
+            &format!("SELECT {IMAGE_COLS} FROM images ORDER BY rowid"),
+            None,
+        )
+    }
+
     fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>> {
         let conn = self.lock()?;
         let mut st = conn.prepare_cached(
@@ -730,11 +1003,8 @@ mod tests {
         {
             let store = SqliteStore::open(&path).unwrap();
             let mut v = v.clone();
-            v.attachments.push(Attachment {
-                instance_id: InstanceId::new(),
-                device: "/dev/vdb".into(),
-                attached_at: Utc::now(),
-            });
+            v.attachments
+                .push(Attachment::new(InstanceId::new(), "/dev/vdb"));
             store
                 .commit(Batch::new(vec![Step::InsertVolume(v)]))
                 .unwrap()

@@ -207,11 +207,7 @@ async fn raw_force_snapshots_are_point_in_time_under_a_concurrent_writer() {
         }
     };
 
-    let attachment = Attachment {
-        instance_id: InstanceId::new(),
-        device: "/dev/vdb".into(),
-        attached_at: chrono::Utc::now(),
-    };
+    let attachment = Attachment::new(InstanceId::new(), "/dev/vdb");
     let mut snaps = Vec::new();
     for i in 0..8u64 {
         // Each snapshot lands in a later generation than the one before (so the writer is

@@ -113,6 +113,8 @@ pub fn snapshot(v: &Volume) -> Snapshot {
         status_reason: None,
         provider_location: None,
         forced: false,
+        image_id: None,
+        consistency: None,
         created_at: now,
         updated_at: now,
     }

@@ -81,6 +81,8 @@ pub fn snapshot(v: &Volume) -> Snapshot {
         status_reason: None,
         provider_location: None,
         forced: false,
+        image_id: None,
+        consistency: None,
         created_at: now,
         updated_at: now,
     }
@@ -88,11 +90,7 @@ pub fn snapshot(v: &Volume) -> Snapshot {
 
 /// An attachment record for force snapshots.
 pub fn attachment() -> Attachment {
-    Attachment {
-        instance_id: InstanceId::new(),
-        device: "/dev/vdb".into(),
-        attached_at: Utc::now(),
-    }
+    Attachment::new(InstanceId::new(), "/dev/vdb")
 }
 
 /// Creates a volume of `size` on the backend.
