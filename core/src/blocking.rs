@@ -71,7 +71,12 @@ pub trait BlockingDriver: Send + Sync + 'static {
         progress: ProgressHandle,
     ) -> Result<ProviderUpdate>;
     /// See [`VolumeDriver::revert_to_snapshot`].
-    fn revert_to_snapshot(&self, v: &Volume, s: &Snapshot, progress: ProgressHandle) -> Result<()>;
+    fn revert_to_snapshot(
+        &self,
+        v: &Volume,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<crate::types::RevertOutcome>;
     /// See [`VolumeDriver::flatten_volume`].
     fn flatten_volume(&self, v: &Volume, progress: ProgressHandle) -> Result<()> {
         let _ = (v, progress);
@@ -282,7 +287,7 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
         v: &Volume,
         s: &Snapshot,
         progress: ProgressHandle,
-    ) -> Result<()> {
+    ) -> Result<crate::types::RevertOutcome> {
         let (v, s) = (v.clone(), s.clone());
         self.call("revert_to_snapshot", v.id.to_string(), move |d| {
             d.revert_to_snapshot(&v, &s, progress)

@@ -131,13 +131,15 @@ pub trait VolumeDriver: Send + Sync {
     ) -> Result<ProviderUpdate>;
 
     /// Makes `v`'s data equal to snapshot `s` (any snapshot of `v`, not only the latest),
-    /// keeping `s` and every other snapshot intact. Safe to re-run after a crash.
+    /// keeping `s` and every other snapshot intact — or, where the backend cannot (LVM
+    /// thick COW overflow), naming in the outcome the other snapshots it invalidated. Safe
+    /// to re-run after a crash.
     async fn revert_to_snapshot(
         &self,
         v: &Volume,
         s: &Snapshot,
         progress: ProgressHandle,
-    ) -> Result<()>;
+    ) -> Result<crate::types::RevertOutcome>;
 
     /// Makes `v` independent of the snapshot it was cloned from (copying shared data).
     /// Backends whose clones are always independent return `Ok(())`.

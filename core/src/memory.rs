@@ -243,7 +243,12 @@ impl VolumeDriver for MemoryDriver {
             .insert(v.id, data);
         Ok(location(v.backend_name()))
     }
-    async fn revert_to_snapshot(&self, v: &Volume, s: &Snapshot, _p: ProgressHandle) -> Result<()> {
+    async fn revert_to_snapshot(
+        &self,
+        v: &Volume,
+        s: &Snapshot,
+        _p: ProgressHandle,
+    ) -> Result<crate::types::RevertOutcome> {
         self.check_fail("revert_to_snapshot")?;
         let data = self
             .snapshots
@@ -256,7 +261,7 @@ impl VolumeDriver for MemoryDriver {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(v.id, data);
-        Ok(())
+        Ok(Default::default())
     }
     async fn flatten_volume(&self, _v: &Volume, _p: ProgressHandle) -> Result<()> {
         self.busy

@@ -299,6 +299,24 @@ status_strings!(Consistency {
     CrashConsistent => "crash-consistent",
 });
 
+/// A snapshot a revert made unusable as a side effect (an LVM thick snapshot whose
+/// copy-on-write space the revert's writes through the origin overflowed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invalidated {
+    /// The snapshot.
+    pub snapshot: SnapshotId,
+    /// Why it is unusable now (the backend's words).
+    pub reason: String,
+}
+
+/// What a successful revert did besides making the volume equal to the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertOutcome {
+    /// Other snapshots of the volume the revert invalidated (their data is lost; they can
+    /// only be deleted). Empty on every backend but LVM thick.
+    pub invalidated: Vec<Invalidated>,
+}
+
 /// What a delete did (stratisd's `DeleteAction`): deletes are idempotent, and the result
 /// says honestly whether this call removed something or found it already gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,14 +4,16 @@
 //!
 //! Status: volume `reverting`, snapshot `restoring` while the driver works; on failure the
 //! volume is `error` with the reason (its data may be half-reverted) and the snapshot is
-//! `available` again. A refusal (`Busy`/`Unavailable`: nothing changed) puts both back.
+//! `available` again. A refusal (`Busy`/`Unavailable`: nothing changed) puts both back. A
+//! revert that succeeded but invalidated other snapshots (LVM thick COW overflow) leaves
+//! the volume `available` and marks each of those snapshots `error` with the reason.
 //! Recovery re-runs the revert (drivers make it safe to re-run).
 
 use super::{Ctx, conflict_error, refused};
 use crate::error::Result;
 use crate::progress::{ProgressHandle, no_progress};
 use crate::store::{NewOp, Operation, Step};
-use crate::types::{Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeStatus};
+use crate::types::{RevertOutcome, Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeStatus};
 
 /// Journal kind.
 pub(crate) const KIND: &str = "revert";
@@ -63,7 +65,11 @@ pub(crate) async fn run(
     ctx.volume(v.id).await
 }
 
-fn conclude(v: &Volume, s: &Snapshot, result: Result<()>) -> (Vec<Step>, Result<()>) {
+fn conclude(
+    v: &Volume,
+    s: &Snapshot,
+    result: Result<RevertOutcome>,
+) -> (Vec<Step>, Result<RevertOutcome>) {
     if let Err(e) = &result
         && refused(e)
     {
@@ -87,13 +93,13 @@ fn conclude(v: &Volume, s: &Snapshot, result: Result<()>) -> (Vec<Step>, Result<
         );
     }
     let (vstatus, reason) = match &result {
-        Ok(()) => (VolumeStatus::Available, None),
+        Ok(_) => (VolumeStatus::Available, None),
         Err(e) => (
             VolumeStatus::Error,
             Some(format!("revert to snapshot {} failed: {e}", s.id)),
         ),
     };
-    (
+    let (mut steps, result) = (
         vec![
             Step::SetVolumeStatus {
                 id: v.id,
@@ -109,7 +115,19 @@ fn conclude(v: &Volume, s: &Snapshot, result: Result<()>) -> (Vec<Step>, Result<
             },
         ],
         result,
-    )
+    );
+    if let Ok(outcome) = &result {
+        for inv in &outcome.invalidated {
+            tracing::warn!(snapshot = %inv.snapshot, reason = %inv.reason, "the revert invalidated another snapshot; marked error");
+            steps.push(Step::SetSnapshotStatus {
+                id: inv.snapshot,
+                from: vec![],
+                to: SnapshotStatus::Error,
+                reason: Some(inv.reason.clone()),
+            });
+        }
+    }
+    (steps, result)
 }
 
 /// Recovery: re-runs the revert. A backend that cannot answer now leaves it journaled.
@@ -129,7 +147,7 @@ pub(crate) async fn recover(ctx: &Ctx, op: &Operation) -> Result<String> {
         r => r,
     };
     let outcome = match &result {
-        Ok(()) => format!("revert to snapshot {} completed", s.id),
+        Ok(_) => format!("revert to snapshot {} completed", s.id),
         Err(e) => format!("revert to snapshot {} could not be completed: {e}", s.id),
     };
     let (mut steps, _) = conclude(&v, &s, result);

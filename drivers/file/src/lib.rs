@@ -420,7 +420,12 @@ impl BlockingDriver for FileBackend {
         }
     }
 
-    fn revert_to_snapshot(&self, v: &Volume, s: &Snapshot, progress: ProgressHandle) -> Result<()> {
+    fn revert_to_snapshot(
+        &self,
+        v: &Volume,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<kiln_core::RevertOutcome> {
         if s.volume_id != v.id {
             return Err(Error::invalid(
                 "snapshot",
@@ -433,7 +438,9 @@ impl BlockingDriver for FileBackend {
         match self.mode {
             Mode::Qcow2 => qcow2::revert_to_snapshot(self, v, s),
             _ => raw::revert_to_snapshot(self, v, s, &progress),
-        }
+        }?;
+        // A file revert never touches another snapshot's file.
+        Ok(kiln_core::RevertOutcome::default())
     }
 
     fn open_snapshot_reader(&self, s: &Snapshot) -> Result<Box<dyn SnapshotReader>> {

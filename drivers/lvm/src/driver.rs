@@ -122,7 +122,12 @@ impl BlockingDriver for LvmBackend {
         LvmBackend::create_volume_from_snapshot(self, v, s, &progress)
     }
 
-    fn revert_to_snapshot(&self, v: &Volume, s: &Snapshot, progress: ProgressHandle) -> Result<()> {
+    fn revert_to_snapshot(
+        &self,
+        v: &Volume,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<kiln_core::RevertOutcome> {
         LvmBackend::revert_to_snapshot(self, v, s, &progress)
     }
 

@@ -11,10 +11,10 @@
 //! and keeps its own point in time; the chosen snapshot needs no new COW space, because every
 //! chunk that differs from it is one it already holds. Another snapshot with less COW space
 //! than the revert writes overflows like under any other write to the origin: the revert
-//! then still completes (the volume holds the chosen snapshot's data) but returns an error
-//! naming the snapshots it invalidated.
+//! then still completes (the volume holds the chosen snapshot's data) and its outcome names
+//! the snapshots it invalidated, which the service marks `error` with the reason.
 
-use kiln_core::{Error, ProgressHandle, Result, Snapshot, Volume};
+use kiln_core::{Error, Invalidated, ProgressHandle, Result, RevertOutcome, Snapshot, Volume};
 
 use crate::backend::{Kind, LvmBackend};
 use crate::blockdev;
@@ -31,7 +31,7 @@ impl LvmBackend {
         v: &Volume,
         s: &Snapshot,
         progress: &ProgressHandle,
-    ) -> Result<()> {
+    ) -> Result<RevertOutcome> {
         if s.volume_id != v.id {
             return Err(Error::invalid(
                 "snapshot",
@@ -49,7 +49,9 @@ impl LvmBackend {
             .cloned()
             .ok_or_else(|| Error::not_found("snapshot", s.id.to_string()))?;
         match self.kind {
-            Kind::Thin => self.revert_thin(v, &snap_row, &rows),
+            Kind::Thin => self
+                .revert_thin(v, &snap_row, &rows)
+                .map(|()| RevertOutcome::default()),
             Kind::Thick => self.revert_thick(v, s, &snap_row, progress),
         }
     }
@@ -108,7 +110,7 @@ impl LvmBackend {
         s: &Snapshot,
         snap: &LvRow,
         progress: &ProgressHandle,
-    ) -> Result<()> {
+    ) -> Result<RevertOutcome> {
         let vol = names::volume(&v.id);
         if snap.origin != vol {
             return Err(Error::invalid(
@@ -159,23 +161,23 @@ impl LvmBackend {
         let written = blockdev::copy_differences(&src, &dst, image, granule, progress)
             .map_err(|e| Error::io(format!("copying {} back into {vol}", snap.lv_name), e))?;
         drop(dst);
-        self.check_snapshots_after_revert(v, &snap.lv_name, &invalid_before)?;
-        tracing::info!(volume = %v.id, snapshot = %snap.lv_name, written, "thick revert done");
-        Ok(())
+        let invalidated = self.check_snapshots_after_revert(v, &snap.lv_name, &invalid_before)?;
+        tracing::info!(volume = %v.id, snapshot = %snap.lv_name, written, invalidated = invalidated.len(), "thick revert done");
+        Ok(RevertOutcome { invalidated })
     }
 
     /// After a thick revert, one `lvs` of every snapshot of the volume. The chosen snapshot
     /// cannot have overflowed (see the module docs); if it did anyway, say so instead of
     /// claiming success. Any other snapshot may have: its COW space took the origin's old
     /// data for every chunk the revert rewrote. The volume's data is reverted either way, so
-    /// the error says that, and names the snapshots that became invalid (those already
-    /// invalid before, `invalid_before`, are not the revert's doing).
+    /// this returns the snapshots that became invalid (those already invalid before,
+    /// `invalid_before`, are not the revert's doing) for the service to mark `error`.
     fn check_snapshots_after_revert(
         &self,
         v: &Volume,
         chosen: &str,
         invalid_before: &[&str],
-    ) -> Result<()> {
+    ) -> Result<Vec<Invalidated>> {
         let vol = names::volume(&v.id);
         let rows = self.lvs_where(&format!("origin=\"{vol}\""), report::HEALTH_FIELDS)?;
         if let Some(reason) = rows
@@ -185,31 +187,24 @@ impl LvmBackend {
         {
             return Err(Error::backend("revert", reason));
         }
-        let overflowed: Vec<String> = rows
+        let chosen_id = names::parse_snapshot(chosen).map_or(chosen.to_string(), |id| id.to_string());
+        Ok(rows
             .iter()
             .filter(|r| {
                 r.lv_name != chosen
                     && r.is_invalid_snapshot()
                     && !invalid_before.contains(&r.lv_name.as_str())
             })
-            .map(|r| {
-                names::parse_snapshot(&r.lv_name).map_or(r.lv_name.clone(), |id| id.to_string())
+            .filter_map(|r| {
+                names::parse_snapshot(&r.lv_name).map(|id| Invalidated {
+                    snapshot: id,
+                    reason: format!(
+                        "reverting volume {} to snapshot {chosen_id} overflowed this snapshot's \
+                         copy-on-write space: its data is lost and it can only be deleted",
+                        v.id
+                    ),
+                })
             })
-            .collect();
-        if overflowed.is_empty() {
-            return Ok(());
-        }
-        Err(Error::backend(
-            "revert",
-            format!(
-                "volume {} now holds the data of snapshot {}, but rewriting it overflowed the \
-                 copy-on-write space of {} other snapshot(s) of it ({}): they are invalid, their \
-                 data is lost and they can only be deleted",
-                v.id,
-                names::parse_snapshot(chosen).map_or(chosen.to_string(), |id| id.to_string()),
-                overflowed.len(),
-                overflowed.join(", ")
-            ),
-        ))
+            .collect())
     }
 }

@@ -532,7 +532,12 @@ impl BlockingDriver for RbdBackend {
         Ok(self.location(&volume_image(&v.id), None))
     }
 
-    fn revert_to_snapshot(&self, v: &Volume, s: &Snapshot, progress: ProgressHandle) -> Result<()> {
+    fn revert_to_snapshot(
+        &self,
+        v: &Volume,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<kiln_core::RevertOutcome> {
         check_owner(s, v)?;
         let (image, snap) = (volume_image(&v.id), snapshot_name(&s.id));
         // One handle only: the snapshot's size comes from this handle's snapshot listing, not
@@ -549,7 +554,8 @@ impl BlockingDriver for RbdBackend {
             let bridge =
                 ProgressBridge::new(progress, size, &format!("reverting {image} to {snap}"));
             img.snap_rollback(&snap, &bridge)?;
-            Ok(())
+            // Rollback touches no other snapshot.
+            Ok(kiln_core::RevertOutcome::default())
         })
     }
 
