@@ -7,6 +7,7 @@
 //! `Drop`.
 
 use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_core::{Error, Result};
@@ -59,6 +60,7 @@ pub struct Cluster {
     conf: String,
     client_name: String,
     keyring: Option<String>,
+    image_opens: AtomicU64,
 }
 
 // SAFETY: librados documents `rados_t` and `rados_ioctx_t` as safe to share between threads
@@ -173,6 +175,7 @@ impl Cluster {
             conf,
             client_name: cfg.client_name.clone(),
             keyring,
+            image_opens: AtomicU64::new(0),
         })
     }
 
@@ -233,6 +236,18 @@ impl Cluster {
     /// The keyring path, if one was configured.
     pub fn keyring(&self) -> Option<&str> {
         self.keyring.as_deref()
+    }
+
+    /// How many image opens (`rbd_open` or `rbd_open_read_only`, whether they succeeded or
+    /// not) were made over this connection: each is a round trip to the cluster (and a
+    /// read-write one a watch), which is what the handle cache saves. For tests and logs.
+    pub fn image_opens(&self) -> u64 {
+        self.image_opens.load(Ordering::Relaxed)
+    }
+
+    /// Counts one image open (see [`Cluster::image_opens`]).
+    pub(crate) fn count_image_open(&self) {
+        self.image_opens.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The value of configuration option `option` as this connection sees it (ceph.conf,

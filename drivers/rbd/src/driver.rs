@@ -463,9 +463,20 @@ impl BlockingDriver for RbdBackend {
         delete_volume_blocking(&self.cluster, &self.images, v)
     }
 
+    /// Answers from the cached handle when there is one, opening nothing: its id check has
+    /// just read the handle's image id from `rbd_id.<name>`, so the name denotes that image
+    /// now, and `rbd_remove` refuses an image with watchers, which our handle is. Otherwise
+    /// probes with a read-only open, which sets no watch and is not cached (see
+    /// [`crate::handles`]).
     fn lookup_volume(&self, v: &Volume) -> Result<Option<ProviderUpdate>> {
         let name = volume_image(&v.id);
-        // Read-only: no watch on the header, a cheap probe for crash recovery.
+        if let Some(found) = self.images.with_cached(&name, |_| Ok::<_, Error>(())) {
+            return match found {
+                Ok(()) => Ok(Some(self.location(&name, None))),
+                Err(Failure::Open(e)) => Err(e.into()),
+                Err(Failure::Op(e)) => Err(e),
+            };
+        }
         match Image::open_read_only(&self.cluster, &name, None) {
             Ok(_) => Ok(Some(self.location(&name, None))),
             Err(e) if e.is_not_found() => Ok(None),
@@ -508,13 +519,23 @@ impl BlockingDriver for RbdBackend {
             })
     }
 
+    /// `rbd_snap_exists` on the cached handle of the volume's image when there is one
+    /// (opening nothing; the handle stays at the head), else on a read-only probe of the
+    /// image, as [`RbdBackend::lookup_volume`].
     fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>> {
         let (image, snap) = (volume_image(&s.volume_id), snapshot_name(&s.id));
-        let exists = match Image::open_read_only(&self.cluster, &image, None) {
-            Ok(img) => img.snap_exists(&snap)?,
-            // No volume image, so no snapshot either.
-            Err(e) if e.is_not_found() => false,
-            Err(e) => return Err(e.into()),
+        let exists = match self
+            .images
+            .with_cached(&image, |img| img.snap_exists(&snap))
+        {
+            Some(Ok(exists)) => exists,
+            Some(Err(Failure::Open(e) | Failure::Op(e))) => return Err(e.into()),
+            None => match Image::open_read_only(&self.cluster, &image, None) {
+                Ok(img) => img.snap_exists(&snap)?,
+                // No volume image, so no snapshot either.
+                Err(e) if e.is_not_found() => false,
+                Err(e) => return Err(e.into()),
+            },
         };
         Ok(exists.then(|| self.location(&image, Some(&snap))))
     }
@@ -571,6 +592,35 @@ impl BlockingDriver for RbdBackend {
         })
     }
 
+    /// Opens a read-only handle of the volume's image at the snapshot, owned by the reader;
+    /// it never uses the cached read-write handle, because it cannot:
+    ///
+    /// - `rbd_read` and `rbd_diff_iterate2` act at the snapshot a handle is set to
+    ///   (`rbd_snap_set`), so a reader needs a handle at its snapshot for its whole life.
+    ///   The cached handle is shared by operations that need it at the head: on a handle
+    ///   set to a snapshot librbd refuses rollback and resize (`EROFS`) and flatten
+    ///   (`EINVAL`) (tried on Ceph 16.2.15), and the children listing of a snapshot delete
+    ///   ([`Image::children_of`]) sets the handle back to the head when done, which would
+    ///   turn a reader's later reads into reads of the head. Setting it to a snapshot also
+    ///   gives up the exclusive lock it may hold while idle.
+    /// - A reader outlives the call: the caller reads at its own pace (an export takes as
+    ///   long as the volume is large). The cache lends a handle for one call under its
+    ///   mutex; lent to a reader, it would make every other operation on the volume, the
+    ///   reaper and `delete_volume`'s close (which waits for the current user) wait for the
+    ///   whole export. Taking it out of the cache for the reader instead saves no open (the
+    ///   next operation opens a new read-write handle) and would keep a watch for as long
+    ///   as the reader lives; the read-only handle keeps none.
+    ///
+    /// The librbd 16.2 abort (docs/rbd-backend.md) came from one image opened and closed in
+    /// quick succession, read-write and then read-only at the snapshot twice, in the clone
+    /// path. A reader opens one read-only handle at the snapshot beside the cached
+    /// read-write one and closes it when dropped, nothing in between: the pattern the stress
+    /// runs after the cache was introduced exercised on every iteration (a snapshot on the
+    /// cached handle, then a reader of it; 350 readers, no abort, and 350 more with the
+    /// lookups on the cached handle, some while the reader was open). The clone path closes the
+    /// cached handle first to keep *its* proven sequence unchanged; the reader's proven
+    /// sequence is with the cached handle open, and closing it would only cost the next
+    /// operation a reopen.
     fn open_snapshot_reader(&self, s: &Snapshot) -> Result<Box<dyn SnapshotReader>> {
         let (image, snap) = (volume_image(&s.volume_id), snapshot_name(&s.id));
         let img = Image::open_read_only(&self.cluster, &image, Some(&snap)).map_err(|e| {

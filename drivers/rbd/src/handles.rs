@@ -36,6 +36,13 @@
 //! - **Clones do not use the cache.** The clone path keeps its own open/close sequence, the
 //!   one proven free of the librbd 16.2 abort (docs/rbd-backend.md), and closes the cached
 //!   handle of the source image first.
+//! - **Lookups use a cached handle, but never open one.** Crash-recovery lookups answer from
+//!   the cached handle when there is one ([`ImageCache::with_cached`]): no second handle of
+//!   the image is opened beside it. Without one they probe with a read-only open, which
+//!   sets no watch; opening (and caching) a read-write handle just to ask would put a
+//!   watch on every image recovery looks at.
+//! - **Snapshot readers do not use the cache** (they need a handle at the snapshot for as
+//!   long as the caller reads; see `RbdBackend::open_snapshot_reader`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -139,6 +146,34 @@ impl ImageCache {
         f: impl FnOnce(&Image) -> Result<T, E>,
     ) -> Result<T, Failure<E>> {
         let handle = self.checkout(name).map_err(Failure::Open)?;
+        self.run(name, handle, f)
+    }
+
+    /// Runs `f` as [`ImageCache::with`] does, but only on a handle that is already cached and
+    /// still is the image its name says (the same id check); opens nothing. `None` when no
+    /// handle of `name` is cached, or the cached one no longer is that image (it is dropped
+    /// from the cache): the caller then finds out some other way, e.g. with a read-only open
+    /// that sets no watch. An error from `f` closes the handle, as in `with`.
+    pub fn with_cached<T, E>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Image) -> Result<T, E>,
+    ) -> Option<Result<T, Failure<E>>> {
+        match self.cached(name) {
+            Ok(Some(handle)) => Some(self.run(name, handle, f)),
+            Ok(None) => None,
+            Err(e) => Some(Err(Failure::Open(e))),
+        }
+    }
+
+    /// Runs `f` on `handle` (checked out for `name`) under its mutex, then marks it used, or
+    /// drops it from the cache if `f` failed.
+    fn run<T, E>(
+        &self,
+        name: &str,
+        handle: Handle,
+        f: impl FnOnce(&Image) -> Result<T, E>,
+    ) -> Result<T, Failure<E>> {
         let result = f(&lock(&handle));
         let mut st = lock(&self.shared.state);
         let ours = st
@@ -184,8 +219,10 @@ impl ImageCache {
         lock(&self.shared.state).entries.contains_key(name)
     }
 
-    /// The handle of `name`: the cached one if it is still that image, else a fresh open.
-    fn checkout(&self, name: &str) -> CallResult<Handle> {
+    /// The cached handle of `name` if there is one and the name still denotes its image;
+    /// `None` if nothing is cached or the cached handle was of another image (then dropped
+    /// from the cache). Opens nothing.
+    fn cached(&self, name: &str) -> CallResult<Option<Handle>> {
         let cached = {
             let mut st = lock(&self.shared.state);
             st.entries.get_mut(name).map(|e| {
@@ -193,20 +230,33 @@ impl ImageCache {
                 (Arc::clone(&e.image), e.id.clone())
             })
         };
-        if let Some((handle, id)) = cached {
-            match image::id_of(&self.shared.cluster, name) {
-                Ok(now) if now == id => return Ok(handle),
-                Ok(now) => {
-                    tracing::debug!(image = name, cached = %id, now = %now, "image replaced under its name; reopening");
-                    self.discard(name, &handle);
-                }
-                Err(e) if e.is_not_found() => {
-                    tracing::debug!(image = name, "image gone under its name; reopening");
-                    self.discard(name, &handle);
-                }
-                // The cluster could not tell: do not act on a handle we cannot vouch for.
-                Err(e) => return Err(e),
+        let Some((handle, id)) = cached else {
+            return Ok(None);
+        };
+        match image::id_of(&self.shared.cluster, name) {
+            Ok(now) if now == id => Ok(Some(handle)),
+            Ok(now) => {
+                tracing::debug!(image = name, cached = %id, now = %now, "image replaced under its name; dropping its handle");
+                self.discard(name, &handle);
+                Ok(None)
             }
+            Err(e) if e.is_not_found() => {
+                tracing::debug!(
+                    image = name,
+                    "image gone under its name; dropping its handle"
+                );
+                self.discard(name, &handle);
+                Ok(None)
+            }
+            // The cluster could not tell: do not act on a handle we cannot vouch for.
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The handle of `name`: the cached one if it is still that image, else a fresh open.
+    fn checkout(&self, name: &str) -> CallResult<Handle> {
+        if let Some(handle) = self.cached(name)? {
+            return Ok(handle);
         }
         let img = Image::open(&self.shared.cluster, name, None)?;
         let id = match img.id() {

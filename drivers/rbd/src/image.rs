@@ -212,6 +212,7 @@ impl Image {
         let s = snap.map(|s| c(f, s)).transpose()?;
         let sp = s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let mut handle: ffi::rbd_image_t = std::ptr::null_mut();
+        cluster.count_image_open();
         // SAFETY: live ioctx, NUL-terminated strings (or null snap), valid out-pointer.
         let rc = unsafe {
             if read_only {

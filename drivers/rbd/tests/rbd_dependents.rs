@@ -23,8 +23,9 @@ fn busy(r: kiln_core::Result<DeleteAction>) -> Error {
 async fn deleting_a_snapshot_with_clones_is_busy_until_they_are_flattened() {
     let d = driver().await;
     let v = create_volume(&d, SIZE).await;
-    let data = pattern(11, 8 << 20);
-    write(&d, &v, 0, data.clone()).await;
+    // Data for the flatten to copy (that the clones keep it is the contract suite's:
+    // a_snapshot_with_a_clone_is_busy_or_independent).
+    write(&d, &v, 0, pattern(11, 8 << 20)).await;
     let s = take_snapshot(&d, &v).await;
     let c1 = volume(SIZE);
     let c2 = volume(SIZE);
@@ -54,10 +55,6 @@ async fn deleting_a_snapshot_with_clones_is_busy_until_they_are_flattened() {
     let reason = e.message();
     assert!(reason.contains(&format!("volume-{}", c1.id)), "{reason}");
     assert!(reason.contains(&format!("volume-{}", c2.id)), "{reason}");
-    assert!(
-        snapshot_exists(&d, &s).await,
-        "a refused delete leaves the snapshot"
-    );
 
     // Flatten one clone (with progress): still busy, naming only the other one.
     let p = Arc::new(RecordingProgress::default());
@@ -67,10 +64,6 @@ async fn deleting_a_snapshot_with_clones_is_busy_until_they_are_flattened() {
         parent_of(&d, &c1).await.is_none(),
         "flattened clone has no parent"
     );
-    assert!(
-        read_head(&d, &c1, 0, 8 << 20).await == data,
-        "flattened clone keeps its data"
-    );
     let e = busy(d.delete_snapshot(&s).await);
     assert_eq!(e.dependents(), [c2.id.to_string()], "{e}");
     // Flattening a volume that is no clone is a no-op.
@@ -79,12 +72,7 @@ async fn deleting_a_snapshot_with_clones_is_busy_until_they_are_flattened() {
     // Deleting the other clone also frees the snapshot: unprotect + remove succeed.
     assert_eq!(d.delete_volume(&c2).await.unwrap(), DeleteAction::Deleted);
     assert_eq!(d.delete_snapshot(&s).await.unwrap(), DeleteAction::Deleted);
-    assert!(!snapshot_exists(&d, &s).await);
     assert!(cli_snapshots(&image).is_empty());
-    assert!(
-        read_head(&d, &c1, 0, 8 << 20).await == data,
-        "flattened clone survives its origin's snapshot"
-    );
     assert_eq!(d.delete_volume(&c1).await.unwrap(), DeleteAction::Deleted);
     assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }
@@ -142,19 +130,4 @@ async fn clones_deeper_than_max_clone_depth_are_flattened() {
     }
     assert_eq!(d.delete_snapshot(&s0).await.unwrap(), DeleteAction::Deleted);
     assert_eq!(d.delete_volume(&base).await.unwrap(), DeleteAction::Deleted);
-}
-
-#[tokio::test]
-async fn missing_source_snapshot_is_not_found() {
-    let d = driver().await;
-    let v = create_volume(&d, SIZE).await;
-    let ghost = snapshot(&v);
-    let c = volume(SIZE);
-    let e = d
-        .create_volume_from_snapshot(&c, &ghost, no_progress())
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-    assert!(!volume_exists(&d, &c).await);
-    assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }

@@ -2,7 +2,9 @@
 //! These tests check, against the real cluster and through the `rbd` CLI's independent view
 //! (watchers, locks, snapshots), that a handle is reused, that it is closed when it must be
 //! (delete, clone source, error, idle, over the bound), that a handle whose image was renamed or replaced
-//! under its name is never used, and that concurrent operations share handles safely.
+//! under its name is never used (by operations or lookups), that lookups answer from a
+//! cached handle without opening the image again while readers open their own, and that
+//! concurrent operations share handles safely.
 
 mod common;
 
@@ -13,6 +15,7 @@ use common::*;
 use kiln_core::{DeleteAction, ErrorKind, VolumeDriver, no_progress};
 use kiln_driver_rbd::handles::ImageCache;
 use kiln_driver_rbd::{image, volume_image};
+use kiln_testkit::pattern;
 
 /// Bound on waiting for the reaper (a hang guard, not a performance target).
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -128,6 +131,17 @@ async fn a_handle_whose_image_was_renamed_or_replaced_is_never_used() {
     let old1 = format!("kiln-test-old1-{}", v.id);
     rbd_cli(&["mv", &spec(&name), &spec(&old1)]);
     rbd_cli(&["create", "--size", "64M", &spec(&name)]);
+    // Recovery lookups do not answer from the stale handle either: s1 is on the renamed
+    // image, and the volume is the new image now.
+    assert!(
+        d.image_handles().contains(&name),
+        "the stale handle is cached"
+    );
+    assert!(
+        !snapshot_exists(&d, &s1).await,
+        "lookup_snapshot looked at the renamed image"
+    );
+    assert!(volume_exists(&d, &v).await);
     let s2 = take_snapshot(&d, &v).await;
     assert_eq!(
         cli_snapshots(&name),
@@ -143,6 +157,18 @@ async fn a_handle_whose_image_was_renamed_or_replaced_is_never_used() {
     // Renamed away with nothing in its place: the volume is gone for kiln.
     let old2 = format!("kiln-test-old2-{}", v.id);
     rbd_cli(&["mv", &spec(&name), &spec(&old2)]);
+    assert!(
+        d.image_handles().contains(&name),
+        "the stale handle is cached"
+    );
+    assert!(
+        !volume_exists(&d, &v).await,
+        "lookup_volume answered from the renamed image's handle"
+    );
+    assert!(
+        !snapshot_exists(&d, &s2).await,
+        "lookup_snapshot answered from the renamed image's handle"
+    );
     let s3 = snapshot(&v);
     let e = d.create_snapshot(&s3, &v).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
@@ -159,6 +185,76 @@ async fn a_handle_whose_image_was_renamed_or_replaced_is_never_used() {
     assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
     rbd_cli(&["snap", "rm", &format!("rbd/{old1}@{}", snap(&s1))]);
     rbd_cli(&["rm", &spec(&old1)]);
+}
+
+/// Crash-recovery lookups of a volume whose handle is cached answer from that handle: the
+/// connection opens no image for them (its open count stays) and the handle stays the same
+/// one (same watch cookie). Without a cached handle they probe with one read-only open
+/// each, which leaves no watch and does not fill the cache. A snapshot reader opens
+/// exactly one handle, its own (read-only, at the snapshot: no watch), and leaves the
+/// cached one in place.
+#[tokio::test]
+async fn lookups_answer_from_the_cached_handle_and_a_reader_opens_only_its_own() {
+    let d = driver().await;
+    let v = create_volume(&d, SIZE).await;
+    let name = volume_image(&v.id);
+    let s = take_snapshot(&d, &v).await;
+    assert!(d.image_handles().contains(&name));
+    // Right after the snapshot (the handle's last use), before anything slow: the handle
+    // is not idle yet.
+    let opens = d.cluster().image_opens();
+    assert!(volume_exists(&d, &v).await);
+    assert!(snapshot_exists(&d, &s).await);
+    assert!(!snapshot_exists(&d, &snapshot(&v)).await);
+    assert_eq!(
+        d.cluster().image_opens(),
+        opens,
+        "the lookups opened an image beside the cached handle"
+    );
+    let watch = cli_watchers(&name);
+    assert_eq!(watch.len(), 1, "one handle, still open: {watch:?}");
+    assert!(d.image_handles().contains(&name));
+
+    let data = pattern(71, 1 << 20);
+    write(&d, &v, 0, data.clone()).await;
+    let s2 = take_snapshot(&d, &v).await;
+    let opens = d.cluster().image_opens();
+    let (read, _) = read_snapshot(&d, &s2).await;
+    assert_eq!(
+        d.cluster().image_opens(),
+        opens + 1,
+        "a reader opens one handle, its own"
+    );
+    assert!(d.image_handles().contains(&name), "the cached handle stays");
+    assert_prefix_then_zeros(&read, &data, "the reader's snapshot");
+    assert_eq!(
+        cli_watchers(&name).len(),
+        1,
+        "the cached handle is the only watcher: the reader's handle set none"
+    );
+
+    d.image_handles().close(&name);
+    let opens = d.cluster().image_opens();
+    assert!(volume_exists(&d, &v).await);
+    assert!(snapshot_exists(&d, &s).await);
+    assert_eq!(
+        d.cluster().image_opens(),
+        opens + 2,
+        "without a cached handle each lookup is one read-only probe"
+    );
+    assert!(
+        !d.image_handles().contains(&name),
+        "lookups do not fill the cache"
+    );
+    assert!(
+        cli_watchers(&name).is_empty(),
+        "read-only probes leave no watch"
+    );
+
+    for s in [&s, &s2] {
+        assert_eq!(d.delete_snapshot(s).await.unwrap(), DeleteAction::Deleted);
+    }
+    assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

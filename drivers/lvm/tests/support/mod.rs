@@ -9,10 +9,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kiln_core::{Progress, Snapshot, SnapshotReader, Volume, VolumeId};
-use kiln_driver_lvm::{LvmConfig, LvmType};
+use kiln_core::{Progress, ProviderUpdate, Snapshot, SnapshotReader, Volume, VolumeId};
+use kiln_driver_lvm::{LvmConfig, LvmDriver, LvmType, open};
 
 pub const MIB: u64 = 1 << 20;
+
+/// The usual test volume size: 16 extents of 4 MiB.
+pub const VOL: u64 = 64 * MIB;
+
+/// A driver on `t`'s VG with `t`'s config (thin or thick, the defaults otherwise).
+pub async fn driver(t: &TestVg) -> LvmDriver {
+    open("lvm-test", t.config()).await.unwrap()
+}
+
+/// The location `create_*` returns and `lookup_*` must return: `vg/lv`.
+pub fn loc(t: &TestVg, lv: &str) -> Option<ProviderUpdate> {
+    Some(ProviderUpdate {
+        provider_location: Some(format!("{}/{lv}", t.vg)),
+    })
+}
 
 /// Panics unless we run as root inside the guest that `tests/harness/uml-run.sh` boots: the
 /// host kernel has no device-mapper, and a test that silently skipped would prove nothing.
