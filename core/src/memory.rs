@@ -36,6 +36,9 @@ pub struct MemoryDriver {
     /// Every mutating call that fails with `Unavailable` while set (a cluster that cannot
     /// answer).
     pub unreachable: std::sync::atomic::AtomicBool,
+    /// Snapshots the next revert reports as invalidated (like LVM thick snapshots whose
+    /// COW space a revert overflowed); they become `broken`.
+    pub invalidate_on_revert: Mutex<Vec<SnapshotId>>,
 }
 
 impl MemoryDriver {
@@ -261,7 +264,25 @@ impl VolumeDriver for MemoryDriver {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(v.id, data);
-        Ok(Default::default())
+        let ids: Vec<SnapshotId> = std::mem::take(
+            &mut *self
+                .invalidate_on_revert
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        self.broken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(ids.iter().copied());
+        Ok(crate::types::RevertOutcome {
+            invalidated: ids
+                .into_iter()
+                .map(|snapshot| crate::types::Invalidated {
+                    snapshot,
+                    reason: "copy-on-write space overflowed by the revert (injected)".into(),
+                })
+                .collect(),
+        })
     }
     async fn flatten_volume(&self, _v: &Volume, _p: ProgressHandle) -> Result<()> {
         self.busy

@@ -1693,3 +1693,36 @@ async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_
     assert!(store.images().unwrap().is_empty());
     assert!(store.operations().unwrap().is_empty());
 }
+
+/// Found in review: a thick LVM revert that overflowed another snapshot returned an error,
+/// so the volume was marked `error` although its data was reverted. Now the outcome names
+/// the invalidated snapshots: the volume is `available`, the chosen snapshot too, and each
+/// invalidated one is `error` with the backend's reason.
+#[tokio::test]
+async fn a_revert_that_invalidates_another_snapshot_marks_that_one_error_not_the_volume() {
+    let f = fixture();
+    let v = volume(&f).await;
+    let s1 = f.svc.create_snapshot(v.id, None, false).await.unwrap();
+    let s2 = f.svc.create_snapshot(v.id, None, false).await.unwrap();
+    f.fake.invalidate_on_revert.lock().unwrap().push(s2.id);
+    let after = f
+        .svc
+        .revert(s1.id, crate::progress::no_progress())
+        .await
+        .unwrap();
+    assert_eq!(after.status, VolumeStatus::Available);
+    assert_eq!(after.status_reason, None);
+    assert_eq!(
+        f.svc.snapshot(s1.id).await.unwrap().status,
+        SnapshotStatus::Available
+    );
+    let s2 = f.svc.snapshot(s2.id).await.unwrap();
+    assert_eq!(s2.status, SnapshotStatus::Error);
+    assert!(
+        s2.status_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("overflowed")),
+        "{s2:?}"
+    );
+    assert!(f.store.operations().unwrap().is_empty());
+}

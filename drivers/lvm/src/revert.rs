@@ -187,7 +187,8 @@ impl LvmBackend {
         {
             return Err(Error::backend("revert", reason));
         }
-        let chosen_id = names::parse_snapshot(chosen).map_or(chosen.to_string(), |id| id.to_string());
+        let chosen_id =
+            names::parse_snapshot(chosen).map_or(chosen.to_string(), |id| id.to_string());
         Ok(rows
             .iter()
             .filter(|r| {

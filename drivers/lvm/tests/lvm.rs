@@ -310,17 +310,26 @@ async fn bad_input(thin: bool) {
         ErrorKind::InvalidInput
     );
     assert_eq!(
-        kind(d.revert_to_snapshot(&v, &snapshot(&v), no_progress()).await),
+        kind(
+            d.revert_to_snapshot(&v, &snapshot(&v), no_progress())
+                .await
+                .map(drop)
+        ),
         ErrorKind::NotFound
     );
     assert_eq!(
-        kind(d.revert_to_snapshot(&v, &other_snap, no_progress()).await),
+        kind(
+            d.revert_to_snapshot(&v, &other_snap, no_progress())
+                .await
+                .map(drop)
+        ),
         ErrorKind::InvalidInput
     );
     assert_eq!(
         kind(
             d.revert_to_snapshot(&ghost_v, &ghost_s, no_progress())
                 .await
+                .map(drop)
         ),
         ErrorKind::NotFound
     );

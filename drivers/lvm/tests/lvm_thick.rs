@@ -133,7 +133,7 @@ async fn thick_origin_with_snapshots_is_busy_and_deleted_data_is_zeroed() {
 // ---------------------------------------------------------------- thick revert overflowing another snapshot
 
 #[tokio::test]
-async fn thick_revert_that_overflows_another_snapshot_reverts_and_names_it() {
+async fn thick_revert_that_overflows_another_snapshot_reverts_and_names_it_in_its_outcome() {
     let t = TestVg::new("rev-ovf", false, 512);
     // Two drivers on one VG: the default 100 % COW, and a small 10 % COW (as after a
     // configuration change).
@@ -158,16 +158,16 @@ async fn thick_revert_that_overflows_another_snapshot_reverts_and_names_it() {
     assert_eq!(t.lv_size(&s2lv), 8 * MIB);
     assert_eq!(small.snapshot_health(&s2).await.unwrap(), None);
 
-    let e = d
-        .revert_to_snapshot(&v, &s1, no_progress())
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
-    let msg = e.message();
+    // The revert completes and names the snapshot it invalidated (the service marks it
+    // `error` with this reason and keeps the volume `available`).
+    let outcome = d.revert_to_snapshot(&v, &s1, no_progress()).await.unwrap();
+    assert_eq!(outcome.invalidated.len(), 1, "{outcome:?}");
+    assert_eq!(outcome.invalidated[0].snapshot, s2.id);
+    let msg = &outcome.invalidated[0].reason;
     assert!(
-        msg.contains(&s2.id.to_string())
-            && msg.contains("overflowed")
-            && msg.contains(&format!("now holds the data of snapshot {}", s1.id)),
+        msg.contains("overflowed")
+            && msg.contains(&s1.id.to_string())
+            && msg.contains(&v.id.to_string()),
         "{msg}"
     );
     assert!(!msg.contains('\n'), "one line: {msg}");
@@ -185,8 +185,9 @@ async fn thick_revert_that_overflows_another_snapshot_reverts_and_names_it() {
         "{reason:?}"
     );
     // A re-run (as crash recovery does) has nothing left to rewrite, and s2 was invalid
-    // before it started: not this run's doing, so it succeeds.
-    d.revert_to_snapshot(&v, &s1, no_progress()).await.unwrap();
+    // before it started: not this run's doing, so it names nothing.
+    let again = d.revert_to_snapshot(&v, &s1, no_progress()).await.unwrap();
+    assert!(again.invalidated.is_empty(), "{again:?}");
     assert_dev(&dev, &at_s1, "volume after a repeated revert");
     assert_eq!(d.delete_snapshot(&s2).await.unwrap(), DeleteAction::Deleted);
     assert_eq!(d.delete_snapshot(&s1).await.unwrap(), DeleteAction::Deleted);
