@@ -58,11 +58,28 @@ pub(crate) async fn run(
     let result = ctx
         .drive(KIND, driver.revert_to_snapshot(&v, &s, progress))
         .await;
+    let result = known_only(ctx, result).await?;
     let (mut steps, r) = conclude(&v, &s, result);
     steps.push(Step::FinishOp(op));
     ctx.finish(steps).await?;
     r?;
     ctx.volume(v.id).await
+}
+
+/// Keeps only the invalidated snapshots kiln has records of (a backend may name objects
+/// made outside kiln; those are not kiln's to mark).
+async fn known_only(ctx: &Ctx, result: Result<RevertOutcome>) -> Result<Result<RevertOutcome>> {
+    let Ok(mut outcome) = result else {
+        return Ok(result);
+    };
+    let mut kept = Vec::new();
+    for inv in outcome.invalidated {
+        if ctx.store.snapshot(inv.snapshot).await?.is_some() {
+            kept.push(inv);
+        }
+    }
+    outcome.invalidated = kept;
+    Ok(Ok(outcome))
 }
 
 fn conclude(
@@ -146,6 +163,7 @@ pub(crate) async fn recover(ctx: &Ctx, op: &Operation) -> Result<String> {
         Err(e) if e.is_transient() => return Err(e),
         r => r,
     };
+    let result = known_only(ctx, result).await?;
     let outcome = match &result {
         Ok(_) => format!("revert to snapshot {} completed", s.id),
         Err(e) => format!("revert to snapshot {} could not be completed: {e}", s.id),
