@@ -4,28 +4,10 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-
-use common::{Kiln, listing, s};
+use common::{Kiln, assert_bench_timings, backend_row, image, listing, s, sha256_hex, write_at};
 use kiln_testkit::pattern;
-use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
-
-fn write_at(path: &str, offset: u64, data: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(data, offset).unwrap();
-    f.sync_all().unwrap();
-}
-
-/// The expected image: `size` zeros with `chunks` written at their offsets.
-fn image(size: u64, chunks: &[(u64, &[u8])]) -> Vec<u8> {
-    let mut img = vec![0u8; size as usize];
-    for (off, data) in chunks {
-        img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-    }
-    img
-}
 
 #[test]
 fn raw_lifecycle_keeps_every_point_in_time() {
@@ -81,7 +63,7 @@ fn raw_lifecycle_keeps_every_point_in_time() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(std::fs::read(&out).unwrap(), gen1);
-    assert_eq!(s(&e, "sha256"), hex::encode(Sha256::digest(&gen1)));
+    assert_eq!(s(&e, "sha256"), sha256_hex(&gen1));
     assert!(
         e["data_bytes_written"].as_u64().unwrap() < 64 * MIB,
         "export was not sparse: {e}"
@@ -132,15 +114,7 @@ fn raw_lifecycle_keeps_every_point_in_time() {
 
     // Attach: plain snapshot refused (wrong state), forced allowed (reflink is atomic).
     let inst = "3f1c2a0e-8a4b-4c5d-9e6f-7a8b9c0d1e2f";
-    let a = k.json(&[
-        "volume",
-        "attach",
-        &vid,
-        "--instance",
-        inst,
-        "--device",
-        "/dev/vdb",
-    ]);
+    let a = k.attach(&vid, inst, "/dev/vdb");
     assert_eq!(a["status"], "in-use");
     assert_eq!(a["attachments"][0]["device"], "/dev/vdb");
     let msg = k.fails(&["snapshot", "create", &vid], 5);
@@ -176,25 +150,7 @@ fn qcow2_lifecycle_through_the_cli() {
     assert_eq!(v["backend"], "qcow");
     let vid = s(&v, "id");
     // Data goes where a hypervisor would write it: the volume's active qcow2 layer.
-    let write = |off: u64, data: &[u8]| {
-        let dir = k.qcow_dir().join(format!("volume-{vid}"));
-        let chain: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("chain.json")).unwrap()).unwrap();
-        let active = dir.join(chain["active"].as_str().unwrap());
-        let src = k.dir.path().join("chunk.bin");
-        std::fs::write(&src, data).unwrap();
-        let cmd = format!("write -s {} {off} {}", src.display(), data.len());
-        let out = std::process::Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", &cmd, "-c", "flush"])
-            .arg(&active)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let write = |off: u64, data: &[u8]| k.qemu_io_write(&k.qcow_active(&vid), off, data);
     let export_sha = |sid: &str, name: &str| {
         let out = k.dir.path().join(name);
         let e = k.json(&["snapshot", "export", sid, "--output", out.to_str().unwrap()]);
@@ -202,7 +158,6 @@ fn qcow2_lifecycle_through_the_cli() {
         assert_eq!(std::fs::metadata(&out).unwrap().len(), 32 * MIB);
         s(&e, "sha256")
     };
-    let sha = |img: &[u8]| hex::encode(Sha256::digest(img));
     let (g1, g2, g3) = (
         pattern(71, 2 << 20),
         pattern(72, 2 << 20),
@@ -228,44 +183,40 @@ fn qcow2_lifecycle_through_the_cli() {
     let img3 = image(32 * MIB, &[(0, &g3), (4 * MIB, &g2)]);
     let list = k.json(&["snapshot", "list", "--volume", &vid]);
     assert_eq!(list.as_array().unwrap().len(), 3);
-    assert_eq!(export_sha(&s1, "s1.raw"), sha(&img1));
-    assert_eq!(export_sha(&s2, "s2.raw"), sha(&img2));
-    assert_eq!(export_sha(&s3, "s3.raw"), sha(&img3));
+    assert_eq!(export_sha(&s1, "s1.raw"), sha256_hex(&img1));
+    assert_eq!(export_sha(&s2, "s2.raw"), sha256_hex(&img2));
+    assert_eq!(export_sha(&s3, "s3.raw"), sha256_hex(&img3));
 
     // Revert to the oldest: the volume holds its data (read back through a new snapshot),
     // the others are intact.
     k.json(&["snapshot", "revert", &s1]);
     let now = s(&k.json(&["snapshot", "create", &vid]), "id");
-    assert_eq!(export_sha(&now, "now.raw"), sha(&img1), "revert to one");
+    assert_eq!(
+        export_sha(&now, "now.raw"),
+        sha256_hex(&img1),
+        "revert to one"
+    );
     k.json(&["snapshot", "delete", &now]);
-    assert_eq!(export_sha(&s3, "s3b.raw"), sha(&img3));
+    assert_eq!(export_sha(&s3, "s3b.raw"), sha256_hex(&img3));
 
     // Middle snapshot deleted: the chain is merged, the others stay readable and exact.
     k.json(&["snapshot", "delete", &s2]);
-    assert_eq!(export_sha(&s1, "s1c.raw"), sha(&img1));
-    assert_eq!(export_sha(&s3, "s3c.raw"), sha(&img3));
+    assert_eq!(export_sha(&s1, "s1c.raw"), sha256_hex(&img1));
+    assert_eq!(export_sha(&s3, "s3c.raw"), sha256_hex(&img3));
     let c = k.json(&["volume", "create", "--snapshot", &s3]);
     assert_eq!(c["backend"], "qcow");
     let cid = s(&c, "id");
     let cs = s(&k.json(&["snapshot", "create", &cid]), "id");
     assert_eq!(
         export_sha(&cs, "clone.raw"),
-        sha(&img3),
+        sha256_hex(&img3),
         "clone holds snapshot three"
     );
     k.json(&["snapshot", "delete", &cs]);
 
     // An attached qcow2 volume cannot be switched to a new overlay behind the hypervisor:
     // unsupported, and nothing changes.
-    k.json(&[
-        "volume",
-        "attach",
-        &vid,
-        "--instance",
-        "0b6f7c0e-1111-4222-8333-944455556666",
-        "--device",
-        "/dev/vdc",
-    ]);
+    k.attach(&vid, "0b6f7c0e-1111-4222-8333-944455556666", "/dev/vdc");
     let before = k.state();
     let msg = k.fails(&["snapshot", "create", &vid, "--force"], 7);
     assert!(msg.contains("unsupported"), "{msg}");
@@ -478,23 +429,13 @@ fn bad_input_is_refused_and_changes_nothing() {
 fn backend_list_and_bench_report_in_json() {
     let k = Kiln::new();
     let b = k.json(&["backend", "list"]);
-    let raw = b
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "raw")
-        .unwrap();
+    let raw = backend_row(&b, "raw");
     assert_eq!(raw["driver"], "file");
     assert_eq!(raw["default"], true);
     assert_eq!(raw["capabilities"]["thin"], true);
     assert_eq!(raw["capabilities"]["online_snapshot"], true);
     assert!(raw["stats"]["total_bytes"].as_u64().unwrap() > 0);
-    let q = b
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "qcow")
-        .unwrap();
+    let q = backend_row(&b, "qcow");
     assert_eq!(q["capabilities"]["online_snapshot"], false);
 
     for backend in ["raw", "qcow"] {
@@ -508,16 +449,7 @@ fn backend_list_and_bench_report_in_json() {
             "--iterations",
             "3",
         ]);
-        for key in [
-            "create_ms",
-            "delete_ms",
-            "primitive_ms",
-            "primitive_delete_ms",
-        ] {
-            for p in ["median", "p90", "max"] {
-                assert!(r[key][p].as_f64().unwrap() > 0.0, "{key}.{p} in {r}");
-            }
-        }
+        assert_bench_timings(&r);
         assert!(!s(&r, "primitive").is_empty());
         assert_eq!(r["iterations"], 3);
     }
@@ -652,12 +584,7 @@ fn a_backend_that_cannot_open_is_listed_unavailable_and_changes_nothing() {
     cfg.push_str("\n[backends.gone]\ndriver = \"lvm\"\nvolume_group = \"kiln-no-such-vg\"\n");
     std::fs::write(&k.config, cfg).unwrap();
     let b = k.json(&["backend", "list"]);
-    let gone = b
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "gone")
-        .unwrap();
+    let gone = backend_row(&b, "gone");
     assert!(
         gone["unavailable"]
             .as_str()

@@ -11,16 +11,18 @@
 //! reaches the volumes by `pwrite` on the LV's device node (named from `provider_location`),
 //! and `lvs` checks what kiln did to the VG. Every external command is an argv vector.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::process::{Command, Stdio};
 
 use kiln_testkit::pattern;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+
+use common::{
+    Runner, assert_bench_timings, assert_same_bytes, backend_row, s, serial, sha256_hex,
+    unique_token, write_at,
+};
 
 const MIB: u64 = 1 << 20;
 /// Volume size: small, because thick snapshots reserve COW space of the origin's size and a
@@ -28,13 +30,8 @@ const MIB: u64 = 1 << 20;
 /// the lifecycle test keeps several whole expected images.
 const SIZE: u64 = 16 * MIB;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// The tests of this file one at a time (they run commands on the same loop devices and
-/// time-sensitive LVM metadata); a failed test does not poison the others.
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+// The tests of this file run one at a time (`serial`): they run commands on the same loop
+// devices and time-sensitive LVM metadata.
 
 /// Panics unless we run as root inside the UML guest with device-mapper: a test that
 /// silently skipped would prove nothing.
@@ -70,23 +67,36 @@ fn sys(argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A kiln data dir and config over a private VG (loop device on the guest's /tmp) with a
-/// thin pool; the VG and loop device are removed on drop.
-struct Kiln {
-    dir: tempfile::TempDir,
-    config: PathBuf,
+/// A private VG (on a loop device over a sparse file in the test's directory) with a thin
+/// pool `pool`; the VG and the loop device are removed on drop.
+struct Vg {
     vg: String,
     loopdev: String,
 }
+
+impl Drop for Vg {
+    fn drop(&mut self) {
+        for argv in [
+            vec!["vgremove", "-q", "-f", self.vg.as_str()],
+            vec!["losetup", "-d", self.loopdev.as_str()],
+        ] {
+            let _ = Command::new(argv[0])
+                .args(&argv[1..])
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .stdin(Stdio::null())
+                .output();
+        }
+    }
+}
+
+/// A kiln data dir and config with backends `thin` (default) and `thick` on a private VG.
+type Kiln = common::Kiln<Vg>;
 
 impl Kiln {
     fn new() -> Kiln {
         require_guest();
         let dir = tempfile::tempdir().unwrap();
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let vg = format!("kc-{}-{n}", std::process::id());
+        let vg = format!("kc-{}", unique_token());
         let img = dir.path().join("pv.img");
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(1024 * MIB).unwrap();
@@ -107,134 +117,27 @@ impl Kiln {
             "pool",
             &vg,
         ]);
-        let config = dir.path().join("kiln.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "default_backend = \"thin\"\n\n\
-                 [backends.thin]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thin\"\n\
-                 thin_pool = \"pool\"\ncommand_timeout_secs = 60\n\n\
-                 [backends.thick]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thick\"\n\
-                 thick_snapshot_percent = 100\ncommand_timeout_secs = 60\n"
-            ),
-        )
-        .unwrap();
-        Kiln {
-            dir,
-            config,
-            vg,
-            loopdev,
-        }
+        let config = format!(
+            "default_backend = \"thin\"\n\n\
+             [backends.thin]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thin\"\n\
+             thin_pool = \"pool\"\ncommand_timeout_secs = 60\n\n\
+             [backends.thick]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thick\"\n\
+             thick_snapshot_percent = 100\ncommand_timeout_secs = 60\n"
+        );
+        common::Kiln::with_config(dir, &config, Vg { vg, loopdev })
+            .runner(Runner::Traced)
+            .failures_leave_stdout_empty()
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        c.arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env_remove("FAILPOINTS")
-            .env_remove("KILN_DATA_DIR")
-            .env_remove("KILN_CONFIG")
-            .env_remove("KILN_LOG")
-            .stdin(Stdio::null());
-        let t = std::time::Instant::now();
-        let out = c
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run kiln {args:?}: {e}"));
-        // Visible with --nocapture: where the time goes under UML.
-        eprintln!(
-            "[{:6.2}s] kiln {args:?} -> {:?}",
-            t.elapsed().as_secs_f64(),
-            out.status.code()
-        );
-        out
-    }
-
-    /// Runs with `--format json`, asserts success, parses stdout.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--format", "json"];
-        a.extend_from_slice(args);
-        let out = self.run(&a);
-        assert!(
-            out.status.success(),
-            "kiln {args:?} failed ({:?}): {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "kiln {args:?}: bad JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-
-    /// Like [`Kiln::json`], and asserts that nothing reached stderr: at the default log
-    /// level a successful command prints nothing there (lvm's own notes on stderr of a
-    /// successful command, such as "Rounding up size", must not be echoed).
-    fn quiet_json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--format", "json"];
-        a.extend_from_slice(args);
-        let out = self.run(&a);
-        assert!(
-            out.status.success(),
-            "kiln {args:?} failed ({:?}): {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.stderr.is_empty(),
-            "kiln {args:?} succeeded but wrote to stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "kiln {args:?}: bad JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-
-    /// Runs, asserts the exit code, no stdout and one `kiln: error: ` line; returns it.
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "kiln {args:?}: stderr {stderr}"
-        );
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "kiln {args:?}: expected one stderr line, got {stderr:?}"
-        );
-        assert!(
-            lines[0].starts_with("kiln: error: "),
-            "kiln {args:?}: {stderr:?}"
-        );
-        assert!(out.stdout.is_empty(), "kiln {args:?}: output on failure");
-        stderr
+    /// The VG's name.
+    fn vg(&self) -> &str {
+        &self.fixture.vg
     }
 
     /// Everything an operation could change: both store listings and every LV of the VG.
     fn state(&self) -> (Value, Value, Vec<String>) {
-        (
-            self.json(&["volume", "list"]),
-            self.json(&["snapshot", "list"]),
-            self.lv_state(),
-        )
+        let (volumes, snapshots) = self.store();
+        (volumes, snapshots, self.lv_state())
     }
 
     /// `name attr size origin` of every LV (hidden ones too), sorted. The open flag (6th attr
@@ -250,7 +153,7 @@ impl Kiln {
             "--nosuffix",
             "-o",
             "lv_name,lv_attr,lv_size,origin",
-            &self.vg,
+            self.vg(),
         ]);
         let mut v: Vec<String> = out
             .lines()
@@ -297,38 +200,12 @@ impl Kiln {
     fn dev(&self, v: &Value) -> PathBuf {
         let loc = s(v, "provider_location");
         let (vg, lv) = loc.split_once('/').unwrap();
-        assert_eq!(vg, self.vg, "provider_location {loc}");
+        assert_eq!(vg, self.vg(), "provider_location {loc}");
         PathBuf::from(format!(
             "/dev/mapper/{}-{}",
             vg.replace('-', "--"),
             lv.replace('-', "--")
         ))
-    }
-
-    /// `kiln snapshot export ID --output FILE`: the file's bytes and the JSON summary.
-    fn export(&self, sid: &str) -> (Vec<u8>, Value) {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let f = self.path(&format!("export-{n}.raw"));
-        let e = self.json(&["snapshot", "export", sid, "--output", f.to_str().unwrap()]);
-        assert_eq!(e["snapshot_id"], sid);
-        let data = std::fs::read(&f).unwrap();
-        std::fs::remove_file(&f).unwrap();
-        (data, e)
-    }
-}
-
-impl Drop for Kiln {
-    fn drop(&mut self) {
-        for argv in [
-            vec!["vgremove", "-q", "-f", self.vg.as_str()],
-            vec!["losetup", "-d", self.loopdev.as_str()],
-        ] {
-            let _ = Command::new(argv[0])
-                .args(&argv[1..])
-                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-                .stdin(Stdio::null())
-                .output();
-        }
     }
 }
 
@@ -344,9 +221,7 @@ impl Image {
     /// Writes a pattern chunk both to the device (pwrite + fsync) and to this image.
     fn write(&mut self, dev: &Path, off: u64, len: usize, seed: u64) {
         let data = pattern(seed, len);
-        let f = OpenOptions::new().write(true).open(dev).unwrap();
-        f.write_all_at(&data, off).unwrap();
-        f.sync_all().unwrap();
+        write_at(dev, off, &data);
         self.0[off as usize..off as usize + len].copy_from_slice(&data);
     }
 
@@ -357,7 +232,7 @@ impl Image {
     }
 
     fn sha256(&self) -> String {
-        hex::encode(Sha256::digest(&self.0))
+        sha256_hex(&self.0)
     }
 }
 
@@ -366,35 +241,10 @@ fn read_dev(dev: &Path) -> Vec<u8> {
     std::fs::read(dev).unwrap_or_else(|e| panic!("read {}: {e}", dev.display()))
 }
 
-/// Byte comparison that names the first difference instead of dumping megabytes.
+/// Byte comparison that names the first difference (and its MiB) instead of dumping
+/// megabytes.
 fn assert_same(got: &[u8], want: &Image, what: &str) {
-    assert_eq!(got.len(), want.0.len(), "{what}: length differs");
-    if got == want.0.as_slice() {
-        return;
-    }
-    let i = got.iter().zip(&want.0).position(|(a, b)| a != b).unwrap();
-    panic!(
-        "{what}: first difference at byte {i} (MiB {}): got {:#04x}, want {:#04x}",
-        i as u64 / MIB,
-        got[i],
-        want.0[i]
-    );
-}
-
-fn s(v: &Value, key: &str) -> String {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
-        .to_string()
-}
-
-fn backend_row(rows: &Value, name: &str) -> Value {
-    rows.as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no backend {name} in {rows}"))
-        .clone()
+    assert_same_bytes(got, &want.0, what, ("MiB", MIB));
 }
 
 #[test]
@@ -424,7 +274,7 @@ fn backend_list_shows_both_lvm_backends_with_capabilities_and_vg_stats() {
         // A 1 GiB PV less LVM's metadata area; the pool (and its metadata) is allocated.
         assert!(total > 1000 * MIB && total <= 1024 * MIB, "{b}");
         assert!(free > 0 && free < total - 256 * MIB, "{b}");
-        assert_eq!(st["details"]["volume_group"], k.vg.as_str(), "{b}");
+        assert_eq!(st["details"]["volume_group"], k.vg(), "{b}");
         assert_eq!(st["details"]["type"], name, "{b}");
         assert_eq!(st["details"]["invalid_snapshots"], json!([]), "{b}");
         if thin {
@@ -464,7 +314,7 @@ fn lifecycle(b: &str) {
     assert_eq!(v["backend"], b);
     let vid = s(&v, "id");
     let vlv = format!("volume-{vid}");
-    assert_eq!(s(&v, "provider_location"), format!("{}/{vlv}", k.vg));
+    assert_eq!(s(&v, "provider_location"), format!("{}/{vlv}", k.vg()));
     let (attr, size, _) = k.lv(&vlv).expect("volume LV missing");
     assert_eq!(size, SIZE);
     assert_eq!(attr.starts_with('V'), thin, "lv_attr {attr}");
@@ -489,7 +339,7 @@ fn lifecycle(b: &str) {
     let s1id = s(&s1, "id");
     assert_eq!(
         s(&s1, "provider_location"),
-        format!("{}/_snapshot-{s1id}", k.vg)
+        format!("{}/_snapshot-{s1id}", k.vg())
     );
     assert_eq!(k.json(&["snapshot", "show", &s1id]), s1);
     let (_, _, origin) = k.lv(&format!("_snapshot-{s1id}")).expect("snapshot LV");
@@ -602,15 +452,7 @@ fn lifecycle(b: &str) {
     assert!(text.contains("gen2") && text.contains(&cid), "{text}");
 
     // Attached: a plain snapshot is refused and changes nothing; --force works.
-    let a = k.json(&[
-        "volume",
-        "attach",
-        &vid,
-        "--instance",
-        "3f1c2a0e-8a4b-4c5d-9e6f-7a8b9c0d1e2f",
-        "--device",
-        "/dev/vdb",
-    ]);
+    let a = k.attach(&vid, "3f1c2a0e-8a4b-4c5d-9e6f-7a8b9c0d1e2f", "/dev/vdb");
     assert_eq!(a["status"], "in-use");
     assert_eq!(a["attachments"][0]["device"], "/dev/vdb");
     let before = k.state();
@@ -652,10 +494,7 @@ fn lifecycle(b: &str) {
     assert_eq!(k.kiln_lvs(), vec![clv.clone()]);
     assert_same(&read_dev(&cdev), &cimg, "clone after its origin is gone");
     k.json(&["volume", "delete", &cid]);
-    assert_eq!(
-        (k.json(&["volume", "list"]), k.json(&["snapshot", "list"])),
-        (json!([]), json!([]))
-    );
+    assert_eq!(k.store(), (json!([]), json!([])));
     assert_eq!(k.kiln_lvs(), Vec::<String>::new());
 }
 
@@ -685,11 +524,7 @@ fn odd_size(b: &str) {
     let mut img = Image::zeros(size);
     img.write(&dev, 0, size as usize, 21);
     // The extent slack beyond size_bytes is written too; it must never show.
-    let f = OpenOptions::new().write(true).open(&dev).unwrap();
-    f.write_all_at(&pattern(22, 2 * MIB as usize), size)
-        .unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    write_at(&dev, size, &pattern(22, 2 * MIB as usize));
     let snap = k.quiet_json(&["snapshot", "create", &vid]);
     assert_eq!(snap["size_bytes"], size);
     let sid = s(&snap, "id");
@@ -758,15 +593,7 @@ fn bad_input_and_wrong_states_change_neither_store_nor_vg() {
         let w = k.json(&["volume", "create", "--size", "16M", "--backend", b]);
         let wid = s(&w, "id");
         let wsid = s(&k.json(&["snapshot", "create", &wid]), "id");
-        k.json(&[
-            "volume",
-            "attach",
-            &wid,
-            "--instance",
-            "0b6f7c0e-1111-4222-8333-944455556666",
-            "--device",
-            "/dev/vdc",
-        ]);
+        k.attach(&wid, "0b6f7c0e-1111-4222-8333-944455556666", "/dev/vdc");
         objs.push((b, v, img, vid, sid, wid, wsid));
     }
     let before = k.state();
@@ -905,16 +732,7 @@ fn bench_snapshot_reports_kiln_and_the_lvcreate_primitive_and_cleans_up() {
             "--iterations",
             "2",
         ]);
-        for key in [
-            "create_ms",
-            "delete_ms",
-            "primitive_ms",
-            "primitive_delete_ms",
-        ] {
-            for p in ["median", "p90", "max"] {
-                assert!(r[key][p].as_f64().unwrap() > 0.0, "{key}.{p} in {r}");
-            }
-        }
+        assert_bench_timings(&r);
         assert!(
             s(&r, "primitive").contains("lvcreate --snapshot"),
             "primitive: {r}"

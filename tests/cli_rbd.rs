@@ -28,29 +28,27 @@ fn rbd_feature_is_required() {
 }
 
 #[cfg(feature = "rbd")]
+mod common;
+
+#[cfg(feature = "rbd")]
 mod rbd {
-    use std::io::Read;
     use std::path::{Path, PathBuf};
-    use std::process::{Command, Output, Stdio};
-    use std::sync::{Mutex, MutexGuard};
-    use std::time::{Duration, Instant};
+    use std::process::Command;
+    use std::time::Duration;
 
     use kiln_testkit::pattern;
     use serde_json::Value;
-    use sha2::{Digest, Sha256};
+
+    use crate::common::{
+        self, Runner, assert_bench_timings, assert_same_bytes, backend_row, check_failure, image,
+        run_bounded, s, serial, sha256_hex, unique_token,
+    };
 
     const MIB: u64 = 1 << 20;
     /// 16 objects of 4 MiB: small enough for a memstore OSD.
     const SIZE: u64 = 64 * MIB;
     /// Hang guard for one kiln or rbd command (a correctness bound, not a performance target).
     const COMMAND_LIMIT: Duration = Duration::from_secs(180);
-
-    static SERIAL: Mutex<()> = Mutex::new(());
-
-    /// Runs the tests of this file one at a time; a failed test does not poison the others.
-    fn serial() -> MutexGuard<'static, ()> {
-        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-    }
 
     /// The cluster's ceph.conf from `CEPH_CONF`; panics with instructions when unset.
     fn ceph_conf() -> PathBuf {
@@ -71,48 +69,6 @@ mod rbd {
              and then `cargo test -p kiln --features rbd --test cli_rbd`."
             ),
         }
-    }
-
-    /// Runs `cmd` with piped output; kills it and panics if it outlives `limit`.
-    fn run_bounded(mut cmd: Command, limit: Duration) -> (Output, Duration) {
-        let what = format!("{cmd:?}");
-        let t0 = Instant::now();
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let t_out = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            out.read_to_end(&mut b).unwrap();
-            b
-        });
-        let t_err = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            err.read_to_end(&mut b).unwrap();
-            b
-        });
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if t0.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what} still running after {limit:?}: killed (hang)");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let elapsed = t0.elapsed();
-        let output = Output {
-            status,
-            stdout: t_out.join().unwrap(),
-            stderr: t_err.join().unwrap(),
-        };
-        (output, elapsed)
     }
 
     /// `rbd --conf CEPH_CONF ARGS…`, asserting success; returns stdout.
@@ -179,111 +135,26 @@ mod rbd {
         d
     }
 
-    /// The expected image: `size` zeros with `chunks` written at their offsets, in order.
-    fn image(size: u64, chunks: &[(u64, &[u8])]) -> Vec<u8> {
-        let mut img = vec![0u8; size as usize];
-        for (off, data) in chunks {
-            img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-        }
-        img
-    }
-
-    /// First differing byte, for readable failures on 64 MiB comparisons.
+    /// First differing byte (and its 4 MiB RADOS object), for readable failures on 64 MiB
+    /// comparisons.
     fn assert_same(got: &[u8], want: &[u8], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length differs");
-        // memcmp first: a byte-wise search over 128 MiB is slow in a debug build.
-        if got == want {
-            return;
-        }
-        if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-            panic!(
-                "{what}: first difference at byte {i} (object {}): got {:#04x}, want {:#04x}",
-                i as u64 / (4 * MIB),
-                got[i],
-                want[i]
-            );
-        }
+        assert_same_bytes(got, want, what, ("object", 4 * MIB));
     }
 
     /// A kiln data directory and config with one RBD backend `ceph` (the default) on the test
-    /// cluster's pool `rbd`.
-    struct Kiln {
-        dir: tempfile::TempDir,
-        config: PathBuf,
-    }
+    /// cluster's pool `rbd`; the cluster needs no fixture of the test's own.
+    type Kiln = common::Kiln<()>;
 
     impl Kiln {
         fn new() -> Kiln {
             let conf = ceph_conf();
-            let dir = tempfile::tempdir().unwrap();
-            let config = dir.path().join("kiln.toml");
-            std::fs::write(
-            &config,
-            format!(
+            let config = format!(
                 "default_backend = \"ceph\"\n\n[backends.ceph]\ndriver = \"rbd\"\nceph_conf = {:?}\npool = \"rbd\"\n",
                 conf.to_str().unwrap()
-            ),
-        )
-        .unwrap();
-            Kiln { dir, config }
-        }
-
-        fn data_dir(&self) -> PathBuf {
-            self.dir.path().join("data")
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.dir.path().join(name)
-        }
-
-        fn cmd_with(&self, config: &Path, args: &[&str]) -> Command {
-            let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-            c.arg("--data-dir")
-                .arg(self.data_dir())
-                .arg("--config")
-                .arg(config)
-                .args(args);
-            c.env_remove("FAILPOINTS")
-                .env_remove("KILN_DATA_DIR")
-                .env_remove("KILN_CONFIG")
-                .env_remove("KILN_LOG");
-            c
-        }
-
-        fn run(&self, args: &[&str]) -> Output {
-            run_bounded(self.cmd_with(&self.config, args), COMMAND_LIMIT).0
-        }
-
-        /// Runs with `--format json`, asserts success, parses stdout.
-        fn json(&self, args: &[&str]) -> Value {
-            let mut a = vec!["--format", "json"];
-            a.extend_from_slice(args);
-            let out = self.run(&a);
-            assert!(
-                out.status.success(),
-                "kiln {args:?} failed ({:?}): {}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
             );
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-                panic!(
-                    "kiln {args:?}: bad JSON ({e}): {}",
-                    String::from_utf8_lossy(&out.stdout)
-                )
-            })
-        }
-
-        /// Runs, asserts the exit code and a one-line `kiln: error:` message; returns it.
-        fn fails(&self, args: &[&str], code: i32) -> String {
-            check_failure(args, &self.run(args), code)
-        }
-
-        /// The store as the CLI lists it (volumes, snapshots).
-        fn store(&self) -> (Value, Value) {
-            (
-                self.json(&["volume", "list"]),
-                self.json(&["snapshot", "list"]),
-            )
+            common::Kiln::with_config(tempfile::tempdir().unwrap(), &config, ())
+                .runner(Runner::Bounded(COMMAND_LIMIT))
+                .failures_leave_stdout_empty()
         }
 
         /// Everything an operation could change: the store listings and the whole pool.
@@ -294,7 +165,7 @@ mod rbd {
 
         /// Writes `chunks` into volume `id`'s image head with `rbd import-diff`.
         fn write(&self, id: &str, chunks: &[(u64, &[u8])]) {
-            let f = self.path(&format!("write-{}.diff", uuid_like()));
+            let f = self.path(&format!("write-{}.diff", unique_token()));
             std::fs::write(&f, diff_file(chunks)).unwrap();
             rbd(&[
                 "import-diff",
@@ -307,7 +178,7 @@ mod rbd {
 
         /// Reads volume `id`'s image head with `rbd export`.
         fn read_head(&self, id: &str) -> Vec<u8> {
-            let f = self.path(&format!("head-{}.raw", uuid_like()));
+            let f = self.path(&format!("head-{}.raw", unique_token()));
             rbd(&[
                 "export",
                 "--no-progress",
@@ -318,60 +189,6 @@ mod rbd {
             std::fs::remove_file(&f).unwrap();
             data
         }
-
-        /// `kiln snapshot export ID --output FILE`: the file's bytes and the JSON summary.
-        fn export(&self, sid: &str) -> (Vec<u8>, Value) {
-            let f = self.path(&format!("export-{sid}-{}.raw", uuid_like()));
-            let e = self.json(&["snapshot", "export", sid, "--output", f.to_str().unwrap()]);
-            assert_eq!(e["snapshot_id"], sid);
-            let data = std::fs::read(&f).unwrap();
-            std::fs::remove_file(&f).unwrap();
-            (data, e)
-        }
-    }
-
-    /// Asserts `out` is a failure with exit `code` and exactly one `kiln: error: ` line.
-    fn check_failure(args: &[&str], out: &Output, code: i32) -> String {
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "kiln {args:?}: stderr {stderr}"
-        );
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "kiln {args:?}: expected one stderr line, got {stderr:?}"
-        );
-        assert!(
-            lines[0].starts_with("kiln: error: "),
-            "kiln {args:?}: {stderr:?}"
-        );
-        assert!(out.stdout.is_empty(), "kiln {args:?}: output on failure");
-        stderr
-    }
-
-    /// A fresh unique token for scratch file names (time + counter; no new dependency).
-    fn uuid_like() -> String {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        format!(
-            "{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    fn s(v: &Value, key: &str) -> String {
-        v[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("{key} missing in {v}"))
-            .to_string()
-    }
-
-    fn sha256_hex(data: &[u8]) -> String {
-        hex::encode(Sha256::digest(data))
     }
 
     #[test]
@@ -552,15 +369,7 @@ mod rbd {
 
         // Attached: a plain snapshot is refused (wrong state, nothing changes), --force works.
         let inst = "3f1c2a0e-8a4b-4c5d-9e6f-7a8b9c0d1e2f";
-        let a = k.json(&[
-            "volume",
-            "attach",
-            &vid,
-            "--instance",
-            inst,
-            "--device",
-            "/dev/vdb",
-        ]);
+        let a = k.attach(&vid, inst, "/dev/vdb");
         assert_eq!(a["status"], "in-use");
         assert_eq!(a["attachments"][0]["instance_id"], inst);
         assert_eq!(a["attachments"][0]["device"], "/dev/vdb");
@@ -645,15 +454,7 @@ mod rbd {
         let w = k.json(&["volume", "create", "--size", "64M", "--name", "attached"]);
         let wid = s(&w, "id");
         let wsid = s(&k.json(&["snapshot", "create", &wid]), "id");
-        k.json(&[
-            "volume",
-            "attach",
-            &wid,
-            "--instance",
-            "0b6f7c0e-1111-4222-8333-944455556666",
-            "--device",
-            "/dev/vdc",
-        ]);
+        k.attach(&wid, "0b6f7c0e-1111-4222-8333-944455556666", "/dev/vdc");
         let exists = k.path("exists.raw");
         std::fs::write(&exists, b"precious").unwrap();
         let exists = exists.to_str().unwrap().to_string();
@@ -784,17 +585,9 @@ mod rbd {
             String::from_utf8_lossy(&out.stderr)
         );
         let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let row = |name: &str| {
-            rows.as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["name"] == name)
-                .unwrap_or_else(|| panic!("no backend {name} in {rows}"))
-                .clone()
-        };
-        let ceph = row("ceph");
+        let ceph = backend_row(&rows, "ceph");
         assert!(ceph["stats"]["total_bytes"].as_u64().unwrap() > 0, "{ceph}");
-        let down = row("down");
+        let down = backend_row(&rows, "down");
         assert_eq!(down["driver"], "rbd", "{down}");
         assert_eq!(down["capabilities"]["snapshot_method"], "", "{down}");
         assert!(down["stats"].is_null(), "{down}");
@@ -843,16 +636,7 @@ mod rbd {
         let k = Kiln::new();
         let before = k.state();
         let check = |r: &Value| {
-            for key in [
-                "create_ms",
-                "delete_ms",
-                "primitive_ms",
-                "primitive_delete_ms",
-            ] {
-                for p in ["median", "p90", "max"] {
-                    assert!(r[key][p].as_f64().unwrap() > 0.0, "{key}.{p} in {r}");
-                }
-            }
+            assert_bench_timings(r);
             assert!(
                 s(r, "primitive").contains("rbd_snap_create"),
                 "primitive: {r}"

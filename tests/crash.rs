@@ -9,12 +9,11 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Kiln, listing, s};
+use common::{Kiln, chain_record, listing, s, write_at};
 use kiln_testkit::pattern;
 use serde_json::Value;
 
@@ -82,11 +81,10 @@ impl Format {
                 };
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().to_string();
-                    let chain = e.path().join("chain.json");
-                    if !name.starts_with("volume-") || !chain.exists() {
+                    if !name.starts_with("volume-") || !e.path().join("chain.json").exists() {
                         continue;
                     }
-                    let c: Value = serde_json::from_slice(&std::fs::read(chain).unwrap()).unwrap();
+                    let c = chain_record(&e.path());
                     for id in c["snapshots"].as_object().unwrap().keys() {
                         out.push(format!("snapshot-{id}"));
                     }
@@ -102,13 +100,7 @@ impl Format {
     fn active(self, k: &Kiln, vid: &str) -> PathBuf {
         match self {
             Format::Raw => k.raw_dir().join(format!("volume-{vid}")),
-            Format::Qcow2 => {
-                let dir = k.qcow_dir().join(format!("volume-{vid}"));
-                let c: Value =
-                    serde_json::from_slice(&std::fs::read(dir.join("chain.json")).unwrap())
-                        .unwrap();
-                dir.join(c["active"].as_str().unwrap())
-            }
+            Format::Qcow2 => k.qcow_active(vid),
         }
     }
 
@@ -116,26 +108,8 @@ impl Format {
     fn write(self, k: &Kiln, vid: &str, data: &[u8]) {
         let path = self.active(k, vid);
         match self {
-            Format::Raw => {
-                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-                f.write_all_at(data, 0).unwrap();
-                f.sync_all().unwrap();
-            }
-            Format::Qcow2 => {
-                let src = k.dir.path().join("write.bin");
-                std::fs::write(&src, data).unwrap();
-                let cmd = format!("write -s {} 0 {}", src.display(), data.len());
-                let out = Command::new("qemu-io")
-                    .args(["-f", "qcow2", "-c", &cmd, "-c", "flush"])
-                    .arg(&path)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            Format::Raw => write_at(&path, 0, data),
+            Format::Qcow2 => k.qemu_io_write(&path, 0, data),
         }
     }
 

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Kiln, s};
+use common::{Kiln, chain_record, s};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -93,7 +93,7 @@ impl<'a> Vol<'a> {
     }
 
     fn record(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.vdir.join("chain.json")).unwrap()).unwrap()
+        chain_record(&self.vdir)
     }
 
     /// Writes `LAYER_MIB` MiB of layer `layer`'s data from `start_mib` into the volume's
