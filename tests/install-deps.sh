@@ -7,11 +7,15 @@
 #   ceph-*, lib*-dev    a real single-node Ceph cluster and the librados/librbd the RBD driver loads
 #   user-mode-linux     a kernel with device-mapper modules, for the LVM tests
 #   lvm2, thin-provisioning-tools, kmod   LVM itself, thin_check/thin_delta, modprobe
+#   qemu-guest-agent    the real guest agent the instance-snapshot tests freeze through (run
+#                       by the tests as their own process on a socket; no service is enabled)
+#   e2fsprogs           mkfs.ext4 and debugfs for the guest filesystems of those tests
 set -euo pipefail
 packages=(
   xfsprogs
   ceph-mon ceph-mgr ceph-osd ceph-common librados-dev librbd-dev
   user-mode-linux lvm2 thin-provisioning-tools kmod
+  qemu-guest-agent e2fsprogs
 )
 command -v qemu-img >/dev/null || packages+=(qemu-utils)
 missing=()

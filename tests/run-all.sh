@@ -4,7 +4,9 @@
 # side by side — each on its own real components, so they do not interfere:
 #   host  unit tests, the driver contract suite (in-memory + the file backend's three modes),
 #         the file driver on a real loop-mounted XFS and real qemu-img, the CLI end to end,
-#         crash recovery with fail points, kiln killed while its qemu-img children work;
+#         crash recovery with fail points, kiln killed while its qemu-img children work,
+#         instance snapshots and images with a real qemu-guest-agent freezing loop-mounted
+#         guest filesystems on kiln volumes;
 #   rbd   the RBD driver and CLI tests against a real single-node Ceph it starts and stops;
 #   lvm   the LVM driver and CLI tests on real device-mapper inside a user-mode-Linux guest.
 # Each suite's output goes to its own log, printed when it ends. Exits non-zero if any failed.
@@ -30,7 +32,7 @@ logs=$(mktemp -d /tmp/kiln-run-all.XXXXXX)
 host_suite() {
   # The RBD and LVM tests need a cluster / a guest kernel: their suites run them.
   cargo test --workspace --exclude kiln --exclude kiln-driver-rbd --exclude kiln-driver-lvm
-  cargo test -p kiln --features rbd,failpoints --bins --test cli --test crash --test crash_children
+  cargo test -p kiln --features rbd,failpoints --bins --test cli --test crash --test crash_children --test instance
 }
 
 phase "suites side by side: host, rbd, lvm (logs in $logs)"

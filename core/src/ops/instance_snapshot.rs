@@ -221,14 +221,25 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<(Imag
             return Err(e);
         }
     };
+    if let Some(f) = &frozen {
+        // Tests read these two lines' timestamps to check that the cut is inside the window.
+        tracing::info!(instance = %inst.id, filesystems = f.count(), "guest frozen");
+    }
     crash_point(KIND, "after_freeze");
     let started = Instant::now();
     let taken = group_snapshot::take(ctx, &p).await;
     let took_ms = started.elapsed().as_secs_f64() * 1e3;
     crash_point(KIND, "after_members");
     let quiesced = frozen.is_some();
-    let window = match frozen {
-        Some(f) => match f.thaw().await {
+    let thawed = match frozen {
+        Some(f) => {
+            tracing::info!(instance = %inst.id, "guest thawing");
+            Some(f.thaw().await)
+        }
+        None => None,
+    };
+    let window = match thawed {
+        Some(t) => match t {
             Ok(t) if t.by_deadline => Err(Error::backend(
                 "instance snapshot",
                 format!(
