@@ -195,23 +195,50 @@ struct InstanceView {
     volumes: Vec<AttachedVolume>,
 }
 
+/// A volume as `volume show`/`volume attach` print it: the record and, while it is
+/// attached, its connection info (Cinder's `initialize_connection` shape).
 #[derive(Serialize)]
-struct AttachedVolume {
+pub struct AttachedVolume {
     #[serde(flatten)]
-    volume: Volume,
-    connection_info: Option<kiln_core::ConnectionInfo>,
+    pub volume: Volume,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_info: Option<kiln_core::ConnectionInfo>,
+}
+
+impl AttachedVolume {
+    /// `v`, with its connection info when it is attached (best effort: a backend that
+    /// cannot say leaves it out rather than failing the command).
+    pub async fn of(service: &Service, v: Volume) -> AttachedVolume {
+        let connection_info = if v.attachments.is_empty() {
+            None
+        } else {
+            service.connection_info(v.id).await.ok()
+        };
+        AttachedVolume {
+            volume: v,
+            connection_info,
+        }
+    }
+
+    /// The table `volume show` prints.
+    pub fn table(&self) -> String {
+        let mut out = crate::output::volume_table(&self.volume);
+        if let Some(ci) = &self.connection_info {
+            let detail = ["path", "name", "device_path"]
+                .iter()
+                .find_map(|k| ci.data.get(*k).and_then(|v| v.as_str()))
+                .unwrap_or("");
+            out.push_str(&format!("\nconnection: {} {detail}", ci.driver_volume_type));
+        }
+        out
+    }
 }
 
 impl InstanceView {
     async fn of(service: &Service, instance: Instance, vols: Vec<Volume>) -> InstanceView {
         let mut volumes = Vec::new();
         for v in vols {
-            // Connection info is best effort: a backend that cannot say leaves it out.
-            let connection_info = service.connection_info(v.id).await.ok();
-            volumes.push(AttachedVolume {
-                volume: v,
-                connection_info,
-            });
+            volumes.push(AttachedVolume::of(service, v).await);
         }
         InstanceView { instance, volumes }
     }

@@ -12,6 +12,7 @@ use kiln_core::{
 };
 
 use crate::cli::{BackendCmd, BenchCmd, Command, Format, SnapshotCmd, VolumeCmd};
+use crate::instance_cmd::AttachedVolume;
 use crate::output::{self, emit};
 
 /// A validated command.
@@ -204,16 +205,16 @@ impl Job {
                 emit(fmt, &vs, || output::volumes_table(&vs));
             }
             Job::VolumeShow(id) => {
-                let v = service.volume(id).await?;
-                emit(fmt, &v, || output::volume_table(&v));
+                let v = AttachedVolume::of(service, service.volume(id).await?).await;
+                emit(fmt, &v, || v.table());
             }
             Job::VolumeDelete(id, cascade) => {
                 let action = service.delete_volume(id, cascade).await?;
                 deleted(fmt, "volume", &id.to_string(), action);
             }
             Job::VolumeAttach(id, a) => {
-                let v = service.attach(id, a).await?;
-                emit(fmt, &v, || output::volume_table(&v));
+                let v = AttachedVolume::of(service, service.attach(id, a).await?).await;
+                emit(fmt, &v, || v.table());
             }
             Job::VolumeDetach(id) => {
                 let v = service.detach(id).await?;

@@ -99,15 +99,11 @@ impl Guest {
         }
     }
 
-    /// Formats `image` (a kiln volume's file) as ext4 through a loop device and mounts it;
-    /// `commit=300` keeps ext4 from committing its journal on its own during a test, so what
-    /// reaches the volume is what a freeze (or an fsync) forced there.
-    fn disk(&mut self, image: &Path) -> PathBuf {
-        self.disk_fs(image, "ext4")
-    }
-
-    /// Like [`Guest::disk`] with filesystem `fs` (`ext4`, or `xfs` — which has reflink, so
-    /// a kiln backend can live inside the guest filesystem).
+    /// Formats `image` (a kiln volume's file) with `fs` through a loop device and mounts it:
+    /// `ext4` with `commit=300`, which keeps ext4 from committing its journal on its own
+    /// during a test, so what reaches the volume is what a freeze (or an fsync) forced
+    /// there; or `xfs`, which has reflink, so a kiln backend can live inside the guest
+    /// filesystem.
     fn disk_fs(&mut self, image: &Path, fs: &str) -> PathBuf {
         let dev = sh("losetup", &["-f", "--show", image.to_str().unwrap()]);
         let mp = self.dir.join(format!("disk{}", self.disks.len()));
@@ -277,7 +273,14 @@ fn setup_fs(n: usize, fs: &str, size: &str) -> Setup {
         if i == 0 {
             args.extend(["--boot-index", "0", "--disk-bus", "virtio"]);
         }
-        k.json(&args);
+        // What a hypervisor needs to open it (Cinder's initialize_connection shape).
+        let attached = k.json(&args);
+        assert_eq!(attached["connection_info"]["driver_volume_type"], "file");
+        assert_eq!(
+            attached["connection_info"]["data"]["path"],
+            attached["provider_location"]
+        );
+        assert_eq!(k.json(&["volume", "show", v]), attached);
     }
     let _ = &mut guest;
     Setup {
