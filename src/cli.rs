@@ -408,6 +408,28 @@ pub enum BenchCmd {
         #[arg(long, value_name = "N", default_value_t = 20)]
         iterations: usize,
     },
+    /// Time an instance snapshot of N scratch volumes — its freeze window, the whole
+    /// operation — against the same volumes snapshotted one by one (Nova's model), same run.
+    Instance {
+        /// Volumes attached to the scratch instance.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        volumes: usize,
+        /// Backend name [default: the default backend].
+        #[arg(long, value_name = "NAME")]
+        backend: Option<String>,
+        /// Scratch volume size.
+        #[arg(long, value_name = "SIZE", default_value = "1G")]
+        size: String,
+        /// Iterations.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        iterations: usize,
+        /// Freeze through this guest-agent socket (the window is then freeze to thaw).
+        #[arg(long, value_name = "PATH", requires = "freeze_mountpoints")]
+        agent: Option<String>,
+        /// Mountpoint the agent freezes (repeatable; required with --agent).
+        #[arg(long = "freeze-mountpoint", value_name = "PATH")]
+        freeze_mountpoints: Vec<String>,
+    },
 }
 
 /// `kiln demo`

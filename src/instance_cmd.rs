@@ -154,8 +154,8 @@ impl InstanceJob {
                 );
             }
             InstanceJob::Snapshot(req) => {
-                let (img, _window) = service.snapshot_instance(req).await?;
-                show_image(fmt, &img);
+                let r = service.snapshot_instance(req).await?;
+                show_image(fmt, &r.image);
             }
             InstanceJob::ImageList => {
                 let is = service.images().await?;

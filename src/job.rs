@@ -38,6 +38,10 @@ pub enum Job {
     SnapshotReset(SnapshotId, SnapshotStatus, Option<String>),
     SnapshotHistory(SnapshotId),
     Bench(BenchTarget, usize),
+    BenchInstance(
+        Option<String>,
+        kiln_core::bench::instance::InstanceBenchRequest,
+    ),
     Demo(bool),
     Instance(crate::instance_cmd::InstanceJob),
 }
@@ -163,6 +167,29 @@ impl Job {
                     None => BenchTarget::Scratch(backend, parse_size(&size)?),
                 };
                 Job::Bench(target, iterations)
+            }
+            Command::Bench(BenchCmd::Instance {
+                volumes,
+                backend,
+                size,
+                iterations,
+                agent,
+                freeze_mountpoints,
+            }) => {
+                if let Some(a) = &agent {
+                    kiln_core::validate::validate_host_path("agent", a)?;
+                }
+                Job::BenchInstance(
+                    backend,
+                    kiln_core::bench::instance::InstanceBenchRequest {
+                        backend: String::new(),
+                        volumes,
+                        size_bytes: parse_size(&size)?,
+                        iterations,
+                        agent,
+                        mountpoints: freeze_mountpoints,
+                    },
+                )
             }
             Command::Demo(args) => Job::Demo(args.keep),
             Command::Instance(c) => Job::Instance(crate::instance_cmd::InstanceJob::instance(c)?),
@@ -319,6 +346,11 @@ impl Job {
                 };
                 let r = kiln_core::bench::snapshot(service, target, iterations).await?;
                 emit(fmt, &r, || output::bench_text(&r));
+            }
+            Job::BenchInstance(backend, mut req) => {
+                req.backend = backend.unwrap_or_else(|| service.default_backend().to_string());
+                let r = kiln_core::bench::instance::instance(service, req).await?;
+                emit(fmt, &r, || output::bench_instance_text(&r));
             }
             Job::Demo(keep) => crate::demo::run(service, keep).await?,
             Job::Instance(j) => j.run(service, fmt).await?,

@@ -342,6 +342,38 @@ pub fn bench_text(r: &kiln_core::bench::SnapshotBench) -> String {
     s
 }
 
+/// `kiln bench instance` as text.
+pub fn bench_instance_text(r: &kiln_core::bench::instance::InstanceBench) -> String {
+    let row = |name: &str, p: &kiln_core::bench::Percentiles| {
+        vec![
+            name.to_string(),
+            format!("{:.3}", p.median),
+            format!("{:.3}", p.p90),
+            format!("{:.3}", p.max),
+        ]
+    };
+    let mut t = table(&["ms", "median", "p90", "max"]);
+    t.add_row(row("window (guest frozen)", &r.window_ms));
+    t.add_row(row("members, concurrently", &r.members_ms));
+    t.add_row(row("whole instance snapshot", &r.whole_ms));
+    t.add_row(row("one volume's snapshot create", &r.single_create_ms));
+    t.add_row(row(
+        "sum of one-by-one creates (Nova)",
+        &r.sequential_sum_ms,
+    ));
+    format!(
+        "bench instance: {} volume(s) of {} on backend {}, {} iteration(s); window = {}\n{t}\n\
+         window / one create: {:.2}   one-by-one sum / window: {:.2}",
+        r.volumes,
+        human(r.size_bytes),
+        r.backend,
+        r.iterations,
+        r.window,
+        r.window_ratio,
+        r.speedup_over_sequential
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

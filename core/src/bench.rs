@@ -8,6 +8,8 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::service::{CreateVolume, Service};
 
+pub mod instance;
+
 /// Median and tail of a series of timings, in milliseconds. The tail is the maximum, not a
 /// "p99": a few dozen samples cannot tell a 99th percentile from the maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

@@ -241,6 +241,18 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
     }
 
     async fn create_group_snapshot(&self, members: &[GroupMember]) -> Result<GroupOutcome> {
+        if !self.driver.capabilities().group_snapshot {
+            // No native group primitive: the members are independent calls, so take them
+            // concurrently, each on its own blocking thread. One by one, an instance's
+            // freeze window would grow with every volume.
+            let each = members.iter().map(|(s, v, a)| async move {
+                match a {
+                    Some(a) => self.create_snapshot_force(s, v, a).await,
+                    None => self.create_snapshot(s, v).await,
+                }
+            });
+            return Ok(futures::future::join_all(each).await);
+        }
         let members = members.to_vec();
         let object = members
             .iter()

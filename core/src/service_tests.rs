@@ -1329,15 +1329,16 @@ async fn an_instance_snapshot_freezes_snapshots_every_volume_thaws_and_records_a
     let svc = two_backend_service(&store, &a, &b, dir.path())
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
     let (inst, vols) = instance_with_volumes(&svc).await;
-    let (img, window) = svc
+    let r = svc
         .snapshot_instance(snap_req(inst, Quiesce::Auto))
         .await
         .unwrap();
+    let img = r.image;
     assert_eq!(
         *agents.log.lock().unwrap(),
         vec!["freeze /run/agent.sock", "thaw"]
     );
-    assert_eq!(window, Some(1.0));
+    assert_eq!(r.window_ms, Some(1.0));
     assert_eq!(img.consistency, Consistency::Quiesced);
     assert_eq!(img.snapshots.len(), 3);
     assert_eq!(img.properties["kiln_consistency"], "quiesced");
@@ -1419,16 +1420,18 @@ async fn an_instance_snapshot_is_all_or_nothing_and_thaws_on_failure_and_on_a_pa
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);
     assert_eq!(dump(&store), before);
-    let (img, window) = svc
+    let r = svc
         .snapshot_instance(snap_req(inst, Quiesce::Auto))
         .await
         .unwrap();
-    assert_eq!(window, None);
+    let img = r.image;
+    assert_eq!(r.window_ms, None);
     assert_eq!(img.consistency, Consistency::CrashConsistent);
-    let (img2, _) = svc
+    let img2 = svc
         .snapshot_instance(snap_req(inst, Quiesce::Off))
         .await
-        .unwrap();
+        .unwrap()
+        .image;
     assert_eq!(img2.consistency, Consistency::CrashConsistent);
 }
 
@@ -1549,10 +1552,11 @@ async fn an_image_restores_every_volume_with_its_data_and_deletes_with_its_snaps
     a.write(vols[0], b"root disk");
     a.write(vols[1], b"data disk");
     b.write(vols[2], b"logs disk");
-    let (img, _) = svc
+    let img = svc
         .snapshot_instance(snap_req(inst, Quiesce::Auto))
         .await
-        .unwrap();
+        .unwrap()
+        .image;
     assert_eq!(
         img.consistency,
         Consistency::CrashConsistent,
@@ -1626,10 +1630,11 @@ async fn an_image_restores_every_volume_with_its_data_and_deletes_with_its_snaps
         );
     }
     // --keep-snapshots releases them instead.
-    let (img, _) = svc
+    let img = svc
         .snapshot_instance(snap_req(inst, Quiesce::Off))
         .await
-        .unwrap();
+        .unwrap()
+        .image;
     let r = svc.delete_image(img.id, true).await.unwrap();
     assert_eq!(r.snapshots_kept.len(), 3);
     for s in &img.snapshots {

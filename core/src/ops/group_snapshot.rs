@@ -153,10 +153,30 @@ pub(crate) async fn begin(
     Ok(Planned { parent, members })
 }
 
-/// Takes every member: per backend concurrently, each backend's members in one
-/// `create_group_snapshot` call, each member's child journal entry written first.
+/// Journals one child entry per member, all in one durable commit, before any member's
+/// driver call: recovery then treats every member as possibly made (a member that was not
+/// is reported "not made" by its idempotent delete). Done before a freeze, so the window
+/// holds no store commit of the members.
+pub(crate) async fn journal_children(ctx: &Ctx, p: &Planned) -> Result<()> {
+    let mut children = p.members.iter().map(|(s, v)| NewOp {
+        parent: Some(p.parent),
+        ..NewOp::of(create_snapshot::KIND, v.id, Some(s.id))
+    });
+    let Some(first) = children.next() else {
+        return Ok(());
+    };
+    let mut batch = crate::store::Batch::with_op(vec![], first);
+    batch.also = children.collect();
+    ctx.store
+        .commit(batch)
+        .await?
+        .map(drop)
+        .map_err(|c| conflict_error(&c, "snapshot the group", "available or in-use"))
+}
+
+/// Takes every member (their children must be journaled, see [`journal_children`]): per
+/// backend concurrently, each backend's members in one `create_group_snapshot` call.
 pub(crate) async fn take(ctx: &Ctx, p: &Planned) -> Taken {
-    let parent = p.parent;
     let mut by_backend: BTreeMap<String, Vec<GroupMember>> = BTreeMap::new();
     for (s, v) in &p.members {
         let a = (v.status == VolumeStatus::InUse)
@@ -172,17 +192,6 @@ pub(crate) async fn take(ctx: &Ctx, p: &Planned) -> Taken {
     let per_backend = by_backend.into_iter().map(|(backend, group)| async move {
         let r = async {
             let driver = ctx.driver(&backend).await?;
-            for (s, v, _) in &group {
-                ctx.begin(
-                    vec![],
-                    NewOp {
-                        parent: Some(parent),
-                        ..NewOp::of(create_snapshot::KIND, v.id, Some(s.id))
-                    },
-                    |c| conflict_error(c, "snapshot the group", "available or in-use"),
-                )
-                .await?;
-            }
             let group_primitive = driver.capabilities().group_snapshot;
             let r = ctx.drive(KIND, driver.create_group_snapshot(&group)).await;
             r.map(|results| (results, group_primitive))
@@ -301,6 +310,10 @@ pub(crate) async fn run(
         vols.push(ctx.volume(*id).await?);
     }
     let p = begin(ctx, KIND, vols, name, force, serde_json::Map::new()).await?;
+    if let Err(e) = journal_children(ctx, &p).await {
+        roll_back(ctx, &p, &[], &format!("group snapshot failed ({e})")).await?;
+        return Err(e);
+    }
     let taken = take(ctx, &p).await;
     match taken.error {
         None => {

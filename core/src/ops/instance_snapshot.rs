@@ -75,6 +75,18 @@ pub struct InstanceSnapshotRequest {
     pub properties: BTreeMap<String, String>,
 }
 
+/// What an instance snapshot produced, and how long its parts took.
+#[derive(Debug, Clone)]
+pub struct InstanceSnapshotReport {
+    /// The recorded image.
+    pub image: Image,
+    /// Freeze to thaw as the guard measured it (ms), when the guest was frozen.
+    pub window_ms: Option<f64>,
+    /// Taking every member, first start to last end (ms): the part of the window the
+    /// backends take.
+    pub members_ms: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Extra {
     instance: InstanceId,
@@ -185,7 +197,7 @@ async fn freeze(
 }
 
 /// The snapshot of an instance (see the module docs); returns the image.
-pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<(Image, Option<f64>)> {
+pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<InstanceSnapshotReport> {
     check_request(&req)?;
     let (inst, known) = instance_or_bare(ctx, req.instance).await?;
     let vols = ctx.store.instance_volumes(inst.id).await?;
@@ -214,6 +226,11 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<(Imag
         return Err(Error::store("instance snapshot payload is not an object"));
     };
     let p = group_snapshot::begin(ctx, KIND, vols, Some(req.name.clone()), true, extra).await?;
+    // Every member's journal entry before the freeze: the window holds no store commit.
+    if let Err(e) = group_snapshot::journal_children(ctx, &p).await {
+        group_snapshot::roll_back(ctx, &p, &[], "the members could not be journaled").await?;
+        return Err(e);
+    }
     let frozen = match freeze(ctx.agents.as_ref(), &inst, &req).await {
         Ok(f) => f,
         Err(e) => {
@@ -289,7 +306,11 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<(Imag
     let image = ctx.store.image(image.id).await?.ok_or_else(|| {
         Error::store(format!("image {} vanished after it was recorded", image.id))
     })?;
-    Ok((image, window))
+    Ok(InstanceSnapshotReport {
+        image,
+        window_ms: window,
+        members_ms: took_ms,
+    })
 }
 
 /// The image record: Nova's fields and properties, entries ordered by boot index (root

@@ -12,7 +12,7 @@ use crate::instance::{Image, Instance};
 use crate::locks::LockKey;
 use crate::ops::image_delete::{self, ImageDeleted};
 use crate::ops::image_restore::{self, RestoreRequest};
-use crate::ops::instance_snapshot::{self, InstanceSnapshotRequest};
+use crate::ops::instance_snapshot::{self, InstanceSnapshotReport, InstanceSnapshotRequest};
 use crate::store::Step;
 use crate::types::{ImageId, InstanceId, Volume};
 use crate::validate::{validate_device, validate_host_path, validate_label, validate_properties};
@@ -120,12 +120,12 @@ impl Service {
             .await
     }
 
-    /// Snapshots every volume of an instance at one instant and records the image; also
-    /// returns the freeze window (ms) when the guest was frozen.
+    /// Snapshots every volume of an instance at one instant and records the image; the
+    /// report also gives the freeze window and the members' time.
     pub async fn snapshot_instance(
         &self,
         req: InstanceSnapshotRequest,
-    ) -> Result<(Image, Option<f64>)> {
+    ) -> Result<InstanceSnapshotReport> {
         instance_snapshot::run(&self.ctx, req).await
     }
 

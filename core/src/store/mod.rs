@@ -213,12 +213,19 @@ pub struct Batch {
     pub steps: Vec<Step>,
     /// An operation to journal.
     pub begin: Option<NewOp>,
+    /// More operations journaled in the same transaction (e.g. every child step of a
+    /// parent at once); their ids are not returned.
+    pub also: Vec<NewOp>,
 }
 
 impl Batch {
     /// A batch of plain steps.
     pub fn new(steps: Vec<Step>) -> Self {
-        Batch { steps, begin: None }
+        Batch {
+            steps,
+            begin: None,
+            also: Vec::new(),
+        }
     }
 
     /// A batch that also journals an operation.
@@ -226,6 +233,7 @@ impl Batch {
         Batch {
             steps,
             begin: Some(op),
+            also: Vec::new(),
         }
     }
 
@@ -238,6 +246,7 @@ impl Batch {
     /// saves one fsync per operation.
     pub fn needs_sync(&self) -> bool {
         self.begin.is_some()
+            || !self.also.is_empty()
             || !self
                 .steps
                 .iter()

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::{Batch, Conflict, HistoryEntry, OpId, Operation, Step, Store};
+use super::{Batch, Conflict, HistoryEntry, NewOp, OpId, Operation, Step, Store};
 use crate::error::{Error, Result};
 use crate::instance::{Image, ImageStatus, Instance};
 use crate::types::{Attachment, ImageId, InstanceId, Snapshot, SnapshotId, Volume, VolumeId};
@@ -717,24 +717,25 @@ impl Store for SqliteStore {
                 return Ok(Err(c));
             }
         }
-        let op = match batch.begin {
-            Some(op) => {
-                tx.execute(
-                    "INSERT INTO operations (kind, parent_id, volume_id, snapshot_id, payload, started_at, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        op.kind,
-                        op.parent.map(|p| p.0),
-                        op.volume_id.to_string(),
-                        op.snapshot_id.map(|s| s.to_string()),
-                        op.payload.to_string(),
-                        now,
-                        std::process::id()
-                    ],
-                )?;
-                Some(OpId(tx.last_insert_rowid()))
-            }
-            None => None,
+        let journal = |op: &NewOp| -> Result<OpId> {
+            tx.execute(
+                "INSERT INTO operations (kind, parent_id, volume_id, snapshot_id, payload, started_at, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    op.kind,
+                    op.parent.map(|p| p.0),
+                    op.volume_id.to_string(),
+                    op.snapshot_id.map(|s| s.to_string()),
+                    op.payload.to_string(),
+                    now,
+                    std::process::id()
+                ],
+            )?;
+            Ok(OpId(tx.last_insert_rowid()))
         };
+        let op = batch.begin.as_ref().map(&journal).transpose()?;
+        for extra in &batch.also {
+            journal(extra)?;
+        }
         tx.commit()?;
         Ok(Ok(op))
     }
