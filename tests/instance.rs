@@ -675,6 +675,31 @@ fn a_crash_at_any_step_leaves_no_frozen_guest_no_orphan_and_no_image() {
     }
 }
 
+/// A restore killed at either side of a member's driver call (fail points): the next
+/// command rolls the whole restore back — no new volume on the backend or in the store, no
+/// new instance — and the image restores fine afterwards.
+#[test]
+fn a_crashed_restore_leaves_no_volume_and_no_instance() {
+    let _serial = common::serial();
+    let st = setup(2);
+    let img =
+        st.k.json(&["instance", "snapshot", &st.instance, "--name", "golden"]);
+    let iid = s(&img, "id");
+    let before = everything(&st.k);
+    for point in ["before_driver", "after_driver"] {
+        let mut c = st.k.cmd(&["image", "restore", &iid, "--name", "crash"]);
+        c.env("FAILPOINTS", format!("image_restore::{point}=return"));
+        let (out, _) = common::run_bounded(c, LIMIT);
+        assert!(
+            !out.status.success(),
+            "fail point {point} did not fire (is kiln built with --features failpoints?)"
+        );
+        assert_eq!(everything(&st.k), before, "after a crash at {point}");
+    }
+    let restored = st.k.json(&["image", "restore", &iid]);
+    assert_eq!(restored["volumes"].as_array().unwrap().len(), 2);
+}
+
 /// Restore: every volume's data equals its snapshot's, at the device and boot index the
 /// image records; the image's snapshots cannot be deleted alone; deleting the image
 /// deletes them (or keeps them when asked).
