@@ -354,16 +354,26 @@ pub fn bench_instance_text(r: &kiln_core::bench::instance::InstanceBench) -> Str
     };
     let mut t = table(&["ms", "median", "p90", "max"]);
     t.add_row(row("window (guest frozen)", &r.window_ms));
-    t.add_row(row("members, concurrently", &r.members_ms));
+    if let Some(f) = &r.freeze_rpc_ms {
+        t.add_row(row("  of which freeze request", f));
+    }
+    t.add_row(row("  of which members, concurrently", &r.members_ms));
+    if let Some(f) = &r.thaw_rpc_ms {
+        t.add_row(row("  of which thaw request", f));
+    }
     t.add_row(row("whole instance snapshot", &r.whole_ms));
     t.add_row(row("one volume's snapshot create", &r.single_create_ms));
     t.add_row(row(
         "sum of one-by-one creates (Nova)",
         &r.sequential_sum_ms,
     ));
+    let after_freeze = r
+        .window_after_freeze_ratio
+        .map(|x| format!("   (window - freeze request) / one create: {x:.2}"))
+        .unwrap_or_default();
     format!(
         "bench instance: {} volume(s) of {} on backend {}, {} iteration(s); window = {}\n{t}\n\
-         window / one create: {:.2}   one-by-one sum / window: {:.2}",
+         window / one create: {:.2}{after_freeze}   one-by-one sum / window: {:.2}",
         r.volumes,
         human(r.size_bytes),
         r.backend,

@@ -1246,6 +1246,9 @@ impl Frozen for FakeFrozen {
     fn count(&self) -> u64 {
         1
     }
+    fn freeze_ms(&self) -> f64 {
+        0.5
+    }
     async fn thaw(self: Box<Self>) -> Result<Thawed> {
         self.0.log.lock().unwrap().push("thaw".into());
         self.0
@@ -1257,6 +1260,7 @@ impl Frozen for FakeFrozen {
                 .deadline_passes
                 .load(std::sync::atomic::Ordering::SeqCst),
             window_ms: 1.0,
+            thaw_ms: 0.25,
         })
     }
 }

@@ -7,10 +7,13 @@
 #      honoured if set),
 #   3. then, on the same cluster (also when step 2 failed, so one run reports both), the
 #      end-to-end tests of the real binary: cargo test -p kiln --features rbd,failpoints --test cli_rbd,
+#      and then (also when that failed) the instance snapshots across the file and RBD
+#      backends with a real qemu-guest-agent: the same with --test instance_rbd,
 #   4. ALWAYS stops the cluster and removes the dir (trap), even on failure or Ctrl-C.
-# RBD_SUITE_PARTS selects the runs: "driver cli" (default), "driver" or "cli". Extra
-# arguments go to the driver run (e.g. `--test rbd_online`), or to the CLI run when it is
-# the only one (e.g. `RBD_SUITE_PARTS=cli tests/harness/rbd-suite.sh rbd_lifecycle`).
+# RBD_SUITE_PARTS selects the runs: "driver cli" (default), "driver" or "cli" (cli_rbd and
+# instance_rbd). Extra arguments go to the driver run (e.g. `--test rbd_online`), or to the
+# CLI runs when they are the only ones (e.g. `RBD_SUITE_PARTS=cli tests/harness/rbd-suite.sh
+# rbd_lifecycle`: a test-name filter, applied to both CLI test files).
 # Exits 0 only if every run passed, else with the first failing run's exit code (or 1 if
 # the cluster never came up).
 set -uo pipefail
@@ -62,12 +65,17 @@ case " $PARTS " in
         cargo test -p kiln-driver-rbd "$@"
         record driver $?
         case " $PARTS " in
-            *" cli "*) cargo test -p kiln --features rbd,failpoints --test cli_rbd; record CLI $? ;;
+            *" cli "*)
+                cargo test -p kiln --features rbd,failpoints --test cli_rbd; record CLI $?
+                cargo test -p kiln --features rbd,failpoints --test instance_rbd; record instance $?
+                ;;
         esac
         ;;
     *)
         cargo test -p kiln --features rbd,failpoints --test cli_rbd "$@"
         record CLI $?
+        cargo test -p kiln --features rbd,failpoints --test instance_rbd "$@"
+        record instance $?
         ;;
 esac
 echo "rbd-suite: stopping the cluster" >&2

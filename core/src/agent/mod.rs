@@ -49,6 +49,8 @@ pub struct Thawed {
     pub by_deadline: bool,
     /// From the freeze request to the thaw reply, as the guard measured it (ms).
     pub window_ms: f64,
+    /// The thaw request's own round trip (ms), part of the window.
+    pub thaw_ms: f64,
 }
 
 /// A guest held frozen; dropping it without [`Frozen::thaw`] thaws too (the guard sees its
@@ -57,6 +59,9 @@ pub struct Thawed {
 pub trait Frozen: Send {
     /// How many filesystems the agent froze.
     fn count(&self) -> u64;
+    /// The freeze request's own round trip (ms): the guest syncing and freezing its
+    /// filesystems, the first part of the window.
+    fn freeze_ms(&self) -> f64;
     /// Thaws (or learns that the deadline already did) and reports how.
     async fn thaw(self: Box<Self>) -> Result<Thawed>;
 }
@@ -92,6 +97,7 @@ struct GuardProcess {
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     count: u64,
+    freeze_ms: f64,
 }
 
 fn guard_failed(what: impl std::fmt::Display) -> Error {
@@ -107,15 +113,21 @@ fn read_line(r: &mut BufReader<ChildStdout>) -> Result<String> {
     Ok(line.trim_end().to_string())
 }
 
-/// Parses `thawed request|deadline <ms>`.
+/// Parses a number of the guard's line `line`.
+fn number<T: std::str::FromStr>(line: &str, field: Option<&str>) -> Result<T> {
+    field
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| guard_failed(format!("bad line {line:?}")))
+}
+
+/// Parses `thawed request|deadline <window ms> <thaw ms>`.
 fn parse_thawed(line: &str) -> Result<Thawed> {
     let mut parts = line.split(' ');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("thawed"), Some(how), Some(ms)) => Ok(Thawed {
+    match (parts.next(), parts.next()) {
+        (Some("thawed"), Some(how)) => Ok(Thawed {
             by_deadline: how == "deadline",
-            window_ms: ms
-                .parse()
-                .map_err(|_| guard_failed(format!("bad line {line:?}")))?,
+            window_ms: number(line, parts.next())?,
+            thaw_ms: number(line, parts.next())?,
         }),
         _ => Err(guard_failed(format!("unexpected answer {line:?}"))),
     }
@@ -125,6 +137,10 @@ fn parse_thawed(line: &str) -> Result<Thawed> {
 impl Frozen for GuardProcess {
     fn count(&self) -> u64 {
         self.count
+    }
+
+    fn freeze_ms(&self) -> f64 {
+        self.freeze_ms
     }
 
     async fn thaw(mut self: Box<Self>) -> Result<Thawed> {
@@ -180,12 +196,13 @@ impl GuestAgents for ProcessAgents {
                 stdin: Some(stdin),
                 stdout: BufReader::new(stdout),
                 count: 0,
+                freeze_ms: 0.0,
             };
             let line = read_line(&mut g.stdout)?;
-            if let Some(n) = line.strip_prefix("frozen ") {
-                g.count = n
-                    .parse()
-                    .map_err(|_| guard_failed(format!("bad line {line:?}")))?;
+            if let Some(rest) = line.strip_prefix("frozen ") {
+                let mut parts = rest.split(' ');
+                g.count = number(&line, parts.next())?;
+                g.freeze_ms = number(&line, parts.next())?;
                 return Ok(Box::new(g) as Box<dyn Frozen>);
             }
             Err(error_line(&line))
@@ -243,16 +260,18 @@ fn thaw_hard(q: &mut Option<Qga>, req: &FreezeRequest) -> bool {
 }
 
 /// The guard's body (the kiln binary's hidden `agent-guard` command): freeze, report
-/// `frozen N` on `out`, then thaw on `thaw` from `input`, on `input` closing, or at the
-/// deadline, and report `thawed request|deadline <ms>`. A failure before the freeze is
+/// `frozen <count> <freeze ms>` on `out`, then thaw on `thaw` from `input`, on `input`
+/// closing, or at the deadline, and report `thawed request|deadline <window ms> <thaw ms>`. A failure before the freeze is
 /// reported as `error <kind> <message>`. Returns the process exit code.
 pub fn run_guard(
     req: &FreezeRequest,
     input: impl std::io::Read + Send + 'static,
     mut out: impl Write,
 ) -> i32 {
-    let started = Instant::now();
+    // The window (and the deadline) start at the freeze request, not at the connection.
+    let mut started = Instant::now();
     let frozen = Qga::connect(&req.agent, req.timeout).and_then(|mut q| {
+        started = Instant::now();
         let n = q.freeze(&req.mountpoints)?;
         Ok((q, n))
     });
@@ -268,8 +287,9 @@ pub fn run_guard(
             return 1;
         }
     };
+    let freeze_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut q = Some(q);
-    if writeln!(out, "frozen {n}")
+    if writeln!(out, "frozen {n} {freeze_ms:.3}")
         .and_then(|()| out.flush())
         .is_err()
     {
@@ -296,8 +316,10 @@ pub fn run_guard(
         }
         Err(mpsc::RecvTimeoutError::Timeout) => "deadline",
     };
+    let thaw_started = Instant::now();
     let ok = thaw_hard(&mut q, req);
     let window_ms = started.elapsed().as_secs_f64() * 1e3;
+    let thaw_ms = thaw_started.elapsed().as_secs_f64() * 1e3;
     if how == "deadline" {
         // Wait for kiln to ask (or to die) before answering, so the answer is the one it reads.
         let _ = rx.recv();
@@ -310,6 +332,6 @@ pub fn run_guard(
         );
         return 1;
     }
-    let _ = writeln!(out, "thawed {how} {window_ms:.3}").and_then(|()| out.flush());
+    let _ = writeln!(out, "thawed {how} {window_ms:.3} {thaw_ms:.3}").and_then(|()| out.flush());
     0
 }

@@ -54,6 +54,10 @@ pub struct InstanceBench {
     pub window_ms: Percentiles,
     /// Taking every member concurrently, first start to last end.
     pub members_ms: Percentiles,
+    /// With an agent: the freeze request's round trip (the guest syncing its filesystems).
+    pub freeze_rpc_ms: Option<Percentiles>,
+    /// With an agent: the thaw request's round trip.
+    pub thaw_rpc_ms: Option<Percentiles>,
     /// The whole instance snapshot operation (journal, freeze, members, thaw, image).
     pub whole_ms: Percentiles,
     /// One volume's `snapshot create` (each of the sequential creates is a sample).
@@ -62,6 +66,11 @@ pub struct InstanceBench {
     pub sequential_sum_ms: Percentiles,
     /// `window_ms.median / single_create_ms.median` (target ≤ 2 with 8 volumes).
     pub window_ratio: f64,
+    /// With an agent: the window without its freeze request — `(window − freeze request)
+    /// / one create`, medians. The freeze request is the guest kernel's `FIFREEZE` (on
+    /// Linux ≈ 40 ms cold, mostly RCU grace periods in `freeze_super`), which any
+    /// orchestrator pays; this is the part kiln controls.
+    pub window_after_freeze_ratio: Option<f64>,
     /// `sequential_sum_ms.median / window_ms.median`: how much shorter kiln's window is.
     pub speedup_over_sequential: f64,
 }
@@ -161,6 +170,7 @@ async fn run(
     service.delete_image(r.image.id, false).await?;
     let (mut window, mut members, mut whole, mut single, mut seq) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut freeze, mut thaw) = (vec![], vec![]);
     let ms = |x: f64| Duration::from_secs_f64(x / 1e3);
     for _ in 0..req.iterations {
         let t = Instant::now();
@@ -168,6 +178,8 @@ async fn run(
         whole.push(t.elapsed());
         members.push(ms(r.members_ms));
         window.push(ms(r.window_ms.unwrap_or(r.members_ms)));
+        freeze.extend(r.freeze_ms.map(ms));
+        thaw.extend(r.thaw_ms.map(ms));
         service.delete_image(r.image.id, false).await?;
         let mut sum = Duration::ZERO;
         let mut made = Vec::new();
@@ -186,6 +198,7 @@ async fn run(
     }
     let window_ms = Percentiles::of(&window);
     let single_create_ms = Percentiles::of(&single);
+    let freeze_rpc_ms = (!freeze.is_empty()).then(|| Percentiles::of(&freeze));
     let sequential_sum_ms = Percentiles::of(&seq);
     Ok(InstanceBench {
         backend: req.backend.clone(),
@@ -201,6 +214,10 @@ async fn run(
         speedup_over_sequential: sequential_sum_ms.median / window_ms.median,
         window_ms,
         members_ms: Percentiles::of(&members),
+        window_after_freeze_ratio: freeze_rpc_ms
+            .map(|f| (window_ms.median - f.median) / single_create_ms.median),
+        freeze_rpc_ms,
+        thaw_rpc_ms: (!thaw.is_empty()).then(|| Percentiles::of(&thaw)),
         whole_ms: Percentiles::of(&whole),
         single_create_ms,
         sequential_sum_ms,

@@ -85,6 +85,10 @@ pub struct InstanceSnapshotReport {
     /// Taking every member, first start to last end (ms): the part of the window the
     /// backends take.
     pub members_ms: f64,
+    /// The freeze request's round trip (ms), when the guest was frozen.
+    pub freeze_ms: Option<f64>,
+    /// The thaw request's round trip (ms), when the guest was frozen.
+    pub thaw_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,6 +252,8 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
     let took_ms = started.elapsed().as_secs_f64() * 1e3;
     crash_point(KIND, "after_members");
     let quiesced = frozen.is_some();
+    let freeze_ms = frozen.as_ref().map(|f| f.freeze_ms());
+    let mut thaw_ms = None;
     let thawed = match frozen {
         Some(f) => {
             tracing::info!(instance = %inst.id, "guest thawing");
@@ -265,7 +271,10 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
                     req.freeze_timeout.as_millis()
                 ),
             )),
-            Ok(t) => Ok(Some(t.window_ms)),
+            Ok(t) => {
+                thaw_ms = Some(t.thaw_ms);
+                Ok(Some(t.window_ms))
+            }
             Err(e) => Err(e),
         },
         None => Ok(None),
@@ -310,6 +319,8 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
         image,
         window_ms: window,
         members_ms: took_ms,
+        freeze_ms,
+        thaw_ms,
     })
 }
 
