@@ -1095,12 +1095,7 @@ async fn reset_state_is_refused_while_busy_and_keeps_history() {
 /// A group over three volumes on two backends, all or nothing.
 #[tokio::test]
 async fn a_group_snapshot_spans_backends_and_fails_as_a_unit() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
-    let (a, b) = (
-        Arc::new(FakeDriver::default()),
-        Arc::new(FakeDriver::default()),
-    );
+    let TwoBackends { dir, store, a, b } = two_backends();
     let svc = two_backend_service(&store, &a, &b, dir.path());
     let vols = three_volumes(&svc).await;
     let snaps = svc
@@ -1121,6 +1116,24 @@ async fn a_group_snapshot_spans_backends_and_fails_as_a_unit() {
     assert_eq!(svc.snapshots(None).await.unwrap().len(), 3);
     assert_eq!(a.snapshots.lock().unwrap().len(), 2);
     assert!(store.operations().unwrap().is_empty());
+}
+
+/// A store and two in-memory backends (`mem`, `mem2`) in a temp dir of their own.
+struct TwoBackends {
+    dir: tempfile::TempDir,
+    store: Arc<SqliteStore>,
+    a: Arc<FakeDriver>,
+    b: Arc<FakeDriver>,
+}
+
+fn two_backends() -> TwoBackends {
+    let dir = tempfile::tempdir().unwrap();
+    TwoBackends {
+        store: Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap()),
+        dir,
+        a: Arc::new(FakeDriver::default()),
+        b: Arc::new(FakeDriver::default()),
+    }
 }
 
 fn two_backend_service(
@@ -1166,12 +1179,7 @@ async fn three_volumes(svc: &Service) -> Vec<VolumeId> {
 /// transitional status is left.
 #[tokio::test]
 async fn an_aborted_group_over_two_backends_is_rolled_back_as_one_unit_by_the_next_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
-    let (a, b) = (
-        Arc::new(FakeDriver::default()),
-        Arc::new(FakeDriver::default()),
-    );
+    let TwoBackends { dir, store, a, b } = two_backends();
     let first = Arc::new(two_backend_service(&store, &a, &b, dir.path()));
     let vols = three_volumes(&first).await;
     b.hang.lock().unwrap().push(vols[2]);
@@ -1323,12 +1331,7 @@ async fn instance_with_volumes(svc: &Service) -> (InstanceId, Vec<VolumeId>) {
 
 #[tokio::test]
 async fn an_instance_snapshot_freezes_snapshots_every_volume_thaws_and_records_a_nova_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
-    let (a, b) = (
-        Arc::new(FakeDriver::default()),
-        Arc::new(FakeDriver::default()),
-    );
+    let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
     let svc = two_backend_service(&store, &a, &b, dir.path())
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
@@ -1378,12 +1381,7 @@ async fn an_instance_snapshot_freezes_snapshots_every_volume_thaws_and_records_a
 
 #[tokio::test]
 async fn an_instance_snapshot_is_all_or_nothing_and_thaws_on_failure_and_on_a_passed_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
-    let (a, b) = (
-        Arc::new(FakeDriver::default()),
-        Arc::new(FakeDriver::default()),
-    );
+    let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
     let svc = two_backend_service(&store, &a, &b, dir.path())
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
@@ -1545,12 +1543,7 @@ async fn bad_instance_input_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn an_image_restores_every_volume_with_its_data_and_deletes_with_its_snapshots() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
-    let (a, b) = (
-        Arc::new(FakeDriver::default()),
-        Arc::new(FakeDriver::default()),
-    );
+    let TwoBackends { dir, store, a, b } = two_backends();
     let svc = two_backend_service(&store, &a, &b, dir.path());
     let (inst, vols) = instance_with_volumes(&svc).await;
     a.write(vols[0], b"root disk");
@@ -1653,12 +1646,7 @@ async fn an_image_restores_every_volume_with_its_data_and_deletes_with_its_snaps
 /// rolls every member back; no image is recorded.
 #[tokio::test]
 async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
-    let (a, b) = (
-        Arc::new(FakeDriver::default()),
-        Arc::new(FakeDriver::default()),
-    );
+    let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
     let first = Arc::new(
         two_backend_service(&store, &a, &b, dir.path())
