@@ -235,6 +235,14 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
         group_snapshot::roll_back(ctx, &p, &[], "the members could not be journaled").await?;
         return Err(e);
     }
+    // Open every backend before the freeze (they open lazily): the window holds only the
+    // members' own backend calls.
+    for (_, v) in &p.members {
+        if let Err(e) = ctx.driver(&v.backend).await {
+            group_snapshot::roll_back(ctx, &p, &[], "a backend could not be opened").await?;
+            return Err(e);
+        }
+    }
     let frozen = match freeze(ctx.agents.as_ref(), &inst, &req).await {
         Ok(f) => f,
         Err(e) => {
