@@ -19,6 +19,7 @@ use async_trait::async_trait;
 
 use crate::driver::{
     BenchPrimitives, GroupMember, GroupOutcome, SnapshotReader, VolumeCheck, VolumeDriver,
+    WindowedSnapshots,
 };
 use crate::error::{Error, Result};
 use crate::progress::ProgressHandle;
@@ -104,6 +105,10 @@ pub trait BlockingDriver: Send + Sync + 'static {
     }
     /// See [`VolumeDriver::check`]. A driver with a check returns `Some(self)`.
     fn check(self: Arc<Self>) -> Option<Arc<dyn VolumeCheck>> {
+        None
+    }
+    /// See [`VolumeDriver::windowed`]. A driver with two-step snapshots returns `Some(self)`.
+    fn windowed(self: Arc<Self>) -> Option<Arc<dyn WindowedSnapshots>> {
         None
     }
 }
@@ -349,5 +354,9 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
 
     fn check(&self) -> Option<Arc<dyn VolumeCheck>> {
         self.driver.clone().check()
+    }
+
+    fn windowed(&self) -> Option<Arc<dyn WindowedSnapshots>> {
+        self.driver.clone().windowed()
     }
 }

@@ -69,6 +69,20 @@ pub trait VolumeCheck: Send + Sync + 'static {
     fn check_volume(&self, v: &Volume, repair: bool) -> Result<CheckReport>;
 }
 
+/// Optional capability for instance snapshots: a snapshot in two steps around a freeze
+/// window, for backends where making a snapshot durable costs more than fixing its point in
+/// time (raw+reflink: FICLONE is the cut; fsync, rename and the directory fsync are not).
+/// Only the cut runs while the guest is frozen. Both steps block: run them on a blocking
+/// thread.
+pub trait WindowedSnapshots: Send + Sync + 'static {
+    /// Inside the window: fix each member's point in time and do nothing more. One result
+    /// per member, in order. A cut member that is never finished is removed by
+    /// [`VolumeDriver::delete_snapshot`] like a made one.
+    fn cut(&self, members: &[GroupMember]) -> Vec<Result<()>>;
+    /// After the thaw: make each cut member a durable snapshot and return its location.
+    fn finish(&self, members: &[GroupMember]) -> Vec<Result<ProviderUpdate>>;
+}
+
 /// A storage backend. Object-safe; the service holds it as `Arc<dyn VolumeDriver>`.
 #[async_trait]
 pub trait VolumeDriver: Send + Sync {
@@ -175,6 +189,12 @@ pub trait VolumeDriver: Send + Sync {
 
     /// The benchmark capability, when this backend has a raw primitive to time.
     fn bench(&self) -> Option<std::sync::Arc<dyn BenchPrimitives>> {
+        None
+    }
+
+    /// The two-step snapshot capability instance snapshots use inside a freeze window
+    /// (see [`WindowedSnapshots`]); `None`: the whole snapshot runs inside the window.
+    fn windowed(&self) -> Option<std::sync::Arc<dyn WindowedSnapshots>> {
         None
     }
 

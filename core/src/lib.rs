@@ -28,7 +28,7 @@ pub use backends::{BackendInfo, Backends};
 pub use blocking::{Blocking, BlockingDriver};
 pub use driver::{
     BenchPrimitives, CheckReport, GroupMember, GroupOutcome, SnapshotReader, VolumeCheck,
-    VolumeDriver,
+    VolumeDriver, WindowedSnapshots,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use instance::{Image, ImageStatus, Instance};

@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{Ctx, conflict_error, create_snapshot};
-use crate::driver::GroupMember;
+use std::sync::Arc;
+
+use crate::driver::{GroupMember, GroupOutcome, WindowedSnapshots};
 use crate::error::{Error, Result};
 use crate::locks::LockKey;
 use crate::store::{NewOp, OpId, Operation, Step};
@@ -174,9 +176,22 @@ pub(crate) async fn journal_children(ctx: &Ctx, p: &Planned) -> Result<()> {
         .map_err(|c| conflict_error(&c, "snapshot the group", "available or in-use"))
 }
 
-/// Takes every member (their children must be journaled, see [`journal_children`]): per
-/// backend concurrently, each backend's members in one `create_group_snapshot` call.
-pub(crate) async fn take(ctx: &Ctx, p: &Planned) -> Taken {
+/// Members cut inside a window, waiting for their backend's [`WindowedSnapshots::finish`].
+pub(crate) struct Cut {
+    /// Members the backend made in full (backends without the two-step capability).
+    made: Vec<(Snapshot, ProviderUpdate)>,
+    /// Per backend: its two-step capability and its members that were cut.
+    pending: Vec<(Arc<dyn WindowedSnapshots>, Vec<GroupMember>)>,
+    /// The first failure.
+    error: Option<Error>,
+    one_instant: bool,
+}
+
+/// The part of taking every member that must happen inside a freeze window (their children
+/// must be journaled, see [`journal_children`]): per backend concurrently, a backend with
+/// the two-step capability only *cuts* its members ([`WindowedSnapshots::cut`]); any other
+/// takes them whole, in one `create_group_snapshot` call.
+pub(crate) async fn cut(ctx: &Ctx, p: &Planned) -> Cut {
     let mut by_backend: BTreeMap<String, Vec<GroupMember>> = BTreeMap::new();
     for (s, v) in &p.members {
         let a = (v.status == VolumeStatus::InUse)
@@ -188,51 +203,119 @@ pub(crate) async fn take(ctx: &Ctx, p: &Planned) -> Taken {
             .push((s.clone(), v.clone(), a));
     }
     let backends = by_backend.len();
-    let mut native = true;
     let per_backend = by_backend.into_iter().map(|(backend, group)| async move {
-        let r = async {
+        let r: Result<Phase> = async {
             let driver = ctx.driver(&backend).await?;
+            if let Some(w) = driver.windowed() {
+                let (w2, g) = (w.clone(), group.clone());
+                let results = ctx
+                    .drive(KIND, async {
+                        tokio::task::spawn_blocking(move || w2.cut(&g))
+                            .await
+                            .map_err(|e| Error::backend("snapshot", format!("worker failed: {e}")))
+                    })
+                    .await?;
+                return Ok(Phase::Cut(w, results));
+            }
             let group_primitive = driver.capabilities().group_snapshot;
-            let r = ctx.drive(KIND, driver.create_group_snapshot(&group)).await;
-            r.map(|results| (results, group_primitive))
+            let results = ctx
+                .drive(KIND, driver.create_group_snapshot(&group))
+                .await?;
+            Ok(Phase::Made(results, group_primitive))
         }
         .await
-        .map_err(|e| {
+        .map_err(|e: Error| {
             let vols: Vec<String> = group.iter().map(|(_, v, _)| v.id.to_string()).collect();
             e.with_backend(backend.clone())
                 .about(format!("volume {} (backend {backend})", vols.join(", ")))
         });
         (group, r)
     });
-    let mut made: Vec<(Snapshot, ProviderUpdate)> = Vec::new();
-    let mut first_error: Option<Error> = None;
+    let mut out = Cut {
+        made: Vec::new(),
+        pending: Vec::new(),
+        error: None,
+        one_instant: backends == 1,
+    };
     for (group, r) in futures::future::join_all(per_backend).await {
         match r {
-            Ok((results, group_primitive)) => {
-                native &= group_primitive;
+            Ok(Phase::Made(results, group_primitive)) => {
+                out.one_instant &= group_primitive;
                 for ((s, v, _), r) in group.into_iter().zip(results) {
                     match r {
-                        Ok(u) => made.push((s, u)),
-                        Err(e) => {
-                            first_error.get_or_insert(
-                                e.with_object(format!("volume {}", v.id))
-                                    .with_backend(v.backend.clone())
-                                    .about(format!("volume {} (backend {})", v.id, v.backend)),
-                            );
-                        }
+                        Ok(u) => out.made.push((s, u)),
+                        Err(e) => out.fail(e, &v),
+                    }
+                }
+            }
+            Ok(Phase::Cut(w, results)) => {
+                out.one_instant = false;
+                let mut cut = Vec::new();
+                for (m, r) in group.into_iter().zip(results) {
+                    match r {
+                        Ok(()) => cut.push(m),
+                        Err(e) => out.fail(e, &m.1),
+                    }
+                }
+                out.pending.push((w, cut));
+            }
+            Err(e) => {
+                out.error.get_or_insert(e);
+            }
+        }
+    }
+    out
+}
+
+/// What one backend did inside the window.
+enum Phase {
+    Made(GroupOutcome, bool),
+    Cut(Arc<dyn WindowedSnapshots>, Vec<Result<()>>),
+}
+
+impl Cut {
+    fn fail(&mut self, e: Error, v: &Volume) {
+        self.error.get_or_insert(
+            e.with_object(format!("volume {}", v.id))
+                .with_backend(v.backend.clone())
+                .about(format!("volume {} (backend {})", v.id, v.backend)),
+        );
+    }
+}
+
+/// After the window: finishes every cut member (durability, renames) and returns what was
+/// made. Cut members are finished even when another member failed, so the rollback finds
+/// ordinary snapshots to delete.
+pub(crate) async fn finish(mut cut: Cut) -> Taken {
+    for (w, members) in std::mem::take(&mut cut.pending) {
+        let m2 = members.clone();
+        let results = tokio::task::spawn_blocking(move || w.finish(&m2))
+            .await
+            .map_err(|e| Error::backend("snapshot", format!("worker failed: {e}")));
+        match results {
+            Ok(results) => {
+                for ((s, v, _), r) in members.into_iter().zip(results) {
+                    match r {
+                        Ok(u) => cut.made.push((s, u)),
+                        Err(e) => cut.fail(e, &v),
                     }
                 }
             }
             Err(e) => {
-                first_error.get_or_insert(e);
+                cut.error.get_or_insert(e);
             }
         }
     }
     Taken {
-        made,
-        error: first_error,
-        one_instant: native && backends == 1,
+        made: cut.made,
+        error: cut.error,
+        one_instant: cut.one_instant,
     }
+}
+
+/// Takes every member with no window to respect: [`cut`] then [`finish`].
+pub(crate) async fn take(ctx: &Ctx, p: &Planned) -> Taken {
+    finish(cut(ctx, p).await).await
 }
 
 /// The steps that mark every made member `available` at its location and finish the

@@ -82,8 +82,8 @@ pub struct InstanceSnapshotReport {
     pub image: Image,
     /// Freeze to thaw as the guard measured it (ms), when the guest was frozen.
     pub window_ms: Option<f64>,
-    /// Taking every member, first start to last end (ms): the part of the window the
-    /// backends take.
+    /// Taking (or, on backends with two-step snapshots, cutting) every member inside the
+    /// window, first start to last end (ms): the part of the window the backends take.
     pub members_ms: f64,
     /// The freeze request's round trip (ms), when the guest was frozen.
     pub freeze_ms: Option<f64>,
@@ -256,7 +256,7 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
     }
     crash_point(KIND, "after_freeze");
     let started = Instant::now();
-    let taken = group_snapshot::take(ctx, &p).await;
+    let cut = group_snapshot::cut(ctx, &p).await;
     let took_ms = started.elapsed().as_secs_f64() * 1e3;
     crash_point(KIND, "after_members");
     let quiesced = frozen.is_some();
@@ -288,6 +288,8 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
         None => Ok(None),
     };
     crash_point(KIND, "after_thaw");
+    // Durability (fsyncs, renames) of the members cut inside the window, after the thaw.
+    let taken = group_snapshot::finish(cut).await;
     let window = match (taken.error, window) {
         (None, Ok(w)) => w,
         (Some(e), _) | (None, Err(e)) => {

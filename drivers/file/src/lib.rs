@@ -523,6 +523,26 @@ impl BlockingDriver for FileBackend {
     fn check(self: Arc<Self>) -> Option<Arc<dyn VolumeCheck>> {
         Some(self)
     }
+
+    fn windowed(self: Arc<Self>) -> Option<Arc<dyn kiln_core::WindowedSnapshots>> {
+        // Only a reflink is a cut in itself; a full copy or a qcow2 overlay is not.
+        (self.mode == Mode::RawReflink).then_some(self as Arc<dyn kiln_core::WindowedSnapshots>)
+    }
+}
+
+impl kiln_core::WindowedSnapshots for FileBackend {
+    /// FICLONE of each volume into its snapshot's temp name, nothing more.
+    fn cut(&self, members: &[kiln_core::GroupMember]) -> Vec<Result<()>> {
+        members
+            .iter()
+            .map(|(s, v, _)| raw::cut_snapshot(self, s, v))
+            .collect()
+    }
+
+    /// fsync and rename of each cut, then one directory fsync for all of them.
+    fn finish(&self, members: &[kiln_core::GroupMember]) -> Vec<Result<ProviderUpdate>> {
+        raw::finish_snapshots(self, members)
+    }
 }
 
 impl BenchPrimitives for FileBackend {
