@@ -99,6 +99,11 @@ pub trait BlockingDriver: Send + Sync + 'static {
             "this backend does not report connection info yet",
         ))
     }
+    /// See [`VolumeDriver::prepare_snapshot`]. The default does nothing.
+    fn prepare_snapshot(&self, v: &Volume) -> Result<()> {
+        let _ = v;
+        Ok(())
+    }
     /// See [`VolumeDriver::bench`]. A driver with a primitive returns `Some(self)`.
     fn bench(self: Arc<Self>) -> Option<Arc<dyn BenchPrimitives>> {
         None
@@ -344,6 +349,14 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
         let v = v.clone();
         self.call("connection_info", v.id.to_string(), move |d| {
             d.connection_info(&v)
+        })
+        .await
+    }
+
+    async fn prepare_snapshot(&self, v: &Volume) -> Result<()> {
+        let v = v.clone();
+        self.call("prepare_snapshot", v.id.to_string(), move |d| {
+            d.prepare_snapshot(&v)
         })
         .await
     }

@@ -235,13 +235,20 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
         group_snapshot::roll_back(ctx, &p, &[], "the members could not be journaled").await?;
         return Err(e);
     }
-    // Open every backend before the freeze (they open lazily): the window holds only the
-    // members' own backend calls.
-    for (_, v) in &p.members {
-        if let Err(e) = ctx.driver(&v.backend).await {
-            group_snapshot::roll_back(ctx, &p, &[], "a backend could not be opened").await?;
-            return Err(e);
-        }
+    // Open every backend and let each prepare its members before the freeze (backends
+    // open lazily; an RBD image handle opens on first use): the window holds only the
+    // members' own snapshot calls.
+    let prepared = futures::future::join_all(p.members.iter().map(|(_, v)| async move {
+        ctx.driver(&v.backend)
+            .await?
+            .prepare_snapshot(v)
+            .await
+            .map_err(|e| e.about(format!("volume {} (backend {})", v.id, v.backend)))
+    }))
+    .await;
+    if let Some(e) = prepared.into_iter().find_map(Result::err) {
+        group_snapshot::roll_back(ctx, &p, &[], "a member could not be prepared").await?;
+        return Err(e);
     }
     let frozen = match freeze(ctx.agents.as_ref(), &inst, &req).await {
         Ok(f) => f,
