@@ -15,7 +15,10 @@ const SIZE: u64 = 32 * MIB;
 #[tokio::test]
 async fn a_cut_fixes_the_point_in_time_and_finish_makes_it_a_snapshot() {
     let env = Env::raw().await;
-    let w = env.driver.windowed().expect("raw+reflink offers two-step snapshots");
+    let w = env
+        .driver
+        .windowed()
+        .expect("raw+reflink offers two-step snapshots");
     let mut a = Vol::create(&env, SIZE).await;
     let mut b = Vol::create(&env, SIZE).await;
     a.scatter(&env, 1).await;
@@ -27,7 +30,9 @@ async fn a_cut_fixes_the_point_in_time_and_finish_makes_it_a_snapshot() {
     ];
     let m = members.clone();
     let w2 = w.clone();
-    let cut = tokio::task::spawn_blocking(move || w2.cut(&m)).await.unwrap();
+    let cut = tokio::task::spawn_blocking(move || w2.cut(&m))
+        .await
+        .unwrap();
     assert!(cut.iter().all(Result::is_ok), "{cut:?}");
     // Not a snapshot yet: recovery would find none (and roll the cut back).
     for (s, _, _) in &members {
@@ -37,10 +42,15 @@ async fn a_cut_fixes_the_point_in_time_and_finish_makes_it_a_snapshot() {
     a.scatter(&env, 3).await;
     b.scatter(&env, 4).await;
     let m = members.clone();
-    let done = tokio::task::spawn_blocking(move || w.finish(&m)).await.unwrap();
+    let done = tokio::task::spawn_blocking(move || w.finish(&m))
+        .await
+        .unwrap();
     for ((s, _, _), r) in members.iter().zip(&done) {
         let up = r.as_ref().unwrap();
-        assert_eq!(env.driver.lookup_snapshot(s).await.unwrap().as_ref(), Some(up));
+        assert_eq!(
+            env.driver.lookup_snapshot(s).await.unwrap().as_ref(),
+            Some(up)
+        );
     }
     check_snapshot(&env.driver, &members[0].0, &at_a).await;
     check_snapshot(&env.driver, &members[1].0, &at_b).await;
@@ -61,7 +71,9 @@ async fn a_cut_never_finished_is_removed_by_delete_and_leaves_nothing() {
     let before = listing(&dir);
     let s = snapshot(&a.v);
     let m = vec![(s.clone(), a.v.clone(), None)];
-    let cut = tokio::task::spawn_blocking(move || w.cut(&m)).await.unwrap();
+    let cut = tokio::task::spawn_blocking(move || w.cut(&m))
+        .await
+        .unwrap();
     assert!(cut[0].is_ok());
     assert_ne!(listing(&dir), before, "the cut is a file under a temp name");
     // A crash here: recovery's rollback deletes the member.
