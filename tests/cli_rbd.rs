@@ -32,13 +32,16 @@ mod common;
 
 #[cfg(feature = "rbd")]
 mod rbd {
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::process::Command;
     use std::time::Duration;
 
     use kiln_testkit::pattern;
     use serde_json::Value;
 
+    use crate::common::rbd::{
+        ceph_conf, diff_file, pool_listing, rbd, rbd_images, rbd_json, rbd_snaps,
+    };
     use crate::common::{
         self, Runner, assert_bench_timings, assert_same_bytes, backend_row, check_failure, image,
         run_bounded, s, serial, sha256_hex, unique_token,
@@ -49,91 +52,6 @@ mod rbd {
     const SIZE: u64 = 64 * MIB;
     /// Hang guard for one kiln or rbd command (a correctness bound, not a performance target).
     const COMMAND_LIMIT: Duration = Duration::from_secs(180);
-
-    /// The cluster's ceph.conf from `CEPH_CONF`; panics with instructions when unset.
-    fn ceph_conf() -> PathBuf {
-        match std::env::var_os("CEPH_CONF") {
-            Some(p) if !p.is_empty() => {
-                let p = PathBuf::from(p);
-                assert!(
-                    p.is_file(),
-                    "CEPH_CONF={} is not a file; is the test cluster running?",
-                    p.display()
-                );
-                p
-            }
-            _ => panic!(
-                "CEPH_CONF is not set: the kiln RBD CLI tests need a real Ceph cluster. Run \
-             tests/harness/rbd-suite.sh (starts a throw-away single-node cluster, runs the RBD \
-             tests including these, stops it), or eval \"$(tests/harness/ceph-start.sh DIR)\" \
-             and then `cargo test -p kiln --features rbd --test cli_rbd`."
-            ),
-        }
-    }
-
-    /// `rbd --conf CEPH_CONF ARGS…`, asserting success; returns stdout.
-    fn rbd(args: &[&str]) -> String {
-        let mut c = Command::new("rbd");
-        c.arg("--conf").arg(ceph_conf()).args(args);
-        let (out, _) = run_bounded(c, COMMAND_LIMIT);
-        assert!(
-            out.status.success(),
-            "rbd {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// `rbd ARGS… --format json`, parsed.
-    fn rbd_json(args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["--format", "json"]);
-        let out = rbd(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("rbd {args:?}: bad JSON ({e}): {out}"))
-    }
-
-    /// The whole pool as `rbd ls -l` sees it: every image and snapshot, sizes, parents, locks.
-    fn pool_listing() -> Value {
-        rbd_json(&["ls", "-l", "rbd"])
-    }
-
-    /// Snapshot names of `image` according to `rbd snap ls`.
-    fn rbd_snaps(image: &str) -> Vec<String> {
-        let v = rbd_json(&["snap", "ls", &format!("rbd/{image}")]);
-        let mut names: Vec<String> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap().to_string())
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// Image names in the pool.
-    fn rbd_images() -> Vec<String> {
-        rbd_json(&["ls", "rbd"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect()
-    }
-
-    /// An rbd "diff v1" stream (the format `rbd export-diff` writes, documented in Ceph's
-    /// doc/dev/rbd-diff.rst) that writes each chunk at its offset: no from/to snapshot, no size
-    /// record, so `rbd import-diff` applies it to the image head as plain writes.
-    fn diff_file(chunks: &[(u64, &[u8])]) -> Vec<u8> {
-        let mut d = b"rbd diff v1\n".to_vec();
-        for (off, data) in chunks {
-            d.push(b'w');
-            d.extend_from_slice(&off.to_le_bytes());
-            d.extend_from_slice(&(data.len() as u64).to_le_bytes());
-            d.extend_from_slice(data);
-        }
-        d.push(b'e');
-        d
-    }
 
     /// First differing byte (and its 4 MiB RADOS object), for readable failures on 64 MiB
     /// comparisons.

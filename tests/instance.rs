@@ -17,139 +17,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
+use common::guest::{Guest, read_guest_file};
 use common::{Kiln, s, sha256_hex};
 use serde_json::Value;
 
 /// Hang guard for commands and waits (not a timing threshold: far above any real run).
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A host-side qemu-guest-agent on a unix socket, and guest filesystems on kiln volumes.
-struct Guest {
-    dir: PathBuf,
-    sock: PathBuf,
-    agent: Option<Child>,
-    /// (mountpoint, loop device)
-    disks: Vec<(PathBuf, String)>,
-}
-
-impl Guest {
-    fn start(dir: &Path) -> Guest {
-        let dir = dir.join("guest");
-        std::fs::create_dir_all(dir.join("state")).unwrap();
-        let mut g = Guest {
-            sock: dir.join("qga.sock"),
-            dir,
-            agent: None,
-            disks: vec![],
-        };
-        g.start_agent();
-        g
-    }
-
-    fn start_agent(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let child = Command::new("qemu-ga")
-            .args(["-m", "unix-listen", "-p"])
-            .arg(&self.sock)
-            .arg("-t")
-            .arg(self.dir.join("state"))
-            // Host safety: the unfiltered freeze (every filesystem of this host) and anything
-            // that runs or writes on the host are refused by the agent itself.
-            .args([
-                "-b",
-                "guest-fsfreeze-freeze,guest-exec,guest-exec-status,guest-shutdown,guest-file-open,guest-file-write,guest-set-user-password,guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-ga (apt-get install qemu-guest-agent)");
-        self.agent = Some(child);
-        let t = Instant::now();
-        while !self.sock.exists() {
-            assert!(t.elapsed() < LIMIT, "qemu-ga never created its socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn agent_pid(&self) -> i32 {
-        self.agent.as_ref().unwrap().id() as i32
-    }
-
-    /// Kills the agent (an agent that is down).
-    fn kill_agent(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-    }
-
-    /// Formats `image` (a kiln volume's file) with `fs` through a loop device and mounts it:
-    /// `ext4` with `commit=300`, which keeps ext4 from committing its journal on its own
-    /// during a test, so what reaches the volume is what a freeze (or an fsync) forced
-    /// there; or `xfs`, which has reflink, so a kiln backend can live inside the guest
-    /// filesystem.
-    fn disk_fs(&mut self, image: &Path, fs: &str) -> PathBuf {
-        let dev = sh("losetup", &["-f", "--show", image.to_str().unwrap()]);
-        let mp = self.dir.join(format!("disk{}", self.disks.len()));
-        std::fs::create_dir_all(&mp).unwrap();
-        self.disks.push((mp.clone(), dev.clone()));
-        if fs == "xfs" {
-            sh("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", &dev]);
-            sh("mount", &[&dev, mp.to_str().unwrap()]);
-        } else {
-            sh("mkfs.ext4", &["-q", "-F", &dev]);
-            sh("mount", &["-o", "commit=300", &dev, mp.to_str().unwrap()]);
-        }
-        mp
-    }
-
-    /// The agent's view: `frozen` or `thawed` (our own QGA client, as kiln's recovery uses).
-    fn status(&self) -> String {
-        let mut q =
-            kiln_core::agent::qga::Qga::connect(self.sock.to_str().unwrap(), LIMIT).unwrap();
-        q.status().unwrap()
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        for (mp, dev) in self.disks.iter().rev() {
-            // A test that failed mid-freeze must not leave a frozen filesystem behind.
-            let _ = Command::new("fsfreeze").arg("-u").arg(mp).output();
-            let _ = Command::new("umount").arg(mp).output();
-            let _ = Command::new("losetup").args(["-d", dev]).output();
-        }
-        self.kill_agent();
-    }
-}
-
-/// Reads `/name` from the ext4 image `image` without mounting or replaying its journal:
-/// what a crash would leave. `None` when the file is not there.
-fn read_guest_file(image: &Path, name: &str) -> Option<String> {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("cat /{name}")])
-        .arg(image)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!text.is_empty()).then_some(text)
-}
 
 /// A guest writer: buffered (never fsynced) `bseq` files on every disk, the same number on
 /// each per iteration, one disk after the other; and, on the first disk, an `fseq` file

@@ -41,15 +41,15 @@ mod common;
 #[cfg(feature = "rbd")]
 mod mixed {
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use kiln_testkit::{XfsMount, pattern};
     use serde_json::Value;
 
+    use crate::common::guest::{Guest, read_guest_file};
+    use crate::common::rbd::{ceph_conf, diff_file, pool_listing, rbd, rbd_json, rbd_snaps};
     use crate::common::{
-        self, Runner, check_failure, image, listing, run_bounded, s, serial, sha256_hex,
-        unique_token,
+        self, Runner, check_failure, image, listing, s, serial, sha256_hex, unique_token,
     };
 
     const MIB: u64 = 1 << 20;
@@ -62,80 +62,6 @@ mod mixed {
 
     // ---- the cluster (copied from tests/cli_rbd.rs: its helpers are private to it) ----
 
-    /// The cluster's ceph.conf from `CEPH_CONF`; panics with instructions when unset.
-    fn ceph_conf() -> PathBuf {
-        match std::env::var_os("CEPH_CONF") {
-            Some(p) if !p.is_empty() => {
-                let p = PathBuf::from(p);
-                assert!(
-                    p.is_file(),
-                    "CEPH_CONF={} is not a file; is the test cluster running?",
-                    p.display()
-                );
-                p
-            }
-            _ => panic!(
-                "CEPH_CONF is not set: the kiln mixed-backend instance tests need a real Ceph \
-                 cluster. Run tests/harness/rbd-suite.sh (starts a throw-away single-node \
-                 cluster, runs the RBD tests including these, stops it), or eval \
-                 \"$(tests/harness/ceph-start.sh DIR)\" and then `cargo test -p kiln --features \
-                 rbd,failpoints --test instance_rbd`."
-            ),
-        }
-    }
-
-    /// `rbd --conf CEPH_CONF ARGS…`, asserting success; returns stdout.
-    fn rbd(args: &[&str]) -> String {
-        let mut c = Command::new("rbd");
-        c.arg("--conf").arg(ceph_conf()).args(args);
-        let (out, _) = run_bounded(c, LIMIT);
-        assert!(
-            out.status.success(),
-            "rbd {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// `rbd ARGS… --format json`, parsed.
-    fn rbd_json(args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["--format", "json"]);
-        let out = rbd(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("rbd {args:?}: bad JSON ({e}): {out}"))
-    }
-
-    /// The whole pool as `rbd ls -l` sees it: every image and snapshot, sizes, parents, locks.
-    fn pool_listing() -> Value {
-        rbd_json(&["ls", "-l", "rbd"])
-    }
-
-    /// Snapshot names of `image` according to `rbd snap ls`.
-    fn rbd_snaps(image: &str) -> Vec<String> {
-        let v = rbd_json(&["snap", "ls", &format!("rbd/{image}")]);
-        let mut names: Vec<String> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap().to_string())
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// An rbd "diff v1" stream that writes each chunk at its offset (see tests/cli_rbd.rs).
-    fn diff_file(chunks: &[(u64, &[u8])]) -> Vec<u8> {
-        let mut d = b"rbd diff v1\n".to_vec();
-        for (off, data) in chunks {
-            d.push(b'w');
-            d.extend_from_slice(&off.to_le_bytes());
-            d.extend_from_slice(&(data.len() as u64).to_le_bytes());
-            d.extend_from_slice(data);
-        }
-        d.push(b'e');
-        d
-    }
-
     /// The monitor's port, from the `mon host = v2:127.0.0.1:PORT` line ceph-start.sh writes.
     fn mon_port() -> String {
         let conf = std::fs::read_to_string(ceph_conf()).unwrap();
@@ -144,127 +70,6 @@ mod mixed {
             .find(|l| l.trim_start().starts_with("mon host"))
             .unwrap_or_else(|| panic!("no mon host in {conf}"));
         line.rsplit(':').next().unwrap().trim().to_string()
-    }
-
-    // ---- the guest (copied from tests/instance.rs, with its safety measures) ----
-
-    fn sh(cmd: &str, args: &[&str]) -> String {
-        let out = Command::new(cmd).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// A host-side qemu-guest-agent on a unix socket, and guest filesystems on kiln volumes.
-    struct Guest {
-        dir: PathBuf,
-        sock: PathBuf,
-        agent: Option<Child>,
-        /// (mountpoint, loop device)
-        disks: Vec<(PathBuf, String)>,
-    }
-
-    impl Guest {
-        fn start(dir: &Path) -> Guest {
-            let dir = dir.join("guest");
-            std::fs::create_dir_all(dir.join("state")).unwrap();
-            let sock = dir.join("qga.sock");
-            let child = Command::new("qemu-ga")
-                .args(["-m", "unix-listen", "-p"])
-                .arg(&sock)
-                .arg("-t")
-                .arg(dir.join("state"))
-                // Host safety: the unfiltered freeze (every filesystem of this host) and
-                // anything that runs or writes on the host are refused by the agent itself.
-                .args([
-                    "-b",
-                    "guest-fsfreeze-freeze,guest-exec,guest-exec-status,guest-shutdown,guest-file-open,guest-file-write,guest-set-user-password,guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("qemu-ga (apt-get install qemu-guest-agent)");
-            let t = Instant::now();
-            while !sock.exists() {
-                assert!(t.elapsed() < LIMIT, "qemu-ga never created its socket");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Guest {
-                dir,
-                sock,
-                agent: Some(child),
-                disks: vec![],
-            }
-        }
-
-        /// Formats `image` (a kiln volume's file) ext4 through a loop device and mounts it
-        /// with `commit=300`, which keeps ext4 from committing its journal on its own during
-        /// a test: what reaches the volume is what a freeze (or an fsync) forced there.
-        fn disk_ext4(&mut self, image: &Path) -> PathBuf {
-            let dev = sh("losetup", &["-f", "--show", image.to_str().unwrap()]);
-            let mp = self.dir.join(format!("disk{}", self.disks.len()));
-            std::fs::create_dir_all(&mp).unwrap();
-            self.disks.push((mp.clone(), dev.clone()));
-            sh("mkfs.ext4", &["-q", "-F", &dev]);
-            sh("mount", &["-o", "commit=300", &dev, mp.to_str().unwrap()]);
-            mp
-        }
-
-        /// The agent's view: `frozen` or `thawed` (kiln's own QGA client, as its recovery
-        /// uses it).
-        fn status(&self) -> String {
-            let mut q =
-                kiln_core::agent::qga::Qga::connect(self.sock.to_str().unwrap(), LIMIT).unwrap();
-            q.status().unwrap()
-        }
-
-        /// The guest can write and fsync on every disk again (a frozen filesystem blocks
-        /// both): bounded, in a thread, so a frozen disk fails the test instead of hanging it.
-        fn assert_writable(&self) {
-            let mps: Vec<PathBuf> = self.disks.iter().map(|(mp, _)| mp.clone()).collect();
-            let w = std::thread::spawn(move || {
-                for mp in mps {
-                    let f = std::fs::File::create(mp.join("probe")).unwrap();
-                    f.sync_all().unwrap();
-                }
-            });
-            let t = Instant::now();
-            while !w.is_finished() {
-                assert!(t.elapsed() < LIMIT, "a guest filesystem stayed frozen");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            w.join().unwrap();
-        }
-    }
-
-    impl Drop for Guest {
-        fn drop(&mut self) {
-            for (mp, dev) in self.disks.iter().rev() {
-                // A test that failed mid-freeze must not leave a frozen filesystem behind.
-                let _ = Command::new("fsfreeze").arg("-u").arg(mp).output();
-                let _ = Command::new("umount").arg(mp).output();
-                let _ = Command::new("losetup").args(["-d", dev]).output();
-            }
-            if let Some(mut a) = self.agent.take() {
-                let _ = a.kill();
-                let _ = a.wait();
-            }
-        }
-    }
-
-    /// Reads `/name` from the ext4 image `image` without mounting or replaying its journal:
-    /// what a crash would leave. `None` when the file is not there.
-    fn read_guest_file(image: &Path, name: &str) -> Option<String> {
-        let out = Command::new("debugfs")
-            .args(["-R", &format!("cat /{name}")])
-            .arg(image)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (!text.is_empty()).then_some(text)
     }
 
     // ---- kiln with both backends, an instance with one file and two RBD disks ----

@@ -8,6 +8,8 @@
 
 mod data;
 mod files;
+pub mod guest;
+pub mod rbd;
 mod run;
 
 pub use data::{

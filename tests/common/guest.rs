@@ -1,0 +1,169 @@
+//! A "guest" on this host for the instance-snapshot tests: a real qemu-guest-agent run as the
+//! test's own child on a unix socket (the way a hypervisor exposes the agent channel), and
+//! guest filesystems on kiln volumes through loop devices.
+//!
+//! Host safety: the agent refuses the unfiltered `guest-fsfreeze-freeze` (every filesystem of
+//! this host) and anything that runs or writes on the host (`--block-rpcs`); instances freeze
+//! only their listed mountpoints (`guest-fsfreeze-freeze-list`). Every "guest" shares this
+//! kernel, and qemu-ga's thaw thaws every frozen filesystem it sees, so tests that freeze must
+//! run one at a time (`common::serial`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Hang guard for the guest's waits (not a timing threshold: far above any real run).
+pub const GUEST_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs `cmd ARGS…`, asserting success; returns its trimmed stdout.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A host-side qemu-guest-agent on a unix socket, and guest filesystems on kiln volumes.
+pub struct Guest {
+    dir: PathBuf,
+    /// The agent's socket (an instance's `--agent`).
+    pub sock: PathBuf,
+    agent: Option<Child>,
+    /// (mountpoint, loop device) of each guest disk.
+    pub disks: Vec<(PathBuf, String)>,
+}
+
+impl Guest {
+    /// Starts the agent under `dir/guest`.
+    pub fn start(dir: &Path) -> Guest {
+        let dir = dir.join("guest");
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let mut g = Guest {
+            sock: dir.join("qga.sock"),
+            dir,
+            agent: None,
+            disks: vec![],
+        };
+        g.start_agent();
+        g
+    }
+
+    fn start_agent(&mut self) {
+        let _ = std::fs::remove_file(&self.sock);
+        let child = Command::new("qemu-ga")
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&self.sock)
+            .arg("-t")
+            .arg(self.dir.join("state"))
+            .args([
+                "-b",
+                "guest-fsfreeze-freeze,guest-exec,guest-exec-status,guest-shutdown,guest-file-open,guest-file-write,guest-set-user-password,guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-ga (apt-get install qemu-guest-agent)");
+        self.agent = Some(child);
+        let t = Instant::now();
+        while !self.sock.exists() {
+            assert!(
+                t.elapsed() < GUEST_LIMIT,
+                "qemu-ga never created its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The agent's PID (to SIGSTOP it: an agent that hangs).
+    pub fn agent_pid(&self) -> i32 {
+        self.agent.as_ref().unwrap().id() as i32
+    }
+
+    /// Kills the agent (an agent that is down).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    /// Formats `image` (a kiln volume's file) with `fs` through a loop device and mounts it:
+    /// `ext4` with `commit=300`, which keeps ext4 from committing its journal on its own
+    /// during a test, so what reaches the volume is what a freeze (or an fsync) forced
+    /// there; or `xfs`, which has reflink, so a kiln backend can live inside the guest
+    /// filesystem.
+    pub fn disk_fs(&mut self, image: &Path, fs: &str) -> PathBuf {
+        let dev = sh("losetup", &["-f", "--show", image.to_str().unwrap()]);
+        let mp = self.dir.join(format!("disk{}", self.disks.len()));
+        std::fs::create_dir_all(&mp).unwrap();
+        self.disks.push((mp.clone(), dev.clone()));
+        if fs == "xfs" {
+            sh("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", &dev]);
+            sh("mount", &[&dev, mp.to_str().unwrap()]);
+        } else {
+            sh("mkfs.ext4", &["-q", "-F", &dev]);
+            sh("mount", &["-o", "commit=300", &dev, mp.to_str().unwrap()]);
+        }
+        mp
+    }
+
+    /// [`Guest::disk_fs`] with ext4.
+    pub fn disk_ext4(&mut self, image: &Path) -> PathBuf {
+        self.disk_fs(image, "ext4")
+    }
+
+    /// The agent's view: `frozen` or `thawed` (kiln's own QGA client, as its recovery uses it).
+    pub fn status(&self) -> String {
+        let mut q =
+            kiln_core::agent::qga::Qga::connect(self.sock.to_str().unwrap(), GUEST_LIMIT).unwrap();
+        q.status().unwrap()
+    }
+
+    /// The guest can write and fsync on every disk again (a frozen filesystem blocks both):
+    /// bounded, in a thread, so a frozen disk fails the test instead of hanging it.
+    pub fn assert_writable(&self) {
+        let mps: Vec<PathBuf> = self.disks.iter().map(|(mp, _)| mp.clone()).collect();
+        let w = std::thread::spawn(move || {
+            for mp in mps {
+                let f = std::fs::File::create(mp.join("probe")).unwrap();
+                f.sync_all().unwrap();
+            }
+        });
+        let t = Instant::now();
+        while !w.is_finished() {
+            assert!(
+                t.elapsed() < GUEST_LIMIT,
+                "a guest filesystem stayed frozen"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.join().unwrap();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        for (mp, dev) in self.disks.iter().rev() {
+            // A test that failed mid-freeze must not leave a frozen filesystem behind.
+            let _ = Command::new("fsfreeze").arg("-u").arg(mp).output();
+            let _ = Command::new("umount").arg(mp).output();
+            let _ = Command::new("losetup").args(["-d", dev]).output();
+        }
+        self.kill_agent();
+    }
+}
+
+/// Reads `/name` from the ext4 image `image` without mounting or replaying its journal: what
+/// a crash would leave. `None` when the file is not there.
+pub fn read_guest_file(image: &Path, name: &str) -> Option<String> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{name}")])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
