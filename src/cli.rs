@@ -172,7 +172,7 @@ pub struct InstanceSnapshot {
     #[arg(long, value_enum, default_value_t = QuiesceArg::Auto)]
     pub quiesce: QuiesceArg,
     /// Longest freeze: the guest is thawed at this deadline even if snapshots still run
-    /// (then the operation rolls back). E.g. 10s, 500ms, 1m.
+    /// (then the operation rolls back). E.g. 10s, 500ms, 1m; from 10ms to 5m.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     pub freeze_timeout: String,
     /// Extra image property (repeatable).
