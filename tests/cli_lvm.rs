@@ -593,7 +593,9 @@ fn bad_input_and_wrong_states_change_neither_store_nor_vg() {
         let w = k.json(&["volume", "create", "--size", "16M", "--backend", b]);
         let wid = s(&w, "id");
         let wsid = s(&k.json(&["snapshot", "create", &wid]), "id");
-        k.attach(&wid, "0b6f7c0e-1111-4222-8333-944455556666", "/dev/vdc");
+        // One device per volume: an instance cannot have two volumes at one device.
+        let dev = if b == "thin" { "/dev/vdc" } else { "/dev/vdd" };
+        k.attach(&wid, "0b6f7c0e-1111-4222-8333-944455556666", dev);
         objs.push((b, v, img, vid, sid, wid, wsid));
     }
     let before = k.state();

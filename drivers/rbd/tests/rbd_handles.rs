@@ -301,7 +301,11 @@ async fn concurrent_snapshot_creates_and_deletes_on_shared_handles_all_land() {
         let mut got = cli_snapshots(&name);
         got.sort();
         assert_eq!(got, want, "{name}");
-        assert_eq!(cli_watchers(&name).len(), 1, "{name}: one handle");
+        // At most one watch: no second handle was opened. (Not exactly one: by the time the
+        // rbd CLI looks — seconds later on a loaded machine — the reaper may already have
+        // closed the idle handle; a CI run saw 0.)
+        let watchers = cli_watchers(&name).len();
+        assert!(watchers <= 1, "{name}: {watchers} handles");
     }
     for s in &kept {
         assert_eq!(d.delete_snapshot(s).await.unwrap(), DeleteAction::Deleted);
@@ -316,7 +320,10 @@ async fn the_cache_is_bounded_and_idle_handles_are_closed() {
     let d = driver().await;
     let c = Arc::clone(d.cluster());
     tokio::task::spawn_blocking(move || {
-        let cache = ImageCache::with_bounds(Arc::clone(&c), 2, Duration::from_millis(500)).unwrap();
+        // 5 s idle: long enough that the rbd CLI's checks below (each a process start and a
+        // cluster connect, seconds under load) see the handles before the reaper does; a
+        // 500 ms bound failed in a loaded CI run.
+        let cache = ImageCache::with_bounds(Arc::clone(&c), 2, Duration::from_secs(5)).unwrap();
         let names: Vec<String> = (0..3)
             .map(|_| volume_image(&kiln_core::VolumeId::new()))
             .collect();
