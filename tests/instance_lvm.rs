@@ -23,12 +23,13 @@
 //!   reaches a volume is what a freeze or an fsync forced there).
 //!
 //! Why a loop device in front of the LVs too: with the guest filesystem directly on the LV,
-//! the freeze and LVM run in ONE kernel, and on kernels before 6.5 (this guest runs 6.1,
-//! Debian 12's) device-mapper's suspend-with-lockfs of a filesystem that userspace froze
-//! fails with EBUSY — `lvcreate --snapshot` then fails ("Failed to suspend"), a thick one
-//! leaving "Manual intervention required". With a real VM the filesystem lives in the guest's
-//! kernel and the host's device-mapper sees only block I/O, which is what the loop device
-//! reproduces here: the LV's own block device carries no filesystem.
+//! the freeze and LVM run in ONE kernel, and on this guest's 6.1 kernel (Debian 12's)
+//! device-mapper's suspend, which freezes the filesystem on the device itself, fails with
+//! EBUSY on a filesystem that userspace already froze — `lvcreate --snapshot` then fails
+//! ("Failed to suspend"), a thick one leaving "Manual intervention required" (see
+//! docs/benchmarks.md, "LVM: instance snapshots"). With a real VM the filesystem lives in the
+//! guest's kernel and the host's device-mapper sees only block I/O, which is what the loop
+//! device reproduces here: the LV's own block device carries no filesystem.
 //!
 //! Snapshot data is read without mounting and without replaying the journal (`debugfs`), as
 //! a crash would leave it: a file snapshot from its file, an LVM snapshot from
@@ -348,9 +349,14 @@ fn read_guest_file(image: &Path, name: &str) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
-/// A guest writer (from tests/instance.rs): buffered (never fsynced) `bseq` files on every
+/// A guest writer (after tests/instance.rs): buffered (never fsynced) `bseq` files on every
 /// disk, the same number on each per iteration, one disk after the other; and, on the first
 /// disk, an `fseq` file written and fsynced in a loop, each pass's start and end recorded.
+///
+/// Each `bseq` update is ONE fixed-width `pwrite` at offset 0 of a file created before the
+/// loop: a freeze waits for a write in progress or holds it back whole, so a cut finds the
+/// old number or the new one. (`std::fs::write` truncates first and writes after: a freeze
+/// between the two leaves an empty file in a perfectly consistent snapshot — seen once.)
 struct Writer {
     stop: Arc<AtomicBool>,
     seq: Arc<AtomicU64>,
@@ -363,13 +369,18 @@ impl Writer {
         let seq = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         {
-            let (stop, seq, disks) = (stop.clone(), seq.clone(), disks.to_vec());
+            let (stop, seq) = (stop.clone(), seq.clone());
+            let files: Vec<std::fs::File> = disks
+                .iter()
+                .map(|d| std::fs::File::create(d.join("bseq")).unwrap())
+                .collect();
             threads.push(std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     i += 1;
-                    for d in &disks {
-                        std::fs::write(d.join("bseq"), i.to_string()).unwrap();
+                    for f in &files {
+                        f.write_all_at(format!("{i:020}").as_bytes(), 0).unwrap();
                     }
                     seq.store(i, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(1));
@@ -614,8 +625,9 @@ fn assert_snapshot_on_backend(k: &Kiln, snap: &Value, volume: &Value) {
 /// file volume holds, on every disk, a file the guest wrote just before without fsync; the
 /// sequence number one writer puts on all three disks differs by at most one between the
 /// three snapshots (one cut); the fsync writer on the thin disk stalled across the logged
-/// freeze window (a pass began before the freeze and ended after the thaw, none ended inside);
-/// the image lists three quiesced snapshots at Nova's BDM.
+/// freeze window (no pass begun inside it returned before the thaw, one was held until the
+/// thaw, at most the pass in flight at the freeze returned inside); the image lists three
+/// quiesced snapshots at Nova's BDM.
 #[test]
 fn a_quiesced_snapshot_of_thin_thick_and_file_volumes_holds_unsynced_writes_of_every_disk_at_one_cut()
  {
@@ -634,18 +646,40 @@ fn a_quiesced_snapshot_of_thin_thick_and_file_volumes_holds_unsynced_writes_of_e
     assert_eq!(code, Some(0), "{stderr}");
     let (frozen, thawing) = window.expect("no freeze/thaw log lines");
     assert!(frozen <= thawing);
+    // The fsync writer stalled for the whole window. The pass in flight when the freeze began
+    // may return inside it (the freeze's own sync made its data durable; seen under UML), but
+    // no pass begun after "guest frozen" returned before "guest thawing", and one pass was
+    // held until the thaw.
     let utc = |t: SystemTime| DateTime::<Utc>::from(t);
+    let near = || {
+        let i = passes.partition_point(|(_, b)| utc(*b) <= frozen);
+        passes[i.saturating_sub(2)..(i + 3).min(passes.len())]
+            .iter()
+            .map(|(a, b)| format!("{}..{}", utc(*a), utc(*b)))
+            .collect::<Vec<_>>()
+    };
     assert!(
         passes
             .iter()
-            .any(|(a, b)| utc(*a) <= frozen && utc(*b) >= thawing),
-        "no fsync pass was held across the freeze window {frozen}..{thawing}"
+            .any(|(a, b)| utc(*a) <= thawing && utc(*b) >= thawing),
+        "no fsync pass was held until the thaw; window {frozen}..{thawing}, passes {:?}",
+        near()
     );
     assert!(
         !passes
             .iter()
-            .any(|(_, b)| utc(*b) > frozen && utc(*b) < thawing),
-        "an fsync completed while the filesystems were frozen"
+            .any(|(a, b)| utc(*a) > frozen && utc(*b) < thawing),
+        "an fsync begun inside the window {frozen}..{thawing} completed inside it: {:?}",
+        near()
+    );
+    assert!(
+        passes
+            .iter()
+            .filter(|(_, b)| utc(*b) > frozen && utc(*b) < thawing)
+            .count()
+            <= 1,
+        "more than the in-flight fsync completed inside the window {frozen}..{thawing}: {:?}",
+        near()
     );
     assert_eq!(img["kiln_consistency"], "quiesced", "{img}");
     assert_eq!(img["status"], "active");
