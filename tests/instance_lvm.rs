@@ -44,8 +44,7 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
@@ -53,6 +52,7 @@ use kiln_testkit::XfsMount;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use common::guest::{Writer, read_guest_file, snapshot_logged};
 use common::{Runner, s, serial, unique_token};
 
 /// Hang guard for commands and waits (not a timing threshold: far above any real run).
@@ -337,95 +337,6 @@ impl Drop for Guest {
     }
 }
 
-/// Reads `/name` from the ext4 image `image` without mounting or replaying its journal:
-/// what a crash would leave. `None` when the file is not there. (From tests/instance.rs.)
-fn read_guest_file(image: &Path, name: &str) -> Option<String> {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("cat /{name}")])
-        .arg(image)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!text.is_empty()).then_some(text)
-}
-
-/// A guest writer (after tests/instance.rs): buffered (never fsynced) `bseq` files on every
-/// disk, the same number on each per iteration, one disk after the other; and, on the first
-/// disk, an `fseq` file written and fsynced in a loop, each pass's start and end recorded.
-///
-/// Each `bseq` update is ONE fixed-width `pwrite` at offset 0 of a file created before the
-/// loop: a freeze waits for a write in progress or holds it back whole, so a cut finds the
-/// old number or the new one. (`std::fs::write` truncates first and writes after: a freeze
-/// between the two leaves an empty file in a perfectly consistent snapshot — seen once.)
-struct Writer {
-    stop: Arc<AtomicBool>,
-    seq: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<Vec<(SystemTime, SystemTime)>>>,
-}
-
-impl Writer {
-    fn start(disks: &[PathBuf], fsync_pass: bool) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let seq = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
-        {
-            let (stop, seq) = (stop.clone(), seq.clone());
-            let files: Vec<std::fs::File> = disks
-                .iter()
-                .map(|d| std::fs::File::create(d.join("bseq")).unwrap())
-                .collect();
-            threads.push(std::thread::spawn(move || {
-                use std::os::unix::fs::FileExt;
-                let mut i = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    for f in &files {
-                        f.write_all_at(format!("{i:020}").as_bytes(), 0).unwrap();
-                    }
-                    seq.store(i, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                vec![]
-            }));
-        }
-        if fsync_pass {
-            let (stop, disk) = (stop.clone(), disks[0].clone());
-            threads.push(std::thread::spawn(move || {
-                use std::io::Write;
-                let mut passes = Vec::new();
-                let mut f = std::fs::File::create(disk.join("fseq")).unwrap();
-                let mut i = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    let t0 = SystemTime::now();
-                    f.write_all(format!("{i}\n").as_bytes()).unwrap();
-                    f.sync_all().unwrap();
-                    passes.push((t0, SystemTime::now()));
-                }
-                passes
-            }));
-        }
-        Writer { stop, seq, threads }
-    }
-
-    fn wait_for(&self, n: u64) {
-        let t = Instant::now();
-        while self.seq.load(Ordering::SeqCst) < n {
-            assert!(t.elapsed() < LIMIT, "the guest writer makes no progress");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Stops it; returns the fsync passes (start, end).
-    fn stop(self) -> Vec<(SystemTime, SystemTime)> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect()
-    }
-}
-
 /// An instance with a thin, a thick and a file volume of [`SIZE`], attached as vda (boot 0,
 /// virtio), vdb and vdc, each a mounted ext4 guest disk; the agent and every disk's
 /// mountpoint are the instance's. Declared guest first: its filesystems and loop devices
@@ -524,46 +435,6 @@ fn setup() -> Setup {
         volumes,
         disks,
     }
-}
-
-/// When kiln logged "guest frozen" and "guest thawing".
-type Window = (DateTime<Utc>, DateTime<Utc>);
-
-/// Runs `instance snapshot` with info logs as JSON; returns (exit code, stdout JSON or Null,
-/// the timestamps of the "guest frozen" and "guest thawing" log lines, stderr).
-/// (From tests/instance.rs.)
-fn snapshot_logged(
-    k: &Kiln,
-    instance: &str,
-    extra: &[&str],
-) -> (Option<i32>, Value, Option<Window>, String) {
-    let mut args = vec![
-        "--format",
-        "json",
-        "--log-format",
-        "json",
-        "instance",
-        "snapshot",
-        instance,
-        "--name",
-        "nightly",
-    ];
-    args.extend_from_slice(extra);
-    let mut c = k.cmd(&args);
-    c.env("KILN_LOG", "info");
-    let (out, _) = common::run_bounded(c, LIMIT);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let at = |msg: &str| {
-        stderr.lines().find_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            (v["fields"]["message"] == msg)
-                .then(|| v["timestamp"].as_str()?.parse::<DateTime<Utc>>().ok())
-                .flatten()
-        })
-    };
-    let window = at("guest frozen").zip(at("guest thawing"));
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    (out.status.code(), json, window, stderr)
 }
 
 /// The image's snapshot record of volume `vid`.

@@ -10,7 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::Kiln;
 
 /// Hang guard for the guest's waits (not a timing threshold: far above any real run).
 pub const GUEST_LIMIT: Duration = Duration::from_secs(180);
@@ -166,4 +173,126 @@ pub fn read_guest_file(image: &Path, name: &str) -> Option<String> {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (!text.is_empty()).then_some(text)
+}
+
+/// A guest writer: buffered (never fsynced) `bseq` files on every disk, the same number on
+/// each per iteration, one disk after the other; and, on the first disk, an `fseq` file
+/// written and fsynced in a loop, each pass's start and end recorded.
+///
+/// Each `bseq` update is one fixed-width `pwrite` at offset 0 of a file created before the
+/// loop, never a truncate: a cut between a truncate and its write would find it empty.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    /// The last number written to every `bseq`.
+    pub seq: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Vec<(SystemTime, SystemTime)>>>,
+}
+
+impl Writer {
+    /// Starts writing on `disks` (and fsync passes on the first, with `fsync_pass`).
+    pub fn start(disks: &[PathBuf], fsync_pass: bool) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seq = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        {
+            let (stop, seq, disks) = (stop.clone(), seq.clone(), disks.to_vec());
+            threads.push(std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                // One fixed-width write at offset 0 per iteration, never a truncate: a cut
+                // between a truncate and its write would find the file empty.
+                let files: Vec<std::fs::File> = disks
+                    .iter()
+                    .map(|d| std::fs::File::create(d.join("bseq")).unwrap())
+                    .collect();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    for f in &files {
+                        f.write_all_at(format!("{i:020}").as_bytes(), 0).unwrap();
+                    }
+                    seq.store(i, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                vec![]
+            }));
+        }
+        if fsync_pass {
+            let (stop, disk) = (stop.clone(), disks[0].clone());
+            threads.push(std::thread::spawn(move || {
+                use std::io::Write;
+                let mut passes = Vec::new();
+                let mut f = std::fs::File::create(disk.join("fseq")).unwrap();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let t0 = SystemTime::now();
+                    f.write_all(format!("{i}\n").as_bytes()).unwrap();
+                    f.sync_all().unwrap();
+                    passes.push((t0, SystemTime::now()));
+                }
+                passes
+            }));
+        }
+        Writer { stop, seq, threads }
+    }
+
+    /// Waits until iteration `n` is written.
+    pub fn wait_for(&self, n: u64) {
+        let t = Instant::now();
+        while self.seq.load(Ordering::SeqCst) < n {
+            assert!(
+                t.elapsed() < GUEST_LIMIT,
+                "the guest writer makes no progress"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops it; returns the fsync passes (start, end).
+    pub fn stop(self) -> Vec<(SystemTime, SystemTime)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+/// When kiln logged "guest frozen" and "guest thawing".
+pub type Window = (DateTime<Utc>, DateTime<Utc>);
+
+/// Runs `instance snapshot` with info logs as JSON; returns (exit code, stdout JSON or Null,
+/// the timestamps of the "guest frozen" and "guest thawing" log lines).
+pub fn snapshot_logged<F>(
+    k: &Kiln<F>,
+    instance: &str,
+    extra: &[&str],
+) -> (Option<i32>, Value, Option<Window>, String) {
+    let mut args = vec![
+        "--format",
+        "json",
+        "--log-format",
+        "json",
+        "instance",
+        "snapshot",
+        instance,
+        "--name",
+        "nightly",
+    ];
+    args.extend_from_slice(extra);
+    let mut c = k.cmd(&args);
+    c.env("KILN_LOG", "info");
+    let (out, _) = super::run_bounded(c, GUEST_LIMIT);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let at = |msg: &str| {
+        stderr.lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["fields"]["message"] == msg)
+                .then(|| v["timestamp"].as_str()?.parse::<DateTime<Utc>>().ok())
+                .flatten()
+        })
+    };
+    let window = at("guest frozen").zip(at("guest thawing"));
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code(), json, window, stderr)
 }
