@@ -43,8 +43,10 @@ impl LvmBackend {
     /// time even while the volume is being written: the same call serves the forced snapshot.
     ///
     /// Runs `lvcreate` straight away; only when it fails does one `lvs` tell a re-run that
-    /// finds its snapshot already made (success, same origin), a missing volume (`NotFound`)
-    /// and a name clash with another origin from lvm's own failure.
+    /// finds its snapshot already made (success, same origin), a half-made one left by a
+    /// failed thick lvcreate (an origin-less LV under the snapshot's name: removed, and the
+    /// lvcreate run once more), a missing volume (`NotFound`) and a name clash with another
+    /// origin from lvm's own failure.
     pub(crate) fn create_snapshot(&self, s: &Snapshot, v: &Volume) -> Result<ProviderUpdate> {
         if s.volume_id != v.id {
             return Err(Error::invalid(
@@ -71,6 +73,16 @@ impl LvmBackend {
         };
         if let Some(existing) = rows.iter().find(|r| r.lv_name == snap) {
             if existing.origin == vol {
+                return Ok(self.provider(&snap));
+            }
+            if existing.origin.is_empty() {
+                // A thick lvcreate that failed part-way (after allocating the COW LV, before
+                // making it a snapshot) leaves a plain LV under this snapshot's own name. Its
+                // name is this snapshot's id, so it is nobody else's: remove it and try once
+                // more, instead of reporting "already exists" for ever.
+                tracing::warn!(lv = %self.spec(&snap), "removing a half-made snapshot LV");
+                self.remove(&snap)?;
+                self.lvcreate_snapshot(&snap, &vol, v.size_bytes)?;
                 return Ok(self.provider(&snap));
             }
             return Err(Error::backend(

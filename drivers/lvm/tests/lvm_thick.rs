@@ -193,3 +193,45 @@ async fn thick_revert_that_overflows_another_snapshot_reverts_and_names_it_in_it
     assert_eq!(d.delete_snapshot(&s1).await.unwrap(), DeleteAction::Deleted);
     assert_eq!(d.delete_volume(&v).await.unwrap(), DeleteAction::Deleted);
 }
+
+// ---------------------------------------------------------------- half-made snapshot
+
+/// A thick `lvcreate --snapshot` that fails after allocating its COW LV leaves a plain,
+/// origin-less LV under the snapshot's name. The next create of that snapshot must clean it
+/// up and make the snapshot, not report "already exists" for ever.
+#[tokio::test]
+async fn thick_create_over_a_half_made_snapshot_lv_replaces_it_with_the_snapshot() {
+    let t = TestVg::new("halfmade", false, 256);
+    let d = open("lvm-test", t.config()).await.unwrap();
+    let v = volume(VOL);
+    d.create_volume(&v).await.unwrap();
+    let dev = t.vol_dev(&v);
+    let mut img = Image::zeros(VOL);
+    img.write(&dev, 0, 1 << 20, 7);
+    let s = snapshot(&v);
+    let lv = format!("_snapshot-{}", s.id);
+    run(&["lvcreate", "-q", "-L", "4m", "-n", &lv, &t.vg]);
+    let half = t
+        .lv_state()
+        .into_iter()
+        .find(|l| l.starts_with(&lv))
+        .unwrap();
+    assert_eq!(half.split(' ').count(), 3, "a plain LV, no origin: {half}");
+
+    d.create_snapshot(&s, &v).await.unwrap();
+
+    let made = t
+        .lv_state()
+        .into_iter()
+        .find(|l| l.starts_with(&lv))
+        .unwrap();
+    assert!(
+        made.ends_with(&format!(" volume-{}", v.id)),
+        "a snapshot of the volume now: {made}"
+    );
+    assert!(t.attr(&lv).starts_with('s'), "attr {}", t.attr(&lv));
+    let want = img.clone();
+    img.write(&dev, 0, 1 << 20, 8);
+    let r = d.open_snapshot_reader(&s).await.unwrap();
+    assert_snapshot(r, &want, "the snapshot made over the half-made LV");
+}
