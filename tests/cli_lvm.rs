@@ -14,14 +14,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use kiln_testkit::pattern;
 use serde_json::{Value, json};
 
+use common::lvm::{TestVg, require_uml_guest};
 use common::{
-    Runner, assert_bench_timings, assert_same_bytes, backend_row, s, serial, sha256_hex,
-    unique_token, write_at,
+    Runner, assert_bench_timings, assert_same_bytes, backend_row, s, serial, sha256_hex, write_at,
 };
 
 const MIB: u64 = 1 << 20;
@@ -33,98 +32,16 @@ const SIZE: u64 = 16 * MIB;
 // The tests of this file run one at a time (`serial`): they run commands on the same loop
 // devices and time-sensitive LVM metadata.
 
-/// Panics unless we run as root inside the UML guest with device-mapper: a test that
-/// silently skipped would prove nothing.
-fn require_guest() {
-    let in_guest = std::env::var("KILN_UML_GUEST").as_deref() == Ok("1");
-    let dm = Path::new("/dev/mapper/control").exists();
-    assert!(
-        in_guest && dm,
-        "the kiln LVM CLI tests must run inside the user-mode-Linux guest with device-mapper \
-         (KILN_UML_GUEST={:?}, /dev/mapper/control exists: {dm}); run \
-         tests/harness/lvm-suite.sh, or set \
-         CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/tests/harness/uml-run.sh and run \
-         `cargo test -p kiln --test cli_lvm -- --test-threads=1`",
-        std::env::var("KILN_UML_GUEST").ok()
-    );
-}
-
-/// Runs a system command (argv), panicking with its output when it fails; returns stdout.
-fn sys(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .env("LC_ALL", "C")
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A private VG (on a loop device over a sparse file in the test's directory) with a thin
-/// pool `pool`; the VG and the loop device are removed on drop.
-struct Vg {
-    vg: String,
-    loopdev: String,
-}
-
-impl Drop for Vg {
-    fn drop(&mut self) {
-        for argv in [
-            vec!["vgremove", "-q", "-f", self.vg.as_str()],
-            vec!["losetup", "-d", self.loopdev.as_str()],
-        ] {
-            let _ = Command::new(argv[0])
-                .args(&argv[1..])
-                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-                .stdin(Stdio::null())
-                .output();
-        }
-    }
-}
-
 /// A kiln data dir and config with backends `thin` (default) and `thick` on a private VG.
-type Kiln = common::Kiln<Vg>;
+type Kiln = common::Kiln<TestVg>;
 
 impl Kiln {
     fn new() -> Kiln {
-        require_guest();
+        require_uml_guest("cli_lvm");
         let dir = tempfile::tempdir().unwrap();
-        let vg = format!("kc-{}", unique_token());
-        let img = dir.path().join("pv.img");
-        let f = std::fs::File::create(&img).unwrap();
-        f.set_len(1024 * MIB).unwrap();
-        drop(f);
-        let loopdev = sys(&["losetup", "-f", "--show", img.to_str().unwrap()])
-            .trim()
-            .to_string();
-        sys(&["vgcreate", "-q", &vg, &loopdev]);
-        sys(&[
-            "lvcreate",
-            "-q",
-            "--type",
-            "thin-pool",
-            "-Zy",
-            "-L",
-            "256m",
-            "-n",
-            "pool",
-            &vg,
-        ]);
-        let config = format!(
-            "default_backend = \"thin\"\n\n\
-             [backends.thin]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thin\"\n\
-             thin_pool = \"pool\"\ncommand_timeout_secs = 60\n\n\
-             [backends.thick]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thick\"\n\
-             thick_snapshot_percent = 100\ncommand_timeout_secs = 60\n"
-        );
-        common::Kiln::with_config(dir, &config, Vg { vg, loopdev })
+        let vg = TestVg::new("kc", dir.path(), 1024 * MIB, "256m");
+        let config = vg.config();
+        common::Kiln::with_config(dir, &config, vg)
             .runner(Runner::Traced)
             .failures_leave_stdout_empty()
     }
@@ -137,56 +54,18 @@ impl Kiln {
     /// Everything an operation could change: both store listings and every LV of the VG.
     fn state(&self) -> (Value, Value, Vec<String>) {
         let (volumes, snapshots) = self.store();
-        (volumes, snapshots, self.lv_state())
-    }
-
-    /// `name attr size origin` of every LV (hidden ones too), sorted. The open flag (6th attr
-    /// character) of the thin pool and its hidden LVs is masked: LVM opens the pool's device
-    /// when the first thin LV appears and keeps it open after the last one is gone.
-    fn lv_state(&self) -> Vec<String> {
-        let out = sys(&[
-            "lvs",
-            "-a",
-            "--noheadings",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            "lv_name,lv_attr,lv_size,origin",
-            self.vg(),
-        ]);
-        let mut v: Vec<String> = out
-            .lines()
-            .map(|l| {
-                let mut f: Vec<String> = l.split_whitespace().map(String::from).collect();
-                if f.len() > 1 && (f[0] == "pool" || f[0].starts_with('[')) {
-                    f[1].replace_range(5..6, "-");
-                }
-                f.join(" ")
-            })
-            .filter(|l| !l.is_empty())
-            .collect();
-        v.sort();
-        v
+        (volumes, snapshots, self.fixture.lv_state())
     }
 
     /// `lvs` row of one LV as (attr, size in bytes, origin), or None when it does not exist.
     fn lv(&self, name: &str) -> Option<(String, u64, String)> {
-        self.lv_state().iter().find_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f[0] == name).then(|| {
-                (
-                    f[1].to_string(),
-                    f[2].parse().unwrap(),
-                    f.get(3).unwrap_or(&"").to_string(),
-                )
-            })
-        })
+        self.fixture.lv(name)
     }
 
     /// Names of the LVs kiln made (volumes and snapshots), sorted.
     fn kiln_lvs(&self) -> Vec<String> {
         let mut v: Vec<String> = self
+            .fixture
             .lv_state()
             .iter()
             .map(|l| l.split(' ').next().unwrap().to_string())
@@ -198,14 +77,7 @@ impl Kiln {
 
     /// The device node of a volume from its `provider_location` (`vg/lv`), as libdm names it.
     fn dev(&self, v: &Value) -> PathBuf {
-        let loc = s(v, "provider_location");
-        let (vg, lv) = loc.split_once('/').unwrap();
-        assert_eq!(vg, self.vg(), "provider_location {loc}");
-        PathBuf::from(format!(
-            "/dev/mapper/{}-{}",
-            vg.replace('-', "--"),
-            lv.replace('-', "--")
-        ))
+        self.fixture.dev(&s(v, "provider_location"))
     }
 }
 

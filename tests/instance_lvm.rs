@@ -43,16 +43,16 @@ mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use kiln_testkit::XfsMount;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use common::guest::{Writer, read_guest_file, snapshot_logged};
+use common::guest::{Guest, Writer, read_guest_file, snapshot_logged};
+use common::lvm::{TestVg, require_uml_guest, sys};
 use common::{Runner, s, serial, unique_token};
 
 /// Hang guard for commands and waits (not a timing threshold: far above any real run).
@@ -62,146 +62,34 @@ const SIZE: &str = "64M";
 /// The backends of the instance's three volumes, in attachment order (vda, vdb, vdc).
 const BACKENDS: [&str; 3] = ["thin", "thick", "file"];
 
-/// Panics unless we run as root inside the UML guest with device-mapper: a test that
-/// silently skipped would prove nothing. (Copied from tests/cli_lvm.rs.)
-fn require_guest() {
-    let in_guest = std::env::var("KILN_UML_GUEST").as_deref() == Ok("1");
-    let dm = Path::new("/dev/mapper/control").exists();
-    assert!(
-        in_guest && dm,
-        "the kiln LVM instance tests must run inside the user-mode-Linux guest with \
-         device-mapper (KILN_UML_GUEST={:?}, /dev/mapper/control exists: {dm}); run \
-         tests/harness/lvm-suite.sh, or set \
-         CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/tests/harness/uml-run.sh and run \
-         `cargo test -p kiln --features rbd,failpoints --test instance_lvm -- --test-threads=1`",
-        std::env::var("KILN_UML_GUEST").ok()
-    );
-}
-
-/// Runs a system command (argv), panicking with its output when it fails; returns stdout,
-/// trimmed. (Copied from tests/cli_lvm.rs.)
-fn sys(argv: &[&str]) -> String {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .env("LC_ALL", "C")
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// The backends' real storage: a private VG (on a loop device over a sparse file) with a thin
-/// pool `pool`, and an XFS for the raw+reflink file backend. The VG and its loop device are
-/// removed on drop, then the XFS unmounts itself.
+/// The backends' real storage: a private VG with a thin pool, and an XFS for the raw+reflink
+/// file backend. Declared VG first: it is removed before the XFS unmounts itself.
 struct Storage {
-    vg: String,
-    loopdev: String,
+    vg: TestVg,
     xfs: XfsMount,
-}
-
-impl Drop for Storage {
-    fn drop(&mut self) {
-        for argv in [
-            vec!["vgremove", "-q", "-f", self.vg.as_str()],
-            vec!["losetup", "-d", self.loopdev.as_str()],
-        ] {
-            let _ = Command::new(argv[0])
-                .args(&argv[1..])
-                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-                .stdin(Stdio::null())
-                .output();
-        }
-    }
 }
 
 type Kiln = common::Kiln<Storage>;
 
 /// A kiln with backends `thin` (default), `thick` and `file` on fresh real storage.
 fn kiln() -> Kiln {
-    require_guest();
+    require_uml_guest("instance_lvm");
     let dir = tempfile::tempdir().unwrap();
-    let vg = format!("ki-{}", unique_token());
-    let img = dir.path().join("pv.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(1 << 30).unwrap();
-    drop(f);
-    let loopdev = sys(&["losetup", "-f", "--show", img.to_str().unwrap()]);
+    let vg = TestVg::new("ki", dir.path(), 1 << 30, "384m");
     let xfs = XfsMount::new(512 << 20);
-    let storage = Storage {
-        vg: vg.clone(),
-        loopdev: loopdev.clone(),
-        xfs,
-    };
-    sys(&["vgcreate", "-q", &vg, &loopdev]);
-    sys(&[
-        "lvcreate",
-        "-q",
-        "--type",
-        "thin-pool",
-        "-Zy",
-        "-L",
-        "384m",
-        "-n",
-        "pool",
-        &vg,
-    ]);
     let config = format!(
-        "default_backend = \"thin\"\n\n\
-         [backends.thin]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thin\"\n\
-         thin_pool = \"pool\"\ncommand_timeout_secs = 60\n\n\
-         [backends.thick]\ndriver = \"lvm\"\nvolume_group = \"{vg}\"\ntype = \"thick\"\n\
-         thick_snapshot_percent = 100\ncommand_timeout_secs = 60\n\n\
-         [backends.file]\ndriver = \"file\"\npath = \"{}\"\nformat = \"raw\"\n",
-        storage.xfs.path().join("vols").display()
+        "{}\n[backends.file]\ndriver = \"file\"\npath = \"{}\"\nformat = \"raw\"\n",
+        vg.config(),
+        xfs.path().join("vols").display()
     );
-    common::Kiln::with_config(dir, &config, storage)
+    common::Kiln::with_config(dir, &config, Storage { vg, xfs })
         .runner(Runner::Traced)
         .failures_leave_stdout_empty()
 }
 
-/// `name attr size origin` of every LV of the test's VG (hidden ones too), sorted. The open
-/// flag (6th attr character) of the thin pool and its hidden LVs is masked: LVM opens the
-/// pool's device when the first thin LV appears and keeps it open. (From tests/cli_lvm.rs.)
-fn lv_state(k: &Kiln) -> Vec<String> {
-    let out = sys(&[
-        "lvs",
-        "-a",
-        "--noheadings",
-        "--units",
-        "b",
-        "--nosuffix",
-        "-o",
-        "lv_name,lv_attr,lv_size,origin",
-        &k.fixture.vg,
-    ]);
-    let mut v: Vec<String> = out
-        .lines()
-        .map(|l| {
-            let mut f: Vec<String> = l.split_whitespace().map(String::from).collect();
-            if f.len() > 1 && (f[0] == "pool" || f[0].starts_with('[')) {
-                f[1].replace_range(5..6, "-");
-            }
-            f.join(" ")
-        })
-        .filter(|l| !l.is_empty())
-        .collect();
-    v.sort();
-    v
-}
-
 /// The `lvs` origin of LV `name`, or None when there is no such LV.
 fn lv_origin(k: &Kiln, name: &str) -> Option<String> {
-    lv_state(k).iter().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f[0] == name).then(|| f.get(3).unwrap_or(&"").to_string())
-    })
+    k.fixture.vg.lv(name).map(|(_, _, origin)| origin)
 }
 
 /// The file backend's directory (on the XFS).
@@ -217,7 +105,7 @@ fn everything(k: &Kiln) -> Value {
         "snapshots": k.json(&["snapshot", "list"]),
         "instances": k.json(&["instance", "list"]),
         "images": k.json(&["image", "list"]),
-        "lvs": lv_state(k),
+        "lvs": k.fixture.vg.lv_state(),
         "files": common::listing(&file_dir(k)),
     })
 }
@@ -238,105 +126,6 @@ fn sha256_of(path: &Path) -> String {
     hex::encode(h.finalize())
 }
 
-/// A qemu-guest-agent of the test's own inside the guest, and the guest's filesystems on
-/// kiln volumes (each through a loop device). Everything lives under a directory on tmpfs
-/// /run, never on a filesystem that gets frozen.
-struct Guest {
-    dir: PathBuf,
-    sock: PathBuf,
-    agent: Option<Child>,
-    /// (mountpoint, loop device)
-    disks: Vec<(PathBuf, String)>,
-}
-
-impl Guest {
-    fn start() -> Guest {
-        let dir = PathBuf::from(format!("/run/kiln-instance-lvm-{}", unique_token()));
-        std::fs::create_dir_all(dir.join("state")).unwrap();
-        let mut g = Guest {
-            sock: dir.join("qga.sock"),
-            dir,
-            agent: None,
-            disks: vec![],
-        };
-        g.start_agent();
-        g
-    }
-
-    fn start_agent(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let child = Command::new("qemu-ga")
-            .args(["-m", "unix-listen", "-p"])
-            .arg(&self.sock)
-            .arg("-t")
-            .arg(self.dir.join("state"))
-            .arg("-f")
-            .arg(self.dir.join("qemu-ga.pid"))
-            // The instance freezes its listed mountpoints only: the unfiltered freeze, and
-            // anything that runs or writes in the guest, are refused by the agent itself.
-            .args([
-                "-b",
-                "guest-fsfreeze-freeze,guest-exec,guest-exec-status,guest-shutdown,guest-file-open,guest-file-write,guest-set-user-password,guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-ga (apt-get install qemu-guest-agent)");
-        self.agent = Some(child);
-        let t = Instant::now();
-        while !self.sock.exists() {
-            assert!(t.elapsed() < LIMIT, "qemu-ga never created its socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn agent_pid(&self) -> i32 {
-        self.agent.as_ref().unwrap().id() as i32
-    }
-
-    /// Where the `i`-th disk gets mounted.
-    fn mountpoint(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("disk{i}"))
-    }
-
-    /// Opens `backing` (an LV's device node or a raw volume file) through a loop device,
-    /// formats it ext4 and mounts it with `commit=300` as the next disk.
-    fn disk(&mut self, backing: &str) -> PathBuf {
-        let dev = sys(&["losetup", "-f", "--show", backing]);
-        let mp = self.mountpoint(self.disks.len());
-        std::fs::create_dir_all(&mp).unwrap();
-        self.disks.push((mp.clone(), dev.clone()));
-        sys(&["mkfs.ext4", "-q", "-F", &dev]);
-        sys(&["mount", "-o", "commit=300", &dev, mp.to_str().unwrap()]);
-        mp
-    }
-
-    /// The agent's view: `frozen` or `thawed` (kiln's own QGA client, as its recovery uses).
-    fn status(&self) -> String {
-        let mut q =
-            kiln_core::agent::qga::Qga::connect(self.sock.to_str().unwrap(), LIMIT).unwrap();
-        q.status().unwrap()
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        for (mp, dev) in self.disks.iter().rev() {
-            // A test that failed mid-freeze must not leave a frozen filesystem behind.
-            let _ = Command::new("fsfreeze").arg("-u").arg(mp).output();
-            let _ = Command::new("umount").arg(mp).output();
-            let _ = Command::new("losetup").args(["-d", dev]).output();
-        }
-        if let Some(mut a) = self.agent.take() {
-            // SIGKILL ends a SIGSTOPped agent too.
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// An instance with a thin, a thick and a file volume of [`SIZE`], attached as vda (boot 0,
 /// virtio), vdb and vdc, each a mounted ext4 guest disk; the agent and every disk's
 /// mountpoint are the instance's. Declared guest first: its filesystems and loop devices
@@ -348,6 +137,8 @@ struct Setup {
     /// The volumes as `volume attach` printed them, in [`BACKENDS`] order.
     volumes: Vec<Value>,
     disks: Vec<PathBuf>,
+    /// The guest's directory (agent socket and state, mountpoints); removed after the guest.
+    _run: tempfile::TempDir,
 }
 
 impl Setup {
@@ -358,7 +149,10 @@ impl Setup {
 
 fn setup() -> Setup {
     let k = kiln();
-    let mut guest = Guest::start();
+    // The agent's state directory on tmpfs /run: a state file on a filesystem that gets
+    // frozen would wedge the agent.
+    let run = tempfile::tempdir_in("/run").unwrap();
+    let mut guest = Guest::start(run.path());
     let vids: Vec<String> = BACKENDS
         .iter()
         .map(|b| {
@@ -414,7 +208,7 @@ fn setup() -> Setup {
             let path = s(&ci["data"], "device_path");
             let lv = s(&attached, "provider_location");
             let (vg, lv) = lv.split_once('/').unwrap();
-            assert_eq!(vg, k.fixture.vg);
+            assert_eq!(vg, k.fixture.vg.vg);
             assert_eq!(
                 path,
                 format!(
@@ -425,7 +219,7 @@ fn setup() -> Setup {
             );
             path
         };
-        disks.push(guest.disk(&backing));
+        disks.push(guest.disk_ext4(Path::new(&backing)));
         volumes.push(attached);
     }
     Setup {
@@ -434,6 +228,7 @@ fn setup() -> Setup {
         instance,
         volumes,
         disks,
+        _run: run,
     }
 }
 
@@ -488,7 +283,7 @@ fn assert_snapshot_on_backend(k: &Kiln, snap: &Value, volume: &Value) {
         lv_origin(k, lv).as_deref(),
         Some(vol_lv.split_once('/').unwrap().1),
         "{snap}: lvs {:?}",
-        lv_state(k)
+        k.fixture.vg.lv_state()
     );
 }
 

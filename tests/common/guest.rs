@@ -84,6 +84,11 @@ impl Guest {
         }
     }
 
+    /// Where the `i`-th disk gets (or got) mounted.
+    pub fn mountpoint(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("disk{i}"))
+    }
+
     /// The agent's PID (to SIGSTOP it: an agent that hangs).
     pub fn agent_pid(&self) -> i32 {
         self.agent.as_ref().unwrap().id() as i32
@@ -104,7 +109,7 @@ impl Guest {
     /// filesystem.
     pub fn disk_fs(&mut self, image: &Path, fs: &str) -> PathBuf {
         let dev = sh("losetup", &["-f", "--show", image.to_str().unwrap()]);
-        let mp = self.dir.join(format!("disk{}", self.disks.len()));
+        let mp = self.mountpoint(self.disks.len());
         std::fs::create_dir_all(&mp).unwrap();
         self.disks.push((mp.clone(), dev.clone()));
         if fs == "xfs" {

@@ -9,6 +9,7 @@
 mod data;
 mod files;
 pub mod guest;
+pub mod lvm;
 pub mod rbd;
 mod run;
 
