@@ -137,6 +137,12 @@ pub struct InstanceCreate {
     /// Host-side unix socket of the instance's qemu-guest-agent channel.
     #[arg(long, value_name = "PATH")]
     pub agent: Option<String>,
+    /// Host-side unix socket of the QMP monitor of the hypervisor (QEMU or
+    /// qemu-storage-daemon) that has its qcow2 volumes open: kiln then snapshots those while
+    /// attached, by a QMP transaction. Give kiln a monitor of its own (a monitor serves one
+    /// client at a time).
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<String>,
     /// Freeze only this guest mountpoint (repeatable; uses guest-fsfreeze-freeze-list);
     /// without it the agent freezes every filesystem.
     #[arg(long = "freeze-mountpoint", value_name = "PATH")]
@@ -261,6 +267,10 @@ pub enum VolumeCmd {
         /// Recorded in images: a restored volume is meant to go with its instance.
         #[arg(long)]
         delete_on_termination: bool,
+        /// The block node of the instance's hypervisor (--qmp) that serves this qcow2 volume
+        /// [default: the node that has the volume's active file open, if the monitor answers].
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
     },
     /// Remove the attachment; the volume becomes available.
     Detach {

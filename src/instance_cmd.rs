@@ -80,6 +80,7 @@ impl InstanceJob {
                     id: c.id.as_deref().map(id).transpose()?,
                     name: label(c.name)?,
                     agent: c.agent,
+                    qmp: c.qmp,
                     freeze_mountpoints: c.freeze_mountpoints,
                     root_device: Some(c.root_device),
                     properties: properties(c.properties)?,

@@ -92,6 +92,7 @@ impl Job {
                     disk_bus,
                     device_type,
                     delete_on_termination,
+                    node,
                 } => {
                     validate_device(&device)?;
                     let mut a = Attachment::new(id::<InstanceId>(&instance)?, device);
@@ -99,6 +100,7 @@ impl Job {
                     a.disk_bus = disk_bus;
                     a.device_type = device_type;
                     a.delete_on_termination = delete_on_termination;
+                    a.node = node;
                     validate_attachment(&a)?;
                     Job::VolumeAttach(id(&i)?, a)
                 }

@@ -2,8 +2,10 @@
 # Installs every system package kiln's test suite needs (Debian 12 / bookworm, as root).
 # Idempotent: packages already present are skipped by apt.
 #   xfsprogs            real XFS with reflink for the raw file backend tests
-#   qemu-utils          qemu-img for the qcow2 file backend (already on the rust machine image;
-#                       NOT reinstalled from bookworm, which would downgrade the backports build)
+#   qemu-utils          qemu-img for the qcow2 file backend, and qemu-storage-daemon, the stand-in
+#                       hypervisor of the online qcow2 snapshot tests (already on the rust
+#                       machine image; NOT reinstalled from bookworm, which would downgrade the
+#                       backports build)
 #   ceph-*, lib*-dev    a real single-node Ceph cluster and the librados/librbd the RBD driver loads
 #   user-mode-linux     a kernel with device-mapper modules, for the LVM tests
 #   lvm2, thin-provisioning-tools, kmod   LVM itself, thin_check/thin_delta, modprobe
@@ -17,7 +19,7 @@ packages=(
   user-mode-linux lvm2 thin-provisioning-tools kmod
   qemu-guest-agent e2fsprogs
 )
-command -v qemu-img >/dev/null || packages+=(qemu-utils)
+{ command -v qemu-img && command -v qemu-storage-daemon; } >/dev/null || packages+=(qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

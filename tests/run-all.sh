@@ -6,7 +6,8 @@
 #         the file driver on a real loop-mounted XFS and real qemu-img, the CLI end to end,
 #         crash recovery with fail points, kiln killed while its qemu-img children work,
 #         instance snapshots and images with a real qemu-guest-agent freezing loop-mounted
-#         guest filesystems on kiln volumes;
+#         guest filesystems on kiln volumes, snapshots of attached qcow2 volumes through a real
+#         qemu-storage-daemon's QMP monitor while a guest writes through its NBD exports;
 #   rbd   the RBD driver and CLI tests against a real single-node Ceph it starts and stops;
 #   lvm   the LVM driver and CLI tests on real device-mapper inside a user-mode-Linux guest.
 # Each suite's output goes to its own log, printed when it ends. Exits non-zero if any failed.
@@ -32,7 +33,7 @@ logs=$(mktemp -d /tmp/kiln-run-all.XXXXXX)
 host_suite() {
   # The RBD and LVM tests need a cluster / a guest kernel: their suites run them.
   cargo test --workspace --exclude kiln --exclude kiln-driver-rbd --exclude kiln-driver-lvm
-  cargo test -p kiln --features rbd,failpoints --bins --test cli --test crash --test crash_children --test instance
+  cargo test -p kiln --features rbd,failpoints --bins --test cli --test crash --test crash_children --test instance --test online_qcow2
 }
 
 phase "suites side by side: host, rbd, lvm (logs in $logs)"

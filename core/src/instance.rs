@@ -24,6 +24,11 @@ pub struct Instance {
     /// Host-side unix socket of the instance's guest-agent channel (qemu-guest-agent), as
     /// the hypervisor exposes it; `None` = no agent (crash-consistent snapshots only).
     pub agent: Option<String>,
+    /// Host-side unix socket of the QMP monitor of the hypervisor (QEMU or
+    /// qemu-storage-daemon) that has its qcow2 volumes open; `None` = none (a qcow2 volume
+    /// attached to it cannot be snapshotted while attached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<String>,
     /// Guest mountpoints to freeze with `guest-fsfreeze-freeze-list`; empty = freeze every
     /// filesystem the agent knows (`guest-fsfreeze-freeze`).
     pub freeze_mountpoints: Vec<String>,

@@ -11,6 +11,7 @@ pub mod blocking;
 pub mod crash;
 pub mod driver;
 pub mod error;
+pub mod hypervisor;
 pub mod instance;
 pub mod locks;
 pub mod memory;

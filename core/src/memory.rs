@@ -134,6 +134,7 @@ impl VolumeDriver for MemoryDriver {
         Capabilities {
             thin: true,
             online_snapshot: true,
+            hypervisor_snapshot: false,
             revert_any: true,
             clone: true,
             snapshot_method: "in-memory copy".into(),

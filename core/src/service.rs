@@ -233,7 +233,7 @@ impl Service {
 
     /// Records an attachment `a` (instance, device, boot index, bus, ...): `available` ->
     /// `in-use`. The device must be free on that instance.
-    pub async fn attach(&self, id: VolumeId, a: crate::types::Attachment) -> Result<Volume> {
+    pub async fn attach(&self, id: VolumeId, mut a: crate::types::Attachment) -> Result<Volume> {
         crate::validate::validate_device(&a.device)?;
         crate::validate::validate_attachment(&a)?;
         self.ctx.volume(id).await?;
@@ -241,6 +241,28 @@ impl Service {
             .ctx
             .lock([id.into(), LockKey::Instance(a.instance_id)])
             .await?;
+        let v = self.ctx.volume(id).await?;
+        a.qmp = self
+            .ctx
+            .store
+            .instance(a.instance_id)
+            .await?
+            .and_then(|i| i.qmp);
+        if a.qmp.is_none() && a.node.is_some() {
+            return Err(Error::invalid(
+                "block node",
+                format!(
+                    "instance {} has no QMP monitor (`instance create --qmp`) whose node it \
+                     could name",
+                    a.instance_id
+                ),
+            ));
+        }
+        if let Some(qmp) = a.qmp.clone()
+            && v.status == VolumeStatus::Available
+        {
+            a.node = self.serving_node(&v, &qmp, a.node.take()).await?;
+        }
         if let Some(other) = self
             .ctx
             .store
@@ -269,6 +291,63 @@ impl Service {
             )
             .await?;
         self.ctx.volume(id).await
+    }
+
+    /// The block node of the hypervisor at `qmp` that has qcow2 volume `v`'s active file
+    /// open: `given` if that node serves the file (an error if it serves another), else the
+    /// node found by the file. When the monitor cannot be asked, or the volume is not a qcow2
+    /// file (nothing to find), `given` as it is: the hypervisor may open the volume later,
+    /// and an online snapshot looks the node up again.
+    async fn serving_node(
+        &self,
+        v: &Volume,
+        qmp: &str,
+        given: Option<String>,
+    ) -> Result<Option<String>> {
+        let info = self
+            .ctx
+            .driver(&v.backend)
+            .await?
+            .connection_info(v)
+            .await?;
+        let active = match (info.data.get("format"), info.data.get("path")) {
+            (Some(f), Some(serde_json::Value::String(p))) if f == "qcow2" => p.clone(),
+            _ => return Ok(given),
+        };
+        let qmp = qmp.to_string();
+        let vid = v.id;
+        tokio::task::spawn_blocking(move || {
+            let nodes = match crate::hypervisor::with_live_monitor(&qmp, |q| q.block_nodes()) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(volume = %vid, error = %e, "cannot ask the hypervisor which node serves the volume; an online snapshot asks again");
+                    return Ok(given);
+                }
+            };
+            let serves = |n: &crate::hypervisor::qmp::BlockNode| {
+                n.driver == "qcow2" && n.image_file() == active
+            };
+            match given {
+                Some(g) => match nodes.iter().find(|n| n.node_name == g) {
+                    None => Err(Error::invalid(
+                        "block node",
+                        format!("the hypervisor at {qmp} has no node {g:?}"),
+                    )),
+                    Some(n) if !serves(n) => Err(Error::invalid(
+                        "block node",
+                        format!(
+                            "node {g:?} of the hypervisor at {qmp} has {} open, not volume \
+                             {vid}'s active file {active}",
+                            n.image_file()
+                        ),
+                    )),
+                    Some(_) => Ok(Some(g)),
+                },
+                None => Ok(nodes.iter().find(|n| serves(n)).map(|n| n.node_name.clone())),
+            }
+        })
+        .await
+        .map_err(|e| Error::backend("attach", format!("worker failed: {e}")))?
     }
 
     /// Removes the attachment: `in-use` -> `available`.

@@ -189,6 +189,15 @@ pub struct Attachment {
     /// Whether deleting the instance should delete the volume (recorded for images).
     #[serde(default)]
     pub delete_on_termination: bool,
+    /// Host-side unix socket of the QMP monitor of the hypervisor that has the volume open
+    /// (the instance's `--qmp`, copied at attach time); `None` = no hypervisor kiln can ask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<String>,
+    /// The hypervisor's block node that served the volume when it was attached (given with
+    /// `--node`, or found by the volume's active file). Online snapshots find the current top
+    /// node by the active file and fall back to this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Attachment {
@@ -203,6 +212,8 @@ impl Attachment {
             disk_bus: None,
             device_type: None,
             delete_on_termination: false,
+            qmp: None,
+            node: None,
         }
     }
 }
@@ -364,6 +375,11 @@ pub struct Capabilities {
     pub thin: bool,
     /// `create_snapshot_force` gives a crash-consistent image of an attached volume.
     pub online_snapshot: bool,
+    /// Attached volumes are snapshotted by the hypervisor that has them open, through its
+    /// QMP monitor: `create_snapshot_force` works when the attachment names the monitor
+    /// (`Attachment::qmp`) and is refused as unsupported when it does not.
+    #[serde(default)]
+    pub hypervisor_snapshot: bool,
     /// Revert to any snapshot, keeping every other snapshot.
     pub revert_any: bool,
     /// Volumes can be created from snapshots.

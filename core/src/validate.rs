@@ -141,6 +141,16 @@ pub fn validate_attachment(a: &crate::types::Attachment) -> Result<()> {
             ));
         }
     }
+    if let Some(n) = &a.node
+        && !crate::hypervisor::qmp::valid_node_name(n)
+    {
+        return Err(Error::invalid(
+            "block node",
+            format!(
+                "{n:?}: a QEMU node name starts with a letter, has only letters, digits,                  '-', '.' and '_', and at most 31 characters"
+            ),
+        ));
+    }
     Ok(())
 }
 

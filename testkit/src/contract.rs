@@ -451,6 +451,13 @@ pub async fn capabilities_match_behaviour<T: Target>(t: Arc<T>) {
                 !caps.online_snapshot,
                 "online_snapshot is true but a forced snapshot was refused: {e}"
             );
+            // A backend whose hypervisor takes the snapshot says what is missing: this
+            // attachment names no monitor (the real path is proven with a real hypervisor
+            // in the backend's own tests).
+            assert!(
+                !caps.hypervisor_snapshot || e.to_string().contains("QMP monitor"),
+                "hypervisor_snapshot is true but the refusal does not say why: {e}"
+            );
             assert_eq!(
                 before,
                 objects(&t).await,

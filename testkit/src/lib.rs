@@ -3,6 +3,9 @@
 //! missing `mkfs.xfs` or a non-root run must fail loudly, never skip silently.
 
 pub mod contract;
+pub mod cut;
+pub mod nbd;
+pub mod qsd;
 
 use std::path::{Path, PathBuf};
 

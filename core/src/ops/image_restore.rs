@@ -143,6 +143,7 @@ pub(crate) async fn run(ctx: &Ctx, req: RestoreRequest) -> Result<(Instance, Vec
         id: instance_id,
         name: req.name.clone(),
         agent: None,
+        qmp: None,
         freeze_mountpoints: vec![],
         root_device: img
             .properties

@@ -109,6 +109,7 @@ pub(crate) async fn instance_or_bare(ctx: &Ctx, id: InstanceId) -> Result<(Insta
             id,
             name: None,
             agent: None,
+            qmp: None,
             freeze_mountpoints: vec![],
             root_device: "/dev/vda".into(),
             properties: BTreeMap::new(),

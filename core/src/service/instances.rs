@@ -26,6 +26,8 @@ pub struct InstanceSpec {
     pub name: Option<String>,
     /// Host-side unix socket of its guest agent.
     pub agent: Option<String>,
+    /// Host-side unix socket of the QMP monitor of its hypervisor.
+    pub qmp: Option<String>,
     /// Guest mountpoints to freeze (empty: all).
     pub freeze_mountpoints: Vec<String>,
     /// Root device (default `/dev/vda`).
@@ -56,6 +58,9 @@ impl Service {
         if let Some(a) = &spec.agent {
             validate_host_path("agent", a)?;
         }
+        if let Some(q) = &spec.qmp {
+            validate_host_path("qmp", q)?;
+        }
         for m in &spec.freeze_mountpoints {
             validate_mountpoint(m)?;
         }
@@ -72,6 +77,7 @@ impl Service {
             id,
             name: spec.name,
             agent: spec.agent,
+            qmp: spec.qmp,
             freeze_mountpoints: spec.freeze_mountpoints,
             root_device: root,
             properties: spec.properties,

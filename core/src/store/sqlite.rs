@@ -102,6 +102,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE snapshots ADD COLUMN image_id TEXT;
     ALTER TABLE snapshots ADD COLUMN consistency TEXT;
     CREATE INDEX snapshots_image ON snapshots(image_id);",
+    // 4: the hypervisor's QMP monitor of an instance, and of each attachment its block node.
+    "ALTER TABLE instances ADD COLUMN qmp TEXT;
+    ALTER TABLE attachments ADD COLUMN qmp TEXT;
+    ALTER TABLE attachments ADD COLUMN node TEXT;",
 ];
 
 /// WAL pages after which a commit checkpoints (see `SqliteStore::open`): a command writes
@@ -227,7 +231,7 @@ fn size_param(v: u64) -> Result<i64> {
 const VOLUME_COLS: &str = "id, name, size_bytes, backend, status, status_reason, provider_location, source_snapshot_id, created_at, updated_at";
 const SNAPSHOT_COLS: &str = "id, volume_id, name, size_bytes, backend, status, status_reason, provider_location, forced, created_at, updated_at, image_id, consistency";
 const INSTANCE_COLS: &str =
-    "id, name, agent, freeze_mountpoints, root_device, properties, created_at, updated_at";
+    "id, name, agent, freeze_mountpoints, root_device, properties, created_at, updated_at, qmp";
 const IMAGE_COLS: &str =
     "id, name, status, instance_id, min_disk, consistency, properties, created_at, updated_at";
 
@@ -294,6 +298,7 @@ fn instance_row(r: &Row<'_>) -> rusqlite::Result<Instance> {
         properties: json_col(5, &r.get::<_, String>(5)?)?,
         created_at: parse_ts(&r.get::<_, String>(6)?)?,
         updated_at: parse_ts(&r.get::<_, String>(7)?)?,
+        qmp: r.get(8)?,
     })
 }
 
@@ -336,7 +341,7 @@ fn load_images(conn: &Connection, sql: &str, arg: Option<String>) -> Result<Vec<
 
 fn attachments_of(conn: &Connection, id: VolumeId) -> rusqlite::Result<Vec<Attachment>> {
     let mut st = conn.prepare_cached(
-        "SELECT instance_id, device, attached_at, boot_index, disk_bus, device_type, delete_on_termination FROM attachments WHERE volume_id = ?1",
+        "SELECT instance_id, device, attached_at, boot_index, disk_bus, device_type, delete_on_termination, qmp, node FROM attachments WHERE volume_id = ?1",
     )?;
     st.query_map([id.to_string()], |r| {
         Ok(Attachment {
@@ -347,6 +352,8 @@ fn attachments_of(conn: &Connection, id: VolumeId) -> rusqlite::Result<Vec<Attac
             disk_bus: r.get(4)?,
             device_type: r.get(5)?,
             delete_on_termination: r.get::<_, i64>(6)? != 0,
+            qmp: r.get(7)?,
+            node: r.get(8)?,
         })
     })?
     .collect()
@@ -455,7 +462,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
         }
         Step::InsertInstance(i) => {
             tx.execute(
-                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
                 params![
                     i.id.to_string(),
                     i.name,
@@ -465,6 +472,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                     json_param(&i.properties)?,
                     ts(&i.created_at),
                     ts(&i.updated_at),
+                    i.qmp,
                 ],
             )?;
         }
@@ -681,7 +689,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
 
 fn insert_attachment(tx: &Connection, id: VolumeId, a: &Attachment) -> Result<()> {
     tx.execute(
-        "INSERT INTO attachments (volume_id, instance_id, device, attached_at, boot_index, disk_bus, device_type, delete_on_termination) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO attachments (volume_id, instance_id, device, attached_at, boot_index, disk_bus, device_type, delete_on_termination, qmp, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             id.to_string(),
             a.instance_id.to_string(),
@@ -690,7 +698,9 @@ fn insert_attachment(tx: &Connection, id: VolumeId, a: &Attachment) -> Result<()
             a.boot_index,
             a.disk_bus,
             a.device_type,
-            i64::from(a.delete_on_termination)
+            i64::from(a.delete_on_termination),
+            a.qmp,
+            a.node
         ],
     )?;
     Ok(())

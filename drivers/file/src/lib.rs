@@ -303,12 +303,26 @@ fn probe_reflink(dir: &Path) -> Result<Option<String>> {
     Ok(cloned.err().map(|e| format!("FICLONE failed: {e}")))
 }
 
+/// The QMP monitor of the hypervisor that has attached qcow2 volume `v` open, or why it
+/// cannot be snapshotted while attached.
+fn qmp_of<'a>(v: &Volume, a: &'a Attachment) -> Result<&'a str> {
+    a.qmp.as_deref().ok_or_else(|| {
+        Error::unsupported(format!(
+            "volume {} is attached to instance {}, which has no QMP monitor: a qcow2 file in \
+             use may only be switched to a new overlay by its hypervisor; record the \
+             hypervisor's monitor (`instance create --qmp`), or detach the volume",
+            v.id, a.instance_id
+        ))
+    })
+}
+
 impl BlockingDriver for FileBackend {
     fn capabilities(&self) -> Capabilities {
         match self.mode {
             Mode::RawReflink => Capabilities {
                 thin: true,
                 online_snapshot: true,
+                hypervisor_snapshot: false,
                 revert_any: true,
                 clone: true,
                 clone_cow: true,
@@ -319,6 +333,7 @@ impl BlockingDriver for FileBackend {
             Mode::RawFullCopy => Capabilities {
                 thin: false,
                 online_snapshot: false,
+                hypervisor_snapshot: false,
                 revert_any: true,
                 clone: true,
                 clone_cow: false,
@@ -326,14 +341,18 @@ impl BlockingDriver for FileBackend {
                 group_snapshot: false,
                 snapshot_method: "full sparse copy (no reflink on this filesystem)".into(),
             },
+            // Attached volumes are snapshotted by their hypervisor, through its QMP monitor
+            // (an instance's --qmp); all the attached members of a group that one monitor
+            // serves switch in one QMP transaction.
             Mode::Qcow2 => Capabilities {
                 thin: true,
                 online_snapshot: false,
+                hypervisor_snapshot: true,
                 revert_any: true,
                 clone: true,
                 clone_cow: false,
                 diff: false,
-                group_snapshot: false,
+                group_snapshot: true,
                 snapshot_method: "qcow2 external overlay (qemu-img create -b)".into(),
             },
         }
@@ -385,13 +404,62 @@ impl BlockingDriver for FileBackend {
                  against a writer; detach volume {} or move the backend to a reflink filesystem",
                 self.name, v.id
             ))),
-            Mode::Qcow2 => Err(Error::unsupported(format!(
-                "volume {} is attached to instance {}: a qcow2 snapshot of an attached volume \
-                 needs the hypervisor to switch to the new overlay (QMP blockdev-snapshot-sync), \
-                 which this backend does not do yet; detach the volume or snapshot it offline",
-                v.id, a.instance_id
-            ))),
+            Mode::Qcow2 => {
+                let qmp = qmp_of(v, a)?;
+                let member: qcow2::OnlineMember<'_> = (s, v, a);
+                qcow2::create_online_snapshots(self, qmp, &[member])
+                    .pop()
+                    .unwrap_or_else(|| Err(Error::backend("online snapshot", "no result")))
+            }
         }
+    }
+
+    /// qcow2: detached members are snapshotted one by one (nothing writes them); the attached
+    /// ones switch in one QMP transaction per hypervisor monitor, so all the attached volumes
+    /// of one instance are cut at one instant. Other modes take their members one by one.
+    fn create_group_snapshot(
+        &self,
+        members: &[kiln_core::GroupMember],
+    ) -> Result<kiln_core::GroupOutcome> {
+        if self.mode != Mode::Qcow2 {
+            return Ok(members
+                .iter()
+                .map(|(s, v, a)| match a {
+                    Some(a) => self.create_snapshot_force(s, v, a),
+                    None => self.create_snapshot(s, v),
+                })
+                .collect());
+        }
+        let mut out: Vec<Option<Result<ProviderUpdate>>> = members.iter().map(|_| None).collect();
+        let mut by_monitor: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+        for (i, (s, v, a)) in members.iter().enumerate() {
+            match a {
+                None => out[i] = Some(self.create_snapshot(s, v)),
+                Some(a) => match qmp_of(v, a) {
+                    Ok(q) => by_monitor.entry(q).or_default().push(i),
+                    Err(e) => out[i] = Some(Err(e)),
+                },
+            }
+        }
+        for (qmp, idx) in by_monitor {
+            let group: Vec<qcow2::OnlineMember<'_>> = idx
+                .iter()
+                .filter_map(|&i| {
+                    let (s, v, a) = &members[i];
+                    a.as_ref().map(|a| (s, v, a))
+                })
+                .collect();
+            for (i, r) in idx
+                .iter()
+                .zip(qcow2::create_online_snapshots(self, qmp, &group))
+            {
+                out[*i] = Some(r);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::backend("group snapshot", "no result"))))
+            .collect())
     }
 
     fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction> {

@@ -15,74 +15,13 @@ use std::time::{Duration, Instant};
 
 use common::{Env, MIB, Vol, snapshot};
 use kiln_core::{Attachment, InstanceId, VolumeDriver};
+use kiln_testkit::cut::{BLOCK, check_image, parse, stamp};
 
-const BLOCK: usize = 4096;
 const BLOCKS: u64 = 2048; // 8 MiB written per generation
 const ENV_FILE: &str = "KILN_TEST_WRITER_FILE";
 const ENV_STOP: &str = "KILN_TEST_WRITER_STOP";
 /// The writer stops by itself after this long even if nobody tells it to.
 const WRITER_MAX: Duration = Duration::from_secs(60);
-
-const WORDS: usize = BLOCK / 8;
-
-/// Per-block base contents (independent of the generation), computed once: the unoptimized
-/// test build is too slow to generate fresh patterns for every block of every generation.
-fn bases() -> Vec<Vec<u64>> {
-    (0..BLOCKS)
-        .map(|i| {
-            kiln_testkit::pattern(i + 1, BLOCK)
-                .chunks(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-                .collect()
-        })
-        .collect()
-}
-
-/// Checksum over all words but the last (which holds it).
-fn checksum(words: &[u64]) -> u64 {
-    words[..WORDS - 1]
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-            (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(23)
-        })
-}
-
-/// Block `idx` of generation `generation`: words (generation, idx), a payload that differs
-/// in every word between generations (so a write torn anywhere is visible), a checksum.
-fn stamp(base: &[u64], generation: u64, idx: u64, out: &mut [u8]) {
-    let mix = generation.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut w = [0u64; WORDS];
-    w[0] = generation;
-    w[1] = idx;
-    for k in 2..WORDS - 1 {
-        w[k] = base[k] ^ mix;
-    }
-    w[WORDS - 1] = checksum(&w);
-    for (k, word) in w.iter().enumerate() {
-        out[k * 8..k * 8 + 8].copy_from_slice(&word.to_le_bytes());
-    }
-}
-
-/// The generation of a block, or why it is not a valid block number `idx`.
-fn parse(bases: &[Vec<u64>], block: &[u8], idx: u64) -> Result<u64, String> {
-    let word = |i: usize| u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().unwrap());
-    let words: Vec<u64> = (0..WORDS).map(word).collect();
-    if checksum(&words) != words[WORDS - 1] {
-        return Err(format!("block {idx}: bad checksum (torn write?)"));
-    }
-    if words[1] != idx {
-        return Err(format!("block {idx}: stamped as block {}", words[1]));
-    }
-    let generation = words[0];
-    let mut want = [0u8; BLOCK];
-    stamp(&bases[idx as usize], generation, idx, &mut want);
-    if block != want.as_slice() {
-        return Err(format!(
-            "block {idx}: payload differs from generation {generation}"
-        ));
-    }
-    Ok(generation)
-}
 
 fn write_generation(bases: &[Vec<u64>], f: &std::fs::File, generation: u64) {
     let mut buf = [0u8; BLOCK];
@@ -92,35 +31,11 @@ fn write_generation(bases: &[Vec<u64>], f: &std::fs::File, generation: u64) {
     }
 }
 
-/// Checks a point-in-time image: every block valid, one cut point. Returns the newest
-/// generation seen and the cut point (the number of blocks carrying it).
-fn check_image(bases: &[Vec<u64>], img: &[u8]) -> Result<(u64, usize), String> {
-    let gens = img
-        .chunks(BLOCK)
-        .take(BLOCKS as usize)
-        .enumerate()
-        .map(|(i, b)| parse(bases, b, i as u64))
-        .collect::<Result<Vec<u64>, String>>()?;
-    let hi = gens[0];
-    let k = gens.iter().position(|g| *g != hi).unwrap_or(gens.len());
-    if let Some((j, g)) = gens[k..]
-        .iter()
-        .enumerate()
-        .find(|(_, g)| hi == 0 || **g != hi - 1)
-    {
-        return Err(format!(
-            "not a point-in-time image: blocks 0..{k} carry generation {hi}, block {} carries {g}",
-            k + j
-        ));
-    }
-    Ok((hi, k))
-}
-
 /// The writer process's body, when this binary is re-executed by the test below; run
 /// normally, it checks that the block format catches torn and misplaced blocks.
 #[test]
 fn writer_child() {
-    let bases = bases();
+    let bases = kiln_testkit::cut::bases(BLOCKS);
     let Ok(path) = std::env::var(ENV_FILE) else {
         let mut a = [0u8; BLOCK];
         stamp(&bases[7], 3, 7, &mut a);
@@ -170,7 +85,7 @@ async fn raw_force_snapshots_are_point_in_time_under_a_concurrent_writer() {
     let env = Env::raw().await;
     let d = &env.driver;
     let vol = Vol::create(&env, 16 * MIB).await;
-    let bases = bases();
+    let bases = kiln_testkit::cut::bases(BLOCKS);
     let path = d.active_image(&vol.v).unwrap();
     {
         let f = OpenOptions::new().write(true).open(&path).unwrap();

@@ -63,6 +63,7 @@ impl BlockingDriver for LvmBackend {
         Capabilities {
             thin,
             online_snapshot: true,
+            hypervisor_snapshot: false,
             revert_any: true,
             clone: true,
             clone_cow: thin,

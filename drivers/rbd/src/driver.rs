@@ -444,6 +444,7 @@ impl BlockingDriver for RbdBackend {
         Capabilities {
             thin: true,
             online_snapshot: true,
+            hypervisor_snapshot: false,
             revert_any: true,
             clone: true,
             clone_cow: !self.cfg.flatten_clones,

@@ -71,6 +71,25 @@ pub(crate) struct Chain {
     pub files: BTreeMap<String, Layer>,
     /// Every snapshot, by snapshot UUID.
     pub snapshots: BTreeMap<String, SnapshotEntry>,
+    /// An online snapshot in flight: committed before kiln asks the hypervisor to switch the
+    /// volume onto `overlay`, cleared when the record says which file is active again. While
+    /// it is set, the overlay is not a leftover (the hypervisor may be writing into it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<OnlineSnapshot>,
+}
+
+/// An online snapshot in flight (see [`Chain::online`]): enough to ask the hypervisor, after
+/// a crash, whether it switched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OnlineSnapshot {
+    /// The snapshot being taken.
+    pub snapshot: String,
+    /// The new overlay file (not yet in `files`).
+    pub overlay: String,
+    /// The hypervisor's QMP monitor socket.
+    pub qmp: String,
+    /// The block node kiln adds for the overlay.
+    pub overlay_node: String,
 }
 
 /// A fresh file name: `layer-<uuid>.qcow2`. Files are named from fresh UUIDs, not from the
@@ -100,6 +119,7 @@ impl Chain {
             active: base,
             files,
             snapshots: BTreeMap::new(),
+            online: None,
         }
     }
 
@@ -159,6 +179,14 @@ impl Chain {
                     ));
                 }
             }
+        }
+        if let Some(o) = &self.online
+            && (!is_layer_name(&o.overlay) || self.files.contains_key(&o.overlay))
+        {
+            return Err(format!(
+                "online snapshot overlay {:?} is not a new layer",
+                o.overlay
+            ));
         }
         for name in self.files.keys() {
             if self.depth(name) > self.files.len() {

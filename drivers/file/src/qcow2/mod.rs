@@ -13,6 +13,7 @@
 
 pub(crate) mod chain;
 pub(crate) mod check;
+mod online;
 mod qemu;
 
 use std::fs::{self, File};
@@ -104,7 +105,10 @@ fn leftovers_of(dir: &Path, chain: &Chain) -> Result<Leftovers> {
     for entry in rd {
         let entry = entry.map_err(io_ctx("list", dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == CHAIN_FILE || chain.files.contains_key(&name) {
+        if name == CHAIN_FILE
+            || chain.files.contains_key(&name)
+            || chain.online.as_ref().is_some_and(|o| o.overlay == name)
+        {
             continue;
         }
         if chain::is_layer_name(&name) {
@@ -225,6 +229,7 @@ impl Locked {
     /// Brings the volume back to a state some operation committed: removes unrecorded files
     /// and finishes snapshot deletes a crash interrupted.
     fn recover(&mut self) -> Result<()> {
+        online::recover(self)?;
         self.remove_orphans()?;
         let pending: Vec<String> = self
             .chain
@@ -649,7 +654,13 @@ pub(crate) fn active_layer(b: &Backend, v: &Volume) -> Result<PathBuf> {
 /// child's name), so the location stays the one `create_snapshot` reported.
 pub(crate) fn lookup_snapshot(b: &Backend, s: &Snapshot) -> Result<Option<ProviderUpdate>> {
     let vdir = volume_dir(&b.dir, &s.volume_id);
-    match Chain::load(&vdir)?.and_then(|c| c.snapshots.get(&s.id.to_string()).cloned()) {
+    let mut chain = Chain::load(&vdir)?;
+    if chain.as_ref().is_some_and(|c| c.online.is_some()) {
+        // An online snapshot was interrupted: only the hypervisor can say whether it was
+        // taken, and locking the volume asks it (see `online::recover`).
+        chain = lock(&b.dir, &s.volume_id)?.map(|l| l.chain);
+    }
+    match chain.and_then(|c| c.snapshots.get(&s.id.to_string()).cloned()) {
         Some(e) if sys::exists(&vdir.join(&e.file))? => Ok(Some(location(&vdir.join(e.file)))),
         _ => Ok(None),
     }
@@ -692,15 +703,7 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
     if let Some(e) = l.chain.snapshots.get(&sid) {
         return Ok(location(&l.path(&e.file)));
     }
-    let depth = l.chain.depth(&l.chain.active);
-    if depth >= MAX_CHAIN_DEPTH {
-        return Err(Error::unsupported(format!(
-            "volume {} already has a backing chain of {depth} qcow2 files, the limit is \
-             {MAX_CHAIN_DEPTH} (every layer slows every read); delete older snapshots of it \
-             first, or create a new volume from a snapshot",
-            v.id
-        )));
-    }
+    check_depth(&l.chain, v)?;
     let frozen = l.chain.active.clone();
     let overlay = new_layer_name();
     qemu::create_overlay(&l.dir, &frozen, &overlay)?;
@@ -725,6 +728,23 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
     l.commit()?;
     Ok(location(&l.path(&frozen)))
 }
+
+/// Refuses a snapshot that would make the volume's chain deeper than [`MAX_CHAIN_DEPTH`].
+fn check_depth(chain: &Chain, v: &Volume) -> Result<()> {
+    let depth = chain.depth(&chain.active);
+    if depth >= MAX_CHAIN_DEPTH {
+        return Err(Error::unsupported(format!(
+            "volume {} already has a backing chain of {depth} qcow2 files, the limit is \
+             {MAX_CHAIN_DEPTH} (every layer slows every read); delete older snapshots of it \
+             first, or create a new volume from a snapshot",
+            v.id
+        )));
+    }
+    Ok(())
+}
+
+/// Snapshots attached qcow2 volumes through their hypervisor (see [`online`]).
+pub(crate) use online::{Member as OnlineMember, create_snapshots as create_online_snapshots};
 
 /// Removes a snapshot and merges its file away (see [`Locked::delete_snapshot`]).
 /// `AlreadyGone` if neither the record nor the volume held it when this call started

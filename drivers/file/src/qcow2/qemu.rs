@@ -291,6 +291,24 @@ struct MapEntry {
     data: bool,
     #[serde(default)]
     zero: bool,
+    #[serde(default)]
+    depth: u64,
+}
+
+/// Whether the qcow2 `file` allocates anything itself (data or zero clusters of its own, as
+/// opposed to what its backing chain shows): `qemu-img map --output=json`, entries of depth
+/// 0 that are data or explicit zeroes. Only for a file no process has open (its own
+/// metadata on disk is then current); `-U` because its backing file may be a running
+/// hypervisor's active, write-locked image, of which only the size is read.
+pub(crate) fn has_own_clusters(cwd: &Path, file: &str) -> Result<bool> {
+    let out = run(
+        "qemu-img map",
+        cwd,
+        argv!["map", "-U", "--output=json", "-f", "qcow2", file],
+    )?;
+    let entries: Vec<MapEntry> = serde_json::from_slice(&out)
+        .map_err(|e| Error::backend("qemu-img map", format!("unexpected output: {e}")))?;
+    Ok(entries.iter().any(|m| m.depth == 0 && (m.data || m.zero)))
 }
 
 /// Ranges of the image `file` (through its whole backing chain) that may hold non-zero data,

@@ -1,0 +1,354 @@
+//! Snapshots of qcow2 volumes that a running hypervisor has open. A file in use must never
+//! be modified by another process, so the hypervisor itself switches each disk onto a new
+//! overlay: kiln creates the overlay file next to the active one (backed by it), opens it in
+//! the hypervisor with QMP `blockdev-add` (`backing: null`), and puts it on top of the disk's
+//! current top node with one QMP `transaction` of `blockdev-snapshot` actions — one per
+//! volume, so several volumes of one instance switch at one instant. The guest keeps writing
+//! through the same export, into the overlay, without reconnecting.
+//!
+//! Crash safety: the intent ([`OnlineSnapshot`]: snapshot, overlay, monitor, overlay node) is
+//! committed in the volume's record before QMP is asked anything, and the record says which
+//! file is active only after QMP confirmed. Whoever locks the volume next (recovery) asks the
+//! monitor whether the overlay node sits on top of the disk (then the snapshot is recorded)
+//! or not (then the overlay node and file are removed). An overlay that holds data of its own
+//! is never removed: the guest wrote into it, so the switch happened.
+
+use std::path::Path;
+
+use kiln_core::hypervisor::qmp::{BlockNode, Qmp};
+use kiln_core::hypervisor::{self, Monitor};
+use kiln_core::{Attachment, Error, ErrorKind, ProviderUpdate, Result, Snapshot, Volume};
+
+use super::chain::{Layer, OnlineSnapshot, SnapshotEntry, new_layer_name};
+use super::{Locked, check_depth, fsync_file, location, lock_required, qemu};
+use crate::Backend;
+use crate::sys;
+
+/// One member of an online snapshot: the snapshot to take of the volume and its attachment.
+pub(crate) type Member<'a> = (&'a Snapshot, &'a Volume, &'a Attachment);
+
+/// The node name kiln gives the overlay file `layer-<uuid>.qcow2`: `kiln-` and the first 26
+/// hex digits of the uuid (QEMU allows at most 31 characters, starting with a letter).
+fn overlay_node(layer: &str) -> String {
+    let hex: String = layer
+        .trim_start_matches("layer-")
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(26)
+        .collect();
+    format!("kiln-{hex}")
+}
+
+/// The top node serving `active` (the volume's active file): the format node that has it
+/// open, or else — when the hypervisor opened the file under another path — the node given
+/// at attach time, if it exists. `None`: the hypervisor does not serve the volume.
+fn top_node(nodes: &[BlockNode], active: &Path, given: Option<&str>) -> Option<String> {
+    let same = |f: &str| {
+        let f = Path::new(f);
+        f == active || std::fs::canonicalize(f).ok().as_deref() == Some(active)
+    };
+    nodes
+        .iter()
+        .find(|n| n.driver == "qcow2" && same(&n.image_file()))
+        .or_else(|| {
+            given.and_then(|g| {
+                nodes
+                    .iter()
+                    .find(|n| n.node_name == g && n.driver == "qcow2")
+            })
+        })
+        .map(|n| n.node_name.clone())
+}
+
+/// The same failure, once per member.
+fn copy_err(e: &Error) -> Error {
+    Error::new(e.kind(), e.to_string())
+}
+
+/// Snapshots every member (all attached through the monitor at `qmp`) at one instant: one
+/// QMP transaction. All or nothing: on any failure every member gets the error and nothing
+/// changed — no overlay file, no node, the records as they were.
+pub(crate) fn create_snapshots(
+    b: &Backend,
+    qmp: &str,
+    members: &[Member<'_>],
+) -> Vec<Result<ProviderUpdate>> {
+    match create_all(b, qmp, members) {
+        Ok(updates) => updates.into_iter().map(Ok).collect(),
+        Err(e) => members.iter().map(|_| Err(copy_err(&e))).collect(),
+    }
+}
+
+/// One member while it is being switched: its locked directory and what kiln made for it.
+struct Switching {
+    locked: Locked,
+    snapshot: String,
+    frozen: String,
+    overlay: String,
+    node: String,
+    top: String,
+    /// Already recorded (a re-run of a snapshot that was taken).
+    done: Option<ProviderUpdate>,
+}
+
+fn create_all(b: &Backend, qmp: &str, members: &[Member<'_>]) -> Result<Vec<ProviderUpdate>> {
+    for (s, v, _) in members {
+        if s.volume_id != v.id {
+            return Err(Error::invalid(
+                "snapshot",
+                format!(
+                    "snapshot {} belongs to volume {}, not {}",
+                    s.id, s.volume_id, v.id
+                ),
+            ));
+        }
+    }
+    // Lock in volume id order (two group snapshots over the same volumes cannot deadlock);
+    // each lock recovers whatever a crash left on its volume first.
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by_key(|&i| members[i].1.id);
+    let mut slots: Vec<Option<Switching>> = members.iter().map(|_| None).collect();
+    for &i in &order {
+        let (s, v, _) = members[i];
+        let l = lock_required(&b.dir, &v.id)?;
+        let sid = s.id.to_string();
+        let done = l
+            .chain
+            .snapshots
+            .get(&sid)
+            .map(|e| location(&l.path(&e.file)));
+        if done.is_none() {
+            check_depth(&l.chain, v)?;
+        }
+        let frozen = l.chain.active.clone();
+        let overlay = new_layer_name();
+        slots[i] = Some(Switching {
+            snapshot: sid,
+            node: overlay_node(&overlay),
+            frozen,
+            overlay,
+            top: String::new(),
+            done,
+            locked: l,
+        });
+    }
+    let mut sw: Vec<Switching> = slots.into_iter().flatten().collect();
+    if sw.len() != members.len() {
+        return Err(Error::backend("online snapshot", "a member was not locked"));
+    }
+    hypervisor::with_live_monitor(qmp, |q| switch(q, qmp, members, &mut sw))?;
+    Ok(sw.into_iter().map(|m| m.done.unwrap_or_default()).collect())
+}
+
+/// With the monitor held: find each disk's top node, create and record the overlays, open
+/// them, run the one transaction, record the result.
+fn switch(q: &mut Qmp, qmp: &str, members: &[Member<'_>], sw: &mut [Switching]) -> Result<()> {
+    let nodes = q.block_nodes()?;
+    for (m, (_, v, a)) in sw.iter_mut().zip(members) {
+        if m.done.is_some() {
+            continue;
+        }
+        let active = m.locked.path(&m.frozen);
+        m.top = top_node(&nodes, &active, a.node.as_deref()).ok_or_else(|| {
+            Error::wrong_state(format!(
+                "volume {} is attached to instance {}, but the hypervisor at {qmp} has no \
+                 block node on its active file {} (is the volume open there? give the node \
+                 with `volume attach --node`)",
+                v.id,
+                a.instance_id,
+                active.display()
+            ))
+        })?;
+    }
+    let todo: Vec<usize> = (0..sw.len()).filter(|&i| sw[i].done.is_none()).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    // Overlay files first, outside the critical section (QEMU would otherwise create them
+    // while the guest's I/O is drained), each recorded as in flight before QMP sees it.
+    let mut prepared = Vec::new();
+    let mut failure = None;
+    for &i in &todo {
+        match prepare(&mut sw[i], qmp) {
+            Ok(()) => prepared.push(i),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    kiln_core::crash::crash_point("qcow2_online", "before_qmp");
+    let mut added = Vec::new();
+    if failure.is_none() {
+        for &i in &prepared {
+            match q.add_overlay(&sw[i].node, &sw[i].locked.path(&sw[i].overlay)) {
+                Ok(()) => added.push(i),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    if failure.is_none() {
+        let pairs: Vec<(String, String)> = prepared
+            .iter()
+            .map(|&i| (sw[i].top.clone(), sw[i].node.clone()))
+            .collect();
+        if let Err(e) = q.snapshot_transaction(&pairs) {
+            failure = Some(e);
+        }
+    }
+    if let Some(e) = failure {
+        // Nothing switched (a transaction is all or nothing): take back what was added.
+        for &i in &added {
+            if let Err(d) = q.delete_node(&sw[i].node) {
+                tracing::warn!(node = %sw[i].node, error = %d, "cannot remove the overlay node kiln added");
+            }
+        }
+        for &i in &prepared {
+            if let Err(d) = abandon(&mut sw[i].locked) {
+                tracing::warn!(volume = %sw[i].locked.chain.volume_id, error = %d, "cannot remove an unused overlay; the next operation on the volume retries");
+            }
+        }
+        return Err(e);
+    }
+    kiln_core::crash::crash_point("qcow2_online", "after_transaction");
+    for &i in &prepared {
+        let m = &mut sw[i];
+        switched(&mut m.locked)?;
+        m.done = Some(location(&m.locked.path(&m.frozen)));
+    }
+    Ok(())
+}
+
+/// Creates member `m`'s overlay file (backed by the active file, which qemu-img may read
+/// while the hypervisor writes it: it opens a backing file shared) and commits the intent.
+fn prepare(m: &mut Switching, qmp: &str) -> Result<()> {
+    let l = &mut m.locked;
+    qemu::create_overlay(&l.dir, &m.frozen, &m.overlay)?;
+    fsync_file(&l.path(&m.overlay))?;
+    sys::fsync_dir(&l.dir)?;
+    l.chain.online = Some(OnlineSnapshot {
+        snapshot: m.snapshot.clone(),
+        overlay: m.overlay.clone(),
+        qmp: qmp.to_string(),
+        overlay_node: m.node.clone(),
+    });
+    if let Err(e) = l.commit() {
+        l.chain.online = None;
+        let _ = sys::remove_if_exists(&l.path(&m.overlay));
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The hypervisor switched: the overlay is the active file, the old one is the snapshot's.
+fn switched(l: &mut Locked) -> Result<()> {
+    let Some(o) = l.chain.online.clone() else {
+        return Ok(());
+    };
+    let frozen = l.chain.active.clone();
+    l.chain.files.insert(
+        o.overlay.clone(),
+        Layer {
+            backing: Some(frozen.clone()),
+        },
+    );
+    l.chain.snapshots.insert(
+        o.snapshot.clone(),
+        SnapshotEntry {
+            file: frozen,
+            size_bytes: l.chain.size_bytes,
+            deleting: false,
+            commit_child: None,
+        },
+    );
+    l.chain.active = o.overlay;
+    l.chain.online = None;
+    l.commit()
+}
+
+/// The hypervisor did not switch: forget the intent, then remove the overlay file.
+fn abandon(l: &mut Locked) -> Result<()> {
+    let Some(o) = l.chain.online.take() else {
+        return Ok(());
+    };
+    if let Err(e) = l.commit() {
+        l.chain.online = Some(o);
+        return Err(e);
+    }
+    sys::remove_if_exists(&l.path(&o.overlay)).map(drop)
+}
+
+/// Settles an online snapshot a crash interrupted (called with the volume locked, before
+/// anything else reads the record): asks the monitor whether the overlay node is on top of
+/// the disk. When the monitor cannot be asked, the overlay is kept unless the hypervisor is
+/// gone and the overlay holds nothing of its own; then the error says what blocks the volume.
+pub(super) fn recover(l: &mut Locked) -> Result<()> {
+    let Some(o) = l.chain.online.clone() else {
+        return Ok(());
+    };
+    let overlay_path = l.path(&o.overlay);
+    let frozen_path = l.path(&l.chain.active);
+    let verdict = hypervisor::with_monitor(&o.qmp, |m| match m {
+        Monitor::Up(mut q) => {
+            let nodes = q.block_nodes()?;
+            let Some(node) = nodes.iter().find(|n| n.node_name == o.overlay_node) else {
+                return Ok(Verdict::NotSwitched);
+            };
+            if node.backing_file.is_some() {
+                return Ok(Verdict::Switched);
+            }
+            // Added but never put on top: take it out again.
+            q.delete_node(&o.overlay_node)?;
+            Ok(Verdict::NotSwitched)
+        }
+        Monitor::Gone(_) => Ok(Verdict::HypervisorGone),
+    });
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(e) if hypervisor::is_unreachable(&e) => {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "volume {}: an online snapshot was interrupted and its hypervisor's monitor \
+                     cannot be asked whether it switched to {} ({e}); retry when the monitor \
+                     answers",
+                    l.chain.volume_id,
+                    overlay_path.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let keep = match verdict {
+        Verdict::Switched => true,
+        // Data of its own: the guest wrote into it, so it was switched to (and the hypervisor
+        // restarted, or died); dropping it would lose those writes.
+        Verdict::NotSwitched | Verdict::HypervisorGone => {
+            qemu::has_own_clusters(&l.dir, &o.overlay)?
+        }
+    };
+    tracing::info!(
+        volume = %l.chain.volume_id,
+        snapshot = %o.snapshot,
+        overlay = %overlay_path.display(),
+        frozen = %frozen_path.display(),
+        ?verdict,
+        recorded = keep,
+        "settling an interrupted online snapshot"
+    );
+    if keep { switched(l) } else { abandon(l) }
+}
+
+/// What the monitor says about an interrupted switch.
+#[derive(Debug)]
+enum Verdict {
+    /// The overlay node is in the graph with a backing: the transaction ran.
+    Switched,
+    /// The overlay node is not on top of anything (now removed, or never added).
+    NotSwitched,
+    /// Nothing listens on the monitor socket.
+    HypervisorGone,
+}
