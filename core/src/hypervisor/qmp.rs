@@ -54,6 +54,21 @@ pub struct BlockNode {
     pub read_only: bool,
 }
 
+/// One block job as `query-jobs` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Its id.
+    pub id: String,
+    /// `created`, `running`, `ready`, `waiting`, `pending`, `concluded`, ...
+    pub status: String,
+    /// Work done, in the job's own unit (bytes for commit and stream).
+    pub current: u64,
+    /// Work in all (an estimate that may grow).
+    pub total: u64,
+    /// Why it failed, once concluded.
+    pub error: Option<String>,
+}
+
 impl BlockNode {
     /// The image file this node reads and writes: [`BlockNode::file`], unless QEMU reports
     /// that as a `json:{...}` pseudo-filename (it does for a node whose backing was set by
@@ -232,6 +247,86 @@ impl Qmp {
                 Err(ReadFailure::Failed(e)) => return Err(e),
             }
         }
+    }
+
+    /// Reads events for up to `wait` (queued for [`Qmp::take_events`]); a quiet monitor is
+    /// not an error. The connection's own timeout is restored afterwards.
+    pub fn pump_events(&mut self, wait: Duration) -> Result<()> {
+        let normal = self.writer.read_timeout().ok().flatten();
+        let path = self.path.clone();
+        let set = move |s: &UnixStream, t: Option<Duration>| {
+            s.set_read_timeout(t).map_err(|e| unavailable(&path, e))
+        };
+        set(
+            self.reader.get_ref(),
+            Some(wait.max(Duration::from_millis(1))),
+        )?;
+        let start = Instant::now();
+        let r = loop {
+            match self.read_message() {
+                Ok(msg) if msg.get("event").is_some() => self.events.push(msg),
+                Ok(_) => {}
+                Err(ReadFailure::TimedOut(_)) => break Ok(()),
+                Err(ReadFailure::Failed(e)) => break Err(e),
+            }
+            if start.elapsed() >= wait {
+                break Ok(());
+            }
+        };
+        set(self.reader.get_ref(), normal)?;
+        r
+    }
+
+    /// Every job the monitor knows (`query-jobs`).
+    pub fn jobs(&mut self) -> Result<Vec<Job>> {
+        let r = self.execute("query-jobs", None)?;
+        Ok(r.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|j| {
+                        Some(Job {
+                            id: j.get("id")?.as_str()?.to_string(),
+                            status: j.get("status")?.as_str()?.to_string(),
+                            current: j
+                                .get("current-progress")
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0),
+                            total: j.get("total-progress").and_then(Value::as_u64).unwrap_or(0),
+                            error: j.get("error").and_then(Value::as_str).map(String::from),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Drives job `id` until it concludes: completes it when it is ready (an active commit
+    /// waits for that), reports `(done, total)` progress as it goes. Returns the concluded
+    /// job, not yet dismissed (its `error` says whether it failed): the caller records the
+    /// outcome first, then calls [`Qmp::dismiss_job`], so that a crash in between still finds
+    /// the job's verdict. A job the monitor does not know is `NotFound`.
+    pub fn finish_job(&mut self, id: &str, mut progress: impl FnMut(u64, u64)) -> Result<Job> {
+        loop {
+            let Some(job) = self.jobs()?.into_iter().find(|j| j.id == id) else {
+                return Err(Error::not_found("hypervisor job", id));
+            };
+            progress(job.current, job.total);
+            match job.status.as_str() {
+                "ready" => {
+                    self.execute("job-complete", Some(json!({ "id": id })))?;
+                }
+                "concluded" => return Ok(job),
+                _ => {}
+            }
+            self.take_events();
+            self.pump_events(Duration::from_millis(50))?;
+        }
+    }
+
+    /// `job-dismiss` of a concluded job.
+    pub fn dismiss_job(&mut self, id: &str) -> Result<()> {
+        self.execute("job-dismiss", Some(json!({ "id": id })))?;
+        Ok(())
     }
 
     /// Every named block node (`query-named-block-nodes`, flat).

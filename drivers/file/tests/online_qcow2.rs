@@ -319,3 +319,78 @@ async fn refused_online_snapshots_change_nothing_and_say_why_in_one_line() {
     .await;
     assert_eq!(state(a), before);
 }
+
+/// Deleting snapshots of an attached volume: the hypervisor merges the layers (the newest
+/// snapshot by an active commit, an older one by a stream into its child) while the guest
+/// writes; every other snapshot keeps its image, the volume keeps every write, the record
+/// matches the daemon's graph and every file passes `qemu-img check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_an_attached_qcow2_volume_are_merged_by_the_hypervisor_while_it_writes() {
+    let env = Env::qcow2().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (vols, mut qsd) = setup(&env, 1, tmp.path()).await;
+    let a = &vols[0];
+    let writer = Writer::start(&qsd.nbd_path(), &["d0"], BLOCKS);
+    let mut snaps = Vec::new();
+    for i in 1..=4u64 {
+        writer.wait_for(i);
+        let s = snapshot(&a.v);
+        env.driver
+            .create_snapshot_force(&s, &a.v, a.attachment())
+            .await
+            .unwrap();
+        snaps.push(s);
+    }
+    let mut images = Vec::new();
+    for s in &snaps {
+        images.push(image_of(&env, s).await);
+    }
+    let files_before = listing(&a.dir).len();
+    writer.wait_for(6);
+    // The newest snapshot: its child is the active file (active commit).
+    env.driver.delete_snapshot(&snaps[3]).await.unwrap();
+    let active = env.driver.active_image(&a.v).unwrap();
+    assert!(
+        daemon_top(&qsd, &active).is_some(),
+        "the daemon writes the recorded active file"
+    );
+    // A middle one: streamed into its child.
+    env.driver.delete_snapshot(&snaps[1]).await.unwrap();
+    assert!(daemon_top(&qsd, &env.driver.active_image(&a.v).unwrap()).is_some());
+    assert_eq!(listing(&a.dir).len(), files_before - 2, "two layers fewer");
+    for s in [&snaps[1], &snaps[3]] {
+        assert_eq!(env.driver.lookup_snapshot(s).await.unwrap(), None);
+    }
+    let last = writer.stop();
+    for (i, s) in snaps.iter().enumerate() {
+        if i == 0 || i == 2 {
+            assert!(image_of(&env, s).await == images[i], "snapshot {i} changed");
+        }
+    }
+    assert!(
+        !qsd.monitor()
+            .block_nodes()
+            .unwrap()
+            .iter()
+            .any(|n| n.node_name.starts_with("kiln-")
+                && !listing(&a.dir)
+                    .iter()
+                    .any(|f| n.image_file().ends_with(f.as_str()))),
+        "a node on a merged file was left behind"
+    );
+    qsd.kill();
+    let now = common::read_volume(&env.driver, &a.v).await;
+    assert_eq!(
+        check_image(&bases(BLOCKS), &now).unwrap(),
+        (last, BLOCKS as usize),
+        "the volume holds every flushed write"
+    );
+    qemu_img_check_all(&a.dir);
+    let report = env
+        .driver
+        .check()
+        .unwrap()
+        .check_volume(&a.v, false)
+        .unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+}

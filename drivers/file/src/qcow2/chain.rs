@@ -52,6 +52,27 @@ pub(crate) struct SnapshotEntry {
     /// only be rolled forward. `None` with `deleting` set: the rebase path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_child: Option<String>,
+    /// Set together with `deleting` when a hypervisor merges the snapshot away while it has
+    /// the volume open: the QMP job doing it, so that whoever locks the volume next can wait
+    /// for it (or start it again) instead of touching files the hypervisor has open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_delete: Option<OnlineDelete>,
+}
+
+/// A snapshot delete that the hypervisor runs as a QMP block job (see
+/// [`SnapshotEntry::online_delete`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OnlineDelete {
+    /// The hypervisor's QMP monitor socket.
+    pub qmp: String,
+    /// The job's id.
+    pub job: String,
+    /// `commit`: the child (the active file) is committed into the snapshot's file, which
+    /// becomes the active file; `stream`: the snapshot's file is streamed into the child,
+    /// which is then backed by the snapshot's parent.
+    pub mode: String,
+    /// The snapshot file's one child.
+    pub child: String,
 }
 
 /// The record. Invariant: `files` holds exactly the active file and one file per snapshot;
@@ -76,6 +97,11 @@ pub(crate) struct Chain {
     /// it is set, the overlay is not a leftover (the hypervisor may be writing into it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online: Option<OnlineSnapshot>,
+    /// The QMP monitor of the hypervisor that had the volume open at its last online
+    /// snapshot: a snapshot delete asks it whether it still has the chain open (then the
+    /// hypervisor merges the layers) before touching any file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
 }
 
 /// An online snapshot in flight (see [`Chain::online`]): enough to ask the hypervisor, after
@@ -120,6 +146,7 @@ impl Chain {
             files,
             snapshots: BTreeMap::new(),
             online: None,
+            hypervisor: None,
         }
     }
 

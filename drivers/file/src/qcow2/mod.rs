@@ -240,6 +240,16 @@ impl Locked {
             .collect();
         for id in pending {
             tracing::info!(volume = %self.chain.volume_id, snapshot = %id, "finishing an interrupted snapshot delete");
+            let online = self
+                .chain
+                .snapshots
+                .get(&id)
+                .is_some_and(|e| e.online_delete.is_some());
+            if online {
+                // The hypervisor's job: wait for it (or run it again); never abandoned here.
+                online::resume_delete(self, &id, false)?;
+                continue;
+            }
             if let Err(e) = self.delete_snapshot(&id) {
                 if self.chain.snapshots.get(&id).is_some_and(|e| e.deleting) {
                     // The record could not be made true again: nothing may trust it.
@@ -722,6 +732,7 @@ pub(crate) fn create_snapshot(b: &Backend, s: &Snapshot, v: &Volume) -> Result<P
             size_bytes: l.chain.size_bytes,
             deleting: false,
             commit_child: None,
+            online_delete: None,
         },
     );
     l.chain.active = overlay;
@@ -756,7 +767,13 @@ pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<DeleteAction>
     let id = s.id.to_string();
     let recorded = l.chain.snapshots.contains_key(&id);
     l.recover()?;
-    l.delete_snapshot(&id)?;
+    if l.chain.snapshots.contains_key(&id)
+        && let Some(qmp) = online::serving_monitor(&l)?
+    {
+        online::delete_snapshot(&mut l, &id, &qmp)?;
+    } else {
+        l.delete_snapshot(&id)?;
+    }
     Ok(if recorded {
         DeleteAction::Deleted
     } else {

@@ -19,7 +19,7 @@ use kiln_core::hypervisor::qmp::{BlockNode, Qmp};
 use kiln_core::hypervisor::{self, Monitor};
 use kiln_core::{Attachment, Error, ErrorKind, ProviderUpdate, Result, Snapshot, Volume};
 
-use super::chain::{Layer, OnlineSnapshot, SnapshotEntry, new_layer_name};
+use super::chain::{Layer, OnlineDelete, OnlineSnapshot, SnapshotEntry, new_layer_name};
 use super::{Locked, check_depth, fsync_file, location, lock_required, qemu};
 use crate::Backend;
 use crate::sys;
@@ -262,10 +262,12 @@ fn switched(l: &mut Locked) -> Result<()> {
             size_bytes: l.chain.size_bytes,
             deleting: false,
             commit_child: None,
+            online_delete: None,
         },
     );
     l.chain.active = o.overlay;
     l.chain.online = None;
+    l.chain.hypervisor = Some(o.qmp);
     l.commit()
 }
 
@@ -351,4 +353,234 @@ enum Verdict {
     NotSwitched,
     /// Nothing listens on the monitor socket.
     HypervisorGone,
+}
+
+// ------------------------------------------------------------------ online snapshot delete
+
+/// The monitor through which the hypervisor that took the volume's last online snapshot
+/// still has its active file open, if it does: a snapshot delete must then go through it
+/// (qemu-img would be refused by the image locks, or worse). `None`: nobody recorded, the
+/// hypervisor is gone, or it no longer has the file open — the files are kiln's to merge.
+pub(super) fn serving_monitor(l: &Locked) -> Result<Option<String>> {
+    let Some(qmp) = l.chain.hypervisor.clone() else {
+        return Ok(None);
+    };
+    let active = l.path(&l.chain.active);
+    hypervisor::with_monitor(&qmp, |m| match m {
+        Monitor::Gone(_) => Ok(None),
+        Monitor::Up(mut q) => Ok(top_node(&q.block_nodes()?, &active, None).map(|_| qmp.clone())),
+    })
+}
+
+/// A QMP job id for deleting snapshot `id`.
+fn delete_job_id(id: &str) -> String {
+    let hex: String = id
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(20)
+        .collect();
+    format!("kiln-del-{hex}")
+}
+
+/// Deletes snapshot `id` of a volume whose chain the hypervisor at `qmp` has open, by a QMP
+/// block job: the snapshot's file `F` must have exactly one child `C` (the hypervisor's
+/// chain; branches are merged offline, after a detach). `C` the active file → active
+/// `block-commit` of `C` into `F`, which becomes the active file (costs `C`'s data, the
+/// usual case: the newest snapshot); otherwise `block-stream` of `F` into `C`, which is then
+/// backed by `F`'s parent (costs `F`'s data). The intent, with the job's id, is recorded
+/// first; the record changes again only once the job concluded.
+pub(super) fn delete_snapshot(l: &mut Locked, id: &str, qmp: &str) -> Result<()> {
+    let Some(entry) = l.chain.snapshots.get(id).cloned() else {
+        return Ok(());
+    };
+    let children = l.chain.children(&entry.file);
+    let [child] = children.as_slice() else {
+        return Err(Error::wrong_state(format!(
+            "snapshot {id} of volume {} cannot be merged while the hypervisor at {qmp} has the \
+             volume open: its file has {} child layers (branches from earlier reverts); \
+             detach the volume first",
+            l.chain.volume_id,
+            children.len()
+        )));
+    };
+    let mode = if *child == l.chain.active {
+        "commit"
+    } else {
+        "stream"
+    };
+    if let Some(e) = l.chain.snapshots.get_mut(id) {
+        e.deleting = true;
+        e.commit_child = None;
+        e.online_delete = Some(OnlineDelete {
+            qmp: qmp.to_string(),
+            job: delete_job_id(id),
+            mode: mode.to_string(),
+            child: child.clone(),
+        });
+    }
+    if let Err(e) = l.commit() {
+        if let Some(en) = l.chain.snapshots.get_mut(id) {
+            *en = entry;
+        }
+        return Err(e);
+    }
+    kiln_core::crash::crash_point("qcow2_online", "before_job");
+    resume_delete(l, id, true)
+}
+
+/// What became of an online delete.
+enum Ran {
+    /// Settled in the record (done, or abandoned with the snapshot kept).
+    Settled,
+    /// The hypervisor is gone: the files are kiln's again, the offline merge finishes it.
+    Offline,
+}
+
+/// Drives the recorded online delete of snapshot `id` to its end: waits for its job, or
+/// starts it when the monitor does not know it (never started, or the hypervisor restarted),
+/// then records the outcome. `fresh`: this call recorded the intent (a failed stream may
+/// then be abandoned with the snapshot kept). Also what recovery calls for an online delete
+/// a crash interrupted.
+pub(super) fn resume_delete(l: &mut Locked, id: &str, fresh: bool) -> Result<()> {
+    let Some(od) = l
+        .chain
+        .snapshots
+        .get(id)
+        .and_then(|e| e.online_delete.clone())
+    else {
+        return Ok(());
+    };
+    let ran = hypervisor::with_monitor(&od.qmp.clone(), |m| match m {
+        Monitor::Gone(_) => Ok(Ran::Offline),
+        Monitor::Up(mut q) => run_delete_job(l, &mut q, id, &od, fresh).map(|()| Ran::Settled),
+    })?;
+    match ran {
+        Ran::Settled => Ok(()),
+        Ran::Offline => {
+            tracing::info!(volume = %l.chain.volume_id, snapshot = %id, "the hypervisor is gone; finishing the snapshot delete offline");
+            if let Some(e) = l.chain.snapshots.get_mut(id) {
+                e.online_delete = None;
+                // Commit mode may have written C's clusters into F already: only the
+                // offline commit (roll forward) is right then. Stream mode never changed
+                // what any file shows: the offline rebase path.
+                e.commit_child = (od.mode == "commit").then(|| od.child.clone());
+            }
+            l.commit()?;
+            l.delete_snapshot(id)
+        }
+    }
+}
+
+fn run_delete_job(
+    l: &mut Locked,
+    q: &mut Qmp,
+    id: &str,
+    od: &OnlineDelete,
+    fresh: bool,
+) -> Result<()> {
+    let file = l
+        .chain
+        .snapshots
+        .get(id)
+        .map(|e| e.file.clone())
+        .unwrap_or_default();
+    let parent = l.chain.files.get(&file).and_then(|x| x.backing.clone());
+    let nodes = q.block_nodes()?;
+    let node_of = |f: &str| top_node(&nodes, &l.path(f), None);
+    if !q.jobs()?.iter().any(|j| j.id == od.job) {
+        let child_node = node_of(&od.child);
+        let file_node = node_of(&file);
+        let (Some(child_node), Some(file_node)) = (child_node, file_node) else {
+            return Err(Error::wrong_state(format!(
+                "volume {}: the hypervisor at {} does not have {} and {} open as block nodes, \
+                 so it cannot merge snapshot {id}",
+                l.chain.volume_id,
+                od.qmp,
+                l.path(&od.child).display(),
+                l.path(&file).display()
+            )));
+        };
+        let args = if od.mode == "commit" {
+            serde_json::json!({
+                "job-id": od.job, "device": child_node, "base-node": file_node,
+                "auto-dismiss": false,
+            })
+        } else {
+            let mut a = serde_json::json!({
+                "job-id": od.job, "device": child_node, "auto-dismiss": false,
+            });
+            if let Some(p) = &parent {
+                let pn = node_of(p).ok_or_else(|| {
+                    Error::wrong_state(format!(
+                        "volume {}: the hypervisor at {} does not have {} open",
+                        l.chain.volume_id,
+                        od.qmp,
+                        l.path(p).display()
+                    ))
+                })?;
+                a["base-node"] = pn.into();
+                // The child's header names its new backing file as kiln records it
+                // (relative), not as the hypervisor opened it.
+                a["backing-file"] = p.clone().into();
+            }
+            a
+        };
+        let cmd = if od.mode == "commit" {
+            "block-commit"
+        } else {
+            "block-stream"
+        };
+        tracing::info!(volume = %l.chain.volume_id, snapshot = %id, job = %od.job, cmd, "merging a snapshot of an attached volume in the hypervisor");
+        q.execute(cmd, Some(args))?;
+    }
+    let vol = l.chain.volume_id.clone();
+    let mut next_log = 0u64;
+    let job = q.finish_job(&od.job, |done, total| {
+        let pct = done.saturating_mul(100).checked_div(total).unwrap_or(0);
+        if pct >= next_log {
+            tracing::info!(volume = %vol, job = %od.job, done, total, "merge {pct}% done");
+            next_log = pct + 25;
+        }
+    })?;
+    kiln_core::crash::crash_point("qcow2_online", "after_job");
+    if let Some(err) = job.error {
+        let e = Error::backend(
+            "delete snapshot",
+            format!("the hypervisor's {} job {} failed: {err}", od.mode, od.job),
+        );
+        if od.mode == "stream" && fresh {
+            // A stream never changes what a file shows: the snapshot is intact, keep it.
+            if let Some(en) = l.chain.snapshots.get_mut(id) {
+                en.deleting = false;
+                en.online_delete = None;
+            }
+            l.commit()?;
+        }
+        let _ = q.dismiss_job(&od.job);
+        return Err(e);
+    }
+    // Settle the record, then let go of what the hypervisor no longer needs.
+    let gone = if od.mode == "commit" {
+        l.chain.active = file.clone();
+        l.chain.files.remove(&od.child);
+        od.child.clone()
+    } else {
+        if let Some(layer) = l.chain.files.get_mut(&od.child) {
+            layer.backing = parent;
+        }
+        l.chain.files.remove(&file);
+        file.clone()
+    };
+    l.chain.snapshots.remove(id);
+    l.commit()?;
+    let _ = q.dismiss_job(&od.job);
+    if let Some(n) = top_node(&q.block_nodes()?, &l.path(&gone), None)
+        && n.starts_with("kiln-")
+        && let Err(e) = q.delete_node(&n)
+    {
+        tracing::warn!(node = %n, error = %e, "cannot remove the merged layer's node");
+    }
+    sys::remove_if_exists(&l.path(&gone))?;
+    sys::fsync_dir(&l.dir)?;
+    Ok(())
 }
