@@ -162,6 +162,25 @@ fn forced_snapshots_of_an_attached_qcow2_volume_go_through_the_hypervisor_while_
     let v = st.k.json(&["volume", "show", &vid]);
     assert_eq!(v["status"], "in-use");
     assert_eq!(v["attachments"][0]["node"], Value::Null, "{v}");
+    // Its frozen layers are read-only, so a clone reads them while the hypervisor runs (the
+    // export above did too): the clone holds the snapshot's image.
+    let clone = s(
+        &st.k.json(&[
+            "volume",
+            "create",
+            "--snapshot",
+            &snaps[1],
+            "--name",
+            "copy",
+        ]),
+        "id",
+    );
+    let sc = s(&st.k.json(&["snapshot", "create", &clone]), "id");
+    assert_eq!(
+        st.k.export(&sc).0,
+        st.k.export(&snaps[1]).0,
+        "clone of a live snapshot"
+    );
     // A snapshot of an attached volume cannot be reverted to (as in Cinder); nothing changes.
     let before = st.k.state();
     st.k.fails(&["snapshot", "revert", &snaps[0]], 5);
@@ -313,6 +332,30 @@ fn bad_node_and_monitor_input_is_refused_in_one_line_and_changes_nothing() {
         4,
     );
     assert!(e.contains("no QMP monitor"), "{e}");
+    assert_eq!(st.k.state(), before);
+    assert_eq!(st.k.json(&["instance", "list"]), instances);
+    // A forced snapshot through a monitor socket that is not QMP, and through a dead daemon.
+    let not_qmp = s(
+        &st.k.json(&[
+            "instance",
+            "create",
+            "--qmp",
+            st.qsd.nbd_path().to_str().unwrap(),
+        ]),
+        "id",
+    );
+    st.k.attach(&vid, &not_qmp, "/dev/vdb");
+    let before = st.k.state();
+    let e = st.k.fails(&["snapshot", "create", &vid, "--force"], 8);
+    assert!(e.contains("QMP"), "{e}");
+    assert_eq!(st.k.state(), before);
+    let mut st = st;
+    st.qsd.kill();
+    let e =
+        st.k.fails(&["snapshot", "create", &st.volumes[0], "--force"], 8);
+    assert!(e.contains("not running"), "{e}");
+    assert_eq!(st.k.state(), before);
+    let instances = st.k.json(&["instance", "list"]);
     for bad in ["relative/qmp.sock", "/tmp/../etc/qmp", "-rf"] {
         let arg = format!("--qmp={bad}");
         let e = st.k.fails(&["instance", "create", &arg], 4);

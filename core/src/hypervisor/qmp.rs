@@ -110,6 +110,22 @@ impl Qmp {
             next_id: 1,
             events: Vec::new(),
         };
+        // A peer that starts with anything but a JSON object is no monitor: say so at once
+        // rather than wait for a line that may never end (an NBD server's greeting has no
+        // newline).
+        if let Ok(buf) = q.reader.fill_buf()
+            && let Some(&first) = buf.first()
+            && first != b'{'
+        {
+            let shown: String = String::from_utf8_lossy(&buf[..buf.len().min(16)])
+                .chars()
+                .map(|c| if c.is_control() { '.' } else { c })
+                .collect();
+            return Err(unavailable(
+                path,
+                format!("not a QMP monitor (it sent {shown:?} instead of a QMP greeting)"),
+            ));
+        }
         let greeting = q.read_line().map_err(|e| {
             unavailable(
                 path,
