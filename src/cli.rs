@@ -407,8 +407,10 @@ pub enum BenchCmd {
         /// Backend name [default: the default backend].
         #[arg(long, value_name = "NAME", conflicts_with = "volume")]
         backend: Option<String>,
-        /// Benchmark on this existing available volume (e.g. one holding data) instead of
-        /// an empty scratch volume; its data and other snapshots are left as they were.
+        /// Benchmark on this existing volume (e.g. one holding data) instead of an empty
+        /// scratch volume; its data and other snapshots are left as they were. An in-use
+        /// volume is snapshotted with --force; an attached qcow2 volume through its
+        /// hypervisor, against the bare QMP sequence.
         #[arg(long, value_name = "ID")]
         volume: Option<String>,
         /// Scratch volume size.

@@ -433,3 +433,41 @@ fn snapshot_delete_of_an_attached_qcow2_volume_is_merged_by_the_hypervisor_and_s
         st.k.json(&["volume", "check", &vid]);
     }
 }
+
+#[test]
+fn bench_snapshot_of_an_attached_qcow2_volume_reports_kiln_and_the_bare_qmp_sequence() {
+    let st = setup(1);
+    let vid = st.volumes[0].clone();
+    let vdir = st.k.qcow_dir().join(format!("volume-{vid}"));
+    let record = common::chain_record(&vdir);
+    let writer = Writer::start(&st.qsd.nbd_path(), &["d0"], BLOCKS);
+    writer.wait_for(1);
+    let r =
+        st.k.json(&["bench", "snapshot", "--volume", &vid, "--iterations", "3"]);
+    let last = writer.stop();
+    common::assert_bench_timings(&r);
+    assert!(
+        r["primitive"].as_str().unwrap().contains("transaction"),
+        "{r}"
+    );
+    assert_eq!(r["comparisons"].as_array().unwrap().len(), 1, "{r}");
+    assert!(r["create_ratio"].as_f64().unwrap() > 0.0);
+    // Left as it was: the record (its active file may have moved: kiln's own snapshot and
+    // delete make the former snapshot file active), no snapshot, no kiln node or job in the
+    // daemon, the daemon on the recorded file, and every write of the guest there.
+    let after = common::chain_record(&vdir);
+    assert_eq!(after["snapshots"], record["snapshots"]);
+    assert!(after.get("online").is_none(), "{after}");
+    assert_eq!(after["files"].as_object().unwrap().len(), 1, "{after}");
+    assert!(
+        st.k.json(&["snapshot", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    st.daemon_file(&vid);
+    assert!(st.kiln_nodes().is_empty(), "{:?}", st.kiln_nodes());
+    assert!(st.qsd.monitor().jobs().unwrap().is_empty());
+    let s3 = s(&st.k.json(&["snapshot", "create", &vid, "--force"]), "id");
+    assert_eq!(st.cut_of(&s3), (last, BLOCKS as usize));
+}

@@ -91,7 +91,9 @@ pub enum Target {
         /// Volume size in bytes.
         size_bytes: u64,
     },
-    /// An existing `available` volume (e.g. one filled with data); it is left as it was.
+    /// An existing volume (e.g. one filled with data), left as it was: `available`, or
+    /// `in-use` — then kiln's path is the forced snapshot (for a qcow2 volume, through its
+    /// hypervisor) and the backend's primitive is the one for an attached volume.
     Volume(crate::types::VolumeId),
 }
 
@@ -153,15 +155,16 @@ async fn run(
                 .map_err(|e| Error::backend("bench", format!("worker thread failed: {e}")))?
         }
     };
+    let force = volume.status == crate::types::VolumeStatus::InUse;
     let (mut create, mut delete) = (Vec::new(), Vec::new());
     let mut prims: Vec<(String, Vec<Duration>, Vec<Duration>)> = Vec::new();
     // Warm-up: first calls pay for cold caches and lazy connections on every side.
-    let s = service.create_snapshot(volume.id, None, false).await?;
+    let s = service.create_snapshot(volume.id, None, force).await?;
     service.delete_snapshot(s.id, false).await?;
     timed_primitive().await?;
     for _ in 0..iterations {
         let t = Instant::now();
-        let s = service.create_snapshot(volume.id, None, false).await?;
+        let s = service.create_snapshot(volume.id, None, force).await?;
         create.push(t.elapsed());
         let t = Instant::now();
         service.delete_snapshot(s.id, false).await?;

@@ -265,8 +265,9 @@ impl Qmp {
         }
     }
 
-    /// Reads events for up to `wait` (queued for [`Qmp::take_events`]); a quiet monitor is
-    /// not an error. The connection's own timeout is restored afterwards.
+    /// Waits up to `wait` for the next event (queued for [`Qmp::take_events`]), returning as
+    /// soon as one arrives; a quiet monitor is not an error. The connection's own timeout
+    /// is restored afterwards.
     pub fn pump_events(&mut self, wait: Duration) -> Result<()> {
         let normal = self.writer.read_timeout().ok().flatten();
         let path = self.path.clone();
@@ -280,7 +281,10 @@ impl Qmp {
         let start = Instant::now();
         let r = loop {
             match self.read_message() {
-                Ok(msg) if msg.get("event").is_some() => self.events.push(msg),
+                Ok(msg) if msg.get("event").is_some() => {
+                    self.events.push(msg);
+                    break Ok(());
+                }
                 Ok(_) => {}
                 Err(ReadFailure::TimedOut(_)) => break Ok(()),
                 Err(ReadFailure::Failed(e)) => break Err(e),

@@ -888,7 +888,13 @@ pub(crate) fn open_snapshot_reader(b: &Backend, s: &Snapshot) -> Result<Box<dyn 
 
 /// Times one bare `qemu-img create -f qcow2 -b <active> -F qcow2 <tmp>` and its unlink.
 pub(crate) fn bench_primitives(b: &Backend, v: &Volume) -> Result<Vec<PrimitiveSample>> {
-    let l = lock_required(&b.dir, &v.id)?;
+    let mut l = lock_required(&b.dir, &v.id)?;
+    if let Some(a) = v.attachments.first()
+        && let Some(qmp) = &a.qmp
+    {
+        // Attached through a hypervisor: the bare QMP sequences (see `online::bench`).
+        return online::bench(&mut l, qmp, a.node.as_deref());
+    }
     let tmp = format!(".bench-{}.qcow2", uuid::Uuid::new_v4().hyphenated());
     let t = Instant::now();
     qemu::create_overlay(&l.dir, &l.chain.active, &tmp)?;

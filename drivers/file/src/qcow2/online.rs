@@ -293,6 +293,9 @@ pub(super) fn recover(l: &mut Locked) -> Result<()> {
     };
     let overlay_path = l.path(&o.overlay);
     let frozen_path = l.path(&l.chain.active);
+    if o.snapshot.starts_with(BENCH_PREFIX) {
+        return recover_bench(l, &o);
+    }
     let verdict = hypervisor::with_monitor(&o.qmp, |m| match m {
         Monitor::Up(mut q) => {
             let nodes = q.block_nodes()?;
@@ -326,6 +329,8 @@ pub(super) fn recover(l: &mut Locked) -> Result<()> {
     };
     let keep = match verdict {
         Verdict::Switched => true,
+        // Never created: nothing was switched to it.
+        _ if !sys::exists(&overlay_path)? => false,
         // Data of its own: the guest wrote into it, so it was switched to (and the hypervisor
         // restarted, or died); dropping it would lose those writes.
         Verdict::NotSwitched | Verdict::HypervisorGone => {
@@ -582,5 +587,155 @@ fn run_delete_job(
     }
     sys::remove_if_exists(&l.path(&gone))?;
     sys::fsync_dir(&l.dir)?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ bench primitive
+
+/// Prefix of the snapshot name an online intent carries when the bench made it (no
+/// snapshot record exists for it: recovery undoes it instead of recording it).
+const BENCH_PREFIX: &str = "bench-";
+
+/// The bare sequences a tool runs to snapshot and merge back a disk that the hypervisor at
+/// `qmp` has open, timed on volume `l` (locked): sample 1 "the primitive" — `qemu-img
+/// create -b` of the overlay, `blockdev-add`, one-action `transaction`; and its delete, an
+/// active `block-commit` of the overlay back into the disk's top + `job-complete`,
+/// `blockdev-del`, unlink. Sample 2 — `blockdev-add` + `transaction` alone, the overlay
+/// created beforehand (untimed), then the same delete. All on one monitor connection opened
+/// before the timers. The volume's record is never changed, but an intent naming the
+/// overlay is committed (untimed) around each, so that a crash mid-bench is undone by
+/// recovery like an interrupted online snapshot, never leaving the guest writing into a file
+/// the record does not know.
+pub(super) fn bench(
+    l: &mut Locked,
+    qmp: &str,
+    given: Option<&str>,
+) -> Result<Vec<kiln_core::PrimitiveSample>> {
+    use std::time::Instant;
+    let active = l.path(&l.chain.active);
+    hypervisor::with_live_monitor(qmp, |q| {
+        let top = top_node(&q.block_nodes()?, &active, given).ok_or_else(|| {
+            Error::wrong_state(format!(
+                "the hypervisor at {qmp} has no block node on {}",
+                active.display()
+            ))
+        })?;
+        let mut samples = Vec::new();
+        for (name, timed_file) in [
+            (
+                "qemu-img create -b + blockdev-add + transaction (blockdev-snapshot) / \
+                 block-commit (active) + job-complete + blockdev-del + unlink",
+                true,
+            ),
+            (
+                "blockdev-add + transaction, overlay pre-created / the same delete",
+                false,
+            ),
+        ] {
+            let overlay = new_layer_name();
+            let node = overlay_node(&overlay);
+            l.chain.online = Some(OnlineSnapshot {
+                snapshot: format!("{BENCH_PREFIX}{}", uuid::Uuid::new_v4().hyphenated()),
+                overlay: overlay.clone(),
+                qmp: qmp.to_string(),
+                overlay_node: node.clone(),
+            });
+            l.commit()?;
+            let frozen = l.chain.active.clone();
+            let path = l.path(&overlay);
+            let sample = (|| {
+                if !timed_file {
+                    qemu::create_overlay(&l.dir, &frozen, &overlay)?;
+                }
+                let t = Instant::now();
+                if timed_file {
+                    qemu::create_overlay(&l.dir, &frozen, &overlay)?;
+                }
+                q.add_overlay(&node, &path)?;
+                q.snapshot_transaction(&[(top.clone(), node.clone())])?;
+                let create = t.elapsed();
+                let t = Instant::now();
+                commit_back(q, &node, &top)?;
+                std::fs::remove_file(&path)
+                    .map_err(|e| Error::io(format!("unlink {}", path.display()), e))?;
+                sys::fsync_dir(&l.dir)?;
+                Ok(kiln_core::PrimitiveSample {
+                    name: name.into(),
+                    create,
+                    delete: t.elapsed(),
+                })
+            })();
+            if sample.is_err() {
+                // Whatever state the hypervisor is in, recovery settles the intent next.
+                return sample.map(|s| vec![s]);
+            }
+            l.chain.online = None;
+            l.commit()?;
+            samples.push(sample?);
+        }
+        Ok(samples)
+    })
+}
+
+/// Merges the bench overlay node `node` back into `top` (an active commit, waited for),
+/// then removes the node.
+fn commit_back(q: &mut Qmp, node: &str, top: &str) -> Result<()> {
+    let job = format!(
+        "kiln-bench-{}",
+        &node[5..].chars().take(12).collect::<String>()
+    );
+    q.execute(
+        "block-commit",
+        Some(serde_json::json!({
+            "job-id": job, "device": node, "base-node": top, "auto-dismiss": false,
+        })),
+    )?;
+    let done = q.finish_job(&job, |_, _| {})?;
+    q.dismiss_job(&job)?;
+    if let Some(e) = done.error {
+        return Err(Error::backend(
+            "bench",
+            format!("commit job {job} failed: {e}"),
+        ));
+    }
+    q.delete_node(node)
+}
+
+/// Undoes a bench overlay a crash left (see [`bench`]): if the hypervisor put it on top, it
+/// is committed back into the disk and removed from the graph; then the file and the intent
+/// go. A gone hypervisor: the overlay's data (the guest's writes meanwhile) is committed
+/// back offline, which is what the hypervisor would have done.
+fn recover_bench(l: &mut Locked, o: &OnlineSnapshot) -> Result<()> {
+    let path = l.path(&o.overlay);
+    let active = l.path(&l.chain.active);
+    tracing::info!(volume = %l.chain.volume_id, overlay = %path.display(), "undoing an interrupted bench overlay");
+    hypervisor::with_monitor(&o.qmp, |m| match m {
+        Monitor::Up(mut q) => {
+            let nodes = q.block_nodes()?;
+            match nodes.iter().find(|n| n.node_name == o.overlay_node) {
+                Some(n) if n.backing_file.is_some() => {
+                    let top = top_node(&nodes, &active, None).ok_or_else(|| {
+                        Error::wrong_state(format!(
+                            "bench overlay {} is on top of a disk, but no node has {} open",
+                            path.display(),
+                            active.display()
+                        ))
+                    })?;
+                    commit_back(&mut q, &o.overlay_node, &top)
+                }
+                Some(_) => q.delete_node(&o.overlay_node),
+                None => Ok(()),
+            }
+        }
+        Monitor::Gone(_) => {
+            if sys::exists(&path)? && qemu::has_own_clusters(&l.dir, &o.overlay)? {
+                qemu::commit(&l.dir, &o.overlay, &l.chain.active)?;
+            }
+            Ok(())
+        }
+    })?;
+    l.chain.online = None;
+    l.commit()?;
+    sys::remove_if_exists(&path)?;
     Ok(())
 }
