@@ -471,3 +471,36 @@ fn bench_snapshot_of_an_attached_qcow2_volume_reports_kiln_and_the_bare_qmp_sequ
     let s3 = s(&st.k.json(&["snapshot", "create", &vid, "--force"]), "id");
     assert_eq!(st.cut_of(&s3), (last, BLOCKS as usize));
 }
+
+#[test]
+fn a_bench_killed_with_its_overlay_on_top_is_undone_at_the_next_start() {
+    let st = setup(1);
+    let vid = st.volumes[0].clone();
+    let vdir = st.k.qcow_dir().join(format!("volume-{vid}"));
+    let files = common::listing(&vdir);
+    let writer = Writer::start(&st.qsd.nbd_path(), &["d0"], BLOCKS);
+    writer.wait_for(1);
+    let out =
+        st.k.cmd(&["bench", "snapshot", "--volume", &vid, "--iterations", "1"])
+            .env("FAILPOINTS", "qcow2_online::bench_switched=return")
+            .output()
+            .unwrap();
+    assert!(!out.status.success(), "the bench was not killed");
+    // The guest wrote into the bench overlay meanwhile; the next start commits it back.
+    writer.wait_for(2);
+    st.k.json(&["volume", "show", &vid]);
+    let last = writer.stop();
+    let record = common::chain_record(&vdir);
+    assert!(record.get("online").is_none(), "{record}");
+    assert!(
+        st.k.json(&["snapshot", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(st.kiln_nodes().is_empty(), "{:?}", st.kiln_nodes());
+    assert_eq!(common::listing(&vdir), files, "the bench overlay is gone");
+    st.daemon_file(&vid);
+    let s1 = s(&st.k.json(&["snapshot", "create", &vid, "--force"]), "id");
+    assert_eq!(st.cut_of(&s1), (last, BLOCKS as usize), "no write was lost");
+}

@@ -654,7 +654,12 @@ pub(crate) fn lookup_volume(b: &Backend, v: &Volume) -> Result<Option<ProviderUp
 /// `active` only with the record, after the new overlay is durable). `NotFound` when the
 /// volume does not exist.
 pub(crate) fn active_layer(b: &Backend, v: &Volume) -> Result<PathBuf> {
-    let l = lock_as_is(&b.dir, &v.id)?.ok_or_else(|| Error::not_found("volume", v.id))?;
+    let mut l = lock_as_is(&b.dir, &v.id)?.ok_or_else(|| Error::not_found("volume", v.id))?;
+    if l.chain.online.is_some() {
+        // An online switch was interrupted: which file the hypervisor writes is exactly
+        // what is uncertain, so settle it (ask the monitor) before naming one.
+        online::recover(&mut l)?;
+    }
     Ok(l.path(&l.chain.active))
 }
 

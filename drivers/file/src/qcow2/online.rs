@@ -654,6 +654,7 @@ pub(super) fn bench(
                 q.add_overlay(&node, &path)?;
                 q.snapshot_transaction(&[(top.clone(), node.clone())])?;
                 let create = t.elapsed();
+                kiln_core::crash::crash_point("qcow2_online", "bench_switched");
                 let t = Instant::now();
                 commit_back(q, &node, &top)?;
                 std::fs::remove_file(&path)
