@@ -77,7 +77,9 @@ pub enum Command {
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Walk through kiln's main job on the configured default backend and print each step:
-    /// create a volume, write data, snapshot, overwrite, clone, revert, export, clean up.
+    /// create a volume, write data, snapshot, overwrite, snapshot it attached while a guest
+    /// writes (qcow2: through a qemu-storage-daemon standing in for the hypervisor), clone,
+    /// revert, export, clean up.
     Demo(DemoArgs),
     /// Internal: the freeze guard kiln starts for an instance snapshot (holds the guest
     /// agent, thaws on request, when kiln dies, or at the deadline). Not for direct use.

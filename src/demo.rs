@@ -6,6 +6,12 @@
 //! qcow2 image (the active layer, which moves with every snapshot and revert) is written with
 //! `qemu-io` and read with `qemu-img convert`, both started with an argv, never a shell.
 //!
+//! On qcow2, whose attached volumes only their hypervisor may switch to a new overlay, step 5
+//! starts a qemu-storage-daemon as a stand-in hypervisor (see [`crate::demo_hypervisor`]) and
+//! a guest writing through its NBD export, snapshots through its QMP monitor mid-write, and
+//! checks the snapshot holds one instant of the guest's writes; without the daemon the step
+//! says so and is skipped.
+//!
 //! Every sha256 is over the whole image (`size_bytes`, holes as zeros), the same measure
 //! `snapshot export` prints, so a volume's and a snapshot's sums compare directly. The demo
 //! checks what it shows: a snapshot that does not hold the volume's data at its instant, an
@@ -17,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use kiln_core::SnapshotReader;
 use kiln_core::service::Service;
 use kiln_core::{
     ConnectionInfo, CreateVolume, Error, ErrorKind, InstanceId, Result, SnapshotId, VolumeId,
@@ -382,7 +389,8 @@ pub async fn run(service: &Service, keep: bool) -> Result<()> {
     );
     let scratch = Scratch::new()?;
     let mut created = Vec::new();
-    let result = walk(service, &scratch.0, keep, &mut created).await;
+    let hypervisor = backend.capabilities.hypervisor_snapshot;
+    let result = walk(service, &scratch.0, keep, hypervisor, &mut created).await;
     if result.is_err() && !keep && !created.is_empty() {
         // Newest first: the clone before its origin. Best effort; the error is what matters.
         for id in created.iter().rev() {
@@ -398,6 +406,7 @@ async fn walk(
     service: &Service,
     scratch: &Path,
     keep: bool,
+    hypervisor: bool,
     created: &mut Vec<VolumeId>,
 ) -> Result<()> {
     let t = Instant::now();
@@ -499,44 +508,10 @@ async fn walk(
         )?;
     }
 
-    let instance = InstanceId::new();
-    service
-        .attach(vol.id, kiln_core::Attachment::new(instance, "/dev/vda"))
-        .await?;
-    let t = Instant::now();
-    let forced = service
-        .create_snapshot(vol.id, Some("while-running".into()), true)
-        .await;
-    let took = ms(t);
-    service.detach(vol.id).await?;
-    match forced {
-        Ok(s) => {
-            step(
-                5,
-                took,
-                format!(
-                    "attached to instance {instance} as /dev/vda; forced snapshot {} \
-                     \"while-running\" of the in-use volume; detached",
-                    s.id
-                ),
-            );
-            let sha = snapshot_sha(service, s.id, scratch, "snapshot while-running").await?;
-            if let Some(o) = &overwritten {
-                must(
-                    sha == *o,
-                    format!("forced snapshot {} does not hold the volume's data", s.id),
-                )?;
-            }
-        }
-        Err(e) if e.kind() == ErrorKind::Unsupported => step(
-            5,
-            took,
-            format!(
-                "attached to instance {instance} as /dev/vda; this backend refuses a forced \
-                 snapshot of an in-use volume ({e}); detached"
-            ),
-        ),
-        Err(e) => return Err(e),
+    if hypervisor {
+        hypervisor_step(service, scratch, vol.id).await?;
+    } else {
+        forced_step(service, scratch, vol.id, overwritten.as_deref()).await?;
     }
 
     let t = Instant::now();
@@ -604,4 +579,165 @@ async fn walk(
         );
     }
     Ok(())
+}
+
+/// Step 5 on a backend that snapshots an attached volume itself: attach, forced snapshot
+/// (or the backend's refusal), detach; the snapshot holds what the volume held.
+async fn forced_step(
+    service: &Service,
+    scratch: &Path,
+    vol: VolumeId,
+    overwritten: Option<&str>,
+) -> Result<()> {
+    let instance = InstanceId::new();
+    service
+        .attach(vol, kiln_core::Attachment::new(instance, "/dev/vda"))
+        .await?;
+    let t = Instant::now();
+    let forced = service
+        .create_snapshot(vol, Some("while-running".into()), true)
+        .await;
+    let took = ms(t);
+    service.detach(vol).await?;
+    match forced {
+        Ok(s) => {
+            step(
+                5,
+                took,
+                format!(
+                    "attached to instance {instance} as /dev/vda; forced snapshot {} \
+                     \"while-running\" of the in-use volume; detached",
+                    s.id
+                ),
+            );
+            let sha = snapshot_sha(service, s.id, scratch, "snapshot while-running").await?;
+            if let Some(o) = overwritten {
+                must(
+                    sha == o,
+                    format!("forced snapshot {} does not hold the volume's data", s.id),
+                )?;
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::Unsupported => step(
+            5,
+            took,
+            format!(
+                "attached to instance {instance} as /dev/vda; this backend refuses a forced \
+                 snapshot of an in-use volume ({e}); detached"
+            ),
+        ),
+        Err(e) => return Err(e),
+    }
+
+    Ok(())
+}
+
+/// Step 5 on a backend whose attached volumes only their hypervisor may snapshot (qcow2): a
+/// qemu-storage-daemon stands in for it, a guest writes through its NBD export, and the
+/// forced snapshot goes through its QMP monitor while the guest writes; the snapshot must
+/// show one instant of the guest's writes. Skipped (said so) without qemu-storage-daemon.
+async fn hypervisor_step(service: &Service, scratch: &Path, vol: VolumeId) -> Result<()> {
+    use crate::demo_hypervisor as hv;
+    let t = Instant::now();
+    if !hv::installed("qemu-storage-daemon") || !hv::installed("qemu-io") {
+        step(
+            5,
+            ms(t),
+            format!(
+                "skipped the forced snapshot of an attached qcow2 volume: it goes through the \
+                 hypervisor, and the stand-in hypervisor (qemu-storage-daemon, qemu-io) is not \
+                 installed (Debian package {QEMU_PACKAGE})"
+            ),
+        );
+        return Ok(());
+    }
+    let Ok(Image::Qcow2(active)) = image(service, vol).await? else {
+        return Err(Error::backend("demo", "the volume is not a qcow2 file"));
+    };
+    let dir = scratch.join("hypervisor");
+    let daemon = blocking({
+        let (dir, active) = (dir.clone(), active.clone());
+        move || hv::StandIn::start(&dir, &active)
+    })
+    .await?;
+    let instance = service
+        .create_instance(kiln_core::service::InstanceSpec {
+            name: Some("demo-vm".into()),
+            qmp: Some(daemon.qmp().to_string_lossy().into_owned()),
+            ..Default::default()
+        })
+        .await?;
+    service
+        .attach(vol, kiln_core::Attachment::new(instance.id, "/dev/vda"))
+        .await?;
+    let guest = daemon.start_guest()?;
+    // Let the guest get going: the snapshot lands in the middle of its writes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let forced = service
+        .create_snapshot(vol, Some("while-running".into()), true)
+        .await;
+    let took = ms(t);
+    let still_writing = matches!(guest_running(&guest), Some(true));
+    let guest_done = blocking(move || hv::wait_guest(guest)).await;
+    drop(daemon);
+    service.detach(vol).await?;
+    service.delete_instance(instance.id).await?;
+    let s = forced?;
+    guest_done?;
+    step(
+        5,
+        took,
+        format!(
+            "attached to instance {} as /dev/vda, served by a qemu-storage-daemon (the \
+             stand-in hypervisor) over NBD; forced snapshot {} \"while-running\" through its \
+             QMP monitor while a guest wrote {} generations of {} through it{}; detached",
+            instance.id,
+            s.id,
+            hv::GENERATIONS,
+            human(hv::BLOCK * hv::BLOCKS),
+            if still_writing {
+                " (still writing when the snapshot returned)"
+            } else {
+                ""
+            }
+        ),
+    );
+    let mut reader = service.open_snapshot_reader(s.id).await?;
+    let region = blocking(move || {
+        let mut buf = vec![0u8; (hv::BLOCK * hv::BLOCKS) as usize];
+        let mut off = 0;
+        while off < buf.len() {
+            let n = reader
+                .read_at(off as u64, &mut buf[off..])
+                .map_err(|e| Error::io("read the snapshot", e))?;
+            if n == 0 {
+                break;
+            }
+            off += n;
+        }
+        Ok(buf)
+    })
+    .await?;
+    match hv::cut_of(&region) {
+        Ok((g, k)) => println!(
+            "  snapshot {}: blocks 0..{k} hold generation {g}, blocks {k}..{} generation {}: \
+             one instant of the guest's writes",
+            s.id,
+            hv::BLOCKS,
+            g.saturating_sub(1)
+        ),
+        Err(why) => must(
+            false,
+            format!("snapshot {} is not point-in-time: {why}", s.id),
+        )?,
+    }
+    Ok(())
+}
+
+/// Whether the guest process is still running (`None`: cannot tell).
+fn guest_running(guest: &std::process::Child) -> Option<bool> {
+    // try_wait needs &mut; the pid's /proc entry answers without reaping.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", guest.id())).ok()?;
+    Some(stat.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
 }

@@ -7,6 +7,7 @@
 
 mod cli;
 mod demo;
+mod demo_hypervisor;
 mod export;
 mod instance_cmd;
 mod job;
