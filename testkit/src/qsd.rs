@@ -17,6 +17,19 @@ const LIMIT: Duration = Duration::from_secs(60);
 pub struct Qsd {
     dir: PathBuf,
     child: Option<Child>,
+    /// FUSE-exported disks (their mountpoints are unmounted on drop).
+    fuse: Vec<PathBuf>,
+}
+
+/// How the daemon exports its disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Export {
+    /// Over NBD on [`Qsd::nbd_path`], each disk as the export named like its node.
+    Nbd,
+    /// As a regular file (`<dir>/<node>.raw`, [`Qsd::fuse_file`]) through FUSE: a loop
+    /// device on it gives the host a block device that the daemon serves, so a guest
+    /// filesystem can live on the volume while the daemon has it open.
+    Fuse,
 }
 
 /// One disk the daemon serves: node `node` (with file child `<node>-file`) on the qcow2 file
@@ -32,8 +45,14 @@ impl Qsd {
     /// Starts a daemon with its sockets under `dir`, serving `disks`; returns once both
     /// monitors and the NBD server listen.
     pub fn start(dir: &Path, disks: &[Disk<'_>]) -> Qsd {
+        Qsd::start_with(dir, disks, Export::Nbd)
+    }
+
+    /// [`Qsd::start`] with the disks exported as `export` says.
+    pub fn start_with(dir: &Path, disks: &[Disk<'_>], export: Export) -> Qsd {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let mut cmd = Command::new("qemu-storage-daemon");
+        let mut fuse = Vec::new();
         for (id, sock) in [("kiln", "qmp.sock"), ("test", "test-qmp.sock")] {
             cmd.arg("--chardev").arg(format!(
                 "socket,id={id},path={},server=on,wait=off",
@@ -53,10 +72,24 @@ impl Qsd {
             ));
             cmd.arg("--blockdev")
                 .arg(format!("driver=qcow2,node-name={0},file={0}-file", d.node));
-            cmd.arg("--export").arg(format!(
-                "type=nbd,id=e-{0},node-name={0},name={0},writable=on",
-                d.node
-            ));
+            match export {
+                Export::Nbd => cmd.arg("--export").arg(format!(
+                    "type=nbd,id=e-{0},node-name={0},name={0},writable=on",
+                    d.node
+                )),
+                Export::Fuse => {
+                    let file = dir.join(format!("{}.raw", d.node));
+                    std::fs::File::create(&file)
+                        .unwrap_or_else(|e| panic!("create {}: {e}", file.display()));
+                    fuse.push(file.clone());
+                    cmd.arg("--export").arg(format!(
+                        "type=fuse,id=e-{},node-name={},mountpoint={},writable=on",
+                        d.node,
+                        d.node,
+                        file.display()
+                    ))
+                }
+            };
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -67,9 +100,14 @@ impl Qsd {
         let q = Qsd {
             dir: dir.to_path_buf(),
             child: Some(child),
+            fuse,
         };
         let t = Instant::now();
-        while !(q.qmp_path().exists() && q.test_qmp_path().exists() && q.nbd_path().exists()) {
+        while !(q.qmp_path().exists()
+            && q.test_qmp_path().exists()
+            && q.nbd_path().exists()
+            && q.fuse.iter().all(|f| is_mounted(f)))
+        {
             assert!(t.elapsed() < LIMIT, "qemu-storage-daemon did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -97,6 +135,11 @@ impl Qsd {
             .unwrap_or_else(|e| panic!("test monitor: {e}"))
     }
 
+    /// The regular file through which the FUSE export of node `node` shows the disk.
+    pub fn fuse_file(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.raw"))
+    }
+
     /// The daemon's PID.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
@@ -108,6 +151,10 @@ impl Qsd {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A killed daemon leaves its FUSE mounts behind ("transport endpoint not connected").
+        for f in self.fuse.drain(..) {
+            let _ = Command::new("umount").arg("-l").arg(&f).output();
+        }
     }
 }
 
@@ -115,4 +162,12 @@ impl Drop for Qsd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether `path` is a mountpoint (listed in /proc/self/mounts).
+fn is_mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&*path.to_string_lossy()))
+    })
 }
