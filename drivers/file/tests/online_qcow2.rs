@@ -394,3 +394,129 @@ async fn snapshots_of_an_attached_qcow2_volume_are_merged_by_the_hypervisor_whil
         .unwrap();
     assert!(report.findings.is_empty(), "{:?}", report.findings);
 }
+
+/// Someone cancels the hypervisor's merge job (`job-cancel` on another monitor) while kiln
+/// waits for it: the delete fails in one line, the snapshot stays with its image intact, the
+/// record keeps no half-done intent, and the chain checks out; deleting it again works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_job_cancelled_in_the_hypervisor_leaves_the_snapshot_and_a_consistent_chain() {
+    let env = Env::qcow2().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = &env.driver;
+    let mut v = common::volume(128 * MIB);
+    d.create_volume(&v).await.unwrap();
+    let active = d.active_image(&v).unwrap();
+    // 96 MiB of data in the base: streaming it into the child takes a while, and the test
+    // slows the job down further before cancelling it.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 7 0 96M"])
+        .arg(&active)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let qsd = Qsd::start(
+        &tmp.path().join("qsd"),
+        &[Disk {
+            node: "d0",
+            path: &active,
+        }],
+    );
+    v.status = VolumeStatus::InUse;
+    let mut att = Attachment::new(InstanceId::new(), "/dev/vdb");
+    att.qmp = Some(qsd.qmp_path().to_string_lossy().into_owned());
+    v.attachments = vec![att.clone()];
+    let (s1, s2) = (snapshot(&v), snapshot(&v));
+    d.create_snapshot_force(&s1, &v, &att).await.unwrap();
+    d.create_snapshot_force(&s2, &v, &att).await.unwrap();
+    let vdir = active.parent().unwrap().to_path_buf();
+    let record = std::fs::read(vdir.join("chain.json")).unwrap();
+    let images = (digest(&env, &s1).await, digest(&env, &s2).await);
+
+    // s1's file is the base; its child is s2's file, not the active one: a stream job.
+    let driver = d.clone();
+    let s1c = s1.clone();
+    let del = tokio::spawn(async move { driver.delete_snapshot(&s1c).await });
+    let mut mon = qsd.monitor();
+    let t = std::time::Instant::now();
+    let job = loop {
+        if let Some(j) = mon
+            .jobs()
+            .unwrap()
+            .into_iter()
+            .find(|j| j.id.starts_with("kiln-del-"))
+        {
+            break j;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the merge job never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    mon.execute(
+        "block-job-set-speed",
+        Some(serde_json::json!({"device": job.id, "speed": 1 << 20})),
+    )
+    .unwrap();
+    mon.execute("job-cancel", Some(serde_json::json!({"id": job.id})))
+        .unwrap();
+    let e = del
+        .await
+        .unwrap()
+        .expect_err("a cancelled merge reported success");
+    assert!(e.to_string().contains(&job.id), "{e}");
+    assert!(!e.to_string().contains('\n'), "{e}");
+    assert!(
+        d.lookup_snapshot(&s1).await.unwrap().is_some(),
+        "the snapshot stays"
+    );
+    assert_eq!(
+        std::fs::read(vdir.join("chain.json")).unwrap(),
+        record,
+        "the record is as it was"
+    );
+    assert!(
+        mon.jobs().unwrap().is_empty(),
+        "the cancelled job was left in the daemon"
+    );
+    drop(mon);
+    assert_eq!(
+        (digest(&env, &s1).await, digest(&env, &s2).await),
+        images,
+        "a snapshot's image changed"
+    );
+    // Again, uncancelled: merged, and the later snapshot (whose file took the data) shows
+    // what it showed.
+    d.delete_snapshot(&s1).await.unwrap();
+    assert_eq!(d.lookup_snapshot(&s1).await.unwrap(), None);
+    assert_eq!(digest(&env, &s2).await, images.1);
+    drop(qsd);
+    qemu_img_check_all(&vdir);
+}
+
+/// A digest (FNV-1a over 8-byte words) of a snapshot's whole image, read through the driver.
+async fn digest(env: &Env, s: &Snapshot) -> u64 {
+    let mut r = env.driver.open_snapshot_reader(s).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let size = r.size();
+        let mut buf = vec![0u8; 4 << 20];
+        let (mut off, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+        while off < size {
+            let n = r.read_at(off, &mut buf).unwrap();
+            assert!(n > 0, "short read at {off}");
+            for w in buf[..n].chunks(8) {
+                let mut word = [0u8; 8];
+                word[..w.len()].copy_from_slice(w);
+                h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x0100_0000_01b3);
+            }
+            off += n as u64;
+        }
+        h
+    })
+    .await
+    .unwrap()
+}
