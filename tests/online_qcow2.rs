@@ -11,9 +11,10 @@
 //! killed before QMP and after the transaction is repaired at the next start (the record
 //! matches what the daemon has open, no orphan overlay, no kiln node left half-added);
 //! `snapshot delete` of an attached volume's snapshot is merged by the daemon (a QMP block
-//! job) while the guest writes, also when kiln is killed before the job or after it
-//! concluded (the next start rolls it forward: no job left, the other snapshot unchanged,
-//! every flushed write kept); bad `--node` and `--qmp` input is refused with one line and
+//! job) while the guest writes, also when kiln is killed before the job, while it runs in
+//! the daemon, or after it concluded (the next start rolls it forward: no job left, the
+//! other snapshot unchanged, every flushed write kept); a bench killed with its overlay on
+//! top is committed back; bad `--node` and `--qmp` input is refused with one line and
 //! changes nothing.
 
 mod common;
@@ -503,4 +504,88 @@ fn a_bench_killed_with_its_overlay_on_top_is_undone_at_the_next_start() {
     st.daemon_file(&vid);
     let s1 = s(&st.k.json(&["snapshot", "create", &vid, "--force"]), "id");
     assert_eq!(st.cut_of(&s1), (last, BLOCKS as usize), "no write was lost");
+}
+
+#[test]
+fn kiln_killed_while_the_hypervisor_merges_is_finished_by_the_next_start() {
+    let st = setup(1);
+    let vid = st.volumes[0].clone();
+    let sid = s(&st.k.json(&["snapshot", "create", &vid, "--force"]), "id");
+    // 6 MiB the guest wrote into the active file since: what the active commit merges down.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(format!(
+            "nbd+unix:///d0?socket={}",
+            st.qsd.nbd_path().display()
+        ))
+        .args(["-c", "write -P 9 0 6M", "-c", "flush"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut kiln =
+        st.k.cmd(&["snapshot", "delete", &sid])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    // Kill kiln while its job runs in the daemon (slowed down so that it surely does).
+    let mut mon = st.qsd.monitor();
+    let t = std::time::Instant::now();
+    let job = loop {
+        if let Some(j) = mon
+            .jobs()
+            .unwrap()
+            .into_iter()
+            .find(|j| j.id.starts_with("kiln-del-"))
+        {
+            break j.id;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the merge job never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    mon.execute(
+        "block-job-set-speed",
+        Some(serde_json::json!({"device": job, "speed": 1 << 20})),
+    )
+    .unwrap();
+    kiln.kill().unwrap();
+    kiln.wait().unwrap();
+    let left = mon.jobs().unwrap();
+    assert!(
+        left.iter()
+            .any(|j| j.id == job && (j.status == "running" || j.status == "ready")),
+        "the job was not running when kiln died: {left:?}"
+    );
+    mon.execute(
+        "block-job-set-speed",
+        Some(serde_json::json!({"device": job, "speed": 0})),
+    )
+    .unwrap();
+    drop(mon);
+    // The next start waits for the job and records its outcome.
+    assert!(
+        st.k.json(&["snapshot", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let vdir = st.k.qcow_dir().join(format!("volume-{vid}"));
+    let record = common::chain_record(&vdir);
+    assert_eq!(record["files"].as_object().unwrap().len(), 1, "{record}");
+    st.daemon_file(&vid);
+    assert!(st.qsd.monitor().jobs().unwrap().is_empty());
+    let again = s(&st.k.json(&["snapshot", "create", &vid, "--force"]), "id");
+    let (img, _) = st.k.export(&again);
+    assert!(
+        img[..6 << 20].iter().all(|&b| b == 9),
+        "the guest's writes are in the volume"
+    );
+    st.k.json(&["volume", "check", &vid]);
 }
