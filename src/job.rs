@@ -292,7 +292,11 @@ impl Job {
                 emit(fmt, &s, || output::snapshot_table(&s));
             }
             Job::SnapshotDelete(id, flatten_dependents) => {
-                let action = service.delete_snapshot(id, flatten_dependents).await?;
+                let (p, pb) = crate::progress(fmt);
+                let action = service
+                    .delete_snapshot_with_progress(id, flatten_dependents, p)
+                    .await?;
+                pb.finish_and_clear();
                 deleted(fmt, "snapshot", &id.to_string(), action);
             }
             Job::SnapshotRevert(id) => {

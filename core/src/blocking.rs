@@ -62,6 +62,15 @@ pub trait BlockingDriver: Send + Sync + 'static {
     }
     /// See [`VolumeDriver::delete_snapshot`].
     fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction>;
+    /// See [`VolumeDriver::delete_snapshot_with_progress`].
+    fn delete_snapshot_with_progress(
+        &self,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<DeleteAction> {
+        let _ = progress;
+        self.delete_snapshot(s)
+    }
     /// See [`VolumeDriver::lookup_snapshot`].
     fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>>;
     /// See [`VolumeDriver::create_volume_from_snapshot`].
@@ -279,6 +288,18 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
         let s = s.clone();
         self.call("delete_snapshot", s.id.to_string(), move |d| {
             d.delete_snapshot(&s)
+        })
+        .await
+    }
+
+    async fn delete_snapshot_with_progress(
+        &self,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<DeleteAction> {
+        let s = s.clone();
+        self.call("delete_snapshot", s.id.to_string(), move |d| {
+            d.delete_snapshot_with_progress(&s, progress)
         })
         .await
     }

@@ -131,6 +131,18 @@ pub trait VolumeDriver: Send + Sync {
     /// error naming the dependents when backend clones still depend on it.
     async fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction>;
 
+    /// [`VolumeDriver::delete_snapshot`], reporting the bytes a merge copies to `progress`
+    /// (a backend whose delete merges data, e.g. a hypervisor's block job). The default
+    /// reports nothing.
+    async fn delete_snapshot_with_progress(
+        &self,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<DeleteAction> {
+        let _ = progress;
+        self.delete_snapshot(s).await
+    }
+
     /// The snapshot's backend location if its backend object exists, `None` if not (used by
     /// crash recovery, which must record the location of a snapshot the backend finished).
     async fn lookup_snapshot(&self, s: &Snapshot) -> Result<Option<ProviderUpdate>>;

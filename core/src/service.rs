@@ -402,7 +402,19 @@ impl Service {
         id: SnapshotId,
         flatten_dependents: bool,
     ) -> Result<DeleteAction> {
-        ops::delete_snapshot::run(&self.ctx, id, flatten_dependents).await
+        self.delete_snapshot_with_progress(id, flatten_dependents, crate::progress::no_progress())
+            .await
+    }
+
+    /// [`Service::delete_snapshot`], reporting the bytes a merge copies (a qcow2 snapshot of
+    /// an attached volume is merged by the hypervisor's block job) to `progress`.
+    pub async fn delete_snapshot_with_progress(
+        &self,
+        id: SnapshotId,
+        flatten_dependents: bool,
+        progress: ProgressHandle,
+    ) -> Result<DeleteAction> {
+        ops::delete_snapshot::run(&self.ctx, id, flatten_dependents, progress).await
     }
 
     /// Reverts the snapshot's volume to it. Works for any snapshot of the volume (not only

@@ -13,6 +13,7 @@ use super::{Before, Ctx, conflict_error, flatten, refused};
 use crate::driver::VolumeDriver;
 use crate::error::{Error, ErrorKind, Result};
 use crate::locks::LockKey;
+use crate::progress::ProgressHandle;
 use crate::store::{NewOp, Operation, Step};
 use crate::types::{DeleteAction, Snapshot, SnapshotId, SnapshotStatus};
 
@@ -30,6 +31,7 @@ pub(crate) async fn run(
     ctx: &Ctx,
     id: SnapshotId,
     flatten_dependents: bool,
+    progress: ProgressHandle,
 ) -> Result<DeleteAction> {
     let s = ctx.snapshot(id).await?;
     let driver = ctx.driver(&s.backend).await?;
@@ -43,7 +45,7 @@ pub(crate) async fn run(
     );
     let _locks = ctx.lock(keys).await?;
     let s = ctx.snapshot(id).await?;
-    run_locked(ctx, &driver, s, flatten_dependents).await
+    run_locked(ctx, &driver, s, flatten_dependents, progress).await
 }
 
 /// The delete, for a caller that holds the snapshot's volume lock (and its clones' when
@@ -53,6 +55,7 @@ pub(crate) async fn run_locked(
     driver: &Arc<dyn VolumeDriver>,
     s: Snapshot,
     flatten_dependents: bool,
+    progress: ProgressHandle,
 ) -> Result<DeleteAction> {
     let id = s.id;
     let op = ctx
@@ -89,10 +92,13 @@ pub(crate) async fn run_locked(
         .await?;
     let result = ctx
         .drive(KIND, async {
-            match driver.delete_snapshot(&s).await {
+            match driver
+                .delete_snapshot_with_progress(&s, progress.clone())
+                .await
+            {
                 Err(e) if flatten_dependents && e.kind() == ErrorKind::Busy => {
                     flatten::dependents_of(ctx, driver, &s).await?;
-                    driver.delete_snapshot(&s).await
+                    driver.delete_snapshot_with_progress(&s, progress).await
                 }
                 r => r,
             }

@@ -46,7 +46,8 @@ pub(crate) async fn run(ctx: &Ctx, id: VolumeId, cascade: bool) -> Result<Delete
         )
         .await?;
         for s in ctx.store.snapshots(Some(id)).await? {
-            delete_snapshot::run_locked(ctx, &driver, s, false).await?;
+            delete_snapshot::run_locked(ctx, &driver, s, false, crate::progress::no_progress())
+                .await?;
         }
     }
     let v = ctx.volume(id).await?;

@@ -67,7 +67,7 @@ pub(crate) async fn run(ctx: &Ctx, id: ImageId, keep_snapshots: bool) -> Result<
     .await?;
     let mut deleted = Vec::new();
     for sid in &img.snapshots {
-        match delete_snapshot::run(ctx, *sid, false).await {
+        match delete_snapshot::run(ctx, *sid, false, crate::progress::no_progress()).await {
             Ok(_) => deleted.push(*sid),
             Err(e) if e.kind() == ErrorKind::NotFound => deleted.push(*sid),
             Err(e) => {

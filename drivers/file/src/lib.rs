@@ -463,8 +463,18 @@ impl BlockingDriver for FileBackend {
     }
 
     fn delete_snapshot(&self, s: &Snapshot) -> Result<DeleteAction> {
+        self.delete_snapshot_with_progress(s, kiln_core::no_progress())
+    }
+
+    /// qcow2: a snapshot of a volume the hypervisor has open is merged by its block job,
+    /// whose progress (bytes) goes to `progress`.
+    fn delete_snapshot_with_progress(
+        &self,
+        s: &Snapshot,
+        progress: ProgressHandle,
+    ) -> Result<DeleteAction> {
         match self.mode {
-            Mode::Qcow2 => qcow2::delete_snapshot(self, s),
+            Mode::Qcow2 => qcow2::delete_snapshot(self, s, progress),
             _ => raw::delete_snapshot(self, s),
         }
     }

@@ -13,6 +13,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{Env, MIB, listing, snapshot};
@@ -347,8 +349,18 @@ async fn snapshots_of_an_attached_qcow2_volume_are_merged_by_the_hypervisor_whil
     }
     let files_before = listing(&a.dir).len();
     writer.wait_for(6);
-    // The newest snapshot: its child is the active file (active commit).
-    env.driver.delete_snapshot(&snaps[3]).await.unwrap();
+    // The newest snapshot: its child is the active file (active commit), its progress
+    // (the job's bytes) reported.
+    let counter = Arc::new(Counter::default());
+    env.driver
+        .delete_snapshot_with_progress(&snaps[3], counter.clone())
+        .await
+        .unwrap();
+    let (total, done) = (
+        counter.total.load(Ordering::SeqCst),
+        counter.done.load(Ordering::SeqCst),
+    );
+    assert!(total > 0 && done == total, "progress {done} of {total}");
     let active = env.driver.active_image(&a.v).unwrap();
     assert!(
         daemon_top(&qsd, &active).is_some(),
@@ -519,4 +531,20 @@ async fn digest(env: &Env, s: &Snapshot) -> u64 {
     })
     .await
     .unwrap()
+}
+
+/// A progress handle that remembers what it was told.
+#[derive(Default)]
+struct Counter {
+    total: AtomicU64,
+    done: AtomicU64,
+}
+
+impl kiln_core::Progress for Counter {
+    fn set_total(&self, bytes: u64) {
+        self.total.store(bytes, Ordering::SeqCst);
+    }
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::SeqCst);
+    }
 }

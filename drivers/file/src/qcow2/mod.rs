@@ -247,7 +247,7 @@ impl Locked {
                 .is_some_and(|e| e.online_delete.is_some());
             if online {
                 // The hypervisor's job: wait for it (or run it again); never abandoned here.
-                online::resume_delete(self, &id, false)?;
+                online::resume_delete(self, &id, false, &kiln_core::no_progress())?;
                 continue;
             }
             if let Err(e) = self.delete_snapshot(&id) {
@@ -765,7 +765,11 @@ pub(crate) use online::{Member as OnlineMember, create_snapshots as create_onlin
 /// Removes a snapshot and merges its file away (see [`Locked::delete_snapshot`]).
 /// `AlreadyGone` if neither the record nor the volume held it when this call started
 /// (`Deleted` when this call's recovery finished an interrupted delete of it).
-pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<DeleteAction> {
+pub(crate) fn delete_snapshot(
+    b: &Backend,
+    s: &Snapshot,
+    progress: ProgressHandle,
+) -> Result<DeleteAction> {
     let Some(mut l) = lock_as_is(&b.dir, &s.volume_id)? else {
         return Ok(DeleteAction::AlreadyGone); // the whole volume is gone, so is the snapshot
     };
@@ -775,7 +779,7 @@ pub(crate) fn delete_snapshot(b: &Backend, s: &Snapshot) -> Result<DeleteAction>
     if l.chain.snapshots.contains_key(&id)
         && let Some(qmp) = online::serving_monitor(&l)?
     {
-        online::delete_snapshot(&mut l, &id, &qmp)?;
+        online::delete_snapshot(&mut l, &id, &qmp, &progress)?;
     } else {
         l.delete_snapshot(&id)?;
     }

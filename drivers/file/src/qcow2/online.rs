@@ -394,7 +394,12 @@ fn delete_job_id(id: &str) -> String {
 /// usual case: the newest snapshot); otherwise `block-stream` of `F` into `C`, which is then
 /// backed by `F`'s parent (costs `F`'s data). The intent, with the job's id, is recorded
 /// first; the record changes again only once the job concluded.
-pub(super) fn delete_snapshot(l: &mut Locked, id: &str, qmp: &str) -> Result<()> {
+pub(super) fn delete_snapshot(
+    l: &mut Locked,
+    id: &str,
+    qmp: &str,
+    progress: &kiln_core::ProgressHandle,
+) -> Result<()> {
     let Some(entry) = l.chain.snapshots.get(id).cloned() else {
         return Ok(());
     };
@@ -430,7 +435,7 @@ pub(super) fn delete_snapshot(l: &mut Locked, id: &str, qmp: &str) -> Result<()>
         return Err(e);
     }
     kiln_core::crash::crash_point("qcow2_online", "before_job");
-    resume_delete(l, id, true)
+    resume_delete(l, id, true, progress)
 }
 
 /// What became of an online delete.
@@ -446,7 +451,12 @@ enum Ran {
 /// then records the outcome. `fresh`: this call recorded the intent (a failed stream may
 /// then be abandoned with the snapshot kept). Also what recovery calls for an online delete
 /// a crash interrupted.
-pub(super) fn resume_delete(l: &mut Locked, id: &str, fresh: bool) -> Result<()> {
+pub(super) fn resume_delete(
+    l: &mut Locked,
+    id: &str,
+    fresh: bool,
+    progress: &kiln_core::ProgressHandle,
+) -> Result<()> {
     let Some(od) = l
         .chain
         .snapshots
@@ -457,7 +467,9 @@ pub(super) fn resume_delete(l: &mut Locked, id: &str, fresh: bool) -> Result<()>
     };
     let ran = hypervisor::with_monitor(&od.qmp.clone(), |m| match m {
         Monitor::Gone(_) => Ok(Ran::Offline),
-        Monitor::Up(mut q) => run_delete_job(l, &mut q, id, &od, fresh).map(|()| Ran::Settled),
+        Monitor::Up(mut q) => {
+            run_delete_job(l, &mut q, id, &od, fresh, progress).map(|()| Ran::Settled)
+        }
     })?;
     match ran {
         Ran::Settled => Ok(()),
@@ -482,6 +494,7 @@ fn run_delete_job(
     id: &str,
     od: &OnlineDelete,
     fresh: bool,
+    progress: &kiln_core::ProgressHandle,
 ) -> Result<()> {
     let file = l
         .chain
@@ -539,8 +552,16 @@ fn run_delete_job(
         q.execute(cmd, Some(args))?;
     }
     let vol = l.chain.volume_id.clone();
-    let mut next_log = 0u64;
+    let (mut next_log, mut reported, mut known_total) = (0u64, 0u64, 0u64);
     let job = q.finish_job(&od.job, |done, total| {
+        if total != known_total {
+            progress.set_total(total);
+            known_total = total;
+        }
+        if done > reported {
+            progress.advance(done - reported);
+            reported = done;
+        }
         let pct = done.saturating_mul(100).checked_div(total).unwrap_or(0);
         if pct >= next_log {
             tracing::info!(volume = %vol, job = %od.job, done, total, "merge {pct}% done");
