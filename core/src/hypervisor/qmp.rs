@@ -22,6 +22,9 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 
+/// How long a job may stay paused before [`Qmp::finish_job`] gives up on it.
+const PAUSED_LIMIT: Duration = Duration::from_secs(60);
+
 /// Longest line accepted (`query-named-block-nodes` of a deep chain is a few hundred KiB).
 const MAX_LINE: usize = 16 << 20;
 
@@ -113,8 +116,16 @@ impl Qmp {
         // A peer that starts with anything but a JSON object is no monitor: say so at once
         // rather than wait for a line that may never end (an NBD server's greeting has no
         // newline).
-        if let Ok(buf) = q.reader.fill_buf()
-            && let Some(&first) = buf.first()
+        let buf = q.reader.fill_buf().map_err(|e| {
+            unavailable(
+                path,
+                format!(
+                    "no QMP greeting ({e}); the socket is not a QMP monitor, or another client \
+                     is connected to it (a monitor serves one client at a time)"
+                ),
+            )
+        })?;
+        if let Some(&first) = buf.first()
             && first != b'{'
         {
             let shown: String = String::from_utf8_lossy(&buf[..buf.len().min(16)])
@@ -207,6 +218,7 @@ impl Qmp {
         self.writer
             .write_all(line.as_bytes())
             .map_err(|e| unavailable(&self.path, format!("{command}: {e}")))?;
+        tracing::trace!(monitor = %self.path, command = %line.trim_end(), "QMP command sent");
         loop {
             let reply = self.read_line()?;
             if reply.get("event").is_some() {
@@ -326,17 +338,36 @@ impl Qmp {
     /// outcome first, then calls [`Qmp::dismiss_job`], so that a crash in between still finds
     /// the job's verdict. A job the monitor does not know is `NotFound`.
     pub fn finish_job(&mut self, id: &str, mut progress: impl FnMut(u64, u64)) -> Result<Job> {
+        let mut paused_since: Option<Instant> = None;
+        // job-complete once: the job may still show `ready` right after it.
+        let mut completing = false;
         loop {
             let Some(job) = self.jobs()?.into_iter().find(|j| j.id == id) else {
                 return Err(Error::not_found("hypervisor job", id));
             };
             progress(job.current, job.total);
             match job.status.as_str() {
-                "ready" => {
+                "ready" if !completing => {
                     self.execute("job-complete", Some(json!({ "id": id })))?;
+                    completing = true;
                 }
                 "concluded" => return Ok(job),
-                _ => {}
+                // Paused (briefly while a node drains; for good when someone paused it or it
+                // stopped on an I/O error): a job paused for long would never end by itself.
+                "paused" | "standby" => {
+                    let since = *paused_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > PAUSED_LIMIT {
+                        return Err(unavailable(
+                            &self.path,
+                            format!(
+                                "job {id} has been {} for {PAUSED_LIMIT:?} (paused by someone, \
+                                 or stopped on an I/O error)",
+                                job.status
+                            ),
+                        ));
+                    }
+                }
+                _ => paused_since = None,
             }
             self.take_events();
             self.pump_events(Duration::from_millis(50))?;

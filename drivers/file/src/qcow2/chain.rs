@@ -194,6 +194,20 @@ impl Chain {
             if !self.files.contains_key(&s.file) {
                 return Err(format!("snapshot {id} names unknown file {}", s.file));
             }
+            if let Some(od) = &s.online_delete {
+                let child_of_file = self
+                    .files
+                    .get(&od.child)
+                    .is_some_and(|l| l.backing.as_deref() == Some(s.file.as_str()));
+                if !s.deleting || !child_of_file || !matches!(od.mode.as_str(), "commit" | "stream")
+                {
+                    return Err(format!(
+                        "snapshot {id}: online_delete {od:?} is not a pending delete's merge \
+                         of a child of {}",
+                        s.file
+                    ));
+                }
+            }
             if let Some(c) = &s.commit_child {
                 let child_of_file = self
                     .files

@@ -247,7 +247,7 @@ impl Locked {
                 .is_some_and(|e| e.online_delete.is_some());
             if online {
                 // The hypervisor's job: wait for it (or run it again); never abandoned here.
-                online::resume_delete(self, &id, false, &kiln_core::no_progress())?;
+                online::resume_delete(self, &id, &kiln_core::no_progress())?;
                 continue;
             }
             if let Err(e) = self.delete_snapshot(&id) {

@@ -66,15 +66,18 @@ fn copy_err(e: &Error) -> Error {
 }
 
 /// Snapshots every member (all attached through the monitor at `qmp`) at one instant: one
-/// QMP transaction. All or nothing: on any failure every member gets the error and nothing
-/// changed — no overlay file, no node, the records as they were.
+/// QMP transaction. All or nothing up to the transaction: when QEMU refuses, every member
+/// gets the error and nothing changed — no overlay file, no node, the records as they were;
+/// when the monitor does not answer, every member gets the error and its intent stays for
+/// recovery to settle with the monitor. After the transaction each member's record is
+/// committed on its own, and reports its own result.
 pub(crate) fn create_snapshots(
     b: &Backend,
     qmp: &str,
     members: &[Member<'_>],
 ) -> Vec<Result<ProviderUpdate>> {
     match create_all(b, qmp, members) {
-        Ok(updates) => updates.into_iter().map(Ok).collect(),
+        Ok(results) => results,
         Err(e) => members.iter().map(|_| Err(copy_err(&e))).collect(),
     }
 }
@@ -89,9 +92,15 @@ struct Switching {
     top: String,
     /// Already recorded (a re-run of a snapshot that was taken).
     done: Option<ProviderUpdate>,
+    /// The member's outcome once the transaction ran.
+    result: Option<Result<ProviderUpdate>>,
 }
 
-fn create_all(b: &Backend, qmp: &str, members: &[Member<'_>]) -> Result<Vec<ProviderUpdate>> {
+fn create_all(
+    b: &Backend,
+    qmp: &str,
+    members: &[Member<'_>],
+) -> Result<Vec<Result<ProviderUpdate>>> {
     for (s, v, _) in members {
         if s.volume_id != v.id {
             return Err(Error::invalid(
@@ -129,6 +138,7 @@ fn create_all(b: &Backend, qmp: &str, members: &[Member<'_>]) -> Result<Vec<Prov
             overlay,
             top: String::new(),
             done,
+            result: None,
             locked: l,
         });
     }
@@ -137,7 +147,14 @@ fn create_all(b: &Backend, qmp: &str, members: &[Member<'_>]) -> Result<Vec<Prov
         return Err(Error::backend("online snapshot", "a member was not locked"));
     }
     hypervisor::with_live_monitor(qmp, |q| switch(q, qmp, members, &mut sw))?;
-    Ok(sw.into_iter().map(|m| m.done.unwrap_or_default()).collect())
+    Ok(sw
+        .into_iter()
+        .map(|m| match (m.done, m.result) {
+            (Some(done), _) => Ok(done),
+            (None, Some(r)) => r,
+            (None, None) => Err(Error::backend("online snapshot", "member not taken")),
+        })
+        .collect())
 }
 
 /// With the monitor held: find each disk's top node, create and record the overlays, open
@@ -190,6 +207,7 @@ fn switch(q: &mut Qmp, qmp: &str, members: &[Member<'_>], sw: &mut [Switching]) 
             }
         }
     }
+    kiln_core::crash::crash_point("qcow2_online", "after_add");
     if failure.is_none() {
         let pairs: Vec<(String, String)> = prepared
             .iter()
@@ -200,13 +218,23 @@ fn switch(q: &mut Qmp, qmp: &str, members: &[Member<'_>], sw: &mut [Switching]) 
         }
     }
     if let Some(e) = failure {
-        // Nothing switched (a transaction is all or nothing): take back what was added.
+        if hypervisor::is_unreachable(&e) {
+            // No answer: QEMU may still have added the node or switched (a busy disk can
+            // take longer to drain than the wait). Every intent stays, so whoever locks the
+            // volume next asks the monitor: never unlink an overlay the guest may write.
+            return Err(e);
+        }
+        // QEMU refused (or nothing reached it): a transaction is all or nothing, so nothing
+        // switched. Take back what was added; an overlay whose node cannot be removed keeps
+        // its intent (recovery asks again), the others go.
+        let mut keep = vec![false; sw.len()];
         for &i in &added {
             if let Err(d) = q.delete_node(&sw[i].node) {
-                tracing::warn!(node = %sw[i].node, error = %d, "cannot remove the overlay node kiln added");
+                tracing::warn!(node = %sw[i].node, error = %d, "cannot remove the overlay node kiln added; recovery settles it");
+                keep[i] = true;
             }
         }
-        for &i in &prepared {
+        for &i in prepared.iter().filter(|&&i| !keep[i]) {
             if let Err(d) = abandon(&mut sw[i].locked) {
                 tracing::warn!(volume = %sw[i].locked.chain.volume_id, error = %d, "cannot remove an unused overlay; the next operation on the volume retries");
             }
@@ -214,10 +242,11 @@ fn switch(q: &mut Qmp, qmp: &str, members: &[Member<'_>], sw: &mut [Switching]) 
         return Err(e);
     }
     kiln_core::crash::crash_point("qcow2_online", "after_transaction");
+    // Every member switched; each record is its own commit (one may fail alone, then only
+    // that member reports it, and recovery records it from the monitor later).
     for &i in &prepared {
         let m = &mut sw[i];
-        switched(&mut m.locked)?;
-        m.done = Some(location(&m.locked.path(&m.frozen)));
+        m.result = Some(switched(&mut m.locked).map(|()| location(&m.locked.path(&m.frozen))));
     }
     Ok(())
 }
@@ -297,7 +326,7 @@ pub(super) fn recover(l: &mut Locked) -> Result<()> {
         return recover_bench(l, &o);
     }
     let verdict = hypervisor::with_monitor(&o.qmp, |m| match m {
-        Monitor::Up(mut q) => {
+        Monitor::Up(q) => {
             let nodes = q.block_nodes()?;
             let Some(node) = nodes.iter().find(|n| n.node_name == o.overlay_node) else {
                 return Ok(Verdict::NotSwitched);
@@ -327,6 +356,20 @@ pub(super) fn recover(l: &mut Locked) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
+    if matches!(verdict, Verdict::HypervisorGone) && qemu::is_held(&l.dir, &l.chain.active)? {
+        // The socket is gone but something holds the volume's files (a removed socket does
+        // not prove a dead daemon): deciding now could unlink a file in use.
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "volume {}: an online snapshot was interrupted; its hypervisor's monitor {} \
+                 is gone but another process holds {}; retry when it answers or lets go",
+                l.chain.volume_id,
+                o.qmp,
+                frozen_path.display()
+            ),
+        ));
+    }
     let keep = match verdict {
         Verdict::Switched => true,
         // Never created: nothing was switched to it.
@@ -373,7 +416,7 @@ pub(super) fn serving_monitor(l: &Locked) -> Result<Option<String>> {
     let active = l.path(&l.chain.active);
     hypervisor::with_monitor(&qmp, |m| match m {
         Monitor::Gone(_) => Ok(None),
-        Monitor::Up(mut q) => Ok(top_node(&q.block_nodes()?, &active, None).map(|_| qmp.clone())),
+        Monitor::Up(q) => Ok(top_node(&q.block_nodes()?, &active, None).map(|_| qmp.clone())),
     })
 }
 
@@ -387,13 +430,44 @@ fn delete_job_id(id: &str) -> String {
     format!("kiln-del-{hex}")
 }
 
+/// The block nodes a merge of snapshot file `file` into (or from) its one child `child`
+/// needs: the child's, the file's, and in stream mode the file's parent's (when it has one).
+struct MergeNodes {
+    child: String,
+    file: String,
+    parent: Option<String>,
+}
+
+/// Finds the [`MergeNodes`] in the hypervisor's graph; `None` when it does not have those
+/// layers open.
+fn merge_nodes(
+    l: &Locked,
+    nodes: &[BlockNode],
+    child: &str,
+    file: &str,
+    parent: Option<&str>,
+    stream: bool,
+) -> Option<MergeNodes> {
+    let node_of = |f: &str| top_node(nodes, &l.path(f), None);
+    let parent = match (stream, parent) {
+        (true, Some(p)) => Some(node_of(p)?),
+        _ => None,
+    };
+    Some(MergeNodes {
+        child: node_of(child)?,
+        file: node_of(file)?,
+        parent,
+    })
+}
+
 /// Deletes snapshot `id` of a volume whose chain the hypervisor at `qmp` has open, by a QMP
 /// block job: the snapshot's file `F` must have exactly one child `C` (the hypervisor's
 /// chain; branches are merged offline, after a detach). `C` the active file → active
 /// `block-commit` of `C` into `F`, which becomes the active file (costs `C`'s data, the
 /// usual case: the newest snapshot); otherwise `block-stream` of `F` into `C`, which is then
-/// backed by `F`'s parent (costs `F`'s data). The intent, with the job's id, is recorded
-/// first; the record changes again only once the job concluded.
+/// backed by `F`'s parent (costs `F`'s data). Nothing is recorded until the hypervisor is
+/// known to have every layer open; then the intent, with the job's id, is recorded first,
+/// and the record changes again only once the job concluded and the graph shows its result.
 pub(super) fn delete_snapshot(
     l: &mut Locked,
     id: &str,
@@ -413,18 +487,38 @@ pub(super) fn delete_snapshot(
             children.len()
         )));
     };
-    let mode = if *child == l.chain.active {
-        "commit"
-    } else {
-        "stream"
-    };
+    let stream = *child != l.chain.active;
+    let parent = l
+        .chain
+        .files
+        .get(&entry.file)
+        .and_then(|x| x.backing.clone());
+    hypervisor::with_live_monitor(qmp, |q| {
+        merge_nodes(
+            l,
+            &q.block_nodes()?,
+            child,
+            &entry.file,
+            parent.as_deref(),
+            stream,
+        )
+        .map(drop)
+        .ok_or_else(|| {
+            Error::wrong_state(format!(
+                "snapshot {id} of volume {} cannot be merged by the hypervisor at {qmp}: \
+                     it does not have the snapshot's layers open (a branch from an earlier \
+                     revert?); detach the volume first",
+                l.chain.volume_id
+            ))
+        })
+    })?;
     if let Some(e) = l.chain.snapshots.get_mut(id) {
         e.deleting = true;
         e.commit_child = None;
         e.online_delete = Some(OnlineDelete {
             qmp: qmp.to_string(),
             job: delete_job_id(id),
-            mode: mode.to_string(),
+            mode: if stream { "stream" } else { "commit" }.to_string(),
             child: child.clone(),
         });
     }
@@ -435,26 +529,25 @@ pub(super) fn delete_snapshot(
         return Err(e);
     }
     kiln_core::crash::crash_point("qcow2_online", "before_job");
-    resume_delete(l, id, true, progress)
+    resume_delete(l, id, progress)
 }
 
 /// What became of an online delete.
 enum Ran {
-    /// Settled in the record (done, or abandoned with the snapshot kept).
+    /// Settled in the record (done, or given up with the snapshot kept).
     Settled,
-    /// The hypervisor is gone: the files are kiln's again, the offline merge finishes it.
+    /// The hypervisor no longer has the layers open (it is gone, or does not serve them):
+    /// the files are kiln's again, and the offline merge finishes it.
     Offline,
 }
 
 /// Drives the recorded online delete of snapshot `id` to its end: waits for its job, or
-/// starts it when the monitor does not know it (never started, or the hypervisor restarted),
-/// then records the outcome. `fresh`: this call recorded the intent (a failed stream may
-/// then be abandoned with the snapshot kept). Also what recovery calls for an online delete
-/// a crash interrupted.
+/// starts it when the monitor does not know it (never started, or the hypervisor
+/// restarted), then records the outcome. Also what recovery calls for an online delete a
+/// crash interrupted.
 pub(super) fn resume_delete(
     l: &mut Locked,
     id: &str,
-    fresh: bool,
     progress: &kiln_core::ProgressHandle,
 ) -> Result<()> {
     let Some(od) = l
@@ -467,14 +560,28 @@ pub(super) fn resume_delete(
     };
     let ran = hypervisor::with_monitor(&od.qmp.clone(), |m| match m {
         Monitor::Gone(_) => Ok(Ran::Offline),
-        Monitor::Up(mut q) => {
-            run_delete_job(l, &mut q, id, &od, fresh, progress).map(|()| Ran::Settled)
-        }
+        Monitor::Up(q) => run_delete_job(l, q, id, &od, progress),
     })?;
     match ran {
         Ran::Settled => Ok(()),
         Ran::Offline => {
-            tracing::info!(volume = %l.chain.volume_id, snapshot = %id, "the hypervisor is gone; finishing the snapshot delete offline");
+            // Nothing may have the files open before kiln writes them: a socket that is gone
+            // does not prove its daemon is (qemu's image locks do).
+            let active = l.chain.active.clone();
+            if qemu::is_held(&l.dir, &active)? {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "volume {}: the merge of snapshot {id} cannot be finished: its \
+                         hypervisor's monitor {} does not serve it, but another process holds \
+                         {}",
+                        l.chain.volume_id,
+                        od.qmp,
+                        l.path(&active).display()
+                    ),
+                ));
+            }
+            tracing::info!(volume = %l.chain.volume_id, snapshot = %id, "the hypervisor does not have the volume open; finishing the snapshot delete offline");
             if let Some(e) = l.chain.snapshots.get_mut(id) {
                 e.online_delete = None;
                 // Commit mode may have written C's clusters into F already: only the
@@ -488,14 +595,37 @@ pub(super) fn resume_delete(
     }
 }
 
+/// Forgets a recorded online delete whose job never ran, or a stream (which never changes
+/// what a file shows): the snapshot stays as it was.
+fn give_up(l: &mut Locked, id: &str) -> Result<()> {
+    if let Some(e) = l.chain.snapshots.get_mut(id) {
+        e.deleting = false;
+        e.online_delete = None;
+    }
+    l.commit()
+}
+
+/// Whether the hypervisor's graph shows child node `child` backed by `parent` (a layer name;
+/// `None`: by nothing) — the result of a finished stream.
+fn stream_done(nodes: &[BlockNode], child: &str, parent: Option<&String>) -> bool {
+    let name = |b: &str| {
+        Path::new(b)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+    };
+    nodes
+        .iter()
+        .find(|x| x.node_name == child)
+        .is_some_and(|x| x.backing_file.as_deref().and_then(name).as_ref() == parent)
+}
+
 fn run_delete_job(
     l: &mut Locked,
     q: &mut Qmp,
     id: &str,
     od: &OnlineDelete,
-    fresh: bool,
     progress: &kiln_core::ProgressHandle,
-) -> Result<()> {
+) -> Result<Ran> {
     let file = l
         .chain
         .snapshots
@@ -503,108 +633,159 @@ fn run_delete_job(
         .map(|e| e.file.clone())
         .unwrap_or_default();
     let parent = l.chain.files.get(&file).and_then(|x| x.backing.clone());
+    let stream = od.mode == "stream";
+    // QEMU 10.0 drops the monitor connection when `query-named-block-nodes` runs while a
+    // concluded stream job waits to be dismissed (reproduced with qemu-storage-daemon
+    // 10.0.2). A stream's result is in the graph anyway, so its job is dismissed before the
+    // graph is read; a commit's job is kept until the record is settled.
+    let found = q.jobs()?.into_iter().find(|j| j.id == od.job);
+    if stream && found.as_ref().is_some_and(|j| j.status == "concluded") {
+        q.dismiss_job(&od.job)?;
+    }
     let nodes = q.block_nodes()?;
-    let node_of = |f: &str| top_node(&nodes, &l.path(f), None);
-    if !q.jobs()?.iter().any(|j| j.id == od.job) {
-        let child_node = node_of(&od.child);
-        let file_node = node_of(&file);
-        let (Some(child_node), Some(file_node)) = (child_node, file_node) else {
-            return Err(Error::wrong_state(format!(
-                "volume {}: the hypervisor at {} does not have {} and {} open as block nodes, \
-                 so it cannot merge snapshot {id}",
-                l.chain.volume_id,
-                od.qmp,
-                l.path(&od.child).display(),
-                l.path(&file).display()
-            )));
-        };
-        let args = if od.mode == "commit" {
-            serde_json::json!({
-                "job-id": od.job, "device": child_node, "base-node": file_node,
-                "auto-dismiss": false,
-            })
+    let Some(n) = merge_nodes(l, &nodes, &od.child, &file, parent.as_deref(), stream) else {
+        return Ok(Ran::Offline);
+    };
+    if found.is_none() {
+        // Not started, or its result only lacks the record: a stream shows in the graph; a
+        // commit that switched (and whose job someone else dismissed) leaves the old active
+        // node used by nothing.
+        let done = if stream {
+            stream_done(&nodes, &n.child, parent.as_ref())
         } else {
+            q.delete_node(&n.child).is_ok()
+        };
+        if done {
+            return settle(l, q, id, od, &file, parent, &n).map(|()| Ran::Settled);
+        }
+        let args = if stream {
             let mut a = serde_json::json!({
-                "job-id": od.job, "device": child_node, "auto-dismiss": false,
+                "job-id": od.job, "device": n.child, "auto-dismiss": false,
             });
-            if let Some(p) = &parent {
-                let pn = node_of(p).ok_or_else(|| {
-                    Error::wrong_state(format!(
-                        "volume {}: the hypervisor at {} does not have {} open",
-                        l.chain.volume_id,
-                        od.qmp,
-                        l.path(p).display()
-                    ))
-                })?;
-                a["base-node"] = pn.into();
+            if let (Some(pn), Some(p)) = (&n.parent, &parent) {
+                a["base-node"] = pn.clone().into();
                 // The child's header names its new backing file as kiln records it
                 // (relative), not as the hypervisor opened it.
                 a["backing-file"] = p.clone().into();
             }
             a
-        };
-        let cmd = if od.mode == "commit" {
-            "block-commit"
         } else {
+            serde_json::json!({
+                "job-id": od.job, "device": n.child, "base-node": n.file,
+                "auto-dismiss": false,
+            })
+        };
+        let cmd = if stream {
             "block-stream"
+        } else {
+            "block-commit"
         };
         tracing::info!(volume = %l.chain.volume_id, snapshot = %id, job = %od.job, cmd, "merging a snapshot of an attached volume in the hypervisor");
-        q.execute(cmd, Some(args))?;
-    }
-    let vol = l.chain.volume_id.clone();
-    let (mut next_log, mut reported, mut known_total) = (0u64, 0u64, 0u64);
-    let job = q.finish_job(&od.job, |done, total| {
-        if total != known_total {
-            progress.set_total(total);
-            known_total = total;
-        }
-        if done > reported {
-            progress.advance(done - reported);
-            reported = done;
-        }
-        let pct = done.saturating_mul(100).checked_div(total).unwrap_or(0);
-        if pct >= next_log {
-            tracing::info!(volume = %vol, job = %od.job, done, total, "merge {pct}% done");
-            next_log = pct + 25;
-        }
-    })?;
-    kiln_core::crash::crash_point("qcow2_online", "after_job");
-    if let Some(err) = job.error {
-        let e = Error::backend(
-            "delete snapshot",
-            format!("the hypervisor's {} job {} failed: {err}", od.mode, od.job),
-        );
-        if od.mode == "stream" && fresh {
-            // A stream never changes what a file shows: the snapshot is intact, keep it.
-            if let Some(en) = l.chain.snapshots.get_mut(id) {
-                en.deleting = false;
-                en.online_delete = None;
+        if let Err(e) = q.execute(cmd, Some(args)) {
+            if !hypervisor::is_unreachable(&e) {
+                // Refused: the job never ran, no file changed.
+                give_up(l, id)?;
             }
-            l.commit()?;
+            return Err(e);
         }
-        let _ = q.dismiss_job(&od.job);
-        return Err(e);
     }
-    // Settle the record, then let go of what the hypervisor no longer needs.
-    let gone = if od.mode == "commit" {
-        l.chain.active = file.clone();
+    let job = match found {
+        Some(j) if j.status == "concluded" => j,
+        _ => {
+            let vol = l.chain.volume_id.clone();
+            let (mut next_log, mut reported, mut known_total) = (0u64, 0u64, 0u64);
+            let j = q.finish_job(&od.job, |done, total| {
+                if total != known_total {
+                    progress.set_total(total);
+                    known_total = total;
+                }
+                if done > reported {
+                    progress.advance(done - reported);
+                    reported = done;
+                }
+                let pct = done.saturating_mul(100).checked_div(total).unwrap_or(0);
+                if pct >= next_log {
+                    tracing::info!(volume = %vol, job = %od.job, done, total, "merge {pct}% done");
+                    next_log = pct + 25;
+                }
+            })?;
+            kiln_core::crash::crash_point("qcow2_online", "after_job");
+            if stream {
+                q.dismiss_job(&od.job)?;
+            }
+            j
+        }
+    };
+    let failed = |why: String| {
+        Error::backend(
+            "delete snapshot",
+            format!("the hypervisor's {} job {}: {why}", od.mode, od.job),
+        )
+    };
+    if let Some(err) = job.error {
+        if stream {
+            // A stream never changes what a file shows: the snapshot is intact, keep it.
+            give_up(l, id)?;
+        } else {
+            // A failed commit may have written part of the child into the snapshot's file:
+            // the intent stays and the next operation on the volume runs the job again.
+            let _ = q.dismiss_job(&od.job);
+        }
+        return Err(failed(format!("failed: {err}")));
+    }
+    // Concluded without an error is not proof of the switch: a commit cancelled at `ready`
+    // (block-job-cancel without force) ends that way too. The graph decides.
+    let switched = if stream {
+        stream_done(&q.block_nodes()?, &n.child, parent.as_ref())
+    } else {
+        // The old active node is free (no parent uses it) only once the hypervisor switched.
+        q.delete_node(&n.child).is_ok()
+    };
+    if !switched {
+        if stream {
+            give_up(l, id)?;
+        } else {
+            let _ = q.dismiss_job(&od.job);
+        }
+        return Err(failed(
+            "ended without switching the disk over (cancelled?); the snapshot stays, and a \
+             commit's merge is run again by the next operation on the volume"
+                .into(),
+        ));
+    }
+    settle(l, q, id, od, &file, parent, &n)?;
+    Ok(Ran::Settled)
+}
+
+/// Records a merge the hypervisor finished, then lets go of what it no longer needs: the
+/// job, the merged layer's kiln node, its file.
+fn settle(
+    l: &mut Locked,
+    q: &mut Qmp,
+    id: &str,
+    od: &OnlineDelete,
+    file: &str,
+    parent: Option<String>,
+    n: &MergeNodes,
+) -> Result<()> {
+    let (gone, gone_node) = if od.mode == "commit" {
+        l.chain.active = file.to_string();
         l.chain.files.remove(&od.child);
-        od.child.clone()
+        (od.child.clone(), None)
     } else {
         if let Some(layer) = l.chain.files.get_mut(&od.child) {
             layer.backing = parent;
         }
-        l.chain.files.remove(&file);
-        file.clone()
+        l.chain.files.remove(file);
+        (file.to_string(), Some(n.file.clone()))
     };
     l.chain.snapshots.remove(id);
     l.commit()?;
     let _ = q.dismiss_job(&od.job);
-    if let Some(n) = top_node(&q.block_nodes()?, &l.path(&gone), None)
-        && n.starts_with("kiln-")
-        && let Err(e) = q.delete_node(&n)
+    if let Some(node) = gone_node.filter(|n| n.starts_with("kiln-"))
+        && let Err(e) = q.delete_node(&node)
     {
-        tracing::warn!(node = %n, error = %e, "cannot remove the merged layer's node");
+        tracing::warn!(node = %node, error = %e, "cannot remove the merged layer's node");
     }
     sys::remove_if_exists(&l.path(&gone))?;
     sys::fsync_dir(&l.dir)?;
@@ -699,63 +880,99 @@ pub(super) fn bench(
     })
 }
 
+/// The job id of the bench's merge of overlay node `node` back into the disk.
+fn bench_job_id(node: &str) -> String {
+    format!(
+        "kiln-bench-{}",
+        node.trim_start_matches("kiln-")
+            .chars()
+            .take(12)
+            .collect::<String>()
+    )
+}
+
 /// Merges the bench overlay node `node` back into `top` (an active commit, waited for),
 /// then removes the node.
 fn commit_back(q: &mut Qmp, node: &str, top: &str) -> Result<()> {
-    let job = format!(
-        "kiln-bench-{}",
-        &node[5..].chars().take(12).collect::<String>()
-    );
+    let job = bench_job_id(node);
     q.execute(
         "block-commit",
         Some(serde_json::json!({
             "job-id": job, "device": node, "base-node": top, "auto-dismiss": false,
         })),
     )?;
-    let done = q.finish_job(&job, |_, _| {})?;
-    q.dismiss_job(&job)?;
+    finish_commit_back(q, node, &job)
+}
+
+/// Waits for the bench's merge job `job` of `node`, then removes the node — which only
+/// succeeds once the hypervisor switched back (the node is then used by nothing).
+fn finish_commit_back(q: &mut Qmp, node: &str, job: &str) -> Result<()> {
+    let done = q.finish_job(job, |_, _| {})?;
+    q.dismiss_job(job)?;
     if let Some(e) = done.error {
         return Err(Error::backend(
             "bench",
-            format!("commit job {job} failed: {e}"),
+            format!("merge job {job} failed: {e}"),
         ));
     }
     q.delete_node(node)
 }
 
-/// Undoes a bench overlay a crash left (see [`bench`]): if the hypervisor put it on top, it
-/// is committed back into the disk and removed from the graph; then the file and the intent
-/// go. A gone hypervisor: the overlay's data (the guest's writes meanwhile) is committed
-/// back offline, which is what the hypervisor would have done.
+/// Undoes a bench overlay a crash left (see [`bench`]): a merge job of it still in the
+/// hypervisor is finished; an overlay node still in use (on top of the disk) is merged back;
+/// then the file and the intent go. The overlay is never recorded as a snapshot. When the
+/// hypervisor is gone and the overlay holds data of its own, kiln cannot tell whether the
+/// merge back had finished (the disk's writes since would be overwritten by merging again):
+/// the intent stays and the error says so.
 fn recover_bench(l: &mut Locked, o: &OnlineSnapshot) -> Result<()> {
     let path = l.path(&o.overlay);
     let active = l.path(&l.chain.active);
     tracing::info!(volume = %l.chain.volume_id, overlay = %path.display(), "undoing an interrupted bench overlay");
-    hypervisor::with_monitor(&o.qmp, |m| match m {
-        Monitor::Up(mut q) => {
+    let job = bench_job_id(&o.overlay_node);
+    let up = hypervisor::with_monitor(&o.qmp, |m| match m {
+        Monitor::Up(q) => {
+            if q.jobs()?.iter().any(|j| j.id == job) {
+                finish_commit_back(q, &o.overlay_node, &job)?;
+                return Ok(true);
+            }
             let nodes = q.block_nodes()?;
-            match nodes.iter().find(|n| n.node_name == o.overlay_node) {
-                Some(n) if n.backing_file.is_some() => {
-                    let top = top_node(&nodes, &active, None).ok_or_else(|| {
-                        Error::wrong_state(format!(
-                            "bench overlay {} is on top of a disk, but no node has {} open",
-                            path.display(),
-                            active.display()
-                        ))
-                    })?;
-                    commit_back(&mut q, &o.overlay_node, &top)
-                }
-                Some(_) => q.delete_node(&o.overlay_node),
-                None => Ok(()),
+            if nodes.iter().any(|n| n.node_name == o.overlay_node)
+                && q.delete_node(&o.overlay_node).is_err()
+            {
+                // In use: it is on top of the disk. Merge it back.
+                let top = top_node(&nodes, &active, None).ok_or_else(|| {
+                    Error::wrong_state(format!(
+                        "bench overlay {} is on top of a disk, but no node has {} open",
+                        path.display(),
+                        active.display()
+                    ))
+                })?;
+                commit_back(q, &o.overlay_node, &top)?;
             }
+            Ok(true)
         }
-        Monitor::Gone(_) => {
-            if sys::exists(&path)? && qemu::has_own_clusters(&l.dir, &o.overlay)? {
-                qemu::commit(&l.dir, &o.overlay, &l.chain.active)?;
-            }
-            Ok(())
-        }
+        Monitor::Gone(_) => Ok(false),
     })?;
+    if !up && sys::exists(&path)? {
+        let held = qemu::is_held(&l.dir, &l.chain.active)?;
+        if held || qemu::has_own_clusters(&l.dir, &o.overlay)? {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "volume {}: a bench overlay {} was left by a crash and its hypervisor's \
+                     monitor {} is gone; {} — start the hypervisor again so kiln can ask it",
+                    l.chain.volume_id,
+                    path.display(),
+                    o.qmp,
+                    if held {
+                        "another process still holds the volume's files"
+                    } else {
+                        "the overlay holds writes and kiln cannot tell whether they were merged back"
+                    }
+                ),
+            ));
+        }
+    }
     l.chain.online = None;
     l.commit()?;
     sys::remove_if_exists(&path)?;

@@ -295,6 +295,21 @@ struct MapEntry {
     depth: u64,
 }
 
+/// Whether another process (a hypervisor) holds `file` open, by qemu's own image locks:
+/// `qemu-img info` without `-U` is refused then. Asked before kiln writes files that a
+/// hypervisor whose monitor is gone might still have open.
+pub(crate) fn is_held(cwd: &Path, file: &str) -> Result<bool> {
+    match run(
+        "qemu-img info",
+        cwd,
+        argv!["info", "--output=json", "-f", "qcow2", file],
+    ) {
+        Ok(_) => Ok(false),
+        Err(e) if is_lock_refusal(&e) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the qcow2 `file` allocates anything itself (data or zero clusters of its own, as
 /// opposed to what its backing chain shows): `qemu-img map --output=json`, entries of depth
 /// 0 that are data or explicit zeroes. Only for a file no process has open (its own
