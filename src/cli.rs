@@ -399,6 +399,16 @@ pub enum SnapshotCmd {
         #[arg(long, short, value_name = "FILE|-")]
         output: String,
     },
+    /// Write the snapshot as a Ceph incremental diff stream ("rbd diff v1", what `rbd
+    /// export-diff` writes and `rbd import-diff` applies): a full stream of its data, on
+    /// any backend; prints the stream's sha256.
+    Diff {
+        /// Snapshot id (UUID).
+        snapshot_id: String,
+        /// Output file (must not exist) or - for stdout.
+        #[arg(long, short, value_name = "FILE|-")]
+        output: String,
+    },
 }
 
 /// `kiln bench ...`

@@ -35,6 +35,7 @@ pub enum Job {
     SnapshotRevert(SnapshotId),
     SnapshotTree(VolumeId),
     SnapshotExport(SnapshotId, String),
+    SnapshotDiff(SnapshotId, String),
     SnapshotReset(SnapshotId, SnapshotStatus, Option<String>),
     SnapshotHistory(SnapshotId),
     Bench(BenchTarget, usize),
@@ -142,6 +143,10 @@ impl Job {
                     }
                     Job::SnapshotExport(id(&snapshot_id)?, output)
                 }
+                SnapshotCmd::Diff {
+                    snapshot_id,
+                    output,
+                } => Job::SnapshotDiff(id(&snapshot_id)?, output),
                 SnapshotCmd::ResetState {
                     id: i,
                     state,
@@ -325,6 +330,29 @@ impl Job {
                             summary.output,
                             output::human(summary.size_bytes),
                             output::human(summary.data_bytes_written),
+                            summary.sha256
+                        )
+                    });
+                }
+            }
+            Job::SnapshotDiff(id, out) => {
+                let summary = crate::diff(service, id, &out, fmt).await?;
+                if out == "-" {
+                    // stdout carries the stream: the summary goes to stderr.
+                    eprintln!(
+                        "wrote the diff stream of snapshot {} ({} bytes) sha256 {}",
+                        summary.snapshot_id, summary.stream_bytes, summary.sha256
+                    );
+                } else {
+                    emit(fmt, &summary, || {
+                        format!(
+                            "wrote snapshot {} as an rbd diff v1 stream to {}: {} image, {} of \
+                             data, {} stream\nsha256 {}",
+                            summary.snapshot_id,
+                            summary.output,
+                            output::human(summary.size_bytes),
+                            output::human(summary.data_bytes),
+                            output::human(summary.stream_bytes),
                             summary.sha256
                         )
                     });

@@ -146,6 +146,56 @@ async fn open(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Re
     })
 }
 
+/// Writes a snapshot's `rbd diff v1` stream (see [`export::copy_diff`]) to `out` (a new
+/// file, or "-" for stdout); on failure a partially written file is removed.
+pub async fn diff(
+    service: &Service,
+    id: kiln_core::SnapshotId,
+    out: &str,
+    fmt: Format,
+) -> Result<export::DiffSummary> {
+    let mut reader = service.open_snapshot_reader(id).await?;
+    let file = if out == "-" {
+        None
+    } else {
+        Some(std::fs::File::create_new(out).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::invalid(
+                "output",
+                format!("{out:?} exists; kiln never overwrites an output file"),
+            ),
+            _ => Error::io(format!("create {out:?}"), e),
+        })?)
+    };
+    let size = kiln_core::SnapshotReader::size(&reader);
+    let pb = export::progress_bar(size, fmt == Format::Json);
+    let (to, path) = (id.to_string(), PathBuf::from(out));
+    let result = tokio::task::spawn_blocking(move || match file {
+        Some(f) => {
+            let r = export::copy_diff(&mut reader, &f, &to, &pb).and_then(|r| {
+                f.sync_all()
+                    .map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
+                Ok(r)
+            });
+            if r.is_err() {
+                let _ = std::fs::remove_file(&path);
+            }
+            r
+        }
+        None => export::copy_diff(&mut reader, std::io::stdout().lock(), &to, &pb),
+    })
+    .await
+    .map_err(|e| Error::backend("diff", format!("diff task failed: {e}")))?;
+    let (data_bytes, stream_bytes, sha256) = result?;
+    Ok(export::DiffSummary {
+        snapshot_id: id.to_string(),
+        output: out.to_string(),
+        size_bytes: size,
+        data_bytes,
+        stream_bytes,
+        sha256,
+    })
+}
+
 /// Exports a snapshot; on failure a partially written output file is removed.
 pub async fn export(
     service: &Service,

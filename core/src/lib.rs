@@ -9,6 +9,7 @@ pub mod backends;
 pub mod bench;
 pub mod blocking;
 pub mod crash;
+pub mod diff_stream;
 pub mod driver;
 pub mod error;
 pub mod hypervisor;
