@@ -146,6 +146,17 @@ async fn open(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Re
     })
 }
 
+/// Creates the output file `out`, which must not exist: kiln never overwrites one.
+fn create_output(out: &str) -> Result<std::fs::File> {
+    std::fs::File::create_new(out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Error::invalid(
+            "output",
+            format!("{out:?} exists; kiln never overwrites an output file"),
+        ),
+        _ => Error::io(format!("create {out:?}"), e),
+    })
+}
+
 /// Writes a snapshot's `rbd diff v1` stream (see [`export::copy_diff`]) to `out` (a new
 /// file, or "-" for stdout); on failure a partially written file is removed.
 pub async fn diff(
@@ -158,13 +169,7 @@ pub async fn diff(
     let file = if out == "-" {
         None
     } else {
-        Some(std::fs::File::create_new(out).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::invalid(
-                "output",
-                format!("{out:?} exists; kiln never overwrites an output file"),
-            ),
-            _ => Error::io(format!("create {out:?}"), e),
-        })?)
+        Some(create_output(out)?)
     };
     let size = kiln_core::SnapshotReader::size(&reader);
     let pb = export::progress_bar(size, fmt == Format::Json);
@@ -207,15 +212,7 @@ pub async fn export(
     let mut sink = if out == "-" {
         export::Sink::Stdout
     } else {
-        let path = PathBuf::from(out);
-        let f = std::fs::File::create_new(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::invalid(
-                "output",
-                format!("{out:?} exists; kiln never overwrites an export"),
-            ),
-            _ => Error::io(format!("create {out:?}"), e),
-        })?;
-        export::Sink::File(f, path)
+        export::Sink::File(create_output(out)?, PathBuf::from(out))
     };
     let size = kiln_core::SnapshotReader::size(&reader);
     let pb = export::progress_bar(size, fmt == Format::Json);
