@@ -539,27 +539,7 @@ fn kiln_killed_while_the_hypervisor_merges_is_finished_by_the_next_start() {
             .unwrap();
     // Kill kiln while its job runs in the daemon (slowed down so that it surely does).
     let mut mon = st.qsd.monitor();
-    let t = std::time::Instant::now();
-    let job = loop {
-        if let Some(j) = mon
-            .jobs()
-            .unwrap()
-            .into_iter()
-            .find(|j| j.id.starts_with("kiln-del-"))
-        {
-            break j.id;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the merge job never started"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    mon.execute(
-        "block-job-set-speed",
-        Some(serde_json::json!({"device": job, "speed": 1 << 20})),
-    )
-    .unwrap();
+    let job = kiln_testkit::qsd::slow_down_job(&mut mon, "kiln-del-", 1 << 20);
     kiln.kill().unwrap();
     kiln.wait().unwrap();
     let left = mon.jobs().unwrap();

@@ -171,3 +171,28 @@ fn is_mounted(path: &Path) -> bool {
             .any(|l| l.split_whitespace().nth(1) == Some(&*path.to_string_lossy()))
     })
 }
+
+/// Waits (bounded) on monitor connection `mon` (the test's, see [`Qsd::monitor`]) for a job
+/// whose id starts with `prefix`, and limits its speed to `bytes_per_sec`, so that the test
+/// can act while it surely still runs (cancel it, kill kiln). Returns the job's id.
+pub fn slow_down_job(mon: &mut Qmp, prefix: &str, bytes_per_sec: u64) -> String {
+    let t = Instant::now();
+    let id = loop {
+        if let Some(j) = mon
+            .jobs()
+            .unwrap_or_else(|e| panic!("query-jobs: {e}"))
+            .into_iter()
+            .find(|j| j.id.starts_with(prefix))
+        {
+            break j.id;
+        }
+        assert!(t.elapsed() < LIMIT, "no job {prefix}* started");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    mon.execute(
+        "block-job-set-speed",
+        Some(serde_json::json!({"device": id, "speed": bytes_per_sec})),
+    )
+    .unwrap_or_else(|e| panic!("block-job-set-speed: {e}"));
+    id
+}

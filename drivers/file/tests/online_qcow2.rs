@@ -453,34 +453,14 @@ async fn a_merge_job_cancelled_in_the_hypervisor_leaves_the_snapshot_and_a_consi
     let s1c = s1.clone();
     let del = tokio::spawn(async move { driver.delete_snapshot(&s1c).await });
     let mut mon = qsd.monitor();
-    let t = std::time::Instant::now();
-    let job = loop {
-        if let Some(j) = mon
-            .jobs()
-            .unwrap()
-            .into_iter()
-            .find(|j| j.id.starts_with("kiln-del-"))
-        {
-            break j;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the merge job never started"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    mon.execute(
-        "block-job-set-speed",
-        Some(serde_json::json!({"device": job.id, "speed": 1 << 20})),
-    )
-    .unwrap();
-    mon.execute("job-cancel", Some(serde_json::json!({"id": job.id})))
+    let job = kiln_testkit::qsd::slow_down_job(&mut mon, "kiln-del-", 1 << 20);
+    mon.execute("job-cancel", Some(serde_json::json!({"id": job})))
         .unwrap();
     let e = del
         .await
         .unwrap()
         .expect_err("a cancelled merge reported success");
-    assert!(e.to_string().contains(&job.id), "{e}");
+    assert!(e.to_string().contains(&job), "{e}");
     assert!(!e.to_string().contains('\n'), "{e}");
     assert!(
         d.lookup_snapshot(&s1).await.unwrap().is_some(),

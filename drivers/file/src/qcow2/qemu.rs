@@ -316,27 +316,27 @@ pub(crate) fn is_held(cwd: &Path, file: &str) -> Result<bool> {
 /// metadata on disk is then current); `-U` because its backing file may be a running
 /// hypervisor's active, write-locked image, of which only the size is read.
 pub(crate) fn has_own_clusters(cwd: &Path, file: &str) -> Result<bool> {
+    Ok(map(cwd, file)?
+        .iter()
+        .any(|m| m.depth == 0 && (m.data || m.zero)))
+}
+
+/// `qemu-img map -U --output=json -f qcow2 <file>` in `cwd`, parsed.
+fn map(cwd: &Path, file: impl AsRef<std::ffi::OsStr>) -> Result<Vec<MapEntry>> {
     let out = run(
         "qemu-img map",
         cwd,
-        argv!["map", "-U", "--output=json", "-f", "qcow2", file],
+        argv!["map", "-U", "--output=json", "-f", "qcow2", file.as_ref()],
     )?;
-    let entries: Vec<MapEntry> = serde_json::from_slice(&out)
-        .map_err(|e| Error::backend("qemu-img map", format!("unexpected output: {e}")))?;
-    Ok(entries.iter().any(|m| m.depth == 0 && (m.data || m.zero)))
+    serde_json::from_slice(&out)
+        .map_err(|e| Error::backend("qemu-img map", format!("unexpected output: {e}")))
 }
 
 /// Ranges of the image `file` (through its whole backing chain) that may hold non-zero data,
 /// from `qemu-img map -U --output=json`: entries with `data: true` or `zero: false`. Sorted
 /// and merged. `file` is a frozen snapshot file; `-U` as for [`convert`].
 pub(crate) fn data_extents(cwd: &Path, file: &Path) -> Result<Vec<Extent>> {
-    let out = run(
-        "qemu-img map",
-        cwd,
-        argv!["map", "-U", "--output=json", "-f", "qcow2", file],
-    )?;
-    let entries: Vec<MapEntry> = serde_json::from_slice(&out)
-        .map_err(|e| Error::backend("qemu-img map", format!("unexpected output: {e}")))?;
+    let entries = map(cwd, file)?;
     let mut ex: Vec<Extent> = Vec::new();
     for m in entries.into_iter().filter(|m| m.data || !m.zero) {
         match ex.last_mut() {
