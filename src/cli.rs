@@ -73,6 +73,10 @@ pub enum Command {
     /// list, show, delete, restore (boot) them.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Back volumes up to a target outside their backend (full or incremental, one stream
+    /// format for every backend), verify, restore onto any backend, delete.
+    #[command(subcommand)]
+    Backup(BackupCmd),
     /// Measure kiln against the backend's raw primitive.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -102,6 +106,69 @@ pub struct AgentGuardArgs {
     /// Longest wait for one agent answer (ms).
     #[arg(long)]
     pub timeout_ms: u64,
+}
+
+/// `kiln backup ...`
+#[derive(Debug, Subcommand)]
+pub enum BackupCmd {
+    /// Back up a volume: the data of one of its snapshots as Ceph's diff stream, in chunks
+    /// with a manifest of SHA-256 sums, written so that a backup is whole or absent. Without
+    /// --snapshot a snapshot is taken first (forced when the volume is in use) and kept as
+    /// the base of the next incremental.
+    Create {
+        /// Volume id (UUID).
+        volume_id: String,
+        /// Back up this snapshot of the volume instead of taking one.
+        #[arg(long, value_name = "SNAPSHOT")]
+        snapshot: Option<String>,
+        /// Where: dir:PATH (an existing writable directory).
+        #[arg(long, value_name = "TARGET")]
+        target: String,
+        /// Only what changed since the latest backup of the volume on the same target
+        /// (read from the backend's change tracking where it has one).
+        #[arg(long)]
+        incremental: bool,
+        /// A label.
+        #[arg(long, value_name = "LABEL")]
+        name: Option<String>,
+    },
+    /// List backups (of one volume), oldest first.
+    List {
+        /// Only backups of this volume.
+        #[arg(long, value_name = "VOLUME")]
+        volume: Option<String>,
+    },
+    /// Show a backup.
+    Show {
+        /// Backup id (UUID).
+        id: String,
+    },
+    /// Delete a backup from its target; refused while an incremental builds on it.
+    Delete {
+        /// Backup id (UUID).
+        id: String,
+    },
+    /// Read a backup back whole: every chunk against its SHA-256 and the stream's records.
+    /// A damaged backup fails naming the chunk.
+    Verify {
+        /// Backup id (UUID).
+        id: String,
+    },
+    /// Restore a backup (its full backup and every incremental up to it) into a new volume
+    /// on any backend (the default backend unless --backend), or over an existing detached
+    /// volume of its size; prints the volume. A restore into a new volume that fails leaves
+    /// no volume; over an existing one the chain is checked first, and a failure after the
+    /// first write leaves the volume `error` with the reason.
+    Restore {
+        /// Backup id (UUID).
+        id: String,
+        /// Overwrite this volume (detached, same size).
+        #[arg(long, value_name = "VOLUME", conflicts_with = "backend")]
+        volume: Option<String>,
+        /// Create the new volume on this backend.
+        #[arg(long, value_name = "NAME")]
+        backend: Option<String>,
+    },
 }
 
 /// `kiln instance ...`
@@ -279,6 +346,20 @@ pub enum VolumeCmd {
         /// Volume id (UUID).
         id: String,
     },
+    /// Apply a Ceph incremental diff stream ("rbd diff v1" or what `kiln snapshot diff` and
+    /// `rbd export-diff` write) onto a detached volume of the stream's size, as `rbd
+    /// import-diff` applies one onto an image: a stream that starts from a snapshot needs
+    /// the volume to have a snapshot of that name or id, and the snapshot the stream leads
+    /// to is taken afterwards under its name. A file is checked whole before the first write
+    /// (a bad stream changes nothing); a stream that fails part-way leaves the volume
+    /// `error` with the reason.
+    ImportDiff {
+        /// Volume id (UUID).
+        id: String,
+        /// Stream file, or - for stdin.
+        #[arg(long, short, value_name = "FILE|-")]
+        input: String,
+    },
     /// Make a volume cloned from a snapshot independent of it (copies shared data).
     Flatten {
         /// Volume id (UUID).
@@ -290,7 +371,8 @@ pub enum VolumeCmd {
     ResetState {
         /// Volume id (UUID).
         id: String,
-        /// New status: creating, available, in-use, deleting, error, error_deleting, reverting.
+        /// New status: creating, available, in-use, deleting, error, error_deleting, reverting,
+        /// restoring-backup.
         #[arg(long, value_name = "STATUS")]
         state: String,
         /// Why (kept in the history) [default: "reset by an administrator"].
@@ -400,11 +482,17 @@ pub enum SnapshotCmd {
         output: String,
     },
     /// Write the snapshot as a Ceph incremental diff stream ("rbd diff v1", what `rbd
-    /// export-diff` writes and `rbd import-diff` applies): a full stream of its data, on
-    /// any backend; prints the stream's sha256.
+    /// export-diff` writes and `rbd import-diff` applies), on any backend: its whole data,
+    /// or with --from only what changed since an older snapshot of the same volume (found
+    /// from the backend's own tracking where it has one: see `backend list`'s diff);
+    /// prints the stream's sha256 and how many bytes were read.
     Diff {
         /// Snapshot id (UUID).
         snapshot_id: String,
+        /// An older snapshot of the same volume: write only the changes since it (the
+        /// stream names it, so `rbd import-diff` checks the target has it).
+        #[arg(long, value_name = "SNAPSHOT")]
+        from: Option<String>,
         /// Output file (must not exist) or - for stdout.
         #[arg(long, short, value_name = "FILE|-")]
         output: String,

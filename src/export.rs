@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_core::delta::read_full;
 use kiln_core::{Error, Result, SnapshotReader};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -52,28 +53,6 @@ pub fn progress_bar(total: u64, hidden: bool) -> ProgressBar {
     pb
 }
 
-fn read_full(reader: &mut dyn SnapshotReader, offset: u64, buf: &mut [u8]) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = reader
-            .read_at(offset + done as u64, &mut buf[done..])
-            .map_err(|e| {
-                Error::io(
-                    format!("read snapshot at offset {}", offset + done as u64),
-                    e,
-                )
-            })?;
-        if n == 0 {
-            return Err(Error::backend(
-                "read snapshot",
-                format!("image ended early at offset {}", offset + done as u64),
-            ));
-        }
-        done += n;
-    }
-    Ok(())
-}
-
 /// The reader's extents as sorted `(start, end)` ranges clamped to its size (they may still
 /// overlap or touch).
 fn ranges(reader: &dyn SnapshotReader) -> Vec<(u64, u64)> {
@@ -98,12 +77,18 @@ fn ranges(reader: &dyn SnapshotReader) -> Vec<(u64, u64)> {
 pub struct DiffSummary {
     /// The snapshot the stream leads to.
     pub snapshot_id: String,
+    /// The older snapshot it starts from (`null`: a full stream).
+    pub from_snapshot_id: Option<String>,
     /// The output path, or "-".
     pub output: String,
     /// Image size in bytes (the stream's size record).
     pub size_bytes: u64,
-    /// Bytes of data records (all-zero chunks are left out).
+    /// Bytes of data records (a full stream leaves all-zero grains out).
     pub data_bytes: u64,
+    /// Bytes of zero records (ranges that became zeros since `from`).
+    pub zero_bytes: u64,
+    /// Bytes read from the backend to make the stream.
+    pub read_bytes: u64,
     /// The stream's length in bytes.
     pub stream_bytes: u64,
     /// SHA-256 of the stream, hex.
@@ -129,45 +114,21 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Writes the snapshot as a full `rbd diff v1` stream to `out` (blocking): a `t` record
-/// naming it `to`, its size, and one `w` record per non-zero chunk of its data extents (at
-/// most 4 MiB each, as Ceph writes at most an object per record). Returns (data bytes,
+/// Writes `src`'s stream to `out` (blocking), hashing it. Returns (what the stream holds,
 /// stream bytes, stream sha256 hex).
 pub fn copy_diff(
-    reader: &mut dyn SnapshotReader,
+    src: &mut kiln_core::delta::DeltaSource,
     out: impl Write,
-    to: &str,
     pb: &ProgressBar,
-) -> Result<(u64, u64, String)> {
-    use kiln_core::diff_stream::{DiffWriter, MAX_WRITE};
-    let size = reader.size();
-    let io = |e: std::io::Error| Error::io("write the diff stream", e);
+) -> Result<(kiln_core::delta::StreamStats, u64, String)> {
     let sink = Hashing {
         w: std::io::BufWriter::with_capacity(1 << 20, out),
         hasher: Sha256::new(),
         bytes: 0,
     };
-    let mut w = DiffWriter::new(sink, None, Some(to), size).map_err(io)?;
-    let mut buf = vec![0u8; MAX_WRITE];
-    let (mut pos, mut data) = (0u64, 0u64);
-    for (start, end) in ranges(reader) {
-        let start = start.max(pos);
-        let mut at = start;
-        while at < end {
-            let n = (end - at).min(MAX_WRITE as u64) as usize;
-            read_full(reader, at, &mut buf[..n])?;
-            if buf[..n].iter().any(|b| *b != 0) {
-                w.data(at, &buf[..n]).map_err(io)?;
-                data += n as u64;
-            }
-            at += n as u64;
-            pb.inc(n as u64);
-        }
-        pos = pos.max(end);
-    }
-    let sink = w.finish().map_err(io)?;
+    let (stats, sink) = src.write_to(sink, &|n| pb.inc(n))?;
     pb.finish_and_clear();
-    Ok((data, sink.bytes, hex::encode(sink.hasher.finalize())))
+    Ok((stats, sink.bytes, hex::encode(sink.hasher.finalize())))
 }
 
 /// Copies the image (blocking). Returns (data bytes written, sha256 hex).

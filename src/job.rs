@@ -25,6 +25,7 @@ pub enum Job {
     VolumeAttach(VolumeId, Attachment),
     VolumeDetach(VolumeId),
     VolumeFlatten(VolumeId),
+    VolumeImportDiff(VolumeId, String),
     VolumeReset(VolumeId, VolumeStatus, Option<String>),
     VolumeHistory(VolumeId),
     VolumeCheck(VolumeId, bool),
@@ -35,7 +36,7 @@ pub enum Job {
     SnapshotRevert(SnapshotId),
     SnapshotTree(VolumeId),
     SnapshotExport(SnapshotId, String),
-    SnapshotDiff(SnapshotId, String),
+    SnapshotDiff(SnapshotId, Option<SnapshotId>, String),
     SnapshotReset(SnapshotId, SnapshotStatus, Option<String>),
     SnapshotHistory(SnapshotId),
     Bench(BenchTarget, usize),
@@ -45,6 +46,7 @@ pub enum Job {
     ),
     Demo(bool),
     Instance(crate::instance_cmd::InstanceJob),
+    Backup(crate::backup_cmd::BackupJob),
 }
 
 /// What `bench snapshot` runs on, before the default backend is known.
@@ -107,6 +109,7 @@ impl Job {
                 }
                 VolumeCmd::Detach { id: i } => Job::VolumeDetach(id(&i)?),
                 VolumeCmd::Flatten { id: i } => Job::VolumeFlatten(id(&i)?),
+                VolumeCmd::ImportDiff { id: i, input } => Job::VolumeImportDiff(id(&i)?, input),
                 VolumeCmd::ResetState {
                     id: i,
                     state,
@@ -145,8 +148,13 @@ impl Job {
                 }
                 SnapshotCmd::Diff {
                     snapshot_id,
+                    from,
                     output,
-                } => Job::SnapshotDiff(id(&snapshot_id)?, output),
+                } => Job::SnapshotDiff(
+                    id(&snapshot_id)?,
+                    from.as_deref().map(id).transpose()?,
+                    output,
+                ),
                 SnapshotCmd::ResetState {
                     id: i,
                     state,
@@ -201,6 +209,7 @@ impl Job {
             Command::Demo(args) => Job::Demo(args.keep),
             Command::Instance(c) => Job::Instance(crate::instance_cmd::InstanceJob::instance(c)?),
             Command::Image(c) => Job::Instance(crate::instance_cmd::InstanceJob::image(c)?),
+            Command::Backup(c) => Job::Backup(crate::backup_cmd::BackupJob::parse(c)?),
             Command::AgentGuard(_) => {
                 return Err(Error::invalid(
                     "command",
@@ -259,6 +268,28 @@ impl Job {
                 let v = service.flatten_volume(id, p).await?;
                 pb.finish_and_clear();
                 emit(fmt, &v, || output::volume_table(&v));
+            }
+            Job::VolumeImportDiff(id, input) => {
+                let r = crate::import_diff(service, id, &input, fmt).await?;
+                emit(fmt, &r, || {
+                    let snap = r
+                        .snapshot
+                        .as_ref()
+                        .map(|s| {
+                            format!(
+                                "; took snapshot {} named {:?}",
+                                s.id,
+                                s.name.as_deref().unwrap_or("")
+                            )
+                        })
+                        .unwrap_or_default();
+                    format!(
+                        "applied {} of data and {} of zeros to volume {}{snap}",
+                        output::human(r.stats.data_bytes),
+                        output::human(r.stats.zero_bytes),
+                        r.volume.id
+                    )
+                });
             }
             Job::VolumeReset(id, to, reason) => {
                 let v = service.reset_volume_state(id, to, reason).await?;
@@ -335,8 +366,8 @@ impl Job {
                     });
                 }
             }
-            Job::SnapshotDiff(id, out) => {
-                let summary = crate::diff(service, id, &out, fmt).await?;
+            Job::SnapshotDiff(id, from, out) => {
+                let summary = crate::diff(service, id, from, &out, fmt).await?;
                 if out == "-" {
                     // stdout carries the stream: the summary goes to stderr.
                     eprintln!(
@@ -345,14 +376,21 @@ impl Job {
                     );
                 } else {
                     emit(fmt, &summary, || {
+                        let since = summary
+                            .from_snapshot_id
+                            .as_ref()
+                            .map(|f| format!(" (changes since {f})"))
+                            .unwrap_or_default();
                         format!(
-                            "wrote snapshot {} as an rbd diff v1 stream to {}: {} image, {} of \
-                             data, {} stream\nsha256 {}",
+                            "wrote snapshot {}{since} as an rbd diff v1 stream to {}: {} image, \
+                             {} of data, {} of zeros, {} stream, {} read\nsha256 {}",
                             summary.snapshot_id,
                             summary.output,
                             output::human(summary.size_bytes),
                             output::human(summary.data_bytes),
+                            output::human(summary.zero_bytes),
                             output::human(summary.stream_bytes),
+                            output::human(summary.read_bytes),
                             summary.sha256
                         )
                     });
@@ -388,6 +426,7 @@ impl Job {
             }
             Job::Demo(keep) => crate::demo::run(service, keep).await?,
             Job::Instance(j) => j.run(service, fmt).await?,
+            Job::Backup(j) => j.run(service, fmt).await?,
         }
         Ok(())
     }

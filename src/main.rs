@@ -5,6 +5,7 @@
 //! the store or any backend is touched, so bad input changes nothing and costs nothing; and
 //! backends open only when the job needs them.
 
+mod backup_cmd;
 mod cli;
 mod demo;
 mod demo_hypervisor;
@@ -157,26 +158,27 @@ fn create_output(out: &str) -> Result<std::fs::File> {
     })
 }
 
-/// Writes a snapshot's `rbd diff v1` stream (see [`export::copy_diff`]) to `out` (a new
-/// file, or "-" for stdout); on failure a partially written file is removed.
+/// Writes a snapshot's `rbd diff v1` stream — whole, or the changes since `from` (see
+/// [`kiln_core::delta`]) — to `out` (a new file, or "-" for stdout); on failure a partially
+/// written file is removed.
 pub async fn diff(
     service: &Service,
     id: kiln_core::SnapshotId,
+    from: Option<kiln_core::SnapshotId>,
     out: &str,
     fmt: Format,
 ) -> Result<export::DiffSummary> {
-    let mut reader = service.open_snapshot_reader(id).await?;
+    let mut src = service.open_delta(id, from).await?;
     let file = if out == "-" {
         None
     } else {
         Some(create_output(out)?)
     };
-    let size = kiln_core::SnapshotReader::size(&reader);
-    let pb = export::progress_bar(size, fmt == Format::Json);
-    let (to, path) = (id.to_string(), PathBuf::from(out));
+    let pb = export::progress_bar(src.scan_bytes(), fmt == Format::Json);
+    let path = PathBuf::from(out);
     let result = tokio::task::spawn_blocking(move || match file {
         Some(f) => {
-            let r = export::copy_diff(&mut reader, &f, &to, &pb).and_then(|r| {
+            let r = export::copy_diff(&mut src, &f, &pb).and_then(|r| {
                 f.sync_all()
                     .map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
                 Ok(r)
@@ -186,19 +188,56 @@ pub async fn diff(
             }
             r
         }
-        None => export::copy_diff(&mut reader, std::io::stdout().lock(), &to, &pb),
+        None => export::copy_diff(&mut src, std::io::stdout().lock(), &pb),
     })
     .await
     .map_err(|e| Error::backend("diff", format!("diff task failed: {e}")))?;
-    let (data_bytes, stream_bytes, sha256) = result?;
+    let (stats, stream_bytes, sha256) = result?;
     Ok(export::DiffSummary {
         snapshot_id: id.to_string(),
+        from_snapshot_id: from.map(|f| f.to_string()),
         output: out.to_string(),
-        size_bytes: size,
-        data_bytes,
+        size_bytes: stats.size_bytes,
+        data_bytes: stats.data_bytes,
+        zero_bytes: stats.zero_bytes,
+        read_bytes: stats.read_bytes,
         stream_bytes,
         sha256,
     })
+}
+
+/// Applies a diff stream from `input` (a file, checked whole first, or "-" for stdin) onto a
+/// volume (see [`Service::import_diff`]).
+pub async fn import_diff(
+    service: &Service,
+    id: kiln_core::VolumeId,
+    input: &str,
+    fmt: Format,
+) -> Result<kiln_core::service::ImportedDiff> {
+    let open = |input: &str| {
+        std::fs::File::open(input).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::invalid("input", format!("{input:?} does not exist"))
+            }
+            _ => Error::io(format!("open {input:?}"), e),
+        })
+    };
+    let reader: Box<dyn std::io::Read + Send> = if input == "-" {
+        Box::new(std::io::BufReader::with_capacity(1 << 20, std::io::stdin()))
+    } else {
+        // A file is checked whole first, so a truncated or corrupt one writes nothing.
+        let f = open(input)?;
+        tokio::task::spawn_blocking(move || {
+            kiln_core::diff_apply::check(std::io::BufReader::with_capacity(1 << 20, f))
+        })
+        .await
+        .map_err(|e| Error::backend("import-diff", format!("check task failed: {e}")))??;
+        Box::new(std::io::BufReader::with_capacity(1 << 20, open(input)?))
+    };
+    let (p, pb) = progress(fmt);
+    let r = service.import_diff(id, reader, p).await;
+    pb.finish_and_clear();
+    r
 }
 
 /// Exports a snapshot; on failure a partially written output file is removed.

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Kiln, assert_bench_timings, backend_row, image, listing, s, sha256_hex, write_at};
+use common::{
+    Kiln, apply_stream, assert_bench_timings, backend_row, image, listing, s, sha256_hex, write_at,
+};
 use kiln_testkit::pattern;
 
 const MIB: u64 = 1 << 20;
@@ -882,4 +884,224 @@ fn snapshot_diff_writes_an_rbd_diff_v1_stream_that_rebuilds_the_snapshot() {
         assert!(e.contains("never overwrites"), "{e}");
         assert!(std::fs::read(&out).unwrap() == stream);
     }
+}
+
+/// `snapshot diff --from`: an incremental stream (from/to names, size, then only what
+/// changed, rewrites as data and zeroed ranges as zero records) that, applied after the full
+/// stream of the older snapshot, rebuilds the newer one byte for byte — and the backend's
+/// tracking (reflink block maps, qcow2 layers) keeps the bytes read near the bytes changed.
+/// Bad --from values are refused with one line, and no output file is left.
+#[test]
+fn snapshot_diff_from_an_older_snapshot_carries_only_the_changes() {
+    let k = Kiln::new();
+    for backend in ["raw", "qcow"] {
+        let v = k.json(&["volume", "create", "--size", "64M", "--backend", backend]);
+        let vid = s(&v, "id");
+        let write = |off: u64, data: &[u8]| {
+            if backend == "raw" {
+                write_at(s(&v, "provider_location"), off, data);
+            } else {
+                k.qemu_io_write(&k.qcow_active(&vid), off, data);
+            }
+        };
+        write(0, &pattern(1, 32 << 20));
+        let a = s(&k.json(&["snapshot", "create", &vid]), "id");
+        // 64 KiB rewritten, 128 KiB zeroed, 4 KiB near the end: 196 KiB of 64 MiB.
+        write(2 << 20, &pattern(2, 64 << 10));
+        write(3 << 20, &vec![0u8; 128 << 10]);
+        write((64 << 20) - 8192, &pattern(3, 4096));
+        let b = s(&k.json(&["snapshot", "create", &vid]), "id");
+        let (full_a, inc) = (
+            k.path(&format!("{backend}-a")),
+            k.path(&format!("{backend}-ab")),
+        );
+        k.json(&["snapshot", "diff", &a, "--output", full_a.to_str().unwrap()]);
+        let sum = k.json(&[
+            "snapshot",
+            "diff",
+            &b,
+            "--from",
+            &a,
+            "--output",
+            inc.to_str().unwrap(),
+        ]);
+        assert_eq!(sum["from_snapshot_id"], a.as_str(), "{sum}");
+        let mut img = Vec::new();
+        apply_stream(&mut img, &std::fs::read(&full_a).unwrap());
+        let names = apply_stream(&mut img, &std::fs::read(&inc).unwrap());
+        assert_eq!(names, (Some(a.clone()), Some(b.clone())), "{backend}");
+        let (want, _) = k.export(&b);
+        assert!(img == want, "{backend}: full(a) + diff(a..b) is not b");
+        // What changed is 196 KiB; the tracking granule (a 64 KiB qcow2 cluster, a 4 KiB
+        // block) and the 64 KiB grain may round it up, never to the 32 MiB of data.
+        let read = sum["read_bytes"].as_u64().unwrap();
+        assert!(
+            (196 << 10..=1 << 20).contains(&read),
+            "{backend}: read {read}: {sum}"
+        );
+        let carried = sum["data_bytes"].as_u64().unwrap() + sum["zero_bytes"].as_u64().unwrap();
+        assert!(
+            (196 << 10..=1 << 20).contains(&carried),
+            "{backend}: {sum}"
+        );
+        assert!(
+            sum["zero_bytes"].as_u64().unwrap() >= 128 << 10,
+            "{backend}: {sum}"
+        );
+
+        // Bad --from: itself, newer, another volume's, unknown — refused, nothing written.
+        let other = s(
+            &k.json(&["volume", "create", "--size", "1M", "--backend", backend]),
+            "id",
+        );
+        let other_snap = s(&k.json(&["snapshot", "create", &other]), "id");
+        let out = k.path(&format!("{backend}-bad"));
+        let o = out.to_str().unwrap();
+        for (from, to, code) in [
+            (&b, &b, 4),
+            (&b, &a, 4),
+            (&other_snap, &b, 4),
+            (&"5a0e0c1e-0000-4000-8000-000000000000".to_string(), &b, 3),
+            (&"../x".to_string(), &b, 4),
+        ] {
+            let e = k.fails(
+                &["snapshot", "diff", to, "--from", from, "--output", o],
+                code,
+            );
+            assert_eq!(e.trim().lines().count(), 1, "{e}");
+            assert!(!out.exists(), "{backend}: a refused diff left {o}");
+        }
+    }
+}
+
+/// `volume import-diff` applies streams as `rbd import-diff` does: the full stream of one
+/// snapshot then the `--from` stream of the next rebuild both snapshots on another volume
+/// (each snapshot taken under the stream's name, the second stream accepted because the
+/// volume has the first's). Refused streams — from a snapshot the volume lacks, the wrong
+/// size, truncated, not a stream — change nothing (every field of the store and the files
+/// compared); a stream that breaks part-way on stdin leaves the volume `error` saying so.
+#[test]
+fn volume_import_diff_applies_full_and_incremental_streams_and_refuses_bad_ones() {
+    use std::io::Write as _;
+    let k = Kiln::new();
+    let backend = "raw";
+    let src = k.json(&["volume", "create", "--size", "16M", "--backend", backend]);
+    let f = s(&src, "provider_location");
+    write_at(&f, 0, &pattern(1, 6 << 20));
+    let a = s(&k.json(&["snapshot", "create", &s(&src, "id")]), "id");
+    write_at(&f, 1 << 20, &pattern(2, 64 << 10));
+    write_at(&f, 4 << 20, &vec![0u8; 1 << 20]);
+    write_at(&f, 15 << 20, &pattern(3, 4096));
+    let b = s(&k.json(&["snapshot", "create", &s(&src, "id")]), "id");
+    let (full, inc) = (k.path("full"), k.path("inc"));
+    k.json(&["snapshot", "diff", &a, "--output", full.to_str().unwrap()]);
+    k.json(&[
+        "snapshot",
+        "diff",
+        &b,
+        "--from",
+        &a,
+        "--output",
+        inc.to_str().unwrap(),
+    ]);
+    let dst = s(
+        &k.json(&["volume", "create", "--size", "16M", "--backend", backend]),
+        "id",
+    );
+
+    // Refused, nothing changed: the incremental first (no snapshot named a), a truncated
+    // file, garbage, a stream of another size, an unknown volume, a missing file.
+    let small = k.json(&["volume", "create", "--size", "8M", "--backend", backend]);
+    let bytes = std::fs::read(&inc).unwrap();
+    let (trunc, junk) = (k.path("trunc"), k.path("junk"));
+    std::fs::write(&trunc, &bytes[..bytes.len() - 10]).unwrap();
+    std::fs::write(&junk, b"rbd diff v9\nhello").unwrap();
+    let before = k.state();
+    for (vol, input, code, says) in [
+        (&dst, &inc, 4, "does not have"),
+        (&dst, &trunc, 4, "truncated"),
+        (&dst, &junk, 4, "rbd diff v1"),
+        (&s(&small, "id"), &full, 4, "bytes"),
+        (
+            &"5a0e0c1e-0000-4000-8000-000000000000".to_string(),
+            &full,
+            3,
+            "not found",
+        ),
+        (&dst, &k.path("missing"), 4, "does not exist"),
+    ] {
+        let e = k.fails(
+            &[
+                "volume",
+                "import-diff",
+                vol,
+                "--input",
+                input.to_str().unwrap(),
+            ],
+            code,
+        );
+        assert!(e.contains(says), "{e}");
+        assert_eq!(
+            k.state(),
+            before,
+            "a refused import-diff changed something: {e}"
+        );
+    }
+
+    // Full, then incremental: each takes the stream's end snapshot by name.
+    let r1 = k.json(&[
+        "volume",
+        "import-diff",
+        &dst,
+        "--input",
+        full.to_str().unwrap(),
+    ]);
+    assert_eq!(r1["snapshot"]["name"], a.as_str(), "{r1}");
+    assert_eq!(r1["volume"]["status"], "available", "{r1}");
+    let r2 = k.json(&[
+        "volume",
+        "import-diff",
+        &dst,
+        "--input",
+        inc.to_str().unwrap(),
+    ]);
+    assert_eq!(r2["snapshot"]["name"], b.as_str(), "{r2}");
+    assert_eq!(r2["stream"]["from"], a.as_str(), "{r2}");
+    for (orig, copy) in [(&a, &r1), (&b, &r2)] {
+        let (want, _) = k.export(orig);
+        let (got, _) = k.export(&s(&copy["snapshot"], "id"));
+        assert!(got == want, "the imported snapshot {orig} differs");
+    }
+
+    // Broken part-way on stdin: the volume says so.
+    let mut child = k
+        .cmd(&["volume", "import-diff", &dst, "--input", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let full_bytes = std::fs::read(&full).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // All but the end of the last data record: the first 4 MiB record is written, then the
+    // stream breaks (cut inside the first record, nothing would be written: `available`).
+    stdin
+        .write_all(&full_bytes[..full_bytes.len() - 1000])
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = k.json(&["volume", "show", &dst]);
+    assert_eq!(
+        v["status"],
+        "error",
+        "{v} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(v["status_reason"].as_str().unwrap().contains("part"), "{v}");
 }

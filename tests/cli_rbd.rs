@@ -128,14 +128,15 @@ mod rbd {
             "revert_any",
             "clone",
             "clone_cow",
+            "diff",
         ] {
             assert_eq!(ceph["capabilities"][cap], true, "capability {cap}: {ceph}");
         }
-        // Nothing implements a changed-extent listing or a native group snapshot yet: a
-        // capability nothing implements would be a false claim.
-        for cap in ["diff", "group_snapshot"] {
-            assert_eq!(ceph["capabilities"][cap], false, "capability {cap}: {ceph}");
-        }
+        // RBD's group snapshots are not used (docs/rbd-backend.md): no claim.
+        assert_eq!(
+            ceph["capabilities"]["group_snapshot"], false,
+            "group_snapshot: {ceph}"
+        );
         let total = ceph["stats"]["total_bytes"].as_u64().unwrap();
         let free = ceph["stats"]["free_bytes"].as_u64().unwrap();
         assert!(total > 0 && free > 0 && free <= total, "{ceph}");
@@ -627,10 +628,12 @@ mod rbd {
         }
     }
 
-    /// Interop with the real `rbd` CLI: a stream `kiln snapshot diff` wrote — from an RBD
-    /// snapshot, and from a qcow2 file snapshot — is applied by `rbd import-diff` onto a new
-    /// RBD image, and the snapshot import-diff makes there (named by the stream) holds
-    /// exactly the bytes `kiln snapshot export` gives.
+    /// Interop with the real `rbd` CLI: streams `kiln snapshot diff` wrote — from an RBD
+    /// snapshot, and from a qcow2 file snapshot — are applied by `rbd import-diff` onto a new
+    /// RBD image: the full stream of a first snapshot, then the `--from` stream of a second
+    /// (import-diff checks the image has the stream's from-snapshot). Each snapshot
+    /// import-diff makes there (named by the stream) holds exactly the bytes `kiln snapshot
+    /// export` gives; the RBD incremental reads only what changed.
     #[test]
     fn rbd_import_diff_applies_kiln_diff_streams_from_rbd_and_file_snapshots() {
         let _g = serial();
@@ -669,40 +672,131 @@ mod rbd {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let qemu_write = |off: u64, bytes: &[u8]| {
+            std::fs::write(&src, bytes).unwrap();
+            let out = Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c"])
+                .arg(format!("write -s {} {off} {}", src.display(), bytes.len()))
+                .arg(&active)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
         for (vid, what) in [(r, "rbd"), (fid, "file")] {
             let sid = s(&k.json(&["snapshot", "create", &vid]), "id");
-            let (want, _) = k.export(&sid);
-            let stream = k.path(&format!("{what}.diff"));
-            k.json(&[
-                "snapshot",
-                "diff",
-                &sid,
-                "--output",
-                stream.to_str().unwrap(),
-            ]);
+            // The second snapshot: 64 KiB rewritten and 4 KiB zeroed.
+            let (rewrite, zeros) = (pattern(10, 64 << 10), vec![0u8; 4096]);
+            if what == "rbd" {
+                k.write(&vid, &[(6 * MIB, &rewrite), (40 * MIB, &zeros)]);
+            } else {
+                qemu_write(6 * MIB, &rewrite);
+                qemu_write(8 * MIB, &zeros);
+            }
+            let sid2 = s(&k.json(&["snapshot", "create", &vid]), "id");
             let image = format!("rbd/kiln-interop-{what}-{}", unique_token());
             rbd(&["create", "--size", "1M", &image]);
-            rbd(&[
-                "import-diff",
-                "--no-progress",
-                stream.to_str().unwrap(),
-                &image,
-            ]);
-            let got_file = k.path(&format!("{what}.raw"));
-            rbd(&[
-                "export",
-                "--no-progress",
-                &format!("{image}@{sid}"),
-                got_file.to_str().unwrap(),
-            ]);
-            let got = std::fs::read(&got_file).unwrap();
-            assert_same(
-                &got,
-                &want,
-                &format!("rbd import-diff of the {what} snapshot's stream"),
-            );
+            for (snap, from) in [(&sid, None), (&sid2, Some(&sid))] {
+                let (want, _) = k.export(snap);
+                let stream = k.path(&format!("{what}-{snap}.diff"));
+                let mut args = vec!["snapshot", "diff", snap.as_str()];
+                if let Some(f) = from {
+                    args.extend(["--from", f.as_str()]);
+                }
+                args.extend(["--output", stream.to_str().unwrap()]);
+                let sum = k.json(&args);
+                if from.is_some() && what == "rbd" {
+                    let read = sum["read_bytes"].as_u64().unwrap();
+                    assert!(read <= MIB, "the RBD incremental read {read} bytes: {sum}");
+                }
+                rbd(&[
+                    "import-diff",
+                    "--no-progress",
+                    stream.to_str().unwrap(),
+                    &image,
+                ]);
+                let got_file = k.path(&format!("{what}-{snap}.raw"));
+                rbd(&[
+                    "export",
+                    "--no-progress",
+                    &format!("{image}@{snap}"),
+                    got_file.to_str().unwrap(),
+                ]);
+                let got = std::fs::read(&got_file).unwrap();
+                assert_same(
+                    &got,
+                    &want,
+                    &format!("rbd import-diff of the {what} snapshot's stream (from {from:?})"),
+                );
+            }
             rbd(&["snap", "purge", "--no-progress", &image]);
             rbd(&["rm", "--no-progress", &image]);
+        }
+    }
+
+    /// Interop the other way: streams the real `rbd export-diff` wrote — the full stream of
+    /// a first snapshot, then `--from-snap` the changes to a second — are applied by `kiln
+    /// volume import-diff` onto a raw file volume and onto another RBD volume; each takes the
+    /// streams' snapshots by name, and each snapshot reads exactly as `rbd export` of the
+    /// original snapshot.
+    #[test]
+    fn kiln_import_diff_applies_rbd_export_diff_streams_onto_file_and_rbd_volumes() {
+        let _g = serial();
+        let k = Kiln::new();
+        let mut cfg = std::fs::read_to_string(&k.config).unwrap();
+        cfg.push_str("\n[backends.files]\ndriver = \"file\"\npath = \"files\"\n");
+        std::fs::write(&k.config, cfg).unwrap();
+        let src = s(&k.json(&["volume", "create", "--size", "32M"]), "id");
+        let data = pattern(21, 5 * MIB as usize);
+        k.write(&src, &[(MIB, &data), (30 * MIB, &data[..8192])]);
+        let a = s(&k.json(&["snapshot", "create", &src]), "id");
+        k.write(
+            &src,
+            &[(2 * MIB, &pattern(22, 65536)), (30 * MIB, &[0u8; 4096])],
+        );
+        let b = s(&k.json(&["snapshot", "create", &src]), "id");
+        let image = format!("rbd/volume-{src}");
+        let (sa, sb) = (format!("snapshot-{a}"), format!("snapshot-{b}"));
+        let (full, inc) = (k.path("rbd-full.diff"), k.path("rbd-inc.diff"));
+        rbd(&[
+            "export-diff",
+            "--no-progress",
+            &format!("{image}@{sa}"),
+            full.to_str().unwrap(),
+        ]);
+        rbd(&[
+            "export-diff",
+            "--no-progress",
+            "--from-snap",
+            &sa,
+            &format!("{image}@{sb}"),
+            inc.to_str().unwrap(),
+        ]);
+        for backend in ["files", "ceph"] {
+            let dst = s(
+                &k.json(&["volume", "create", "--size", "32M", "--backend", backend]),
+                "id",
+            );
+            for (stream, orig, name) in [(&full, &a, &sa), (&inc, &b, &sb)] {
+                let r = k.json(&[
+                    "volume",
+                    "import-diff",
+                    &dst,
+                    "--input",
+                    stream.to_str().unwrap(),
+                ]);
+                assert_eq!(r["snapshot"]["name"], name.as_str(), "{backend}: {r}");
+                let (want, _) = k.export(orig);
+                let (got, _) = k.export(&s(&r["snapshot"], "id"));
+                assert_same(
+                    &got,
+                    &want,
+                    &format!("{backend}: kiln import-diff of rbd export-diff ({name})"),
+                );
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Kiln, chain_record, listing, s, write_at};
+use common::{Kiln, chain_record, listing, s, tree, write_at};
 use kiln_testkit::pattern;
 use serde_json::Value;
 
@@ -27,7 +27,13 @@ fn built_with_the_failpoints_feature() {
     );
 }
 
-const TRANSITIONAL: [&str; 4] = ["creating", "deleting", "restoring", "reverting"];
+const TRANSITIONAL: [&str; 5] = [
+    "creating",
+    "deleting",
+    "restoring",
+    "reverting",
+    "restoring-backup",
+];
 
 /// Runs kiln with the fail point armed and asserts it died by SIGABRT.
 fn crash(k: &Kiln, point: &str, args: &[&str]) {
@@ -301,5 +307,151 @@ fn crash_during_revert() {
                 "{f:?} {phase}: the revert is rolled forward"
             );
         }
+    }
+}
+
+/// A backup target directory for the crash tests.
+fn backup_target(k: &Kiln) -> (PathBuf, String) {
+    let d = k.path("backups");
+    std::fs::create_dir_all(&d).unwrap();
+    let t = format!("dir:{}", d.display());
+    (d, t)
+}
+
+/// No backup is left in a transitional status and the target holds exactly the available
+/// backups' directories (no partial or half-deleted one).
+fn check_backups(k: &Kiln, dir: &std::path::Path) -> Vec<Value> {
+    let backups = k.json(&["backup", "list"]).as_array().unwrap().clone();
+    let mut want: Vec<String> = backups
+        .iter()
+        .map(|b| {
+            assert_eq!(b["status"], "available", "{b}");
+            format!("kiln-backup-{}", s(b, "id"))
+        })
+        .collect();
+    want.sort();
+    let top: Vec<String> = tree(dir).into_iter().filter(|p| !p.contains('/')).collect();
+    assert_eq!(top, want, "the target holds other than the backups");
+    backups
+}
+
+/// Killed while writing a backup (stream written; manifest written but not renamed into
+/// place; renamed but not recorded): the next start leaves no half backup and no stuck
+/// status — a backup the target holds whole is kept and verifies, anything else is gone —
+/// and a backup can be made again.
+#[test]
+fn crash_during_backup_create() {
+    for f in FORMATS {
+        for (phase, kept) in [
+            ("before_commit", false),
+            ("before_rename", false),
+            ("after_commit", true),
+        ] {
+            let k = Kiln::new();
+            let (dir, target) = backup_target(&k);
+            let vid = volume_with_data(&k, f);
+            crash(
+                &k,
+                &format!("backup_create::{phase}"),
+                &["backup", "create", &vid, "--target", &target],
+            );
+            check_consistent(&k, f);
+            let backups = check_backups(&k, &dir);
+            assert_eq!(
+                backups.len(),
+                usize::from(kept),
+                "{f:?} {phase}: {backups:?}"
+            );
+            if kept {
+                k.json(&["backup", "verify", &s(&backups[0], "id")]);
+            }
+            k.json(&["backup", "create", &vid, "--target", &target]);
+            check_backups(&k, &dir);
+        }
+    }
+}
+
+/// Killed after a delete was journaled, before the files went: the next start finishes it.
+#[test]
+fn crash_during_backup_delete() {
+    let f = Format::Raw;
+    let k = Kiln::new();
+    let (dir, target) = backup_target(&k);
+    let vid = volume_with_data(&k, f);
+    let b = s(
+        &k.json(&["backup", "create", &vid, "--target", &target]),
+        "id",
+    );
+    crash(
+        &k,
+        "backup_delete::before_remove",
+        &["backup", "delete", &b],
+    );
+    check_consistent(&k, f);
+    assert!(check_backups(&k, &dir).is_empty());
+}
+
+/// Killed while a backup is restored (all written, not yet flushed and recorded), into a new
+/// volume and over an existing one: the volume is `error` with the reason, never silently
+/// partial, and can be deleted.
+#[test]
+fn crash_during_backup_restore() {
+    for f in FORMATS {
+        let k = Kiln::new();
+        let (_, target) = backup_target(&k);
+        let vid = volume_with_data(&k, f);
+        let b = s(
+            &k.json(&["backup", "create", &vid, "--target", &target]),
+            "id",
+        );
+        let over = s(
+            &k.json(&[
+                "volume",
+                "create",
+                "--size",
+                "16M",
+                "--backend",
+                f.backend(),
+            ]),
+            "id",
+        );
+        for args in [
+            vec!["backup", "restore", b.as_str(), "--backend", f.backend()],
+            vec!["backup", "restore", b.as_str(), "--volume", over.as_str()],
+        ] {
+            let before: Vec<String> = k
+                .json(&["volume", "list"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| s(v, "id"))
+                .collect();
+            crash(&k, "restore::before_finish", &args);
+            let (vols, _) = check_consistent(&k, f);
+            let restored: Vec<&Value> = vols
+                .iter()
+                .filter(|v| !before.contains(&s(v, "id")) || s(v, "id") == over)
+                .filter(|v| s(v, "id") != vid)
+                .collect();
+            let target_vol = restored
+                .iter()
+                .find(|v| args.contains(&"--volume") == (s(v, "id") == over))
+                .unwrap_or_else(|| panic!("{f:?} {args:?}: no restored volume in {vols:?}"));
+            assert_eq!(
+                target_vol["status"], "error",
+                "{f:?} {args:?}: {target_vol}"
+            );
+            assert!(
+                s(target_vol, "status_reason").contains("interrupted"),
+                "{target_vol}"
+            );
+        }
+        // Both can be deleted; the backup is untouched.
+        for v in k.json(&["volume", "list"]).as_array().unwrap() {
+            if s(v, "status") == "error" {
+                k.json(&["volume", "delete", &s(v, "id")]);
+            }
+        }
+        k.json(&["backup", "verify", &b]);
     }
 }

@@ -33,7 +33,7 @@ logs=$(mktemp -d /tmp/kiln-run-all.XXXXXX)
 host_suite() {
   # The RBD and LVM tests need a cluster / a guest kernel: their suites run them.
   cargo test --workspace --exclude kiln --exclude kiln-driver-rbd --exclude kiln-driver-lvm
-  cargo test -p kiln --features rbd,failpoints --bins --test cli --test crash --test crash_children --test instance --test online_qcow2
+  cargo test -p kiln --features rbd,failpoints --bins --test cli --test backup --test crash --test crash_children --test instance --test online_qcow2
 }
 
 phase "suites side by side: host, rbd, lvm (logs in $logs)"

@@ -18,8 +18,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use crate::driver::{
-    BenchPrimitives, GroupMember, GroupOutcome, SnapshotReader, VolumeCheck, VolumeDriver,
-    WindowedSnapshots,
+    BenchPrimitives, GroupMember, GroupOutcome, SnapshotDelta, SnapshotReader, VolumeCheck,
+    VolumeDriver, VolumeWriter, WindowedSnapshots,
 };
 use crate::error::{Error, Result};
 use crate::progress::ProgressHandle;
@@ -96,6 +96,18 @@ pub trait BlockingDriver: Send + Sync + 'static {
     fn open_snapshot_reader(&self, s: &Snapshot) -> Result<Box<dyn SnapshotReader>>;
     /// See [`VolumeDriver::stats`].
     fn stats(&self) -> Result<BackendStats>;
+    /// See [`VolumeDriver::open_volume_writer`]. The default: `Unsupported`.
+    fn open_volume_writer(&self, v: &Volume) -> Result<Box<dyn VolumeWriter>> {
+        let _ = v;
+        Err(Error::unsupported(
+            "this backend cannot write a volume's data",
+        ))
+    }
+    /// See [`VolumeDriver::diff_snapshots`]. The default: [`SnapshotDelta::Untracked`].
+    fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
+        let _ = (from, to);
+        Ok(SnapshotDelta::Untracked)
+    }
     /// See [`VolumeDriver::snapshot_health`].
     fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {
         let _ = s;
@@ -356,6 +368,22 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
 
     async fn stats(&self) -> Result<BackendStats> {
         self.call("stats", String::new(), |d| d.stats()).await
+    }
+
+    async fn open_volume_writer(&self, v: &Volume) -> Result<Box<dyn VolumeWriter>> {
+        let v = v.clone();
+        self.call("open_volume_writer", v.id.to_string(), move |d| {
+            d.open_volume_writer(&v)
+        })
+        .await
+    }
+
+    async fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
+        let (from, to) = (from.clone(), to.clone());
+        self.call("diff_snapshots", to.id.to_string(), move |d| {
+            d.diff_snapshots(&from, &to)
+        })
+        .await
     }
 
     async fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {

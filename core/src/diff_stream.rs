@@ -96,58 +96,142 @@ fn bad(what: impl std::fmt::Display) -> Error {
     Error::invalid("diff stream", what)
 }
 
-/// Reads a whole stream (header to end record) into its records. A stream that is not
-/// `rbd diff v1`, has an unknown tag, a record out of bounds or no end record is refused
-/// with one line naming the byte offset.
-pub fn read_records(mut r: impl Read) -> Result<Vec<Record>> {
-    let mut pos = 0u64;
-    let mut take = |n: usize, pos: &mut u64| -> Result<Vec<u8>> {
-        let mut b = vec![0u8; n];
-        r.read_exact(&mut b)
-            .map_err(|e| bad(format!("truncated at byte {pos} ({e})")))?;
-        *pos += n as u64;
-        Ok(b)
-    };
-    if take(HEADER.len(), &mut pos)? != HEADER {
-        return Err(bad("it does not start with \"rbd diff v1\""));
+/// One record as [`RecordReader::next_item`] returns it: a `w` record's bytes go to the
+/// caller's buffer, so a long stream is read with one allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// `f`: the snapshot the stream starts from.
+    From(String),
+    /// `t`: the snapshot the stream leads to.
+    To(String),
+    /// `s`: the image size at the end.
+    Size(u64),
+    /// `w`: `len` bytes at `offset`, now in the caller's buffer.
+    Data {
+        /// Where they go.
+        offset: u64,
+        /// How many (the buffer's length).
+        len: u64,
+    },
+    /// `z`: `len` zeros at `offset`.
+    Zero {
+        /// Where they start.
+        offset: u64,
+        /// How many.
+        len: u64,
+    },
+    /// `e`: the end of the stream.
+    End,
+}
+
+/// Reads a stream record by record. A stream that is not `rbd diff v1`, has an unknown tag,
+/// an oversized record or ends early is refused with one line naming the byte offset.
+pub struct RecordReader<R: Read> {
+    r: R,
+    pos: u64,
+    started: bool,
+}
+
+impl<R: Read> RecordReader<R> {
+    /// Reads from `r` (the header is checked by the first [`RecordReader::next_item`]).
+    pub fn new(r: R) -> Self {
+        RecordReader {
+            r,
+            pos: 0,
+            started: false,
+        }
     }
-    let u64_at = |b: Vec<u8>| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-    let mut out = Vec::new();
-    loop {
-        let at = pos;
-        let tag = take(1, &mut pos)?[0];
-        match tag {
-            b'f' | b't' => {
-                let len = u32::from_le_bytes(take(4, &mut pos)?.try_into().unwrap_or([0; 4]));
+
+    /// Bytes of the stream consumed so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.r
+            .read_exact(buf)
+            .map_err(|e| bad(format!("truncated at byte {} ({e})", self.pos)))?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.fill(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// The next record; a `w` record's bytes replace `data`'s contents.
+    pub fn next_item(&mut self, data: &mut Vec<u8>) -> Result<Item> {
+        if !self.started {
+            let mut h = [0u8; HEADER.len()];
+            self.fill(&mut h)?;
+            if h != HEADER {
+                return Err(bad("it does not start with \"rbd diff v1\""));
+            }
+            self.started = true;
+        }
+        let at = self.pos;
+        let mut tag = [0u8; 1];
+        self.fill(&mut tag)?;
+        Ok(match tag[0] {
+            t @ (b'f' | b't') => {
+                let mut l = [0u8; 4];
+                self.fill(&mut l)?;
+                let len = u32::from_le_bytes(l);
                 if len > MAX_NAME {
                     return Err(bad(format!("snapshot name of {len} bytes at byte {at}")));
                 }
-                let name = String::from_utf8(take(len as usize, &mut pos)?)
+                let mut name = vec![0u8; len as usize];
+                self.fill(&mut name)?;
+                let name = String::from_utf8(name)
                     .map_err(|_| bad(format!("snapshot name at byte {at} is not UTF-8")))?;
-                out.push(if tag == b'f' {
-                    Record::From(name)
+                if t == b'f' {
+                    Item::From(name)
                 } else {
-                    Record::To(name)
-                });
+                    Item::To(name)
+                }
             }
-            b's' => out.push(Record::Size(u64_at(take(8, &mut pos)?))),
+            b's' => Item::Size(self.u64()?),
             b'w' => {
-                let offset = u64_at(take(8, &mut pos)?);
-                let len = u64_at(take(8, &mut pos)?);
+                let offset = self.u64()?;
+                let len = self.u64()?;
                 if len > MAX_RECORD {
                     return Err(bad(format!("a data record of {len} bytes at byte {at}")));
                 }
-                let data = take(len as usize, &mut pos)?;
-                out.push(Record::Data { offset, data });
+                data.resize(len as usize, 0);
+                self.fill(data)?;
+                Item::Data { offset, len }
             }
             b'z' => {
-                let offset = u64_at(take(8, &mut pos)?);
-                let len = u64_at(take(8, &mut pos)?);
-                out.push(Record::Zero { offset, len });
+                let offset = self.u64()?;
+                let len = self.u64()?;
+                Item::Zero { offset, len }
             }
-            b'e' => return Ok(out),
+            b'e' => Item::End,
             other => return Err(bad(format!("unknown record tag {other:#04x} at byte {at}"))),
-        }
+        })
+    }
+}
+
+/// Reads a whole stream (header to end record) into its records (for tests and small
+/// streams; [`RecordReader`] reads record by record).
+pub fn read_records(r: impl Read) -> Result<Vec<Record>> {
+    let mut rr = RecordReader::new(r);
+    let mut out = Vec::new();
+    let mut data = Vec::new();
+    loop {
+        out.push(match rr.next_item(&mut data)? {
+            Item::From(n) => Record::From(n),
+            Item::To(n) => Record::To(n),
+            Item::Size(s) => Record::Size(s),
+            Item::Data { offset, .. } => Record::Data {
+                offset,
+                data: std::mem::take(&mut data),
+            },
+            Item::Zero { offset, len } => Record::Zero { offset, len },
+            Item::End => return Ok(out),
+        });
     }
 }
 

@@ -32,6 +32,33 @@ pub trait SnapshotReader: Send {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
 }
 
+/// Writer into a detached volume's image, for restores and applied diff streams.
+///
+/// Its calls block: call them from `spawn_blocking` or a dedicated thread. Writes become
+/// durable at [`VolumeWriter::finish`]; a writer dropped without it may have applied any
+/// part of them (callers record the volume as `error` until a finish succeeds).
+pub trait VolumeWriter: Send {
+    /// Size of the volume in bytes.
+    fn size(&self) -> u64;
+    /// Writes all of `data` at `offset`.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros, deallocating them where the backend can.
+    fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Makes every write durable and releases the image.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// What changed between two snapshots of one volume (see [`VolumeDriver::diff_snapshots`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotDelta {
+    /// Sorted, non-overlapping ranges of the newer snapshot that may differ from the older
+    /// one; everywhere else the two read the same. A range may cover unchanged bytes (the
+    /// backend's tracking granule), never miss a changed one.
+    Changed(Vec<Extent>),
+    /// The backend keeps no record of what changed: read both and compare.
+    Untracked,
+}
+
 /// Per-member result of a group snapshot.
 pub type GroupOutcome = Vec<Result<ProviderUpdate>>;
 
@@ -176,6 +203,24 @@ pub trait VolumeDriver: Send + Sync {
 
     /// Opens the snapshot's image for reading.
     async fn open_snapshot_reader(&self, s: &Snapshot) -> Result<Box<dyn SnapshotReader>>;
+
+    /// Opens detached volume `v` for writing (the service has checked it is `available`
+    /// and holds its lock). Backends that cannot write a volume say so with `Unsupported`.
+    async fn open_volume_writer(&self, v: &Volume) -> Result<Box<dyn VolumeWriter>> {
+        let _ = v;
+        Err(crate::error::Error::unsupported(
+            "this backend cannot write a volume's data",
+        ))
+    }
+
+    /// Which ranges of snapshot `to` may differ from the older snapshot `from` of the same
+    /// volume, from the backend's own tracking (shared blocks, layers, object maps), without
+    /// reading data. A backend that keeps no track answers [`SnapshotDelta::Untracked`] (the
+    /// default) and callers compare the two images' data instead.
+    async fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
+        let _ = (from, to);
+        Ok(SnapshotDelta::Untracked)
+    }
 
     /// Capacity and usage.
     async fn stats(&self) -> Result<BackendStats>;

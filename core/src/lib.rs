@@ -6,9 +6,12 @@
 
 pub mod agent;
 pub mod backends;
+pub mod backup;
 pub mod bench;
 pub mod blocking;
 pub mod crash;
+pub mod delta;
+pub mod diff_apply;
 pub mod diff_stream;
 pub mod driver;
 pub mod error;
@@ -29,8 +32,8 @@ pub use fail as __fail;
 pub use backends::{BackendInfo, Backends};
 pub use blocking::{Blocking, BlockingDriver};
 pub use driver::{
-    BenchPrimitives, CheckReport, GroupMember, GroupOutcome, SnapshotReader, VolumeCheck,
-    VolumeDriver, WindowedSnapshots,
+    BenchPrimitives, CheckReport, GroupMember, GroupOutcome, SnapshotDelta, SnapshotReader,
+    VolumeCheck, VolumeDriver, VolumeWriter, WindowedSnapshots,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use instance::{Image, ImageStatus, Instance};

@@ -60,6 +60,8 @@ pub struct Service {
 /// Recovery's maximum lineage depth when walking trees; deeper means a corrupt store.
 const MAX_TREE_DEPTH: usize = 256;
 
+mod backups;
+pub use backups::{BackupVerified, RestoreTarget};
 mod instances;
 pub use instances::InstanceSpec;
 
@@ -515,12 +517,139 @@ impl Service {
         })
     }
 
+    /// Opens snapshot `to` as a diff stream source: the whole snapshot, or with `from` (an
+    /// older available snapshot of the same volume) only what changed since it, as the
+    /// backend tracks it (or by comparing both images when it does not). The volume stays
+    /// locked while the source lives.
+    pub async fn open_delta(
+        &self,
+        to: SnapshotId,
+        from: Option<SnapshotId>,
+    ) -> Result<crate::delta::DeltaSource> {
+        let s = self.ctx.snapshot(to).await?;
+        let locks = self.ctx.lock([LockKey::from(s.volume_id)]).await?;
+        let readable = |s: &Snapshot| {
+            if s.status == SnapshotStatus::Available {
+                Ok(())
+            } else {
+                Err(Error::wrong_state(format!(
+                    "cannot read snapshot {}: it is {}; it must be available",
+                    s.id, s.status
+                )))
+            }
+        };
+        let s = self.ctx.checked_snapshot(to).await?;
+        readable(&s)?;
+        let older = match from {
+            None => None,
+            Some(f) => {
+                let o = self.ctx.checked_snapshot(f).await?;
+                if o.volume_id != s.volume_id || o.id == s.id || o.created_at > s.created_at {
+                    return Err(Error::invalid(
+                        "--from",
+                        format!(
+                            "snapshot {f} is not an older snapshot of volume {} than {to}",
+                            s.volume_id
+                        ),
+                    ));
+                }
+                readable(&o)?;
+                Some(o)
+            }
+        };
+        let mut src = ops::backup::delta_locked(&self.ctx, &s, older.as_ref()).await?;
+        src.guard = Some(Box::new(locks));
+        Ok(src)
+    }
+
+    /// Applies an `rbd diff v1` stream onto detached volume `id`, as `rbd import-diff` does
+    /// onto an image: the stream's size must be the volume's; a stream that starts from a
+    /// snapshot needs the volume to have an available snapshot of that name or id (streams
+    /// apply in order); when the stream names the snapshot it leads to, a snapshot of that
+    /// name is taken once the data is written. A stream refused on its metadata writes
+    /// nothing. See [`crate::ops::restore`] for the statuses.
+    pub async fn import_diff(
+        &self,
+        id: VolumeId,
+        input: Box<dyn std::io::Read + Send>,
+        progress: ProgressHandle,
+    ) -> Result<ImportedDiff> {
+        use crate::diff_apply::{StreamInfo, apply};
+        let v = self.ctx.volume(id).await?;
+        let have: Vec<(String, Option<String>)> = self
+            .ctx
+            .store
+            .snapshots(Some(id))
+            .await?
+            .into_iter()
+            .filter(|s| s.status == SnapshotStatus::Available)
+            .map(|s| (s.id.to_string(), s.name))
+            .collect();
+        let size = v.size_bytes;
+        progress.set_total(size);
+        let accept = move |info: &StreamInfo| -> Result<()> {
+            if info.size_bytes != size {
+                return Err(Error::invalid(
+                    "diff stream",
+                    format!(
+                        "it describes an image of {} bytes; volume {id} has {size}",
+                        info.size_bytes
+                    ),
+                ));
+            }
+            if let Some(f) = &info.from
+                && !have
+                    .iter()
+                    .any(|(sid, name)| sid == f || name.as_ref() == Some(f))
+            {
+                return Err(Error::invalid(
+                    "diff stream",
+                    format!(
+                        "it starts from snapshot {f:?}, which volume {id} does not have \
+                         (apply the streams in order)"
+                    ),
+                ));
+            }
+            if let Some(t) = &info.to {
+                crate::validate::validate_label(t)?;
+            }
+            Ok(())
+        };
+        let (info, stats) = ops::restore::run(&self.ctx, id, "a diff stream".into(), move |w| {
+            apply(input, w, &accept, &|n| progress.advance(n))
+        })
+        .await?;
+        let snapshot = match &info.to {
+            Some(t) => Some(self.create_snapshot(id, Some(t.clone()), false).await?),
+            None => None,
+        };
+        Ok(ImportedDiff {
+            volume: self.ctx.volume(id).await?,
+            stream: info,
+            stats,
+            snapshot,
+        })
+    }
+
     /// Resolves every journaled operation whose owner is gone (see
     /// [`crate::ops::recovery`]). Operations a live process holds, or whose backend cannot
     /// answer now, stay journaled.
     pub async fn recover(&self) -> Result<Vec<RecoveryAction>> {
         ops::recovery::recover(&self.ctx).await
     }
+}
+
+/// What [`Service::import_diff`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportedDiff {
+    /// The volume, as it is now.
+    pub volume: Volume,
+    /// What the stream said about itself.
+    pub stream: crate::diff_apply::StreamInfo,
+    /// What was written.
+    pub stats: crate::diff_apply::ApplyStats,
+    /// The snapshot taken afterwards, named as the stream's end snapshot.
+    pub snapshot: Option<Snapshot>,
 }
 
 /// A snapshot reader that keeps its volume locked while it lives.

@@ -884,6 +884,12 @@ impl Store for FlakyStore {
     fn images(&self) -> Result<Vec<crate::instance::Image>> {
         self.inner.images()
     }
+    fn backup(&self, id: crate::types::BackupId) -> Result<Option<crate::types::Backup>> {
+        self.inner.backup(id)
+    }
+    fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<crate::types::Backup>> {
+        self.inner.backups(volume)
+    }
 }
 
 /// Found in review: recovery discarded store errors (`let _ = self.finish_…`) and still

@@ -67,6 +67,11 @@ uuid_id!(
     ImageId,
     "image"
 );
+uuid_id!(
+    /// Identifies a backup; its files on a target are named by it.
+    BackupId,
+    "backup"
+);
 
 /// Cinder's volume statuses. Serialized exactly as stored and printed (`in-use`,
 /// `error_deleting`: Cinder's own, mixed spelling).
@@ -86,6 +91,9 @@ pub enum VolumeStatus {
     ErrorDeleting,
     /// Being reverted to one of its snapshots.
     Reverting,
+    /// Data is being written into it from a stream or a backup (Cinder's
+    /// `restoring-backup`).
+    RestoringBackup,
 }
 
 /// Cinder's snapshot statuses, serialized as stored and printed (`error_deleting`).
@@ -157,7 +165,62 @@ status_strings!(VolumeStatus {
     Error => "error",
     ErrorDeleting => "error_deleting",
     Reverting => "reverting",
+    RestoringBackup => "restoring-backup",
 });
+
+/// A backup's status, as Cinder names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackupStatus {
+    /// Being written to its target.
+    Creating,
+    /// Complete on its target.
+    Available,
+    /// Being removed from its target.
+    Deleting,
+    /// Something failed; `status_reason` says what.
+    Error,
+    /// Being read back into a volume.
+    Restoring,
+}
+
+status_strings!(BackupStatus {
+    Creating => "creating",
+    Available => "available",
+    Deleting => "deleting",
+    Error => "error",
+    Restoring => "restoring",
+});
+
+/// One backup of a volume: the data of one of its snapshots, whole or as the changes since
+/// the snapshot of the backup it builds on, stored on a target outside the backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    /// Its id.
+    pub id: BackupId,
+    /// The volume it was taken of (the volume may be gone since).
+    pub volume_id: VolumeId,
+    /// The snapshot its data was read from.
+    pub snapshot_id: SnapshotId,
+    /// The backup it builds on (an incremental holds only the changes since that one's
+    /// snapshot); `None` for a full backup.
+    pub parent_id: Option<BackupId>,
+    /// A label.
+    pub name: Option<String>,
+    /// Where it is stored, e.g. `dir:/srv/backups`.
+    pub target: String,
+    /// Status.
+    pub status: BackupStatus,
+    /// Why it is in `error`.
+    pub status_reason: Option<String>,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    /// Bytes it occupies on the target.
+    pub stored_bytes: u64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
 
 status_strings!(SnapshotStatus {
     Creating => "creating",
@@ -386,8 +449,9 @@ pub struct Capabilities {
     pub clone: bool,
     /// Clones share blocks with their snapshot (copy-on-write) instead of a full copy.
     pub clone_cow: bool,
-    /// Changed-extent listing between snapshots. No driver implements it yet, so every
-    /// driver reports `false`; it turns true with the first `diff` implementation.
+    /// The backend tracks what changed between two snapshots (`diff_snapshots` answers
+    /// `Changed`: shared blocks, layers, object maps), so an incremental stream reads only
+    /// that; without it, both snapshots are read and compared.
     pub diff: bool,
     /// One instant across several volumes (native group snapshot).
     pub group_snapshot: bool,
@@ -415,6 +479,22 @@ pub struct Extent {
     pub length: u64,
 }
 
+/// Sorts extents and merges touching/overlapping ones.
+pub fn merge_extents(v: &mut [Extent]) -> Vec<Extent> {
+    v.sort_by_key(|e| e.offset);
+    let mut out: Vec<Extent> = Vec::with_capacity(v.len());
+    for e in v.iter().filter(|e| e.length > 0) {
+        match out.last_mut() {
+            Some(last) if e.offset <= last.offset + last.length => {
+                let end = (e.offset + e.length).max(last.offset + last.length);
+                last.length = end - last.offset;
+            }
+            _ => out.push(*e),
+        }
+    }
+    out
+}
+
 /// One timed run of a backend's raw snapshot primitive, with no kiln bookkeeping around it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrimitiveSample {
@@ -429,6 +509,13 @@ pub struct PrimitiveSample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extents_are_sorted_and_merged() {
+        let x = |offset, length| Extent { offset, length };
+        let mut v = vec![x(8, 4), x(0, 4), x(4, 4), x(20, 0), x(30, 5), x(32, 1)];
+        assert_eq!(merge_extents(&mut v), vec![x(0, 12), x(30, 5)]);
+    }
 
     #[test]
     fn statuses_serialize_as_stored() {

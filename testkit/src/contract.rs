@@ -10,13 +10,14 @@
 //! What it checks, on the `VolumeDriver` trait alone: point-in-time data; revert to any
 //! snapshot keeping the others; idempotent deletes that say what they did; `lookup_*`
 //! agreeing with creates; busy semantics of a snapshot with a clone; clone independence;
-//! capabilities matching behaviour; reader extents; refused calls changing nothing.
+//! capabilities matching behaviour; reader extents; changed extents between snapshots
+//! covering every change; refused calls changing nothing.
 
 use std::sync::Arc;
 
 use kiln_core::{
-    Attachment, DeleteAction, ErrorKind, InstanceId, Snapshot, SnapshotId, SnapshotReader,
-    SnapshotStatus, Volume, VolumeDriver, VolumeId, VolumeStatus, no_progress,
+    Attachment, DeleteAction, ErrorKind, InstanceId, Snapshot, SnapshotDelta, SnapshotId,
+    SnapshotReader, SnapshotStatus, Volume, VolumeDriver, VolumeId, VolumeStatus, no_progress,
 };
 
 use crate::pattern;
@@ -52,6 +53,7 @@ macro_rules! contract_tests {
             clones_are_independent,
             capabilities_match_behaviour,
             reader_extents_cover_the_data,
+            diff_covers_every_change,
             refused_calls_change_nothing);
     };
     (@cases $factory:expr; $($case:ident),*) => {
@@ -416,6 +418,49 @@ pub async fn clones_are_independent<T: Target>(t: Arc<T>) {
     cleanup(&d, &[&s], &[&v]).await;
 }
 
+/// `diff_snapshots` of two snapshots: a driver that claims `diff` answers `Changed` ranges
+/// that cover every byte that differs between them (both read back in full) and stay near
+/// what was written; a driver that does not claim it answers `Untracked`.
+pub async fn diff_covers_every_change<T: Target>(t: Arc<T>) {
+    let (d, v) = new_volume(&t).await;
+    write(&t, &v, 0, pattern(51, 4 << 20)).await;
+    let s1 = take_snapshot(&d, &v, "snapshot 1").await;
+    // 64 KiB rewritten, 64 KiB zeroed, 4 KiB written where there was nothing.
+    write(&t, &v, 1 << 20, pattern(52, 64 << 10)).await;
+    write(&t, &v, 3 << 20, vec![0; 64 << 10]).await;
+    write(&t, &v, 6 << 20, pattern(53, 4096)).await;
+    let s2 = take_snapshot(&d, &v, "snapshot 2").await;
+    let delta = d.diff_snapshots(&s1, &s2).await;
+    let claimed = d.capabilities().diff;
+    match (claimed, delta) {
+        (true, Ok(SnapshotDelta::Changed(ranges))) => {
+            let (x, y) = (read_snapshot(&d, &s1).await, read_snapshot(&d, &s2).await);
+            let mut covered = vec![false; y.len()];
+            for r in &ranges {
+                let end = (r.offset + r.length).min(y.len() as u64);
+                for c in covered
+                    .iter_mut()
+                    .take(end as usize)
+                    .skip(r.offset as usize)
+                {
+                    *c = true;
+                }
+            }
+            if let Some(i) = (0..y.len()).find(|i| x[*i] != y[*i] && !covered[*i]) {
+                panic!("byte {i} changed but no range covers it: {ranges:?}");
+            }
+            let total: u64 = ranges.iter().map(|r| r.length).sum();
+            assert!(
+                total <= 4 << 20,
+                "{total} bytes reported changed for 132 KiB written: {ranges:?}"
+            );
+        }
+        (false, Ok(SnapshotDelta::Untracked)) => {}
+        (claimed, got) => panic!("capability diff = {claimed}, but diff_snapshots gave {got:?}"),
+    }
+    cleanup(&d, &[&s1, &s2], &[&v]).await;
+}
+
 /// What a driver says it can do, it does; what it says it cannot, it refuses cleanly.
 pub async fn capabilities_match_behaviour<T: Target>(t: Arc<T>) {
     let (d, v) = new_volume(&t).await;
@@ -423,10 +468,6 @@ pub async fn capabilities_match_behaviour<T: Target>(t: Arc<T>) {
     assert!(
         !caps.snapshot_method.is_empty(),
         "say how snapshots are made"
-    );
-    assert!(
-        !caps.diff,
-        "no driver implements diff yet: a diff capability would be a false claim"
     );
     let a = pattern(41, 1 << 20);
     write(&t, &v, 0, a.clone()).await;

@@ -80,3 +80,22 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str, unit: (&str, u64))
         want[i]
     );
 }
+
+/// Applies an `rbd diff v1` stream onto `img` as `rbd import-diff` does (resize to the size
+/// record, then data and zero records); returns the stream's (from, to) snapshot names.
+pub fn apply_stream(img: &mut Vec<u8>, stream: &[u8]) -> (Option<String>, Option<String>) {
+    use kiln_core::diff_stream::{Record, read_records};
+    let (mut from, mut to) = (None, None);
+    for r in read_records(stream).unwrap() {
+        match r {
+            Record::From(n) => from = Some(n),
+            Record::To(n) => to = Some(n),
+            Record::Size(s) => img.resize(s as usize, 0),
+            Record::Data { offset, data } => {
+                img[offset as usize..offset as usize + data.len()].copy_from_slice(&data)
+            }
+            Record::Zero { offset, len } => img[offset as usize..(offset + len) as usize].fill(0),
+        }
+    }
+    (from, to)
+}

@@ -14,7 +14,8 @@ pub mod rbd;
 mod run;
 
 pub use data::{
-    assert_bench_timings, assert_same_bytes, backend_row, image, s, sha256_hex, write_at,
+    apply_stream, assert_bench_timings, assert_same_bytes, backend_row, image, s, sha256_hex,
+    write_at,
 };
-pub use files::{chain_record, listing};
+pub use files::{chain_record, listing, tree};
 pub use run::{Kiln, Runner, check_failure, run_bounded, serial, unique_token};

@@ -16,6 +16,7 @@
 //! backend what exists. A backend that cannot answer now (an [`ErrorKind::Unavailable`]
 //! error) leaves the entry journaled for the next try.
 
+pub mod backup;
 pub mod clone;
 pub mod create_snapshot;
 pub mod create_volume;
@@ -28,6 +29,7 @@ pub mod image_restore;
 pub mod instance_snapshot;
 pub mod recovery;
 pub mod reset_state;
+pub mod restore;
 pub mod revert;
 
 use std::sync::Arc;

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{
-    Ctx, clone, create_snapshot, create_volume, delete_snapshot, delete_volume, flatten,
-    group_snapshot, image_restore, instance_snapshot, revert,
+    Ctx, backup, clone, create_snapshot, create_volume, delete_snapshot, delete_volume, flatten,
+    group_snapshot, image_restore, instance_snapshot, restore, revert,
 };
 use crate::error::{Error, Result};
 use crate::locks::LockKey;
@@ -46,6 +46,9 @@ async fn recover_one(ctx: &Ctx, op: &Operation, children: &[Operation]) -> Resul
         delete_volume::KIND => delete_volume::recover(ctx, op).await,
         revert::KIND => revert::recover(ctx, op).await,
         flatten::KIND => flatten::recover(ctx, op).await,
+        restore::KIND => restore::recover(ctx, op).await,
+        backup::CREATE => backup::recover_create(ctx, op).await,
+        backup::DELETE => backup::recover_delete(ctx, op).await,
         group_snapshot::KIND => group_snapshot::recover(ctx, op, children).await,
         instance_snapshot::KIND => instance_snapshot::recover(ctx, op, children).await,
         image_restore::KIND => image_restore::recover(ctx, op, children).await,

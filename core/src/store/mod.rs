@@ -19,8 +19,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::instance::{Image, ImageStatus, Instance};
 use crate::types::{
-    Attachment, Consistency, ImageId, InstanceId, Snapshot, SnapshotId, SnapshotStatus, Volume,
-    VolumeId, VolumeStatus,
+    Attachment, Backup, BackupId, BackupStatus, Consistency, ImageId, InstanceId, Snapshot,
+    SnapshotId, SnapshotStatus, Volume, VolumeId, VolumeStatus,
 };
 
 /// Id of a journaled operation.
@@ -201,6 +201,25 @@ pub enum Step {
         /// Its consistency.
         consistency: Option<Consistency>,
     },
+    /// Insert a new backup row.
+    InsertBackup(Backup),
+    /// Compare-and-set of a backup's status (empty `from` = any status); sets the reason.
+    SetBackupStatus {
+        /// Backup to change.
+        id: BackupId,
+        /// Statuses it must be in now.
+        from: Vec<BackupStatus>,
+        /// New status.
+        to: BackupStatus,
+        /// New status reason (`None` clears it).
+        reason: Option<String>,
+    },
+    /// Record how many bytes a backup occupies on its target.
+    SetBackupStored(BackupId, u64),
+    /// Guard: no backup builds on this one (conflict: `what` "backup", `id` a child).
+    BackupHasNoChildren(BackupId),
+    /// Delete the backup row.
+    DeleteBackup(BackupId),
     /// Guard: no image (other than one being deleted) lists the snapshot (conflict: `what`
     /// "image", `id` the image, `found` its status).
     SnapshotFreeOfImage(SnapshotId),
@@ -302,6 +321,10 @@ pub trait Store: Send + Sync + 'static {
     fn image(&self, id: ImageId) -> Result<Option<Image>>;
     /// All images, oldest first.
     fn images(&self) -> Result<Vec<Image>>;
+    /// One backup.
+    fn backup(&self, id: BackupId) -> Result<Option<Backup>>;
+    /// Every backup (of one volume), oldest first.
+    fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<Backup>>;
 }
 
 /// The async face of a [`Store`]: every call runs on the blocking pool, so a slow disk (a
@@ -379,6 +402,14 @@ impl AsyncStore {
     /// See [`Store::images`].
     pub async fn images(&self) -> Result<Vec<Image>> {
         blocking_call!(self, |s| s.images())
+    }
+    /// See [`Store::backup`].
+    pub async fn backup(&self, id: BackupId) -> Result<Option<Backup>> {
+        blocking_call!(self, |s| s.backup(id))
+    }
+    /// See [`Store::backups`].
+    pub async fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<Backup>> {
+        blocking_call!(self, |s| s.backups(volume))
     }
     /// See [`Store::history`].
     pub async fn history(&self, object_id: String) -> Result<Vec<HistoryEntry>> {

@@ -9,7 +9,9 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use super::{Batch, Conflict, HistoryEntry, NewOp, OpId, Operation, Step, Store};
 use crate::error::{Error, Result};
 use crate::instance::{Image, ImageStatus, Instance};
-use crate::types::{Attachment, ImageId, InstanceId, Snapshot, SnapshotId, Volume, VolumeId};
+use crate::types::{
+    Attachment, Backup, BackupId, ImageId, InstanceId, Snapshot, SnapshotId, Volume, VolumeId,
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Never edit a released entry: append a new one.
@@ -106,6 +108,23 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE instances ADD COLUMN qmp TEXT;
     ALTER TABLE attachments ADD COLUMN qmp TEXT;
     ALTER TABLE attachments ADD COLUMN node TEXT;",
+    // 5: backups (kept when their volume and snapshot are gone).
+    "CREATE TABLE backups (
+        id TEXT PRIMARY KEY,
+        volume_id TEXT NOT NULL,
+        snapshot_id TEXT NOT NULL,
+        parent_id TEXT REFERENCES backups(id),
+        name TEXT,
+        target TEXT NOT NULL,
+        status TEXT NOT NULL,
+        status_reason TEXT,
+        size_bytes INTEGER NOT NULL,
+        stored_bytes INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX backups_volume ON backups(volume_id);
+    CREATE INDEX backups_parent ON backups(parent_id);",
 ];
 
 /// WAL pages after which a commit checkpoints (see `SqliteStore::open`): a command writes
@@ -314,6 +333,28 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
         snapshots: Vec::new(),
         created_at: parse_ts(&r.get::<_, String>(7)?)?,
         updated_at: parse_ts(&r.get::<_, String>(8)?)?,
+    })
+}
+
+const BACKUP_COLS: &str = "id, volume_id, snapshot_id, parent_id, name, target, status, status_reason, size_bytes, stored_bytes, created_at, updated_at";
+
+fn backup_row(r: &Row<'_>) -> rusqlite::Result<Backup> {
+    Ok(Backup {
+        id: parse_col(&r.get::<_, String>(0)?)?,
+        volume_id: parse_col(&r.get::<_, String>(1)?)?,
+        snapshot_id: parse_col(&r.get::<_, String>(2)?)?,
+        parent_id: r
+            .get::<_, Option<String>>(3)?
+            .map(|p| parse_col(&p))
+            .transpose()?,
+        name: r.get(4)?,
+        target: r.get(5)?,
+        status: parse_col(&r.get::<_, String>(6)?)?,
+        status_reason: r.get(7)?,
+        size_bytes: size_col(r.get(8)?)?,
+        stored_bytes: size_col(r.get(9)?)?,
+        created_at: parse_ts(&r.get::<_, String>(10)?)?,
+        updated_at: parse_ts(&r.get::<_, String>(11)?)?,
     })
 }
 
@@ -532,6 +573,72 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                 [id.to_string()],
             )?;
             tx.execute("DELETE FROM images WHERE id = ?1", [id.to_string()])?;
+        }
+        Step::InsertBackup(b) => {
+            tx.execute(
+                &format!(
+                    "INSERT INTO backups ({BACKUP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ),
+                params![
+                    b.id.to_string(),
+                    b.volume_id.to_string(),
+                    b.snapshot_id.to_string(),
+                    b.parent_id.map(|p| p.to_string()),
+                    b.name,
+                    b.target,
+                    b.status.as_str(),
+                    b.status_reason,
+                    size_param(b.size_bytes)?,
+                    size_param(b.stored_bytes)?,
+                    ts(&b.created_at),
+                    ts(&b.updated_at),
+                ],
+            )?;
+        }
+        Step::SetBackupStatus {
+            id,
+            from,
+            to,
+            reason,
+        } => {
+            let found: Option<String> = tx
+                .query_row(
+                    "SELECT status FROM backups WHERE id = ?1",
+                    [id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if !status_ok(&found, from.iter().map(|s| s.as_str()), true) {
+                return conflict("backup", id.to_string(), found);
+            }
+            tx.execute(
+                "UPDATE backups SET status = ?2, status_reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id.to_string(), to.as_str(), reason, now],
+            )?;
+        }
+        Step::SetBackupStored(id, bytes) => {
+            tx.execute(
+                "UPDATE backups SET stored_bytes = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id.to_string(), size_param(*bytes)?, now],
+            )?;
+        }
+        Step::BackupHasNoChildren(id) => {
+            let child: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM backups WHERE parent_id = ?1 LIMIT 1",
+                    [id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(c) = child {
+                return conflict("backup", c, Some("builds on it".into()));
+            }
+        }
+        Step::DeleteBackup(id) => {
+            let n = tx.execute("DELETE FROM backups WHERE id = ?1", [id.to_string()])?;
+            if n == 0 {
+                return conflict("backup", id.to_string(), None);
+            }
         }
         Step::SetSnapshotImage {
             id,
@@ -884,6 +991,33 @@ impl Store for SqliteStore {
             &format!("SELECT {IMAGE_COLS} FROM images ORDER BY rowid"),
             None,
         )
+    }
+
+    fn backup(&self, id: BackupId) -> Result<Option<Backup>> {
+        let conn = self.lock()?;
+        Ok(conn
+            .prepare_cached(&format!("SELECT {BACKUP_COLS} FROM backups WHERE id = ?1"))?
+            .query_row([id.to_string()], backup_row)
+            .optional()?)
+    }
+
+    fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<Backup>> {
+        let conn = self.lock()?;
+        let rows = match volume {
+            Some(v) => conn
+                .prepare_cached(&format!(
+                    "SELECT {BACKUP_COLS} FROM backups WHERE volume_id = ?1 ORDER BY created_at, rowid"
+                ))?
+                .query_map([v.to_string()], backup_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?,
+            None => conn
+                .prepare_cached(&format!(
+                    "SELECT {BACKUP_COLS} FROM backups ORDER BY created_at, rowid"
+                ))?
+                .query_map([], backup_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?,
+        };
+        Ok(rows)
     }
 
     fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>> {

@@ -117,6 +117,38 @@ pub(crate) fn data_extents(file: &File, size: u64) -> io::Result<Vec<Extent>> {
     Ok(out)
 }
 
+/// Makes `len` bytes at `offset` of `file` read as zeros: a punched hole (the blocks are
+/// freed, the size kept), or written zeros on a filesystem that cannot punch.
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::other("range overflow"));
+    };
+    // SAFETY: plain syscall on an fd owned by `file`.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory, so that renames and unlinks inside it survive a crash.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)

@@ -32,6 +32,12 @@ impl std::fmt::Display for RbdCallError {
 
 impl std::error::Error for RbdCallError {}
 
+impl From<RbdCallError> for std::io::Error {
+    fn from(e: RbdCallError) -> Self {
+        std::io::Error::new(std::io::Error::from_raw_os_error(e.errno).kind(), e)
+    }
+}
+
 impl From<RbdCallError> for Error {
     fn from(e: RbdCallError) -> Self {
         let message = format!(

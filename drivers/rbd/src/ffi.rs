@@ -358,6 +358,13 @@ dynamic_fns! {
     pub fn rbd_read(image: rbd_image_t, ofs: u64, len: size_t, buf: *mut c_char) -> ssize_t;
     pub fn rbd_write(image: rbd_image_t, ofs: u64, len: size_t, buf: *const c_char) -> ssize_t;
     pub fn rbd_flush(image: rbd_image_t) -> c_int;
+    pub fn rbd_write_zeroes(
+        image: rbd_image_t,
+        ofs: u64,
+        len: size_t,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> ssize_t;
     pub fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
     pub fn rbd_lock_get_owners(
         image: rbd_image_t,

@@ -22,6 +22,7 @@ mod names;
 mod progress;
 mod reader;
 mod stats;
+mod writer;
 
 pub use config::{MAX_CONNECT_TIMEOUT_SECS, RbdConfig};
 pub use driver::{RbdBackend, RbdDriver, open};

@@ -13,8 +13,10 @@
 
 pub(crate) mod chain;
 pub(crate) mod check;
+mod nbd;
 mod online;
 mod qemu;
+mod writer;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use std::time::Instant;
 
 use kiln_core::{
     DeleteAction, Error, PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot,
-    SnapshotReader, Volume, VolumeId,
+    SnapshotDelta, SnapshotReader, Volume, VolumeId,
 };
 
 use crate::Backend;
@@ -759,6 +761,9 @@ fn check_depth(chain: &Chain, v: &Volume) -> Result<()> {
     Ok(())
 }
 
+/// Writes a detached volume's active layer through qemu-nbd (see [`writer`]).
+pub(crate) use writer::open_volume_writer;
+
 /// Snapshots attached qcow2 volumes through their hypervisor (see [`online`]).
 pub(crate) use online::{Member as OnlineMember, create_snapshots as create_online_snapshots};
 
@@ -868,6 +873,49 @@ pub(crate) fn create_volume_from_snapshot(
 /// Converts the snapshot's chain into a sparse raw temp file in the backend directory, opens
 /// it and unlinks it, so the reader owns the only reference. Costs disk space for the
 /// allocated data of the snapshot while the reader is open.
+/// The clusters allocated in the layers that separate the two snapshots' files: from each
+/// file down to the newest file both chains share (after a revert the two can sit on
+/// different branches; then both sides' layers count). `qemu-img map` reads only metadata.
+pub(crate) fn diff_snapshots(b: &Backend, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
+    let src = lock_required(&b.dir, &to.volume_id)?;
+    let file_of = |s: &Snapshot| {
+        src.chain
+            .snapshots
+            .get(&s.id.to_string())
+            .map(|e| e.file.clone())
+            .ok_or_else(|| snapshot_not_found(s))
+    };
+    let (fa, fb) = (file_of(from)?, file_of(to)?);
+    let ancestors = |file: &str| {
+        let mut out = Vec::new();
+        let mut cur = Some(file.to_string());
+        while let Some(f) = cur {
+            if out.contains(&f) || out.len() > src.chain.files.len() {
+                break; // a loop; `check` reports it
+            }
+            cur = src.chain.files.get(&f).and_then(|l| l.backing.clone());
+            out.push(f);
+        }
+        out
+    };
+    let (la, lb) = (ancestors(&fa), ancestors(&fb));
+    // How many files of each chain lie above the newest shared one (all of it when the
+    // two share none).
+    let above_shared = |mine: &[String], other: &[String]| {
+        mine.iter()
+            .position(|f| other.contains(f))
+            .unwrap_or(mine.len()) as u64
+    };
+    let mut changed = qemu::allocated_in_top(&src.dir, &src.path(&fb), above_shared(&lb, &la))?;
+    let from_side = above_shared(&la, &lb);
+    if from_side > 0 {
+        changed.extend(qemu::allocated_in_top(&src.dir, &src.path(&fa), from_side)?);
+    }
+    Ok(SnapshotDelta::Changed(kiln_core::merge_extents(
+        &mut changed,
+    )))
+}
+
 pub(crate) fn open_snapshot_reader(b: &Backend, s: &Snapshot) -> Result<Box<dyn SnapshotReader>> {
     let src = lock_required(&b.dir, &s.volume_id)?;
     let entry = src

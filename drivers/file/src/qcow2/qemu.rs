@@ -350,6 +350,27 @@ pub(crate) fn data_extents(cwd: &Path, file: &Path) -> Result<Vec<Extent>> {
     Ok(ex)
 }
 
+/// Ranges of the image `file` allocated (data or zeroes) in its top `layers` files — the
+/// file itself and its `layers - 1` nearest backing files — from `qemu-img map`'s depth.
+/// Sorted and merged. `file` is a frozen snapshot file; `-U` as for [`convert`].
+pub(crate) fn allocated_in_top(cwd: &Path, file: &Path, layers: u64) -> Result<Vec<Extent>> {
+    let entries = map(cwd, file)?;
+    let mut ex: Vec<Extent> = Vec::new();
+    for m in entries
+        .into_iter()
+        .filter(|m| m.depth < layers && (m.data || m.zero))
+    {
+        match ex.last_mut() {
+            Some(last) if last.offset + last.length == m.start => last.length += m.length,
+            _ => ex.push(Extent {
+                offset: m.start,
+                length: m.length,
+            }),
+        }
+    }
+    Ok(ex)
+}
+
 /// `qemu-img --version`: proves the tool is installed and runs.
 pub(crate) fn version(cwd: &Path) -> Result<String> {
     let out = run("qemu-img --version", cwd, argv!["--version"])?;

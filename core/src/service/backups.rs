@@ -1,0 +1,238 @@
+//! The service's backup face: create, list, show, delete, verify and restore backups
+//! (operations in [`crate::ops::backup`] and [`crate::ops::restore`]).
+
+use std::io::BufReader;
+
+use super::{CreateVolume, Service};
+use crate::diff_apply::{StreamInfo, apply, check};
+use crate::error::{Error, Result};
+use crate::ops::backup::{self, BackupCreated, BackupRequest, Stored, as_damaged, damaged};
+use crate::progress::ProgressHandle;
+use crate::types::{Backup, BackupId, Volume, VolumeId, VolumeStatus};
+
+/// What `backup verify` found: every chunk matched its checksum and the stream is whole.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupVerified {
+    /// The backup.
+    pub backup_id: BackupId,
+    /// Chunk files checked.
+    pub chunks: usize,
+    /// Length of its stream.
+    pub stream_bytes: u64,
+    /// Bytes of data the stream carries.
+    pub data_bytes: u64,
+    /// Bytes of zeros the stream declares.
+    pub zero_bytes: u64,
+}
+
+/// Where `backup restore` writes.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreTarget {
+    /// Over this existing, detached volume of the backup's size.
+    pub volume: Option<VolumeId>,
+    /// Into a new volume on this backend (default: the default backend).
+    pub backend: Option<String>,
+}
+
+/// Reads one stored backup's stream, checking chunks as it goes; buffered for the record
+/// reader.
+fn stream_of(s: &Stored) -> BufReader<crate::backup::dir::ChunkReader> {
+    BufReader::with_capacity(1 << 20, s.dir.reader(s.backup.id, &s.manifest))
+}
+
+/// Checks that each stream of a chain starts where the previous one ended (the first from
+/// nothing) and that all describe `size` bytes.
+fn accept_in_chain(prev: Option<String>, size: u64) -> impl Fn(&StreamInfo) -> Result<()> {
+    move |info: &StreamInfo| {
+        if info.from != prev {
+            return Err(Error::invalid(
+                "backup chain",
+                format!(
+                    "a stream starts from {:?} where the chain is at {prev:?}",
+                    info.from
+                ),
+            ));
+        }
+        if info.size_bytes != size {
+            return Err(Error::invalid(
+                "backup",
+                format!(
+                    "its stream describes {} bytes; the target volume has {size}",
+                    info.size_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Service {
+    /// Backs up a volume's snapshot to a target (see [`crate::ops::backup`]).
+    pub async fn create_backup(
+        &self,
+        req: BackupRequest,
+        progress: ProgressHandle,
+    ) -> Result<BackupCreated> {
+        backup::create(&self.ctx, req, progress).await
+    }
+
+    /// Every backup (of one volume), oldest first.
+    pub async fn list_backups(&self, volume: Option<VolumeId>) -> Result<Vec<Backup>> {
+        self.ctx.store.backups(volume).await
+    }
+
+    /// One backup, or `NotFound`.
+    pub async fn backup(&self, id: BackupId) -> Result<Backup> {
+        self.ctx
+            .store
+            .backup(id)
+            .await?
+            .ok_or_else(|| Error::not_found("backup", id))
+    }
+
+    /// Deletes a backup from its target and the store; refused while another builds on it.
+    pub async fn delete_backup(&self, id: BackupId) -> Result<Backup> {
+        backup::delete(&self.ctx, id).await
+    }
+
+    /// Reads a backup back whole: every chunk against its checksum, and the stream's
+    /// records. A damaged backup is an error naming the chunk.
+    pub async fn verify_backup(&self, id: BackupId) -> Result<BackupVerified> {
+        let b = self.backup(id).await?;
+        let stored = backup::open_chain(vec![b]).map_err(as_damaged(id))?;
+        tokio::task::spawn_blocking(move || {
+            let s = &stored[0];
+            let (info, stats) = check(stream_of(s)).map_err(as_damaged(id))?;
+            if info.to.as_deref() != Some(s.manifest.snapshot_id.as_str())
+                || info.from != s.manifest.from_snapshot_id
+            {
+                return Err(damaged(
+                    id,
+                    "its stream names other snapshots than its manifest",
+                ));
+            }
+            Ok(BackupVerified {
+                backup_id: id,
+                chunks: s.manifest.chunks.len(),
+                stream_bytes: stats.stream_bytes,
+                data_bytes: stats.data_bytes,
+                zero_bytes: stats.zero_bytes,
+            })
+        })
+        .await
+        .map_err(|e| Error::backend("verify backup", format!("verify task failed: {e}")))?
+    }
+
+    /// Restores a backup (its chain: the full backup, then each incremental) into a new
+    /// volume on any backend, or over an existing detached volume of its size. Into a new
+    /// volume, a failure removes the volume (nothing restored); over an existing one, the
+    /// whole chain is checked before the first write, and a failure after it leaves the
+    /// volume `error` with the reason.
+    pub async fn restore_backup(
+        &self,
+        id: BackupId,
+        to: RestoreTarget,
+        progress: ProgressHandle,
+    ) -> Result<Volume> {
+        let chain = backup::chain(&self.ctx, id).await?;
+        let size = chain
+            .last()
+            .map(|b| b.size_bytes)
+            .ok_or_else(|| Error::not_found("backup", id))?;
+        let stored = backup::open_chain(chain).map_err(as_damaged(id))?;
+        let (vid, new) = match to.volume {
+            Some(vid) => {
+                let v = self.ctx.volume(vid).await?;
+                if v.status != VolumeStatus::Available {
+                    return Err(Error::wrong_state(format!(
+                        "cannot restore into volume {vid}: it is {}; it must be available \
+                         (detached)",
+                        v.status
+                    )));
+                }
+                if v.size_bytes != size {
+                    return Err(Error::invalid(
+                        "--volume",
+                        format!(
+                            "volume {vid} has {} bytes; backup {id} has {size}",
+                            v.size_bytes
+                        ),
+                    ));
+                }
+                // Over existing data nothing may be written before the whole chain is
+                // known good.
+                let stored = std::sync::Arc::new(stored);
+                let check_all = stored.clone();
+                tokio::task::spawn_blocking(move || {
+                    for s in check_all.iter() {
+                        check(stream_of(s)).map_err(as_damaged(s.backup.id))?;
+                    }
+                    Ok::<(), Error>(())
+                })
+                .await
+                .map_err(|e| Error::backend("restore", format!("check task failed: {e}")))??;
+                let stored = std::sync::Arc::try_unwrap(stored)
+                    .map_err(|_| Error::backend("restore", "the chain is still shared"))?;
+                return self
+                    .write_chain(vid, stored, true, id, progress)
+                    .await
+                    .and(self.ctx.volume(vid).await);
+            }
+            None => {
+                let v = self
+                    .create_volume(CreateVolume {
+                        size_bytes: Some(size),
+                        backend: to.backend,
+                        name: None,
+                        source_snapshot: None,
+                    })
+                    .await?;
+                (v.id, v)
+            }
+        };
+        let thin = self.ctx.driver(&new.backend).await?.capabilities().thin;
+        match self.write_chain(vid, stored, !thin, id, progress).await {
+            Ok(()) => self.ctx.volume(vid).await,
+            Err(e) => {
+                if let Err(d) = self.delete_volume(vid, false).await {
+                    tracing::warn!(volume = %vid, error = %d, "could not remove the volume of a failed restore");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a chain's streams into volume `vid` in order (zeroing it first when
+    /// `zero_first`: its old data, or a new volume that may not read as zeros).
+    async fn write_chain(
+        &self,
+        vid: VolumeId,
+        stored: Vec<Stored>,
+        zero_first: bool,
+        id: BackupId,
+        progress: ProgressHandle,
+    ) -> Result<()> {
+        let total: u64 = stored.iter().map(|s| s.manifest.stream_bytes).sum();
+        progress.set_total(total);
+        crate::ops::restore::run(&self.ctx, vid, format!("backup {id}"), move |w| {
+            let size = w.size();
+            if zero_first {
+                w.zero(0, size)
+                    .map_err(|e| Error::io("zero the volume before the restore", e))?;
+            }
+            let mut prev: Option<String> = None;
+            for s in &stored {
+                let (info, _) = apply(
+                    stream_of(s),
+                    w,
+                    &accept_in_chain(prev.clone(), size),
+                    &|n| progress.advance(n),
+                )
+                .map_err(as_damaged(s.backup.id))?;
+                prev = info.to;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
