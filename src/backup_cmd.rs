@@ -16,6 +16,7 @@ pub enum BackupJob {
     Show(BackupId),
     Delete(BackupId),
     Verify(BackupId),
+    Prune(VolumeId, String, bool),
     Restore(BackupId, RestoreTarget),
 }
 
@@ -44,6 +45,15 @@ impl BackupJob {
             BackupCmd::Show { id: i } => BackupJob::Show(id(&i)?),
             BackupCmd::Delete { id: i } => BackupJob::Delete(id(&i)?),
             BackupCmd::Verify { id: i } => BackupJob::Verify(id(&i)?),
+            BackupCmd::Prune {
+                volume,
+                keep,
+                dry_run,
+            } => {
+                // Refused before the store is opened when it does not parse.
+                kiln_core::backup::retention::Policy::parse(&keep)?;
+                BackupJob::Prune(id(&volume)?, keep, dry_run)
+            }
             BackupCmd::Restore {
                 id: i,
                 volume,
@@ -91,6 +101,25 @@ impl BackupJob {
                         human(r.data_bytes),
                         human(r.zero_bytes)
                     )
+                });
+            }
+            BackupJob::Prune(volume, keep, dry_run) => {
+                let r = service.prune_backups(volume, &keep, dry_run).await?;
+                emit(fmt, &r, || {
+                    let mut out = String::new();
+                    for k in &r.kept {
+                        out.push_str(&format!("keep   {}  ({})\n", k.id, k.reason));
+                    }
+                    let verb = if r.dry_run { "would remove" } else { "removed" };
+                    for id in &r.removed {
+                        out.push_str(&format!("{verb} {id}\n"));
+                    }
+                    out.push_str(&format!(
+                        "{} kept, {} {verb}",
+                        r.kept.len(),
+                        r.removed.len()
+                    ));
+                    out
                 });
             }
             BackupJob::Restore(i, to) => {

@@ -148,6 +148,22 @@ pub enum BackupCmd {
         /// Backup id (UUID).
         id: String,
     },
+    /// Apply a retention policy to a volume's backups, Benji's syntax: e.g.
+    /// `latest3,hours24,days7,weeks4,months12` keeps the 3 newest, then the oldest backup of
+    /// each of the last 24 hours, 7 days, 4 weeks (from Monday) and 12 months (UTC); the rest
+    /// go. A backup that a kept incremental builds on is always kept (a chain is never
+    /// broken). Prints what is kept (and why) and what is removed.
+    Prune {
+        /// Volume id (UUID).
+        #[arg(long, value_name = "VOLUME")]
+        volume: String,
+        /// Retention policy: comma-separated latestN, hoursN, daysN, weeksN, monthsN, yearsN.
+        #[arg(long, value_name = "SPEC")]
+        keep: String,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Read a backup back whole: every chunk against its SHA-256 and the stream's records.
     /// A damaged backup fails naming the chunk.
     Verify {

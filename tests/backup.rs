@@ -340,3 +340,116 @@ fn lock_dir(dir: &Path, locked: bool) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `backup prune` with Benji's syntax: `--dry-run` lists and changes nothing; a prune
+/// removes what the policy does not keep (files and records, newest first) but never a
+/// backup that a kept incremental builds on; a `--keep` that does not parse changes nothing.
+#[test]
+fn prune_keeps_what_the_policy_and_every_kept_chain_need() {
+    let k = Kiln::new();
+    let dir = target_dir(&k, "backups");
+    let target = format!("dir:{}", dir.display());
+    let vid = s(&k.json(&["volume", "create", "--size", "8M"]), "id");
+    let mut ids = Vec::new();
+    // full1 <- inc1, full2 <- inc2 <- inc3, full3
+    for incremental in [false, true, false, true, true, false] {
+        write(&k, "raw", &vid, 0, &pattern(ids.len() as u64, 64 << 10));
+        let mut args = vec!["backup", "create", &vid, "--target", &target];
+        if incremental {
+            args.push("--incremental");
+        }
+        ids.push(s(&k.json(&args), "id"));
+        // Distinct creation times (the policy orders by them).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (full1, inc1, full2, inc2, inc3, full3) =
+        (&ids[0], &ids[1], &ids[2], &ids[3], &ids[4], &ids[5]);
+
+    let before = everything(&k, &dir);
+    for bad in ["latest0", "days", "fortnights2", "days1,days2", ""] {
+        let e = k.fails(
+            &[
+                "backup",
+                "prune",
+                "--volume",
+                &vid,
+                &format!("--keep={bad}"),
+            ],
+            4,
+        );
+        assert!(e.contains("--keep"), "{bad}: {e}");
+    }
+    k.fails(
+        &[
+            "backup",
+            "prune",
+            "--volume",
+            "5a0e0c1e-0000-4000-8000-000000000000",
+            "--keep",
+            "latest1",
+        ],
+        3,
+    );
+    assert_eq!(everything(&k, &dir), before);
+
+    // latest2 keeps full3 and inc3 — and inc3 needs inc2 and full2.
+    let plan = k.json(&[
+        "backup",
+        "prune",
+        "--volume",
+        &vid,
+        "--keep",
+        "latest2",
+        "--dry-run",
+    ]);
+    assert_eq!(everything(&k, &dir), before, "a dry run changed something");
+    let kept: Vec<(String, String)> = plan["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (s(k, "id"), s(k, "reason")))
+        .collect();
+    let base = format!("base of {inc3}");
+    assert_eq!(
+        kept,
+        vec![
+            (full3.clone(), "latest".to_string()),
+            (inc3.clone(), "latest".to_string()),
+            (inc2.clone(), base.clone()),
+            (full2.clone(), base),
+        ]
+    );
+    let removed: Vec<String> = plan["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(removed, vec![inc1.clone(), full1.clone()]);
+    assert_eq!(plan["dry_run"], true);
+
+    let done = k.json(&["backup", "prune", "--volume", &vid, "--keep", "latest2"]);
+    assert_eq!(done["removed"], plan["removed"]);
+    let left: Vec<String> = k
+        .json(&["backup", "list", "--volume", &vid])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| s(b, "id"))
+        .collect();
+    assert_eq!(
+        left,
+        vec![full2.clone(), inc2.clone(), inc3.clone(), full3.clone()]
+    );
+    let mut on_disk: Vec<String> = tree(&dir)
+        .into_iter()
+        .filter(|p| !p.contains('/'))
+        .collect();
+    on_disk.sort();
+    let mut want: Vec<String> = left.iter().map(|i| format!("kiln-backup-{i}")).collect();
+    want.sort();
+    assert_eq!(on_disk, want);
+    // What is left still restores.
+    let r = k.json(&["backup", "restore", inc3]);
+    assert_eq!(r["status"], "available");
+}

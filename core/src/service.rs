@@ -61,7 +61,7 @@ pub struct Service {
 const MAX_TREE_DEPTH: usize = 256;
 
 mod backups;
-pub use backups::{BackupVerified, RestoreTarget};
+pub use backups::{BackupVerified, Pruned, RestoreTarget};
 mod instances;
 pub use instances::InstanceSpec;
 

@@ -4,6 +4,7 @@
 //! [`crate::ops::backup`]; this module holds the targets.
 
 pub mod dir;
+pub mod retention;
 
 use std::path::PathBuf;
 

@@ -25,6 +25,17 @@ pub struct BackupVerified {
     pub zero_bytes: u64,
 }
 
+/// What `backup prune` did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pruned {
+    /// Nothing was deleted: this is the plan.
+    pub dry_run: bool,
+    /// Kept, newest first, each with why.
+    pub kept: Vec<crate::backup::retention::Kept>,
+    /// Deleted (or to delete), newest first.
+    pub removed: Vec<BackupId>,
+}
+
 /// Where `backup restore` writes.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreTarget {
@@ -93,6 +104,53 @@ impl Service {
     /// Deletes a backup from its target and the store; refused while another builds on it.
     pub async fn delete_backup(&self, id: BackupId) -> Result<Backup> {
         backup::delete(&self.ctx, id).await
+    }
+
+    /// Applies a retention policy (Benji's syntax, see [`crate::backup::retention`]) to the
+    /// available backups of `volume`: deletes what it does not keep, newest first, never a
+    /// backup a kept one builds on. With `dry_run` nothing is deleted. A delete that fails
+    /// stops the prune with an error naming what was already removed.
+    pub async fn prune_backups(
+        &self,
+        volume: VolumeId,
+        keep: &str,
+        dry_run: bool,
+    ) -> Result<Pruned> {
+        let policy = crate::backup::retention::Policy::parse(keep)?;
+        let all = self.list_backups(Some(volume)).await?;
+        if all.is_empty() {
+            // An unknown volume id says so rather than pruning nothing.
+            self.ctx.volume(volume).await?;
+        }
+        let available: Vec<Backup> = all
+            .into_iter()
+            .filter(|b| b.status == crate::types::BackupStatus::Available)
+            .collect();
+        let plan = policy.plan(&available, chrono::Utc::now());
+        if !dry_run {
+            for (i, id) in plan.remove.iter().enumerate() {
+                if let Err(e) = self.delete_backup(*id).await {
+                    let done: Vec<String> =
+                        plan.remove[..i].iter().map(|b| b.to_string()).collect();
+                    return Err(Error::new(
+                        e.kind(),
+                        format!(
+                            "prune stopped at backup {id}: {e} (already removed: {})",
+                            if done.is_empty() {
+                                "none".into()
+                            } else {
+                                done.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Pruned {
+            dry_run,
+            kept: plan.keep,
+            removed: plan.remove,
+        })
     }
 
     /// Reads a backup back whole: every chunk against its checksum, and the stream's
