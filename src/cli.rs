@@ -301,6 +301,26 @@ pub enum ImageCmd {
         #[arg(long, value_name = "LABEL")]
         name: Option<String>,
     },
+    /// Write the image with its data into a new directory: image.json (the record, its
+    /// block_device_mapping) and a full backup of every snapshot it lists, each chunked
+    /// with SHA-256 sums. Progress bar on a terminal.
+    Export {
+        /// Image id (UUID).
+        id: String,
+        /// A new directory (never an existing one).
+        #[arg(long, short, value_name = "DIR")]
+        output: String,
+    },
+    /// Recreate an exported image on any backend: a volume and a snapshot per exported
+    /// snapshot, and a new image whose block_device_mapping names them (boot it with
+    /// `image restore`). All or nothing. Prints the new image.
+    Import {
+        /// The directory `image export` wrote.
+        dir: String,
+        /// Backend for the new volumes [default: the default backend].
+        #[arg(long, value_name = "NAME")]
+        backend: Option<String>,
+    },
 }
 
 /// `kiln backend ...`

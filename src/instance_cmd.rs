@@ -26,6 +26,16 @@ pub enum InstanceJob {
     ImageShow(ImageId),
     ImageDelete(ImageId, bool),
     ImageRestore(RestoreRequest),
+    ImageExport(ImageId, std::path::PathBuf),
+    ImageImport(std::path::PathBuf, Option<String>),
+}
+
+/// A path argument (used as a path only, never in a command line): not empty.
+fn non_empty(what: &str, p: String) -> Result<std::path::PathBuf> {
+    if p.is_empty() {
+        return Err(Error::invalid(what, "empty path"));
+    }
+    Ok(p.into())
 }
 
 /// Parses `KEY=VALUE` properties.
@@ -126,6 +136,12 @@ impl InstanceJob {
                 instance: instance.as_deref().map(id).transpose()?,
                 name: label(name)?,
             }),
+            ImageCmd::Export { id: i, output } => {
+                InstanceJob::ImageExport(id(&i)?, non_empty("--output", output)?)
+            }
+            ImageCmd::Import { dir, backend } => {
+                InstanceJob::ImageImport(non_empty("directory", dir)?, backend)
+            }
         })
     }
 
@@ -181,6 +197,27 @@ impl InstanceJob {
                 let (i, vols) = service.restore_image(req).await?;
                 let view = InstanceView::of(service, i, vols).await;
                 emit(fmt, &view, || instance_text(&view));
+            }
+            InstanceJob::ImageExport(id, out) => {
+                let (p, pb) = crate::progress(fmt);
+                let r = service.export_image(id, &out, p).await;
+                pb.finish_and_clear();
+                let r = r?;
+                emit(fmt, &r, || {
+                    format!(
+                        "exported image {} and {} snapshot(s) to {} ({} written)",
+                        r.image_id,
+                        r.snapshots.len(),
+                        r.output.display(),
+                        crate::output::human(r.stored_bytes)
+                    )
+                });
+            }
+            InstanceJob::ImageImport(dir, backend) => {
+                let (p, pb) = crate::progress(fmt);
+                let img = service.import_image(&dir, backend, p).await;
+                pb.finish_and_clear();
+                show_image(fmt, &img?);
             }
         }
         Ok(())

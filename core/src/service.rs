@@ -61,7 +61,9 @@ pub struct Service {
 const MAX_TREE_DEPTH: usize = 256;
 
 mod backups;
+mod image_transfer;
 pub use backups::{BackupVerified, Pruned, RestoreTarget};
+pub use image_transfer::{ExportedSnapshot, ImageExport, ImageExported};
 mod instances;
 pub use instances::InstanceSpec;
 
