@@ -612,3 +612,60 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Unmounts a test's tmpfs when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A backup that fails part-way — its target fills up — leaves no backup record, no file on
+/// the target, and no snapshot (the one it took for itself is removed again); the volume is
+/// as it was and a backup to a roomier target works.
+#[test]
+fn a_backup_that_fails_part_way_leaves_nothing() {
+    let k = Kiln::new();
+    let small = target_dir(&k, "small");
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount tmpfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _mounted = Tmpfs(small.clone());
+    let vid = s(&k.json(&["volume", "create", "--size", "16M"]), "id");
+    write(&k, "raw", &vid, 0, &pattern(40, 8 << 20));
+    let before = everything(&k, &small);
+    let e = k.fails(
+        &[
+            "backup",
+            "create",
+            &vid,
+            "--target",
+            &format!("dir:{}", small.display()),
+        ],
+        8,
+    );
+    assert!(e.contains("No space left"), "{e}");
+    assert_eq!(
+        everything(&k, &small),
+        before,
+        "a failed backup left something"
+    );
+    let dir = target_dir(&k, "big");
+    let b = k.json(&[
+        "backup",
+        "create",
+        &vid,
+        "--target",
+        &format!("dir:{}", dir.display()),
+    ]);
+    assert_eq!(b["status"], "available");
+}

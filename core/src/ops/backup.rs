@@ -180,6 +180,7 @@ pub(crate) async fn create(
         None
     };
     let id = BackupId::new();
+    let auto = given.is_none();
     let s = match given {
         Some(s) => s,
         None => {
@@ -187,6 +188,32 @@ pub(crate) async fn create(
             super::create_snapshot::run(ctx, v.id, Some(format!("backup-{id}")), force).await?
         }
     };
+    let r = write_backup(ctx, id, &v, &s, base, req.name, &dir, target_s, progress).await;
+    if r.is_err() && auto {
+        // The snapshot was taken for this backup only: nothing will build on it.
+        if let Err(d) =
+            super::delete_snapshot::run(ctx, s.id, false, crate::progress::no_progress()).await
+        {
+            tracing::warn!(snapshot = %s.id, error = %d, "could not remove the snapshot of a failed backup");
+        }
+    }
+    r
+}
+
+/// Writes backup `id` of snapshot `s` (whole, or since `base`'s snapshot) into `dir`,
+/// journaled, under the volume's lock.
+#[allow(clippy::too_many_arguments)]
+async fn write_backup(
+    ctx: &Ctx,
+    id: BackupId,
+    v: &crate::types::Volume,
+    s: &Snapshot,
+    base: Option<(Backup, Snapshot)>,
+    name: Option<String>,
+    dir: &DirTarget,
+    target_s: String,
+    progress: ProgressHandle,
+) -> Result<BackupCreated> {
     let _locks = ctx.lock([v.id.into()]).await?;
     let now = Utc::now();
     let record = Backup {
@@ -194,7 +221,7 @@ pub(crate) async fn create(
         volume_id: v.id,
         snapshot_id: s.id,
         parent_id: base.as_ref().map(|(b, _)| b.id),
-        name: req.name,
+        name,
         target: target_s.clone(),
         status: BackupStatus::Creating,
         status_reason: None,
@@ -223,7 +250,7 @@ pub(crate) async fn create(
         )
         .await?;
     let written = async {
-        let mut src = delta_locked(ctx, &s, base.as_ref().map(|(_, bs)| bs)).await?;
+        let mut src = delta_locked(ctx, s, base.as_ref().map(|(_, bs)| bs)).await?;
         progress.set_total(src.scan_bytes());
         let dir = dir.clone();
         let manifest_of = {
