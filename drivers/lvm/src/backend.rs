@@ -2,7 +2,8 @@
 //! LV queries and the activation helpers every operation shares. Everything here blocks;
 //! [`crate::LvmDriver`] (kiln-core's one blocking adapter) runs it on tokio's blocking pool.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use kiln_core::{Error, ErrorKind, Result};
@@ -32,6 +33,13 @@ pub struct LvmBackend {
     pub(crate) runner: Runner,
     /// The VG's extent size in bytes: every LV size is rounded up to a multiple of it.
     pub(crate) extent: u64,
+    /// Held while a pool's metadata snapshot is reserved: a pool has at most one, so calls of
+    /// this process take turns instead of failing each other (see
+    /// [`LvmBackend::with_metadata_snap`]).
+    metadata_snap: Mutex<()>,
+    /// Whether the installed `thin_delta` can be trusted, found out on first use (see
+    /// `crate::diff`).
+    pub(crate) thin_delta: std::sync::OnceLock<std::result::Result<(), String>>,
 }
 
 impl LvmBackend {
@@ -57,6 +65,8 @@ impl LvmBackend {
             cfg,
             runner,
             extent: 0,
+            metadata_snap: Mutex::new(()),
+            thin_delta: std::sync::OnceLock::new(),
         };
         let vg = b.vg_row().map_err(|e| match e {
             e if e.kind() == ErrorKind::Backend && e.message().contains("not found") => {
@@ -236,6 +246,66 @@ impl LvmBackend {
         Ok(())
     }
 
+    /// Runs `f` with the path of thin pool `pool_lv`'s metadata device while a metadata
+    /// snapshot of the pool is reserved (`dmsetup message <pool>-tpool 0
+    /// reserve_metadata_snap`), then releases it, also when `f` panics. The live metadata
+    /// changes under a reader's feet; the reserved snapshot is a stable copy that `thin_dump
+    /// -m` and `thin_delta --metadata-snap` read (reserving also commits outstanding
+    /// mappings). A pool holds at most one: calls of this backend take turns, and a
+    /// snapshot another process holds is waited for a little (the busy reply is retried),
+    /// then reported as `Unavailable`. A pool that is not active (no thin LV of it is) is
+    /// activated for the call and deactivated again after it.
+    pub(crate) fn with_metadata_snap<T>(
+        &self,
+        pool_lv: &str,
+        f: impl FnOnce(&str) -> T,
+    ) -> Result<T> {
+        let _turn = self
+            .metadata_snap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tpool = format!("{}-tpool", names::dm_name(&self.vg, pool_lv));
+        let tmeta = format!(
+            "/dev/mapper/{}",
+            names::dm_name(&self.vg, &format!("{pool_lv}_tmeta"))
+        );
+        // The guard deactivates what it activated and releases what it reserved.
+        let mut held = HeldMetadataSnap {
+            runner: &self.runner,
+            tpool: &tpool,
+            reserved: false,
+            deactivate: None,
+        };
+        if !Path::new("/dev/mapper").join(&tpool).exists() {
+            self.activate(pool_lv, false)?;
+            held.deactivate = Some(self.spec(pool_lv));
+        }
+        self.runner
+            .run(
+                "dmsetup message reserve_metadata_snap",
+                "dmsetup",
+                &["message", &tpool, "0", "reserve_metadata_snap"],
+                Retry::Transient,
+            )
+            .map_err(|e| {
+                if crate::command::is_transient(e.message()) {
+                    Error::unavailable(
+                        "dmsetup message reserve_metadata_snap",
+                        format!(
+                            "the metadata snapshot of thin pool {} is held by another process; \
+                             try again later",
+                            self.spec(pool_lv)
+                        ),
+                    )
+                    .with_source(e)
+                } else {
+                    e
+                }
+            })?;
+        held.reserved = true;
+        Ok(f(&tmeta))
+    }
+
     /// Removes an LV (`lvremove -f`; for a thick origin this would take its snapshots along,
     /// so callers check for snapshots first). Fails when the LV does not exist.
     pub(crate) fn remove(&self, lv: &str) -> Result<()> {
@@ -322,5 +392,40 @@ impl LvmBackend {
                 row.origin
             )
         })
+    }
+}
+
+/// A reserved metadata snapshot (and maybe a pool activated for it): released (deactivated)
+/// on drop, failures logged. Release failing would leave the snapshot reserved and every
+/// later reservation of the pool refused, hence a warning.
+struct HeldMetadataSnap<'a> {
+    runner: &'a Runner,
+    tpool: &'a str,
+    reserved: bool,
+    deactivate: Option<String>,
+}
+
+impl Drop for HeldMetadataSnap<'_> {
+    fn drop(&mut self) {
+        if self.reserved
+            && let Err(e) = self.runner.run(
+                "dmsetup message release_metadata_snap",
+                "dmsetup",
+                &["message", self.tpool, "0", "release_metadata_snap"],
+                Retry::Transient,
+            )
+        {
+            tracing::warn!(pool = %self.tpool, error = %e, "could not release the metadata snapshot");
+        }
+        if let Some(spec) = self.deactivate.take() {
+            // A thin LV activated meanwhile keeps the pool's devices: harmless.
+            if let Err(e) = self.runner.lvm(
+                "lvchange -an",
+                &["lvchange", "-q", "-an", &spec],
+                Retry::Transient,
+            ) {
+                tracing::info!(lv = %spec, error = %e, "could not deactivate the thin pool");
+            }
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! Raw block-device I/O for the thick paths: zeroing, copying a snapshot into a new LV, and
-//! copying only the differing chunks back into an origin.
+//! Raw block-device I/O: zeroing and discarding ranges, copying a snapshot into a new LV,
+//! and copying only the differing chunks back into an origin.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -17,6 +17,12 @@ pub const COPY_CHUNK: usize = 1 << 20;
 /// device's write-zeroes/discard support where it has it and writes zero pages otherwise, and
 /// drops the page cache of the range.
 const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// `BLKDISCARD` = `_IO(0x12, 119)`: discard a byte range of a block device. What a discarded
+/// range then reads is up to the device; dm-thin unmaps every whole pool chunk in it (those
+/// read as zeros) and silently ignores the partial chunks at its edges. The kernel drops the
+/// page cache of the range first.
+const BLKDISCARD: libc::c_ulong = 0x1277;
 
 /// Opens a block device read-only.
 pub fn open_read(path: &Path) -> io::Result<File> {
@@ -43,6 +49,23 @@ pub fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: BLKZEROOUT reads a `[u64; 2]` (start, length) from the pointer, which is valid
     // for the duration of the call; the fd is owned by `f`.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Discards `len` bytes at `offset` (both multiples of 512). Fails with `EOPNOTSUPP` when
+/// the device takes no discards (a thin pool with `discards = ignore`).
+pub fn discard_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD reads a `[u64; 2]` (start, length) from the pointer, which is valid
+    // for the duration of the call; the fd is owned by `f`.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
     if rc == 0 {
         Ok(())
     } else {

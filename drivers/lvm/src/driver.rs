@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use kiln_core::{
     Attachment, BackendStats, BenchPrimitives, BlockingDriver, Capabilities, DeleteAction,
-    PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot, SnapshotReader, Volume,
+    PrimitiveSample, ProgressHandle, ProviderUpdate, Result, Snapshot, SnapshotDelta,
+    SnapshotReader, Volume, VolumeWriter,
 };
 use serde_json::json;
 
@@ -67,7 +68,8 @@ impl BlockingDriver for LvmBackend {
             revert_any: true,
             clone: true,
             clone_cow: thin,
-            diff: false,
+            // Thin snapshots: the pool's mappings (thin_delta); thick COW keeps no record.
+            diff: thin,
             group_snapshot: false,
             snapshot_method: if thin {
                 "lvcreate --snapshot (thin)".into()
@@ -138,6 +140,15 @@ impl BlockingDriver for LvmBackend {
 
     fn stats(&self) -> Result<BackendStats> {
         LvmBackend::stats(self)
+    }
+
+    /// The volume's LV, opened read-write; on thin, zeroing unmaps whole pool chunks.
+    fn open_volume_writer(&self, v: &Volume) -> Result<Box<dyn VolumeWriter>> {
+        Ok(Box::new(LvmBackend::open_volume_writer(self, v)?))
+    }
+
+    fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
+        LvmBackend::diff_snapshots(self, from, to)
     }
 
     fn snapshot_health(&self, s: &Snapshot) -> Result<Option<String>> {

@@ -11,6 +11,7 @@ mod backend;
 mod blockdev;
 mod command;
 mod config;
+mod diff;
 mod driver;
 mod names;
 mod reader;
@@ -19,12 +20,14 @@ mod revert;
 mod snapshots;
 mod thin_map;
 mod volumes;
+mod writer;
 
 use kiln_core::{Error, Result};
 
 pub use backend::LvmBackend;
 pub use config::{LvmConfig, LvmType};
 pub use reader::LvmSnapshotReader;
+pub use writer::LvmVolumeWriter;
 
 /// The LVM backend as a `kiln_core::VolumeDriver`: [`LvmBackend`] behind kiln-core's
 /// blocking adapter. It derefs to [`LvmBackend`], so [`LvmBackend::is_thin`] and

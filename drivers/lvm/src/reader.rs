@@ -129,48 +129,27 @@ impl LvmBackend {
     /// info: the result stays correct, only slower) when they cannot be read — the caller
     /// then reads everything.
     fn thin_extents(&self, row: &LvRow, size: u64) -> Option<Vec<Extent>> {
-        let id = row.thin_id()?;
-        let tpool = format!("{}-tpool", names::dm_name(&self.vg, &row.pool_lv));
-        let tmeta = format!(
-            "/dev/mapper/{}",
-            names::dm_name(&self.vg, &format!("{}_tmeta", row.pool_lv))
-        );
-        // The live metadata changes under our feet; a reserved metadata snapshot is a stable
-        // copy (reserving also commits outstanding mappings). Only one can exist per pool.
-        if let Err(e) = self.runner.run(
-            "dmsetup message reserve_metadata_snap",
-            "dmsetup",
-            &["message", &tpool, "0", "reserve_metadata_snap"],
-            Retry::Transient,
-        ) {
-            tracing::info!(pool = %tpool, error = %e, "no metadata snapshot; reading all extents");
-            return None;
-        }
-        let dev_id = id.to_string();
-        let dump = self.runner.run(
-            "thin_dump",
-            "thin_dump",
-            &["-m", "--dev-id", &dev_id, &tmeta],
-            Retry::Never,
-        );
-        if let Err(e) = self.runner.run(
-            "dmsetup message release_metadata_snap",
-            "dmsetup",
-            &["message", &tpool, "0", "release_metadata_snap"],
-            Retry::Transient,
-        ) {
-            tracing::info!(pool = %tpool, error = %e, "could not release the metadata snapshot");
-        }
+        let dev_id = row.thin_id()?.to_string();
+        let dump = self
+            .with_metadata_snap(&row.pool_lv, |tmeta| {
+                self.runner.run(
+                    "thin_dump",
+                    "thin_dump",
+                    &["-m", "--dev-id", &dev_id, tmeta],
+                    Retry::Never,
+                )
+            })
+            .and_then(|dump| dump);
         match dump {
             Ok(out) => {
                 let e = thin_map::extents_from_dump(&out.stdout, size);
                 if e.is_none() {
-                    tracing::info!(pool = %tpool, "thin_dump output not understood; reading all extents");
+                    tracing::info!(pool = %row.pool_lv, "thin_dump output not understood; reading all extents");
                 }
                 e
             }
             Err(e) => {
-                tracing::info!(pool = %tpool, error = %e, "thin_dump failed; reading all extents");
+                tracing::info!(pool = %row.pool_lv, error = %e, "no thin mappings; reading all extents");
                 None
             }
         }

@@ -11,7 +11,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kiln_core::{DeleteAction, ErrorKind, VolumeDriver, no_progress};
+use kiln_core::{DeleteAction, ErrorKind, SnapshotDelta, VolumeDriver, no_progress};
 use kiln_driver_lvm::{LvmConfig, LvmType, open};
 use support::*;
 
@@ -275,6 +275,213 @@ async fn thin_volume_delete_leaves_its_snapshots_readable() {
         "thin snapshot outlives its origin",
     );
     d.delete_snapshot(&s).await.unwrap();
+}
+
+// ---------------------------------------------------------------- changes between snapshots
+
+/// `diff_snapshots` on thin snapshots lists what the pool's mappings say changed between them:
+/// three rewritten 64 KiB ranges (two over data of the older snapshot, one where it had
+/// none) and a discarded MiB, each widened to whole pool chunks and no more; both images read
+/// the same everywhere else. Snapshots of another volume and missing ones are refused, a
+/// snapshot has no changes from itself, the order of the two does not matter, nothing is
+/// activated or left reserved, an inactive pool works (and is left inactive), and so does a
+/// volume that is gone.
+#[tokio::test]
+async fn thin_diff_lists_the_rewritten_ranges_from_the_pool_mappings() {
+    const K: u64 = 1 << 10;
+    let t = TestVg::new("diff-thin", true, 512);
+    let d = driver(&t).await;
+    assert!(d.capabilities().diff, "thin backends list changes");
+    let v = volume(VOL);
+    d.create_volume(&v).await.unwrap();
+    let dev = t.vol_dev(&v);
+    let mut img = Image::zeros(VOL);
+    img.write(&dev, 0, 8 << 20, 1);
+    img.write(&dev, 40 << 20, 2 << 20, 2);
+    let a = snapshot(&v);
+    d.create_snapshot(&a, &v).await.unwrap();
+    // Over data A holds, where A has none, over data A holds; then a discard over data.
+    let rewrites = [(1 << 20) + 192 * K, 20 << 20, (41 << 20) + 512 * K];
+    for (i, off) in rewrites.into_iter().enumerate() {
+        img.write(&dev, off, 64 << 10, 10 + i as u64);
+    }
+    let discard = (40u64 << 20, 1u64 << 20);
+    run(&[
+        "blkdiscard",
+        "-o",
+        &discard.0.to_string(),
+        "-l",
+        &discard.1.to_string(),
+        dev.to_str().unwrap(),
+    ]);
+    let b = snapshot(&v);
+    d.create_snapshot(&b, &v).await.unwrap();
+    let before = t.lv_state();
+
+    let changed = match d.diff_snapshots(&a, &b).await.unwrap() {
+        SnapshotDelta::Changed(e) => e,
+        other => panic!("thin snapshots answered {other:?}"),
+    };
+    step(&format!("changed: {changed:?}"));
+    let chunk: u64 = run(&[
+        "lvs",
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "-o",
+        "chunk_size",
+        &format!("{}/kiln-pool", t.vg),
+    ])
+    .trim()
+    .parse()
+    .unwrap();
+    let mut pos = 0;
+    for e in &changed {
+        assert!(
+            e.offset >= pos && e.length > 0,
+            "not sorted and disjoint: {changed:?}"
+        );
+        pos = e.offset + e.length;
+    }
+    assert!(pos <= VOL, "past the end: {changed:?}");
+    let touched: Vec<(u64, u64)> = rewrites
+        .iter()
+        .map(|&o| (o, o + (64 << 10)))
+        .chain([(discard.0, discard.0 + discard.1)])
+        .collect();
+    // (1) Every rewritten and discarded byte is listed.
+    for &(start, end) in &touched {
+        assert!(
+            changed
+                .iter()
+                .any(|e| e.offset <= start && end <= e.offset + e.length),
+            "{start}..{end} missing from {changed:?}"
+        );
+    }
+    // (2) Nothing else is, but for the pool chunks around them.
+    let widened: Vec<(u64, u64)> = touched
+        .iter()
+        .map(|&(s, e)| (s / chunk * chunk, e.div_ceil(chunk) * chunk))
+        .collect();
+    for e in &changed {
+        assert!(
+            widened
+                .iter()
+                .any(|&(s, end)| s <= e.offset && e.offset + e.length <= end),
+            "{e:?} is far from every change (chunk {chunk}): {changed:?}"
+        );
+    }
+    let total: u64 = changed.iter().map(|e| e.length).sum();
+    let most: u64 = widened.iter().map(|(s, e)| e - s).sum();
+    assert!(
+        total <= most,
+        "{total} bytes listed, at most {most} changed: {changed:?}"
+    );
+
+    // (3) Outside the listed ranges both images read the same.
+    let (ra, rb) = (
+        d.open_snapshot_reader(&a).await.unwrap(),
+        d.open_snapshot_reader(&b).await.unwrap(),
+    );
+    let outside = changed.clone();
+    let same = tokio::task::spawn_blocking(move || {
+        let (mut ra, mut rb) = (ra, rb);
+        assert_eq!((ra.size(), rb.size()), (VOL, VOL));
+        let mut x = vec![0u8; MIB as usize];
+        let mut y = vec![0u8; MIB as usize];
+        let mut same = 0u64;
+        for off in (0..VOL).step_by(MIB as usize) {
+            for (r, buf) in [(&mut ra, &mut x), (&mut rb, &mut y)] {
+                let mut k = 0;
+                while k < buf.len() {
+                    let n = r.read_at(off + k as u64, &mut buf[k..]).unwrap();
+                    assert!(n > 0, "short read at {}", off + k as u64);
+                    k += n;
+                }
+            }
+            let mut p = off;
+            while p < off + MIB {
+                let inside = outside
+                    .iter()
+                    .find(|e| e.offset <= p && p < e.offset + e.length);
+                let next = match inside {
+                    Some(e) => (e.offset + e.length).min(off + MIB),
+                    None => outside
+                        .iter()
+                        .map(|e| e.offset)
+                        .find(|&o| o > p)
+                        .unwrap_or(u64::MAX)
+                        .min(off + MIB),
+                };
+                if inside.is_none() {
+                    let (i, j) = ((p - off) as usize, (next - off) as usize);
+                    assert!(
+                        x[i..j] == y[i..j],
+                        "A and B differ in {p}..{next}, outside {outside:?}"
+                    );
+                    same += (j - i) as u64;
+                }
+                p = next;
+            }
+        }
+        same
+    })
+    .await
+    .unwrap();
+    assert_eq!(same, VOL - total);
+
+    assert_eq!(
+        d.diff_snapshots(&b, &a).await.unwrap(),
+        SnapshotDelta::Changed(changed.clone()),
+        "the order does not matter"
+    );
+    assert_eq!(
+        d.diff_snapshots(&a, &a).await.unwrap(),
+        SnapshotDelta::Changed(vec![])
+    );
+    let other = volume(VOL);
+    d.create_volume(&other).await.unwrap();
+    let other_snap = snapshot(&other);
+    d.create_snapshot(&other_snap, &other).await.unwrap();
+    let ghost = snapshot(&v);
+    let kind = |r: kiln_core::Result<SnapshotDelta>| r.unwrap_err().kind();
+    assert_eq!(
+        kind(d.diff_snapshots(&a, &other_snap).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(d.diff_snapshots(&a, &ghost).await),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        kind(d.diff_snapshots(&ghost, &b).await),
+        ErrorKind::NotFound
+    );
+    d.delete_snapshot(&other_snap).await.unwrap();
+    d.delete_volume(&other).await.unwrap();
+    assert_eq!(t.lv_state(), before, "diff changed the VG");
+    // No metadata snapshot is left reserved: another one can be taken.
+    let tpool = format!("{}-kiln--pool-tpool", t.vg.replace('-', "--"));
+    run(&["dmsetup", "message", &tpool, "0", "reserve_metadata_snap"]);
+    run(&["dmsetup", "message", &tpool, "0", "release_metadata_snap"]);
+
+    // An inactive pool is activated for the diff, and deactivated again.
+    run(&["vgchange", "-q", "-an", &t.vg]);
+    let inactive = t.lv_state();
+    assert_eq!(
+        d.diff_snapshots(&a, &b).await.unwrap(),
+        SnapshotDelta::Changed(changed.clone()),
+        "inactive pool"
+    );
+    assert_eq!(t.lv_state(), inactive, "the pool was left active");
+    // The snapshots do not need their volume.
+    d.delete_volume(&v).await.unwrap();
+    assert_eq!(
+        d.diff_snapshots(&a, &b).await.unwrap(),
+        SnapshotDelta::Changed(changed),
+        "volume deleted"
+    );
 }
 
 // ---------------------------------------------------------------- bad input

@@ -1,10 +1,10 @@
 //! Thick (COW) LVM only, inside the user-mode-Linux guest: snapshots whose COW store
-//! overflows, an origin that has snapshots, and the zeroing of deleted data. Run with
-//! `tests/harness/lvm-suite.sh`.
+//! overflows, an origin that has snapshots, the zeroing of deleted data, and changes between
+//! snapshots that are not tracked. Run with `tests/harness/lvm-suite.sh`.
 
 mod support;
 
-use kiln_core::{DeleteAction, ErrorKind, VolumeDriver, no_progress};
+use kiln_core::{DeleteAction, ErrorKind, SnapshotDelta, VolumeDriver, no_progress};
 use kiln_driver_lvm::open;
 use support::*;
 
@@ -234,4 +234,43 @@ async fn thick_create_over_a_half_made_snapshot_lv_replaces_it_with_the_snapshot
     img.write(&dev, 0, 1 << 20, 8);
     let r = d.open_snapshot_reader(&s).await.unwrap();
     assert_snapshot(r, &want, "the snapshot made over the half-made LV");
+}
+
+// ---------------------------------------------------------------- changes between snapshots
+
+/// Thick (COW) snapshots keep no record of what changed between them: `diff_snapshots`
+/// answers untracked (callers compare the data) and the backend does not claim the
+/// capability; snapshots of another volume and missing ones are still refused.
+#[tokio::test]
+async fn thick_diff_is_untracked() {
+    let t = TestVg::new("diff-thick", false, 512);
+    let d = driver(&t).await;
+    assert!(!d.capabilities().diff, "thick backends do not list changes");
+    let v = volume(VOL);
+    d.create_volume(&v).await.unwrap();
+    let dev = t.vol_dev(&v);
+    let mut img = Image::zeros(VOL);
+    img.write(&dev, 0, 1 << 20, 1);
+    let a = snapshot(&v);
+    d.create_snapshot(&a, &v).await.unwrap();
+    img.write(&dev, 4 << 20, 64 << 10, 2);
+    let b = snapshot(&v);
+    d.create_snapshot(&b, &v).await.unwrap();
+    let before = t.lv_state();
+    assert_eq!(
+        d.diff_snapshots(&a, &b).await.unwrap(),
+        SnapshotDelta::Untracked
+    );
+    let other = volume(VOL);
+    let ghost = snapshot(&v);
+    let kind = |r: kiln_core::Result<SnapshotDelta>| r.unwrap_err().kind();
+    assert_eq!(
+        kind(d.diff_snapshots(&a, &snapshot(&other)).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(d.diff_snapshots(&a, &ghost).await),
+        ErrorKind::NotFound
+    );
+    assert_eq!(t.lv_state(), before, "diff changed the VG");
 }
