@@ -121,7 +121,9 @@ pub enum BackupCmd {
         /// Back up this snapshot of the volume instead of taking one.
         #[arg(long, value_name = "SNAPSHOT")]
         snapshot: Option<String>,
-        /// Where: dir:PATH (an existing writable directory).
+        /// Where: dir:PATH (an existing writable directory), or rbd:POOL (a pool of the
+        /// cluster of the configured RBD backend: one image per volume, a snapshot per
+        /// backup, as Cinder's Ceph backup driver keeps them).
         #[arg(long, value_name = "TARGET")]
         target: String,
         /// Only what changed since the latest backup of the volume on the same target

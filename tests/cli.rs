@@ -940,10 +940,7 @@ fn snapshot_diff_from_an_older_snapshot_carries_only_the_changes() {
             "{backend}: read {read}: {sum}"
         );
         let carried = sum["data_bytes"].as_u64().unwrap() + sum["zero_bytes"].as_u64().unwrap();
-        assert!(
-            (196 << 10..=1 << 20).contains(&carried),
-            "{backend}: {sum}"
-        );
+        assert!((196 << 10..=1 << 20).contains(&carried), "{backend}: {sum}");
         assert!(
             sum["zero_bytes"].as_u64().unwrap() >= 128 << 10,
             "{backend}: {sum}"

@@ -124,6 +124,33 @@ impl Backends {
         &self.default
     }
 
+    /// The backup pool `pool` (an `rbd:POOL` target) on the first backend of driver kind
+    /// `kind` that has it; `Unsupported` when no such backend is configured.
+    pub async fn backup_pool(
+        &self,
+        kind: &str,
+        pool: &str,
+    ) -> Result<Arc<dyn crate::backup::PoolBackups>> {
+        let mut last = None;
+        for (name, e) in &self.entries {
+            if e.kind != kind {
+                continue;
+            }
+            match self.driver(name).await {
+                Ok(d) => match d.backup_pool(pool).await {
+                    Ok(p) => return Ok(p),
+                    Err(err) => last = Some(err),
+                },
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            Error::unsupported(format!(
+                "{kind}:{pool} targets need a {kind} backend in the configuration"
+            ))
+        }))
+    }
+
     /// Configured backend names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)

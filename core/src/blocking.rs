@@ -103,6 +103,11 @@ pub trait BlockingDriver: Send + Sync + 'static {
             "this backend cannot write a volume's data",
         ))
     }
+    /// See [`VolumeDriver::backup_pool`]. The default: `Unsupported`.
+    fn backup_pool(&self, pool: &str) -> Result<Arc<dyn crate::backup::PoolBackups>> {
+        let _ = pool;
+        Err(Error::unsupported("this backend keeps no backup pools"))
+    }
     /// See [`VolumeDriver::diff_snapshots`]. The default: [`SnapshotDelta::Untracked`].
     fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
         let _ = (from, to);
@@ -376,6 +381,12 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
             d.open_volume_writer(&v)
         })
         .await
+    }
+
+    async fn backup_pool(&self, pool: &str) -> Result<Arc<dyn crate::backup::PoolBackups>> {
+        let pool = pool.to_string();
+        self.call("backup_pool", pool.clone(), move |d| d.backup_pool(&pool))
+            .await
     }
 
     async fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {

@@ -213,6 +213,18 @@ pub trait VolumeDriver: Send + Sync {
         ))
     }
 
+    /// The backups kept in `pool` of this backend's cluster (`rbd:POOL` targets). Backends
+    /// without pools say so with `Unsupported`.
+    async fn backup_pool(
+        &self,
+        pool: &str,
+    ) -> Result<std::sync::Arc<dyn crate::backup::PoolBackups>> {
+        let _ = pool;
+        Err(crate::error::Error::unsupported(
+            "this backend keeps no backup pools",
+        ))
+    }
+
     /// Which ranges of snapshot `to` may differ from the older snapshot `from` of the same
     /// volume, from the backend's own tracking (shared blocks, layers, object maps), without
     /// reading data. A backend that keeps no track answers [`SnapshotDelta::Untracked`] (the

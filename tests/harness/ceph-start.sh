@@ -206,6 +206,10 @@ log "osd.$OSD_ID up"
 quiet cephc osd pool create rbd 8 8 replicated
 timeout 120 rbd -c "$CONF" pool init rbd
 log "pool rbd created"
+# A second pool for rbd:POOL backup targets (tests/backup_rbd.rs).
+quiet cephc osd pool create kiln-backups 8 8 replicated
+timeout 120 rbd -c "$CONF" pool init kiln-backups
+log "pool kiln-backups created"
 
 wait_for clean "$READY_TIMEOUT" || { cephc -s >&2 || true; die "cluster not HEALTH_OK within ${READY_TIMEOUT}s"; }
 log "cluster ready (HEALTH_OK)"

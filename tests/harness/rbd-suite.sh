@@ -66,13 +66,13 @@ case " $PARTS " in
         record driver $?
         case " $PARTS " in
             *" cli "*)
-                cargo test -p kiln --features rbd,failpoints --test cli_rbd; record CLI $?
+                cargo test -p kiln --features rbd,failpoints --test cli_rbd --test backup_rbd; record CLI $?
                 cargo test -p kiln --features rbd,failpoints --test instance_rbd; record instance $?
                 ;;
         esac
         ;;
     *)
-        cargo test -p kiln --features rbd,failpoints --test cli_rbd "$@"
+        cargo test -p kiln --features rbd,failpoints --test cli_rbd --test backup_rbd "$@"
         record CLI $?
         cargo test -p kiln --features rbd,failpoints --test instance_rbd "$@"
         record instance $?

@@ -8,7 +8,39 @@ pub mod retention;
 
 use std::path::PathBuf;
 
+use crate::driver::{SnapshotReader, VolumeWriter};
 use crate::error::{Error, Result};
+use crate::types::{BackupId, VolumeId};
+
+/// Backups kept as images in a pool of a backend's cluster (`rbd:POOL`), as Cinder's Ceph
+/// backup driver keeps them: one image per volume, one snapshot per backup. An incremental
+/// is the stream of changes applied onto the image, then snapshotted; every backup's
+/// snapshot holds its whole data. Calls block.
+pub trait PoolBackups: Send + Sync {
+    /// The pool, as the target names it.
+    fn pool(&self) -> &str;
+    /// A writer onto the volume's backup image, ready for backup data: for a full backup
+    /// (`parent` none) a new or zeroed image of `size` bytes; for an incremental the image as
+    /// `parent`'s snapshot left it.
+    fn begin(
+        &self,
+        volume: VolumeId,
+        size: u64,
+        parent: Option<BackupId>,
+    ) -> Result<Box<dyn VolumeWriter>>;
+    /// Seals backup `id` (after its writer finished): the image's snapshot for it.
+    fn seal(&self, volume: VolumeId, id: BackupId) -> Result<()>;
+    /// Whether backup `id` is sealed on the pool.
+    fn has(&self, volume: VolumeId, id: BackupId) -> Result<bool>;
+    /// Backup `id`'s whole data.
+    fn reader(&self, volume: VolumeId, id: BackupId) -> Result<Box<dyn SnapshotReader>>;
+    /// Removes backup `id` (and the image with its last backup); removing one that is gone
+    /// succeeds.
+    fn delete(&self, volume: VolumeId, id: BackupId) -> Result<()>;
+    /// Undoes an unsealed write: the image back to its newest snapshot (or removed when it
+    /// has none).
+    fn abandon(&self, volume: VolumeId) -> Result<()>;
+}
 
 /// Where backups are stored, as given on the command line (`dir:PATH`, `rbd:POOL`).
 #[derive(Debug, Clone, PartialEq, Eq)]

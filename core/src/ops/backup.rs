@@ -14,8 +14,10 @@
 use chrono::Utc;
 
 use super::{Ctx, conflict_error};
-use crate::backup::Target;
+use std::sync::Arc;
+
 use crate::backup::dir::{DirTarget, FORMAT, Manifest};
+use crate::backup::{PoolBackups, Target};
 use crate::crash::crash_point;
 use crate::delta::{Base, Changes, DeltaSource, StreamStats};
 use crate::driver::SnapshotDelta;
@@ -89,25 +91,59 @@ pub(crate) async fn delta_locked(
     })
 }
 
-/// The directory of a `dir:` target for writing; other targets are refused.
-pub(crate) fn writable(target: &Target) -> Result<DirTarget> {
+/// Where backups are kept: a directory, or a backend's pool.
+#[derive(Clone)]
+pub(crate) enum Place {
+    /// `dir:PATH`.
+    Dir(DirTarget),
+    /// `rbd:POOL`.
+    Pool(Arc<dyn PoolBackups>),
+}
+
+/// The place a target names, for writing (a directory must be writable, a pool reachable).
+pub(crate) async fn writable(ctx: &Ctx, target: &Target) -> Result<Place> {
     match target {
-        Target::Dir(p) => DirTarget::open(p),
-        Target::Rbd(_) => Err(Error::unsupported(
-            "rbd: backup targets are not implemented yet; use dir:PATH",
-        )),
+        Target::Dir(p) => Ok(Place::Dir(DirTarget::open(p)?)),
+        Target::Rbd(pool) => Ok(Place::Pool(ctx.backends.backup_pool("rbd", pool).await?)),
     }
 }
 
-/// The directory a stored backup lives in.
-pub(crate) fn stored_at(b: &Backup) -> Result<DirTarget> {
-    match Target::parse(&b.target)? {
-        Target::Dir(p) => Ok(DirTarget::at(&p)),
-        Target::Rbd(_) => Err(Error::unsupported(format!(
-            "backup {} is on {}, which this kiln cannot read",
-            b.id, b.target
-        ))),
+/// The place a stored backup lives in.
+pub(crate) async fn stored_at(ctx: &Ctx, target: &str) -> Result<Place> {
+    match Target::parse(target)? {
+        Target::Dir(p) => Ok(Place::Dir(DirTarget::at(&p))),
+        Target::Rbd(pool) => Ok(Place::Pool(ctx.backends.backup_pool("rbd", &pool).await?)),
     }
+}
+
+/// Streams `src` into a pool backup: the stream, produced on one thread, applied onto the
+/// backup image's writer on this one (the same records `rbd import-diff` would apply).
+fn stream_into_pool(
+    src: &mut DeltaSource,
+    w: &mut dyn crate::driver::VolumeWriter,
+    progress: &ProgressHandle,
+) -> Result<StreamStats> {
+    let (r, pw) = std::io::pipe().map_err(|e| Error::io("make a pipe", e))?;
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(move || {
+            let sink = std::io::BufWriter::with_capacity(1 << 20, pw);
+            src.write_to(sink, &|n| progress.advance(n))
+                .map(|(stats, _)| stats)
+        });
+        let applied = crate::diff_apply::apply(
+            std::io::BufReader::with_capacity(1 << 20, r),
+            w,
+            &|_| Ok(()),
+            &|_| {},
+        );
+        let produced = producer
+            .join()
+            .map_err(|_| Error::backend("backup", "the stream thread panicked"))?;
+        // The producer's own error (a read failure) says more than the broken pipe.
+        let stats = produced?;
+        applied?;
+        Ok(stats)
+    })
 }
 
 /// The latest available backup of the volume on `target` whose snapshot is still available
@@ -145,7 +181,7 @@ pub(crate) async fn create(
         crate::validate::validate_label(n)?;
     }
     let target = Target::parse(&req.target)?;
-    let dir = writable(&target)?;
+    let dir = writable(ctx, &target).await?;
     let target_s = target.to_string();
     let v = ctx.volume(req.volume_id).await?;
     let given = match req.snapshot_id {
@@ -210,7 +246,7 @@ async fn write_backup(
     s: &Snapshot,
     base: Option<(Backup, Snapshot)>,
     name: Option<String>,
-    dir: &DirTarget,
+    dir: &Place,
     target_s: String,
     progress: ProgressHandle,
 ) -> Result<BackupCreated> {
@@ -270,13 +306,27 @@ async fn write_backup(
                 created_at: record.created_at,
             }
         };
+        let (volume, size, parent) = (record.volume_id, record.size_bytes, record.parent_id);
         tokio::task::spawn_blocking(move || -> Result<(StreamStats, u64)> {
-            let w = dir.create(id)?;
-            let (stats, w) = src.write_to(w, &|n| progress.advance(n))?;
-            let (chunks, bytes, sum) = w.finish()?;
-            crash_point(CREATE, "before_commit");
-            let stored = dir.commit(id, &manifest_of(chunks, bytes, sum))?;
-            Ok((stats, stored))
+            match dir {
+                Place::Dir(dir) => {
+                    let w = dir.create(id)?;
+                    let (stats, w) = src.write_to(w, &|n| progress.advance(n))?;
+                    let (chunks, bytes, sum) = w.finish()?;
+                    crash_point(CREATE, "before_commit");
+                    let stored = dir.commit(id, &manifest_of(chunks, bytes, sum))?;
+                    Ok((stats, stored))
+                }
+                Place::Pool(pool) => {
+                    let mut w = pool.begin(volume, size, parent)?;
+                    let stats = stream_into_pool(&mut src, &mut *w, &progress)?;
+                    w.finish()?;
+                    crash_point(CREATE, "before_commit");
+                    pool.seal(volume, id)?;
+                    // What the pool received; its allocation is Ceph's to report.
+                    Ok((stats.clone(), stats.data_bytes))
+                }
+            }
         })
         .await
         .map_err(|e| Error::backend("backup", format!("backup task failed: {e}")))?
@@ -307,13 +357,39 @@ async fn write_backup(
             })
         }
         Err(e) => {
-            if let Err(c) = dir.abandon(id) {
-                tracing::warn!(backup = %id, error = %c, "could not remove a failed backup's files");
+            let undone = match dir {
+                Place::Dir(d) => d.abandon(id),
+                Place::Pool(p) => {
+                    let vid = v.id;
+                    on_pool(p, move |p| p.abandon(vid)).await
+                }
+            };
+            if let Err(c) = undone {
+                tracing::warn!(backup = %id, error = %c, "could not remove a failed backup's data");
             }
             ctx.finish(vec![Step::DeleteBackup(id), Step::FinishOp(op)])
                 .await?;
             Err(e)
         }
+    }
+}
+
+/// Runs a blocking pool call off the async threads.
+async fn on_pool<T: Send + 'static>(
+    pool: &Arc<dyn PoolBackups>,
+    f: impl FnOnce(&dyn PoolBackups) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let p = pool.clone();
+    tokio::task::spawn_blocking(move || f(&*p))
+        .await
+        .map_err(|e| Error::backend("backup pool", format!("task failed: {e}")))?
+}
+
+/// Removes backup `id` of `volume` from its place (gone already is fine).
+async fn remove_from(place: &Place, volume: VolumeId, id: BackupId) -> Result<()> {
+    match place {
+        Place::Dir(d) => d.delete(id),
+        Place::Pool(p) => on_pool(p, move |p| p.delete(volume, id)).await,
     }
 }
 
@@ -332,30 +408,41 @@ fn journaled(op: &Operation) -> Result<(BackupId, Target)> {
 /// place) is kept; anything else is removed, record and files.
 pub(crate) async fn recover_create(ctx: &Ctx, op: &Operation) -> Result<String> {
     let (id, target) = journaled(op)?;
-    let Target::Dir(root) = target else {
-        return Err(Error::store(format!("backup {id}: unknown target kind")));
+    let volume = op.volume_id;
+    let place = stored_at(ctx, &target.to_string()).await?;
+    // Whole on its target: the manifest renamed into place, or the pool's snapshot made.
+    let whole: Option<u64> = match &place {
+        Place::Dir(d) => d
+            .manifest(id)
+            .ok()
+            .map(|m| m.chunks.iter().map(|c| c.bytes).sum::<u64>()),
+        Place::Pool(p) => on_pool(p, move |p| p.has(volume, id)).await?.then_some(0),
     };
-    let dir = DirTarget::at(&root);
-    let whole = dir.manifest(id).ok();
     let exists = ctx.store.backup(id).await?.is_some();
     let (steps, outcome) = match whole {
-        Some(m) if exists => {
-            let stored = m.chunks.iter().map(|c| c.bytes).sum::<u64>();
-            (
-                vec![
-                    Step::SetBackupStored(id, stored),
-                    Step::SetBackupStatus {
-                        id,
-                        from: vec![],
-                        to: BackupStatus::Available,
-                        reason: None,
-                    },
-                ],
-                format!("backup {id} was complete on its target: kept"),
-            )
-        }
+        Some(stored) if exists => (
+            vec![
+                Step::SetBackupStored(id, stored),
+                Step::SetBackupStatus {
+                    id,
+                    from: vec![],
+                    to: BackupStatus::Available,
+                    reason: None,
+                },
+            ],
+            format!("backup {id} was complete on its target: kept"),
+        ),
         _ => {
-            dir.delete(id)?;
+            match &place {
+                Place::Dir(d) => d.delete(id)?,
+                Place::Pool(p) => {
+                    on_pool(p, move |p| {
+                        p.delete(volume, id)?;
+                        p.abandon(volume)
+                    })
+                    .await?
+                }
+            }
             let steps = if exists {
                 vec![Step::DeleteBackup(id)]
             } else {
@@ -383,7 +470,7 @@ pub(crate) async fn delete(ctx: &Ctx, id: BackupId) -> Result<Backup> {
         .backup(id)
         .await?
         .ok_or_else(|| Error::not_found("backup", id))?;
-    let dir = stored_at(&b)?;
+    let place = stored_at(ctx, &b.target).await?;
     let op = ctx
         .begin(
             vec![
@@ -410,7 +497,7 @@ pub(crate) async fn delete(ctx: &Ctx, id: BackupId) -> Result<Backup> {
         )
         .await?;
     crash_point(DELETE, "before_remove");
-    match dir.delete(id) {
+    match remove_from(&place, b.volume_id, id).await {
         Ok(()) => {
             ctx.finish(vec![Step::DeleteBackup(id), Step::FinishOp(op)])
                 .await?;
@@ -435,10 +522,8 @@ pub(crate) async fn delete(ctx: &Ctx, id: BackupId) -> Result<Backup> {
 /// Recovery of a delete: removes the files (again) and the record.
 pub(crate) async fn recover_delete(ctx: &Ctx, op: &Operation) -> Result<String> {
     let (id, target) = journaled(op)?;
-    let Target::Dir(root) = target else {
-        return Err(Error::store(format!("backup {id}: unknown target kind")));
-    };
-    DirTarget::at(&root).delete(id)?;
+    let place = stored_at(ctx, &target.to_string()).await?;
+    remove_from(&place, op.volume_id, id).await?;
     let mut steps = vec![];
     if ctx.store.backup(id).await?.is_some() {
         steps.push(Step::DeleteBackup(id));
@@ -491,7 +576,13 @@ pub(crate) fn open_chain(chain: Vec<Backup>) -> Result<Vec<Stored>> {
     chain
         .into_iter()
         .map(|b| {
-            let dir = stored_at(&b)?;
+            let Target::Dir(root) = Target::parse(&b.target)? else {
+                return Err(Error::store(format!(
+                    "backup {} is not in a directory",
+                    b.id
+                )));
+            };
+            let dir = DirTarget::at(&root);
             let manifest = dir.manifest(b.id)?;
             let parent = b.parent_id.map(|p| p.to_string());
             if manifest.snapshot_id != b.snapshot_id.to_string()

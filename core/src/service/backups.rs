@@ -6,7 +6,7 @@ use std::io::BufReader;
 use super::{CreateVolume, Service};
 use crate::diff_apply::{StreamInfo, apply, check};
 use crate::error::{Error, Result};
-use crate::ops::backup::{self, BackupCreated, BackupRequest, Stored, as_damaged, damaged};
+use crate::ops::backup::{self, BackupCreated, BackupRequest, Place, Stored, as_damaged, damaged};
 use crate::progress::ProgressHandle;
 use crate::types::{Backup, BackupId, Volume, VolumeId, VolumeStatus};
 
@@ -157,6 +157,26 @@ impl Service {
     /// records. A damaged backup is an error naming the chunk.
     pub async fn verify_backup(&self, id: BackupId) -> Result<BackupVerified> {
         let b = self.backup(id).await?;
+        if let Place::Pool(pool) = backup::stored_at(&self.ctx, &b.target).await? {
+            // Ceph checksums what it stores; kiln reads the backup back whole.
+            let (volume, size) = (b.volume_id, b.size_bytes);
+            return tokio::task::spawn_blocking(move || {
+                let mut r = pool.reader(volume, id)?;
+                if r.size() != size {
+                    return Err(damaged(id, format!("its image holds {} bytes", r.size())));
+                }
+                let data = copy_image(&mut *r, None, &|_| {})?;
+                Ok(BackupVerified {
+                    backup_id: id,
+                    chunks: 0,
+                    stream_bytes: 0,
+                    data_bytes: data,
+                    zero_bytes: size - data.min(size),
+                })
+            })
+            .await
+            .map_err(|e| Error::backend("verify backup", format!("verify task failed: {e}")))?;
+        }
         let stored = backup::open_chain(vec![b]).map_err(as_damaged(id))?;
         tokio::task::spawn_blocking(move || {
             let s = &stored[0];
@@ -197,7 +217,15 @@ impl Service {
             .last()
             .map(|b| b.size_bytes)
             .ok_or_else(|| Error::not_found("backup", id))?;
-        let stored = backup::open_chain(chain).map_err(as_damaged(id))?;
+        let last = chain
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::not_found("backup", id))?;
+        let source = match backup::stored_at(&self.ctx, &last.target).await? {
+            // A pool backup's snapshot holds its whole data: no chain to apply.
+            Place::Pool(pool) => Source::Pool(pool, last.volume_id),
+            Place::Dir(_) => Source::Chain(backup::open_chain(chain).map_err(as_damaged(id))?),
+        };
         let (vid, new) = match to.volume {
             Some(vid) => {
                 let v = self.ctx.volume(vid).await?;
@@ -219,20 +247,29 @@ impl Service {
                 }
                 // Over existing data nothing may be written before the whole chain is
                 // known good.
-                let stored = std::sync::Arc::new(stored);
-                let check_all = stored.clone();
-                tokio::task::spawn_blocking(move || {
-                    for s in check_all.iter() {
-                        check(stream_of(s)).map_err(as_damaged(s.backup.id))?;
-                    }
-                    Ok::<(), Error>(())
-                })
-                .await
-                .map_err(|e| Error::backend("restore", format!("check task failed: {e}")))??;
-                let stored = std::sync::Arc::try_unwrap(stored)
-                    .map_err(|_| Error::backend("restore", "the chain is still shared"))?;
+                let source =
+                    match source {
+                        Source::Chain(stored) => {
+                            let stored = std::sync::Arc::new(stored);
+                            let check_all = stored.clone();
+                            tokio::task::spawn_blocking(move || {
+                                for s in check_all.iter() {
+                                    check(stream_of(s)).map_err(as_damaged(s.backup.id))?;
+                                }
+                                Ok::<(), Error>(())
+                            })
+                            .await
+                            .map_err(|e| {
+                                Error::backend("restore", format!("check task failed: {e}"))
+                            })??;
+                            Source::Chain(std::sync::Arc::try_unwrap(stored).map_err(|_| {
+                                Error::backend("restore", "the chain is still shared")
+                            })?)
+                        }
+                        pool => pool,
+                    };
                 return self
-                    .write_chain(vid, stored, true, id, progress)
+                    .write_chain(vid, source, true, id, progress)
                     .await
                     .and(self.ctx.volume(vid).await);
             }
@@ -249,7 +286,7 @@ impl Service {
             }
         };
         let thin = self.ctx.driver(&new.backend).await?.capabilities().thin;
-        match self.write_chain(vid, stored, !thin, id, progress).await {
+        match self.write_chain(vid, source, !thin, id, progress).await {
             Ok(()) => self.ctx.volume(vid).await,
             Err(e) => {
                 if let Err(d) = self.delete_volume(vid, false).await {
@@ -260,37 +297,91 @@ impl Service {
         }
     }
 
-    /// Writes a chain's streams into volume `vid` in order (zeroing it first when
-    /// `zero_first`: its old data, or a new volume that may not read as zeros).
+    /// Writes a backup's data into volume `vid` — a chain's streams in order, or a pool
+    /// backup's image — zeroing the volume first when `zero_first` (its old data, or a new
+    /// volume that may not read as zeros).
     async fn write_chain(
         &self,
         vid: VolumeId,
-        stored: Vec<Stored>,
+        source: Source,
         zero_first: bool,
         id: BackupId,
         progress: ProgressHandle,
     ) -> Result<()> {
-        let total: u64 = stored.iter().map(|s| s.manifest.stream_bytes).sum();
-        progress.set_total(total);
         crate::ops::restore::run(&self.ctx, vid, format!("backup {id}"), move |w| {
             let size = w.size();
             if zero_first {
                 w.zero(0, size)
                     .map_err(|e| Error::io("zero the volume before the restore", e))?;
             }
-            let mut prev: Option<String> = None;
-            for s in &stored {
-                let (info, _) = apply(
-                    stream_of(s),
-                    w,
-                    &accept_in_chain(prev.clone(), size),
-                    &|n| progress.advance(n),
-                )
-                .map_err(as_damaged(s.backup.id))?;
-                prev = info.to;
+            match source {
+                Source::Chain(stored) => {
+                    progress.set_total(stored.iter().map(|s| s.manifest.stream_bytes).sum());
+                    let mut prev: Option<String> = None;
+                    for s in &stored {
+                        let (info, _) = apply(
+                            stream_of(s),
+                            w,
+                            &accept_in_chain(prev.clone(), size),
+                            &|n| progress.advance(n),
+                        )
+                        .map_err(as_damaged(s.backup.id))?;
+                        prev = info.to;
+                    }
+                }
+                Source::Pool(pool, volume) => {
+                    let mut r = pool.reader(volume, id)?;
+                    if r.size() != size {
+                        return Err(Error::invalid(
+                            "backup",
+                            format!("it holds {} bytes; the volume has {size}", r.size()),
+                        ));
+                    }
+                    progress.set_total(r.extents().iter().map(|e| e.length).sum());
+                    copy_image(&mut *r, Some(w), &|n| progress.advance(n))?;
+                }
             }
             Ok(())
         })
         .await
     }
+}
+
+/// Where a restore reads from.
+enum Source {
+    /// A directory backup's chain: its streams, base first.
+    Chain(Vec<Stored>),
+    /// A pool backup: its image snapshot holds the whole data.
+    Pool(std::sync::Arc<dyn crate::backup::PoolBackups>, VolumeId),
+}
+
+/// Reads every data extent of `r` (4 MiB at a time) and, given a writer, writes the pieces
+/// that are not all zero into it. Returns the bytes read.
+fn copy_image(
+    r: &mut dyn crate::driver::SnapshotReader,
+    mut w: Option<&mut dyn crate::driver::VolumeWriter>,
+    progress: &dyn Fn(u64),
+) -> Result<u64> {
+    let mut buf = vec![0u8; crate::diff_stream::MAX_WRITE];
+    let extents = r.extents().to_vec();
+    let size = r.size();
+    let mut read = 0u64;
+    for e in extents {
+        let end = e.offset.saturating_add(e.length).min(size);
+        let mut at = e.offset;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            crate::delta::read_full(r, at, &mut buf[..n])?;
+            read += n as u64;
+            if let Some(w) = w.as_deref_mut()
+                && buf[..n].iter().any(|b| *b != 0)
+            {
+                w.write_at(at, &buf[..n])
+                    .map_err(|e| Error::io("write the volume", e))?;
+            }
+            at += n as u64;
+            progress(n as u64);
+        }
+    }
+    Ok(read)
 }

@@ -644,6 +644,13 @@ impl BlockingDriver for RbdBackend {
         Ok(Box::new(RbdSnapshotReader::new(img, size, extents)))
     }
 
+    /// Backups kept in `pool` (`rbd:POOL` targets): a connection of their own to that pool.
+    fn backup_pool(&self, pool: &str) -> Result<Arc<dyn kiln_core::backup::PoolBackups>> {
+        Ok(Arc::new(crate::backup_pool::RbdPoolBackups::connect(
+            &self.cfg, pool,
+        )?))
+    }
+
     /// A read-write handle of the volume's own image (not the cached one: the writer owns
     /// it until it is finished).
     fn open_volume_writer(&self, v: &Volume) -> Result<Box<dyn VolumeWriter>> {
