@@ -178,4 +178,43 @@ mod pool {
         assert!(e.contains("full backup first"), "{e}");
         assert_eq!(state(&k), before);
     }
+
+    /// kiln aborted while backing up into the pool — after the data, before the snapshot;
+    /// after the snapshot, before the record — is resolved at the next start: no backup in
+    /// `creating`, the image holds exactly the snapshots of the backups on record, and a
+    /// backup can be made again.
+    #[test]
+    fn a_pool_backup_interrupted_is_undone_or_kept_whole() {
+        use std::os::unix::process::ExitStatusExt;
+        let _g = serial();
+        let k = kiln();
+        let target = format!("rbd:{POOL}");
+        let vid = s(&k.json(&["volume", "create", "--size", "16M"]), "id");
+        scribble(&vid, 4);
+        for (point, kept) in [("before_commit", 0usize), ("after_commit", 1)] {
+            let out = k
+                .cmd(&["backup", "create", &vid, "--target", &target])
+                .env("FAILPOINTS", format!("backup_create::{point}=return"))
+                .output()
+                .unwrap();
+            assert_eq!(out.status.signal(), Some(6), "{point}: {out:?}");
+            let backups = k.json(&["backup", "list", "--volume", &vid]);
+            let backups = backups.as_array().unwrap();
+            assert_eq!(backups.len(), kept, "{point}: {backups:?}");
+            let image = format!("{POOL}/kiln-backup-{vid}");
+            let snaps = if rbd(&["ls", POOL]).contains(&format!("kiln-backup-{vid}")) {
+                rbd(&["snap", "ls", &image])
+            } else {
+                String::new()
+            };
+            assert_eq!(snaps.matches("backup-").count(), kept, "{point}: {snaps}");
+            for b in backups {
+                assert_eq!(b["status"], "available");
+                k.json(&["backup", "verify", &s(b, "id")]);
+                k.json(&["backup", "delete", &s(b, "id")]);
+            }
+        }
+        let b = k.json(&["backup", "create", &vid, "--target", &target]);
+        k.json(&["backup", "delete", &s(&b, "id")]);
+    }
 }
