@@ -29,19 +29,6 @@ fn everything(
     (v, sn, raw, qcow, k.json(&["backup", "list"]), tree(target))
 }
 
-/// A volume restored from a backup holds exactly the backed-up snapshot: compared through a
-/// snapshot of the restored volume, byte for byte with the original snapshot's export.
-fn assert_restored(k: &Kiln<XfsMount>, volume: &Value, snapshot: &str, what: &str) {
-    let snap = s(&k.json(&["snapshot", "create", &s(volume, "id")]), "id");
-    let (got, _) = k.export(&snap);
-    let (want, _) = k.export(snapshot);
-    assert!(
-        got == want,
-        "{what}: the restored volume differs from snapshot {snapshot}"
-    );
-    k.json(&["snapshot", "delete", &snap]);
-}
-
 fn target_dir(k: &Kiln<XfsMount>, name: &str) -> PathBuf {
     let d = k.path(name);
     std::fs::create_dir(&d).unwrap();
@@ -128,7 +115,7 @@ fn full_and_incremental_backups_restore_onto_the_other_backend() {
             let r = k.json(&["backup", "restore", &s(b, "id"), "--backend", dst]);
             assert_eq!(r["backend"], dst, "{r}");
             assert_eq!(r["status"], "available", "{r}");
-            assert_restored(&k, &r, &s(b, "snapshot_id"), &format!("{src} -> {dst}"));
+            k.assert_holds(&r, &s(b, "snapshot_id"), &format!("{src} -> {dst}"));
         }
         // Over an existing detached volume (holding other data) of the same size.
         let over = s(
@@ -138,7 +125,7 @@ fn full_and_incremental_backups_restore_onto_the_other_backend() {
         write(&k, dst, &over, 0, &pattern(9, 32 << 20));
         let r = k.json(&["backup", "restore", &s(&b3, "id"), "--volume", &over]);
         assert_eq!(r["id"], over.as_str());
-        assert_restored(&k, &r, &s(&b3, "snapshot_id"), &format!("{src} over {dst}"));
+        k.assert_holds(&r, &s(&b3, "snapshot_id"), &format!("{src} over {dst}"));
     }
 }
 

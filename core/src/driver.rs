@@ -59,6 +59,21 @@ pub enum SnapshotDelta {
     Untracked,
 }
 
+/// Refuses a diff between snapshots of different volumes (drivers call it first in
+/// `diff_snapshots`: their tracking only relates snapshots of one volume).
+pub fn same_volume(from: &Snapshot, to: &Snapshot) -> Result<()> {
+    if from.volume_id != to.volume_id {
+        return Err(crate::error::Error::invalid(
+            "--from",
+            format!(
+                "snapshot {} is not of the same volume as {}",
+                from.id, to.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Per-member result of a group snapshot.
 pub type GroupOutcome = Vec<Result<ProviderUpdate>>;
 

@@ -192,6 +192,21 @@ impl<F> Kiln<F> {
         )
     }
 
+    /// Asserts that volume `volume` (as printed) holds exactly snapshot `snapshot`'s data:
+    /// through a snapshot of it (removed again), compared byte for byte with the export.
+    pub fn assert_holds(&self, volume: &Value, snapshot: &str, what: &str) {
+        let id = volume["id"].as_str().expect("a volume id");
+        let check = self.json(&["snapshot", "create", id]);
+        let check = check["id"].as_str().expect("a snapshot id").to_string();
+        let (got, _) = self.export(&check);
+        let (want, _) = self.export(snapshot);
+        assert!(
+            got == want,
+            "{what}: volume {id} differs from snapshot {snapshot}"
+        );
+        self.json(&["snapshot", "delete", &check]);
+    }
+
     /// `kiln snapshot export ID --output FILE`: the file's bytes and the JSON summary (whose
     /// `snapshot_id` must be `sid`); the file is removed again.
     pub fn export(&self, sid: &str) -> (Vec<u8>, Value) {

@@ -539,15 +539,7 @@ impl BlockingDriver for FileBackend {
     }
 
     fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
-        if from.volume_id != to.volume_id {
-            return Err(Error::invalid(
-                "--from",
-                format!(
-                    "snapshot {} is not of the same volume as {}",
-                    from.id, to.id
-                ),
-            ));
-        }
+        kiln_core::driver::same_volume(from, to)?;
         match self.mode {
             Mode::Qcow2 => qcow2::diff_snapshots(self, from, to),
             Mode::RawReflink => raw::diff_snapshots(self, from, to),

@@ -66,15 +66,7 @@ impl LvmBackend {
     /// only slower for the caller. Never activates a snapshot; an inactive pool is activated
     /// for the call only.
     pub(crate) fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
-        if from.volume_id != to.volume_id {
-            return Err(Error::invalid(
-                "snapshots",
-                format!(
-                    "{} (of volume {}) and {} (of volume {}) are not snapshots of one volume",
-                    from.id, from.volume_id, to.id, to.volume_id
-                ),
-            ));
-        }
+        kiln_core::driver::same_volume(from, to)?;
         let (from_lv, to_lv) = (names::snapshot(&from.id), names::snapshot(&to.id));
         let rows = self.lvs_named(&[&from_lv, &to_lv])?;
         let row = |s: &Snapshot, lv: &str| {

@@ -669,15 +669,7 @@ impl BlockingDriver for RbdBackend {
     /// them, from the fast-diff object map when it is valid (no data read), else by librbd
     /// comparing the objects' snapshot sets.
     fn diff_snapshots(&self, from: &Snapshot, to: &Snapshot) -> Result<SnapshotDelta> {
-        if from.volume_id != to.volume_id {
-            return Err(Error::invalid(
-                "--from",
-                format!(
-                    "snapshot {} is not of the same volume as {}",
-                    from.id, to.id
-                ),
-            ));
-        }
+        kiln_core::driver::same_volume(from, to)?;
         let (image, snap) = (volume_image(&to.volume_id), snapshot_name(&to.id));
         let img = Image::open_read_only(&self.cluster, &image, Some(&snap)).map_err(|e| {
             if e.is_not_found() {

@@ -336,30 +336,20 @@ fn map(cwd: &Path, file: impl AsRef<std::ffi::OsStr>) -> Result<Vec<MapEntry>> {
 /// from `qemu-img map -U --output=json`: entries with `data: true` or `zero: false`. Sorted
 /// and merged. `file` is a frozen snapshot file; `-U` as for [`convert`].
 pub(crate) fn data_extents(cwd: &Path, file: &Path) -> Result<Vec<Extent>> {
-    let entries = map(cwd, file)?;
-    let mut ex: Vec<Extent> = Vec::new();
-    for m in entries.into_iter().filter(|m| m.data || !m.zero) {
-        match ex.last_mut() {
-            Some(last) if last.offset + last.length == m.start => last.length += m.length,
-            _ => ex.push(Extent {
-                offset: m.start,
-                length: m.length,
-            }),
-        }
-    }
-    Ok(ex)
+    mapped_where(cwd, file, |m| m.data || !m.zero)
 }
 
 /// Ranges of the image `file` allocated (data or zeroes) in its top `layers` files — the
 /// file itself and its `layers - 1` nearest backing files — from `qemu-img map`'s depth.
 /// Sorted and merged. `file` is a frozen snapshot file; `-U` as for [`convert`].
 pub(crate) fn allocated_in_top(cwd: &Path, file: &Path, layers: u64) -> Result<Vec<Extent>> {
-    let entries = map(cwd, file)?;
+    mapped_where(cwd, file, |m| m.depth < layers && (m.data || m.zero))
+}
+
+/// The ranges of `qemu-img map` entries that `keep` selects, merged.
+fn mapped_where(cwd: &Path, file: &Path, keep: impl Fn(&MapEntry) -> bool) -> Result<Vec<Extent>> {
     let mut ex: Vec<Extent> = Vec::new();
-    for m in entries
-        .into_iter()
-        .filter(|m| m.depth < layers && (m.data || m.zero))
-    {
+    for m in map(cwd, file)?.into_iter().filter(|m| keep(m)) {
         match ex.last_mut() {
             Some(last) if last.offset + last.length == m.start => last.length += m.length,
             _ => ex.push(Extent {
