@@ -53,8 +53,6 @@ pub struct Manifest {
     pub size_bytes: u64,
     /// Length of the whole stream.
     pub stream_bytes: u64,
-    /// SHA-256 of the whole stream, hex.
-    pub stream_sha256: String,
     /// The chunk files, in stream order.
     pub chunks: Vec<Chunk>,
     /// When it was written.
@@ -139,13 +137,7 @@ impl DirTarget {
             fs::remove_dir_all(&dir).map_err(io_at("remove", &dir))?;
         }
         fs::create_dir(&dir).map_err(io_at("create", &dir))?;
-        Ok(ChunkWriter {
-            dir,
-            chunks: Vec::new(),
-            current: None,
-            whole: Sha256::new(),
-            bytes: 0,
-        })
+        Ok(ChunkWriter::start(dir))
     }
 
     /// Makes a finished backup visible: writes its manifest, then renames its directory into
@@ -224,77 +216,102 @@ impl DirTarget {
 
     /// Reads backup `id`'s stream, checking each chunk before handing out its bytes.
     pub fn reader(&self, id: BackupId, manifest: &Manifest) -> ChunkReader {
-        ChunkReader {
-            dir: self.path(id),
-            backup: id,
-            chunks: manifest.chunks.clone(),
-            next: 0,
-            buf: Vec::new(),
-            at: 0,
-        }
+        ChunkReader::start(self.path(id), id, manifest.chunks.clone())
     }
 }
 
-/// Writes a stream into chunk files, hashing each and the whole.
+/// Writes a stream into chunk files. The caller's thread only gathers bytes; a worker
+/// thread hashes and writes each full chunk (so reading the source overlaps with hashing and
+/// writing) and starts its writeback at once; every chunk is fsynced once at the end.
 pub struct ChunkWriter {
     dir: PathBuf,
-    chunks: Vec<Chunk>,
-    current: Option<(File, Sha256, u64)>,
-    whole: Sha256,
+    buf: Vec<u8>,
     bytes: u64,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<io::Result<Vec<Chunk>>>>,
 }
 
+/// Chunks queued between the gathering thread and the worker (memory: this many plus two
+/// chunks).
+const QUEUED_CHUNKS: usize = 2;
+
 impl ChunkWriter {
-    fn close_chunk(&mut self) -> io::Result<()> {
-        if let Some((f, h, n)) = self.current.take() {
-            f.sync_all()?;
-            if let Some(last) = self.chunks.last_mut() {
-                last.bytes = n;
-                last.sha256 = hex::encode(h.finalize());
+    fn start(dir: PathBuf) -> ChunkWriter {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_CHUNKS);
+        let wdir = dir.clone();
+        let worker = std::thread::spawn(move || -> io::Result<Vec<Chunk>> {
+            let mut chunks = Vec::new();
+            let mut files = Vec::new();
+            for data in rx {
+                let name = format!("stream.{:06}", chunks.len());
+                let mut f = File::create_new(wdir.join(&name))?;
+                f.write_all(&data)?;
+                start_writeback(&f);
+                chunks.push(Chunk {
+                    file: name,
+                    bytes: data.len() as u64,
+                    sha256: hex::encode(Sha256::digest(&data)),
+                });
+                files.push(f);
             }
+            // Writeback has run behind the writes: these mostly wait for the last chunks.
+            for f in &files {
+                f.sync_all()?;
+            }
+            Ok(chunks)
+        });
+        ChunkWriter {
+            dir,
+            buf: Vec::with_capacity(CHUNK_BYTES),
+            bytes: 0,
+            tx: Some(tx),
+            worker: Some(worker),
         }
-        Ok(())
     }
 
-    /// Closes the last chunk; returns (chunks, stream bytes, stream sha256).
-    pub fn finish(mut self) -> Result<(Vec<Chunk>, u64, String)> {
-        self.close_chunk().map_err(io_at("write", &self.dir))?;
-        Ok((self.chunks, self.bytes, hex::encode(self.whole.finalize())))
+    fn send(&mut self) -> io::Result<()> {
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
+        match &self.tx {
+            Some(tx) if tx.send(full).is_ok() => Ok(()),
+            // The worker stopped: its error comes out of `finish`.
+            _ => Err(io::Error::other("the chunk writer stopped")),
+        }
     }
+
+    /// Writes the last chunk and waits for every chunk to be durable; returns the chunks and
+    /// the stream's length.
+    pub fn finish(mut self) -> Result<(Vec<Chunk>, u64)> {
+        let sent = if self.buf.is_empty() { Ok(()) } else { self.send() };
+        self.tx = None;
+        let joined = match self.worker.take() {
+            Some(w) => w
+                .join()
+                .map_err(|_| io::Error::other("the chunk writer panicked"))
+                .and_then(|r| r),
+            None => Err(io::Error::other("the chunk writer is gone")),
+        };
+        let chunks = joined.map_err(io_at("write", &self.dir))?;
+        sent.map_err(io_at("write", &self.dir))?;
+        Ok((chunks, self.bytes))
+    }
+}
+
+/// Asks the kernel to start writing `f` back now (`sync_file_range(WRITE)`), so the final
+/// fsync finds little left to do; a filesystem without it just waits for that fsync.
+fn start_writeback(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an fd owned by `f`; only starts I/O.
+    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 impl Write for ChunkWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        if self
-            .current
-            .as_ref()
-            .is_some_and(|(_, _, n)| *n as usize >= CHUNK_BYTES)
-        {
-            self.close_chunk()?;
-        }
-        if self.current.is_none() {
-            let name = format!("stream.{:06}", self.chunks.len());
-            let f = File::create_new(self.dir.join(&name))?;
-            self.chunks.push(Chunk {
-                file: name,
-                bytes: 0,
-                sha256: String::new(),
-            });
-            self.current = Some((f, Sha256::new(), 0));
-        }
-        let Some((f, h, n)) = self.current.as_mut() else {
-            return Err(io::Error::other("no open chunk"));
-        };
-        let room = CHUNK_BYTES - *n as usize;
-        let take = buf.len().min(room);
-        f.write_all(&buf[..take])?;
-        h.update(&buf[..take]);
-        self.whole.update(&buf[..take]);
-        *n += take as u64;
+        let take = buf.len().min(CHUNK_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&buf[..take]);
         self.bytes += take as u64;
+        if self.buf.len() == CHUNK_BYTES {
+            self.send()?;
+        }
         Ok(take)
     }
 
@@ -303,54 +320,88 @@ impl Write for ChunkWriter {
     }
 }
 
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        // Unfinished: stop the worker and wait for it, so no thread writes into a directory
+        // the caller is about to remove.
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 /// Reads a backup's stream chunk by chunk; each chunk is read whole and its SHA-256 checked
-/// before any of its bytes are returned. A damaged or missing chunk is an error naming it.
+/// before any of its bytes are returned. A damaged or missing chunk is an error naming it. A
+/// thread reads and checks the next chunk while the caller consumes this one.
 pub struct ChunkReader {
-    dir: PathBuf,
-    backup: BackupId,
-    chunks: Vec<Chunk>,
-    next: usize,
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     buf: Vec<u8>,
     at: usize,
+    failed: Option<io::Error>,
+}
+
+/// Reads chunk `c` of backup `backup` in `dir` whole and checks it.
+fn load_chunk(dir: &Path, backup: BackupId, c: &Chunk) -> io::Result<Vec<u8>> {
+    let path = dir.join(&c.file);
+    let mut data = Vec::with_capacity(c.bytes as usize);
+    File::open(&path)
+        .and_then(|f| f.take(c.bytes + 1).read_to_end(&mut data))
+        .map_err(|e| io::Error::other(format!("backup {backup}: chunk {}: {e}", c.file)))?;
+    let sum = hex::encode(Sha256::digest(&data));
+    if data.len() as u64 != c.bytes || sum != c.sha256 {
+        return Err(io::Error::other(format!(
+            "backup {backup}: chunk {} is damaged ({} bytes, sha256 {sum}; the manifest says {} \
+             bytes, sha256 {})",
+            c.file,
+            data.len(),
+            c.bytes,
+            c.sha256
+        )));
+    }
+    Ok(data)
 }
 
 impl ChunkReader {
-    fn load(&mut self, i: usize) -> io::Result<()> {
-        let c = &self.chunks[i];
-        let path = self.dir.join(&c.file);
-        let mut data = Vec::with_capacity(c.bytes as usize);
-        File::open(&path)
-            .and_then(|f| f.take(c.bytes + 1).read_to_end(&mut data))
-            .map_err(|e| {
-                io::Error::other(format!("backup {}: chunk {}: {e}", self.backup, c.file))
-            })?;
-        let sum = hex::encode(Sha256::digest(&data));
-        if data.len() as u64 != c.bytes || sum != c.sha256 {
-            return Err(io::Error::other(format!(
-                "backup {}: chunk {} is damaged ({} bytes, sha256 {sum}; the manifest says {} \
-                 bytes, sha256 {})",
-                self.backup,
-                c.file,
-                data.len(),
-                c.bytes,
-                c.sha256
-            )));
+    fn start(dir: PathBuf, backup: BackupId, chunks: Vec<Chunk>) -> ChunkReader {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            for c in &chunks {
+                let r = load_chunk(&dir, backup, c);
+                let stop = r.is_err();
+                // The reader went away (it stopped early): nothing more to do.
+                if tx.send(r).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        ChunkReader {
+            rx,
+            buf: Vec::new(),
+            at: 0,
+            failed: None,
         }
-        self.buf = data;
-        self.at = 0;
-        Ok(())
     }
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.at >= self.buf.len() {
-            if self.next >= self.chunks.len() {
-                return Ok(0);
+            if let Some(e) = &self.failed {
+                return Err(io::Error::new(e.kind(), e.to_string()));
             }
-            let i = self.next;
-            self.next += 1;
-            self.load(i)?;
+            match self.rx.recv() {
+                // Every chunk delivered: the end of the stream.
+                Err(_) => return Ok(0),
+                Ok(Ok(data)) => {
+                    self.buf = data;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    self.failed = Some(io::Error::new(e.kind(), e.to_string()));
+                    return Err(e);
+                }
+            }
         }
         let n = out.len().min(self.buf.len() - self.at);
         out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
@@ -363,7 +414,7 @@ impl Read for ChunkReader {
 mod tests {
     use super::*;
 
-    fn manifest(id: BackupId, chunks: Vec<Chunk>, bytes: u64, sum: String) -> Manifest {
+    fn manifest(id: BackupId, chunks: Vec<Chunk>, bytes: u64) -> Manifest {
         Manifest {
             format: FORMAT.into(),
             backup_id: id.to_string(),
@@ -373,7 +424,6 @@ mod tests {
             from_snapshot_id: None,
             size_bytes: 1,
             stream_bytes: bytes,
-            stream_sha256: sum,
             chunks,
             created_at: Utc::now(),
         }
@@ -389,11 +439,11 @@ mod tests {
             .collect();
         let mut w = t.create(id).unwrap();
         w.write_all(&data).unwrap();
-        let (chunks, bytes, sum) = w.finish().unwrap();
+        let (chunks, bytes) = w.finish().unwrap();
         assert_eq!(chunks.len(), 3);
         assert_eq!(bytes, data.len() as u64);
         assert!(!t.path(id).exists(), "visible before its manifest");
-        let m = manifest(id, chunks, bytes, sum);
+        let m = manifest(id, chunks, bytes);
         let stored = t.commit(id, &m).unwrap();
         assert!(stored > bytes);
         assert_eq!(t.manifest(id).unwrap(), m);

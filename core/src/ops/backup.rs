@@ -292,7 +292,7 @@ async fn write_backup(
         let manifest_of = {
             let record = record.clone();
             let from = base.as_ref().map(|(_, bs)| bs.id.to_string());
-            move |chunks, stream_bytes, stream_sha256| Manifest {
+            move |chunks, stream_bytes| Manifest {
                 format: FORMAT.into(),
                 backup_id: record.id.to_string(),
                 volume_id: record.volume_id.to_string(),
@@ -301,7 +301,6 @@ async fn write_backup(
                 from_snapshot_id: from,
                 size_bytes: record.size_bytes,
                 stream_bytes,
-                stream_sha256,
                 chunks,
                 created_at: record.created_at,
             }
@@ -312,9 +311,9 @@ async fn write_backup(
                 Place::Dir(dir) => {
                     let w = dir.create(id)?;
                     let (stats, w) = src.write_to(w, &|n| progress.advance(n))?;
-                    let (chunks, bytes, sum) = w.finish()?;
+                    let (chunks, bytes) = w.finish()?;
                     crash_point(CREATE, "before_commit");
-                    let stored = dir.commit(id, &manifest_of(chunks, bytes, sum))?;
+                    let stored = dir.commit(id, &manifest_of(chunks, bytes))?;
                     Ok((stats, stored))
                 }
                 Place::Pool(pool) => {

@@ -1,8 +1,6 @@
 //! The service's backup face: create, list, show, delete, verify and restore backups
 //! (operations in [`crate::ops::backup`] and [`crate::ops::restore`]).
 
-use std::io::BufReader;
-
 use super::{CreateVolume, Service};
 use crate::diff_apply::{StreamInfo, apply, check};
 use crate::error::{Error, Result};
@@ -45,10 +43,11 @@ pub struct RestoreTarget {
     pub backend: Option<String>,
 }
 
-/// Reads one stored backup's stream, checking chunks as it goes; buffered for the record
-/// reader.
-fn stream_of(s: &Stored) -> BufReader<crate::backup::dir::ChunkReader> {
-    BufReader::with_capacity(1 << 20, s.dir.reader(s.backup.id, &s.manifest))
+/// Reads one stored backup's stream, checking chunks as it goes. Not wrapped in a
+/// `BufReader`: the chunk reader serves from memory already, and a second buffer would copy
+/// every byte once more.
+fn stream_of(s: &Stored) -> crate::backup::dir::ChunkReader {
+    s.dir.reader(s.backup.id, &s.manifest)
 }
 
 /// Checks that each stream of a chain starts where the previous one ended (the first from

@@ -119,7 +119,7 @@ impl Service {
             stored += tokio::task::spawn_blocking(move || -> Result<u64> {
                 let w = dir2.create(bid)?;
                 let (_, w) = src.write_to(w, &|n| progress2.advance(n))?;
-                let (chunks, stream_bytes, stream_sha256) = w.finish()?;
+                let (chunks, stream_bytes) = w.finish()?;
                 dir2.commit(
                     bid,
                     &Manifest {
@@ -131,7 +131,6 @@ impl Service {
                         from_snapshot_id: None,
                         size_bytes: size,
                         stream_bytes,
-                        stream_sha256,
                         chunks,
                         created_at: Utc::now(),
                     },
@@ -247,7 +246,7 @@ impl Service {
                 .await?;
             created.push(v.id);
             let zero_first = !self.ctx.driver(&v.backend).await?.capabilities().thin;
-            let reader = std::io::BufReader::with_capacity(1 << 20, target.reader(s.backup_id, &m));
+            let reader = target.reader(s.backup_id, &m);
             let (bid, size, progress) = (s.backup_id, s.size_bytes, progress.clone());
             progress.set_total(m.stream_bytes);
             crate::ops::restore::run(
