@@ -281,7 +281,11 @@ impl ChunkWriter {
     /// Writes the last chunk and waits for every chunk to be durable; returns the chunks and
     /// the stream's length.
     pub fn finish(mut self) -> Result<(Vec<Chunk>, u64)> {
-        let sent = if self.buf.is_empty() { Ok(()) } else { self.send() };
+        let sent = if self.buf.is_empty() {
+            Ok(())
+        } else {
+            self.send()
+        };
         self.tx = None;
         let joined = match self.worker.take() {
             Some(w) => w
