@@ -194,10 +194,10 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl DeltaSource {
-    /// Bytes the stream will read from `to` (the progress total).
-    pub fn scan_bytes(&self) -> u64 {
+    /// The ranges of `to` the stream reads, in order.
+    fn reads(&self) -> Vec<(u64, u64)> {
         let size = self.to.size();
-        let ranges = match &self.base {
+        match &self.base {
             None => clipped(self.to.extents(), size),
             Some(Base {
                 changes: Changes::Tracked(changed),
@@ -219,8 +219,12 @@ impl DeltaSource {
                 all.extend_from_slice(old.extents());
                 clipped(&all, size)
             }
-        };
-        ranges.iter().map(|(a, b)| b - a).sum()
+        }
+    }
+
+    /// Bytes the stream will read from `to` (the progress total).
+    pub fn scan_bytes(&self) -> u64 {
+        self.reads().iter().map(|(a, b)| b - a).sum()
     }
 
     /// Writes the stream to `out`, calling `progress` with each scanned byte count. A full
@@ -244,6 +248,8 @@ impl DeltaSource {
         };
         let data = clipped(self.to.extents(), size);
         let mut buf = vec![0u8; MAX_WRITE];
+        let reads = self.reads();
+        self.to.will_read(&reads);
         match &mut self.base {
             None => {
                 for &(a, b) in &data {
@@ -276,7 +282,8 @@ impl DeltaSource {
                 all.extend_from_slice(old.extents());
                 let old_size = old.size();
                 let mut obuf = vec![0u8; MAX_WRITE];
-                for (a, b) in clipped(&all, size) {
+                old.will_read(&clipped(&all, size.min(old_size)));
+                for (a, b) in reads {
                     let mut at = a;
                     while at < b {
                         let n = (b - at).min(MAX_WRITE as u64) as usize;

@@ -30,6 +30,10 @@ pub trait SnapshotReader: Send {
     fn extents(&self) -> &[Extent];
     /// Reads up to `buf.len()` bytes at `offset`; returns 0 only at or past `size()`.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// A hint: the `(start, end)` ranges the caller reads next, in order. A reader whose
+    /// backend has a long round trip may start reading them ahead; reads anywhere still
+    /// return the same bytes. The default ignores it.
+    fn will_read(&mut self, _ranges: &[(u64, u64)]) {}
 }
 
 /// Writer into a detached volume's image, for restores and applied diff streams.

@@ -25,6 +25,7 @@ pub mod service;
 pub mod store;
 pub mod types;
 pub mod validate;
+pub mod writeback;
 
 #[doc(hidden)]
 pub use fail as __fail;

@@ -228,6 +228,9 @@ pub struct ChunkWriter {
     buf: Vec<u8>,
     bytes: u64,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Chunk buffers the worker is done with, reused so that each chunk does not fault in
+    /// 16 MiB of fresh memory.
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
     worker: Option<std::thread::JoinHandle<io::Result<Vec<Chunk>>>>,
 }
 
@@ -238,6 +241,7 @@ const QUEUED_CHUNKS: usize = 2;
 impl ChunkWriter {
     fn start(dir: PathBuf) -> ChunkWriter {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_CHUNKS);
+        let (spare_tx, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         let wdir = dir.clone();
         let worker = std::thread::spawn(move || -> io::Result<Vec<Chunk>> {
             let mut chunks = Vec::new();
@@ -246,13 +250,15 @@ impl ChunkWriter {
                 let name = format!("stream.{:06}", chunks.len());
                 let mut f = File::create_new(wdir.join(&name))?;
                 f.write_all(&data)?;
-                start_writeback(&f);
+                crate::writeback::start(&f, 0, 0);
                 chunks.push(Chunk {
                     file: name,
                     bytes: data.len() as u64,
                     sha256: hex::encode(Sha256::digest(&data)),
                 });
                 files.push(f);
+                // The gatherer may have finished: then the buffer is simply freed.
+                let _ = spare_tx.send(data);
             }
             // Writeback has run behind the writes: these mostly wait for the last chunks.
             for f in &files {
@@ -265,12 +271,20 @@ impl ChunkWriter {
             buf: Vec::with_capacity(CHUNK_BYTES),
             bytes: 0,
             tx: Some(tx),
+            spare,
             worker: Some(worker),
         }
     }
 
     fn send(&mut self) -> io::Result<()> {
-        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
+        let next = match self.spare.try_recv() {
+            Ok(mut b) => {
+                b.clear();
+                b
+            }
+            Err(_) => Vec::with_capacity(CHUNK_BYTES),
+        };
+        let full = std::mem::replace(&mut self.buf, next);
         match &self.tx {
             Some(tx) if tx.send(full).is_ok() => Ok(()),
             // The worker stopped: its error comes out of `finish`.
@@ -298,14 +312,6 @@ impl ChunkWriter {
         sent.map_err(io_at("write", &self.dir))?;
         Ok((chunks, self.bytes))
     }
-}
-
-/// Asks the kernel to start writing `f` back now (`sync_file_range(WRITE)`), so the final
-/// fsync finds little left to do; a filesystem without it just waits for that fsync.
-fn start_writeback(f: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on an fd owned by `f`; only starts I/O.
-    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 impl Write for ChunkWriter {
@@ -336,23 +342,43 @@ impl Drop for ChunkWriter {
 }
 
 /// Reads a backup's stream chunk by chunk; each chunk is read whole and its SHA-256 checked
-/// before any of its bytes are returned. A damaged or missing chunk is an error naming it. A
-/// thread reads and checks the next chunk while the caller consumes this one.
+/// before any of its bytes are returned. A damaged or missing chunk is an error naming it.
+///
+/// It reads on the caller's thread, into one reused buffer, and asks the kernel to read the
+/// next chunk file ahead while this one is consumed. A reading thread was tried and dropped:
+/// handing each chunk to another CPU made every later copy of its bytes (the record parse,
+/// the write into the volume) miss the cache, and cost more CPU than the overlap saved
+/// (docs/benchmarks.md, "Backups").
 pub struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    dir: PathBuf,
+    backup: BackupId,
+    chunks: Vec<Chunk>,
+    /// Index of the next chunk to load.
+    next: usize,
     buf: Vec<u8>,
     at: usize,
     failed: Option<io::Error>,
 }
 
-/// Reads chunk `c` of backup `backup` in `dir` whole and checks it.
-fn load_chunk(dir: &Path, backup: BackupId, c: &Chunk) -> io::Result<Vec<u8>> {
+/// Asks the kernel to read the file at `path` ahead (`POSIX_FADV_WILLNEED`), so the disk
+/// works on the next chunk while this one is checked and applied. Best effort.
+fn read_ahead(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = File::open(path) {
+        // SAFETY: plain syscall on an fd owned by `f`; it only starts reads into the cache.
+        let _ = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+    }
+}
+
+/// Reads chunk `c` of backup `backup` in `dir` whole into `data` and checks it.
+fn load_chunk(dir: &Path, backup: BackupId, c: &Chunk, data: &mut Vec<u8>) -> io::Result<()> {
     let path = dir.join(&c.file);
-    let mut data = Vec::with_capacity(c.bytes as usize);
+    data.clear();
+    data.reserve(c.bytes as usize);
     File::open(&path)
-        .and_then(|f| f.take(c.bytes + 1).read_to_end(&mut data))
+        .and_then(|f| f.take(c.bytes + 1).read_to_end(data))
         .map_err(|e| io::Error::other(format!("backup {backup}: chunk {}: {e}", c.file)))?;
-    let sum = hex::encode(Sha256::digest(&data));
+    let sum = hex::encode(Sha256::digest(&data[..]));
     if data.len() as u64 != c.bytes || sum != c.sha256 {
         return Err(io::Error::other(format!(
             "backup {backup}: chunk {} is damaged ({} bytes, sha256 {sum}; the manifest says {} \
@@ -363,24 +389,19 @@ fn load_chunk(dir: &Path, backup: BackupId, c: &Chunk) -> io::Result<Vec<u8>> {
             c.sha256
         )));
     }
-    Ok(data)
+    Ok(())
 }
 
 impl ChunkReader {
     fn start(dir: PathBuf, backup: BackupId, chunks: Vec<Chunk>) -> ChunkReader {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        std::thread::spawn(move || {
-            for c in &chunks {
-                let r = load_chunk(&dir, backup, c);
-                let stop = r.is_err();
-                // The reader went away (it stopped early): nothing more to do.
-                if tx.send(r).is_err() || stop {
-                    return;
-                }
-            }
-        });
+        if let Some(first) = chunks.first() {
+            read_ahead(&dir.join(&first.file));
+        }
         ChunkReader {
-            rx,
+            dir,
+            backup,
+            chunks,
+            next: 0,
             buf: Vec::new(),
             at: 0,
             failed: None,
@@ -394,18 +415,20 @@ impl Read for ChunkReader {
             if let Some(e) = &self.failed {
                 return Err(io::Error::new(e.kind(), e.to_string()));
             }
-            match self.rx.recv() {
+            let Some(c) = self.chunks.get(self.next) else {
                 // Every chunk delivered: the end of the stream.
-                Err(_) => return Ok(0),
-                Ok(Ok(data)) => {
-                    self.buf = data;
-                    self.at = 0;
-                }
-                Ok(Err(e)) => {
-                    self.failed = Some(io::Error::new(e.kind(), e.to_string()));
-                    return Err(e);
-                }
+                return Ok(0);
+            };
+            if let Some(n) = self.chunks.get(self.next + 1) {
+                read_ahead(&self.dir.join(&n.file));
             }
+            if let Err(e) = load_chunk(&self.dir, self.backup, c, &mut self.buf) {
+                self.buf.clear();
+                self.failed = Some(io::Error::new(e.kind(), e.to_string()));
+                return Err(e);
+            }
+            self.next += 1;
+            self.at = 0;
         }
         let n = out.len().min(self.buf.len() - self.at);
         out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);

@@ -337,6 +337,7 @@ struct RawWriter {
     file: File,
     path: PathBuf,
     size: u64,
+    writeback: kiln_core::writeback::Writeback,
     _lock: Flock,
 }
 
@@ -354,7 +355,9 @@ impl VolumeWriter for RawWriter {
                 self.size
             )));
         }
-        self.file.write_all_at(data, offset)
+        self.file.write_all_at(data, offset)?;
+        self.writeback.wrote(&self.file, offset, data.len() as u64);
+        Ok(())
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -388,6 +391,7 @@ pub(crate) fn open_volume_writer(b: &Backend, v: &Volume) -> Result<Box<dyn Volu
         file,
         path,
         size,
+        writeback: Default::default(),
         _lock: lock,
     }))
 }

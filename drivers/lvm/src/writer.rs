@@ -82,6 +82,7 @@ pub struct LvmVolumeWriter {
     /// The thin pool's chunk size while discards are used to zero (thin volumes only).
     discard_chunk: Option<u64>,
     stats: WriteStats,
+    writeback: kiln_core::writeback::Writeback,
     _deactivate: Option<Deactivate>,
 }
 
@@ -175,6 +176,7 @@ impl VolumeWriter for LvmVolumeWriter {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check_range("a write", offset, data.len() as u64)?;
         self.file.write_all_at(data, offset)?;
+        self.writeback.wrote(&self.file, offset, data.len() as u64);
         self.stats.written += data.len() as u64;
         Ok(())
     }
@@ -297,6 +299,7 @@ impl LvmBackend {
             size: v.size_bytes,
             discard_chunk,
             stats: WriteStats::default(),
+            writeback: Default::default(),
             _deactivate: deactivate,
         })
     }

@@ -35,6 +35,10 @@ pub type rbd_image_options_t = *mut c_void;
 /// `librbd_progress_fn_t`: return non-zero to cancel.
 pub type librbd_progress_fn_t =
     Option<unsafe extern "C" fn(offset: u64, total: u64, ptr: *mut c_void) -> c_int>;
+/// `rbd_completion_t`: one asynchronous request's completion.
+pub type rbd_completion_t = *mut c_void;
+/// `rbd_callback_t`: called when an asynchronous request completes.
+pub type rbd_callback_t = Option<unsafe extern "C" fn(cb: rbd_completion_t, arg: *mut c_void)>;
 /// Callback of `rbd_diff_iterate2`: (offset, length, exists, arg).
 pub type rbd_diff_cb_t = Option<
     unsafe extern "C" fn(offset: u64, len: size_t, exists: c_int, arg: *mut c_void) -> c_int,
@@ -358,6 +362,36 @@ dynamic_fns! {
     pub fn rbd_read(image: rbd_image_t, ofs: u64, len: size_t, buf: *mut c_char) -> ssize_t;
     pub fn rbd_write(image: rbd_image_t, ofs: u64, len: size_t, buf: *const c_char) -> ssize_t;
     pub fn rbd_flush(image: rbd_image_t) -> c_int;
+    pub fn rbd_aio_create_completion(
+        cb_arg: *mut c_void,
+        complete_cb: rbd_callback_t,
+        c: *mut rbd_completion_t,
+    ) -> c_int;
+    pub fn rbd_aio_write(
+        image: rbd_image_t,
+        off: u64,
+        len: size_t,
+        buf: *const c_char,
+        c: rbd_completion_t,
+    ) -> c_int;
+    pub fn rbd_aio_read(
+        image: rbd_image_t,
+        off: u64,
+        len: size_t,
+        buf: *mut c_char,
+        c: rbd_completion_t,
+    ) -> c_int;
+    pub fn rbd_aio_write_zeroes(
+        image: rbd_image_t,
+        off: u64,
+        len: size_t,
+        c: rbd_completion_t,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> c_int;
+    pub fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> c_int;
+    pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> ssize_t;
+    pub fn rbd_aio_release(c: rbd_completion_t);
     pub fn rbd_write_zeroes(
         image: rbd_image_t,
         ofs: u64,

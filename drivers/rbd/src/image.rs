@@ -235,8 +235,14 @@ impl Image {
         &self.name
     }
 
-    fn op(&self, f: &str) -> String {
+    pub(crate) fn op(&self, f: &str) -> String {
         format!("{f} {}", self.at)
+    }
+
+    /// The raw handle, for the asynchronous requests of [`crate::aio`] (which keep their
+    /// buffers alive until each request completes).
+    pub(crate) fn handle(&self) -> ffi::rbd_image_t {
+        self.handle
     }
 
     fn snap_op(&self, f: &str, snap: &str) -> String {

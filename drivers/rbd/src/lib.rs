@@ -9,6 +9,7 @@
 //! Every librbd call blocks; [`open`] wraps the backend in [`kiln_core::Blocking`]
 //! ([`RbdDriver`]), which runs each call on tokio's blocking pool.
 
+mod aio;
 mod backup_pool;
 mod bench;
 pub mod cluster;

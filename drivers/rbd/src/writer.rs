@@ -1,12 +1,17 @@
-//! Writes into a volume's image, for restores and applied diff streams: librbd writes on a
-//! read-write handle of the image's head, flushed at the end.
+//! Writes into a volume's image, for restores and applied diff streams: asynchronous librbd
+//! writes on a read-write handle of the image's head, up to [`crate::aio::DEPTH`] in flight
+//! (as `rbd import` keeps), all completed and flushed at the end.
 
 use kiln_core::{Error, Result, VolumeWriter};
 
+use crate::aio::Queue;
 use crate::image::Image;
 
 /// A read-write handle of one volume's image.
 pub struct RbdWriter {
+    // Declared before `image`: fields drop in order, and requests in flight must complete
+    // before the handle closes.
+    queue: Queue,
     image: Image,
     size: u64,
 }
@@ -14,7 +19,11 @@ pub struct RbdWriter {
 impl RbdWriter {
     /// Wraps an image opened read-write at its head.
     pub fn new(image: Image, size: u64) -> Self {
-        RbdWriter { image, size }
+        RbdWriter {
+            queue: Queue::default(),
+            image,
+            size,
+        }
     }
 
     fn bounded(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -35,17 +44,20 @@ impl VolumeWriter for RbdWriter {
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.bounded(offset, data.len() as u64)?;
-        self.image.write(offset, data).map_err(std::io::Error::from)
+        self.queue
+            .write(&self.image, offset, data)
+            .map_err(std::io::Error::from)
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         self.bounded(offset, len)?;
-        self.image
-            .write_zeroes(offset, len)
+        self.queue
+            .write_zeroes(&self.image, offset, len)
             .map_err(std::io::Error::from)
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.queue.drain().map_err(Error::from)?;
         self.image.flush().map_err(Error::from)
     }
 }
