@@ -8,7 +8,11 @@
 #         instance snapshots and images with a real qemu-guest-agent freezing loop-mounted
 #         guest filesystems on kiln volumes, snapshots of attached qcow2 volumes through a real
 #         qemu-storage-daemon's QMP monitor while a guest writes through its NBD exports;
-#   rbd   the RBD driver and CLI tests against a real single-node Ceph it starts and stops;
+#   rbd   the RBD driver and CLI tests against a real single-node Ceph it starts and stops,
+#         then the interop of kiln's LVM streams with the real `rbd import-diff`
+#         (tests/harness/lvm-rbd-interop.sh: streams made in a user-mode-Linux guest, applied
+#         on a second throw-away cluster; it runs after the rbd tests, which end well before
+#         the lvm suite, so it adds no time);
 #   lvm   the LVM driver and CLI tests on real device-mapper inside a user-mode-Linux guest.
 # Each suite's output goes to its own log, printed when it ends. Exits non-zero if any failed.
 set -euo pipefail
@@ -36,10 +40,17 @@ host_suite() {
   cargo test -p kiln --features rbd,failpoints --bins --test cli --test backup --test crash --test crash_children --test instance --test online_qcow2
 }
 
+rbd_suite() {
+  local rc=0
+  tests/harness/rbd-suite.sh || rc=1
+  tests/harness/lvm-rbd-interop.sh || rc=1
+  return $rc
+}
+
 phase "suites side by side: host, rbd, lvm (logs in $logs)"
 declare -A pids
 host_suite >"$logs/host.log" 2>&1 & pids[host]=$!
-tests/harness/rbd-suite.sh >"$logs/rbd.log" 2>&1 & pids[rbd]=$!
+rbd_suite >"$logs/rbd.log" 2>&1 & pids[rbd]=$!
 tests/harness/lvm-suite.sh >"$logs/lvm.log" 2>&1 & pids[lvm]=$!
 
 failed=()

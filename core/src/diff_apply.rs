@@ -2,7 +2,7 @@
 //! import-diff` does onto an image: the stream's metadata is checked before the first byte
 //! is written, and every record must lie inside the image the stream describes.
 
-use std::io::Read;
+use std::io::BufRead;
 
 use crate::diff_stream::{Item, RecordReader};
 use crate::driver::VolumeWriter;
@@ -36,7 +36,7 @@ fn bad(what: impl std::fmt::Display) -> Error {
 
 /// Reads the whole stream and checks it (structure, size record before any data, every
 /// record inside the image, the end record) without writing anything.
-pub fn check(r: impl Read) -> Result<(StreamInfo, ApplyStats)> {
+pub fn check(r: impl BufRead) -> Result<(StreamInfo, ApplyStats)> {
     walk(r, None, &|_| Ok(()), &|_| {})
 }
 
@@ -44,7 +44,7 @@ pub fn check(r: impl Read) -> Result<(StreamInfo, ApplyStats)> {
 /// and may refuse it (then nothing was written). `progress` gets each record's byte count.
 /// On an error after the first write the volume holds part of the stream.
 pub fn apply(
-    r: impl Read,
+    r: impl BufRead,
     w: &mut dyn VolumeWriter,
     accept: &dyn Fn(&StreamInfo) -> Result<()>,
     progress: &dyn Fn(u64),
@@ -53,7 +53,7 @@ pub fn apply(
 }
 
 fn walk(
-    r: impl Read,
+    r: impl BufRead,
     mut w: Option<&mut dyn VolumeWriter>,
     accept: &dyn Fn(&StreamInfo) -> Result<()>,
     progress: &dyn Fn(u64),
@@ -63,11 +63,11 @@ fn walk(
     let mut size: Option<u64> = None;
     let mut accepted = false;
     let mut stats = ApplyStats::default();
-    let mut data = Vec::new();
+    let mut staging = Vec::new();
     let io = |e: std::io::Error| Error::io("write the volume", e);
     loop {
         let at = rr.position();
-        let item = rr.next_item(&mut data)?;
+        let item = rr.next_record()?;
         let (offset, len) = match item {
             Item::From(n) if !accepted => {
                 info.from = Some(n);
@@ -113,8 +113,12 @@ fn walk(
         }
         let is_data = matches!(item, Item::Data { .. });
         match &mut w {
-            Some(w) if is_data => w.write_at(offset, &data).map_err(io)?,
+            // Straight from the reader's buffer into the volume: no copy of the record.
+            Some(w) if is_data => rr.payload(len, &mut staging, &mut |from, piece| {
+                w.write_at(offset + from, piece).map_err(io)
+            })?,
             Some(w) => w.zero(offset, len).map_err(io)?,
+            None if is_data => rr.payload(len, &mut staging, &mut |_, _| Ok(()))?,
             None => {}
         }
         if is_data {

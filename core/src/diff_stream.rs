@@ -163,6 +163,18 @@ impl<R: Read> RecordReader<R> {
 
     /// The next record; a `w` record's bytes replace `data`'s contents.
     pub fn next_item(&mut self, data: &mut Vec<u8>) -> Result<Item> {
+        let item = self.next_record()?;
+        if let Item::Data { len, .. } = item {
+            // At most MAX_RECORD (checked by next_record).
+            data.resize(len as usize, 0);
+            self.fill(data)?;
+        }
+        Ok(item)
+    }
+
+    /// The next record without a `w` record's bytes: those `len` bytes come next in the
+    /// stream and must be taken with [`RecordReader::payload`] before the next call.
+    pub fn next_record(&mut self) -> Result<Item> {
         if !self.started {
             let mut h = [0u8; HEADER.len()];
             self.fill(&mut h)?;
@@ -199,8 +211,6 @@ impl<R: Read> RecordReader<R> {
                 if len > MAX_RECORD {
                     return Err(bad(format!("a data record of {len} bytes at byte {at}")));
                 }
-                data.resize(len as usize, 0);
-                self.fill(data)?;
                 Item::Data { offset, len }
             }
             b'z' => {
@@ -211,6 +221,48 @@ impl<R: Read> RecordReader<R> {
             b'e' => Item::End,
             other => return Err(bad(format!("unknown record tag {other:#04x} at byte {at}"))),
         })
+    }
+}
+
+/// A piece of a `w` record smaller than this, which the reader's buffer does not hold whole,
+/// is gathered with the rest of the record first: a pipe hands out 64 KiB at a time, and a
+/// volume writer (RBD above all) wants large writes.
+const MIN_PIECE: usize = 1 << 20;
+
+impl<R: std::io::BufRead> RecordReader<R> {
+    /// Hands the `len` bytes of the `w` record just read by [`RecordReader::next_record`] to
+    /// `sink`, in order, each piece with its offset from the record's start: straight from
+    /// the underlying reader's buffer when it holds the rest of the record or at least
+    /// [`MIN_PIECE`] of it (no copy), else gathered into `staging` first.
+    pub fn payload(
+        &mut self,
+        len: u64,
+        staging: &mut Vec<u8>,
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let left = len - done;
+            let buf = self
+                .r
+                .fill_buf()
+                .map_err(|e| bad(format!("truncated at byte {} ({e})", self.pos)))?;
+            if buf.is_empty() {
+                return Err(bad(format!("truncated at byte {}", self.pos)));
+            }
+            if (buf.len() as u64) < left && buf.len() < MIN_PIECE {
+                // At most MAX_RECORD (checked by next_record).
+                staging.resize(left as usize, 0);
+                self.fill(staging)?;
+                return sink(done, staging);
+            }
+            let n = (buf.len() as u64).min(left) as usize;
+            sink(done, &buf[..n])?;
+            self.r.consume(n);
+            self.pos += n as u64;
+            done += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -238,6 +290,68 @@ pub fn read_records(r: impl Read) -> Result<Vec<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hands out at most `step` bytes per read, as a pipe does.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.1).min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Every record's bytes through `payload`, as (offset, piece length) per sink call.
+    fn pieces(r: impl std::io::BufRead) -> (Vec<u8>, Vec<(u64, usize)>) {
+        let mut rr = RecordReader::new(r);
+        let (mut got, mut calls, mut staging) = (Vec::new(), Vec::new(), Vec::new());
+        loop {
+            match rr.next_record().unwrap() {
+                Item::Data { offset, len } => rr
+                    .payload(len, &mut staging, &mut |from, piece| {
+                        calls.push((offset + from, piece.len()));
+                        got.extend_from_slice(piece);
+                        Ok(())
+                    })
+                    .unwrap(),
+                Item::End => return (got, calls),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn record_bytes_pass_in_large_pieces_and_small_ones_are_gathered_per_record() {
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut w = DiffWriter::new(Vec::new(), None, Some("s"), 8 << 20).unwrap();
+        w.data(0, &data).unwrap();
+        let bytes = w.finish().unwrap();
+        // A reader holding 2 MiB at a time: two pieces straight from its buffer.
+        let (got, calls) = pieces(std::io::BufReader::with_capacity(2 << 20, &bytes[..]));
+        assert!(got == data, "the bytes differ");
+        assert!(calls.len() >= 2 && calls.iter().all(|c| c.1 >= MIN_PIECE / 2));
+        // A pipe's 64 KiB reads: the record is gathered and handed over whole.
+        let (got, calls) = pieces(std::io::BufReader::with_capacity(
+            4 << 20,
+            Trickle(&bytes, 64 << 10),
+        ));
+        assert!(got == data, "the gathered bytes differ");
+        assert_eq!(calls.len(), 1, "gathered pieces: {calls:?}");
+        assert_eq!(calls[0].1, data.len());
+        // Ending inside a record is refused.
+        let mut rr = RecordReader::new(&bytes[..bytes.len() / 2]);
+        assert!(matches!(rr.next_record().unwrap(), Item::To(_)));
+        assert!(matches!(rr.next_record().unwrap(), Item::Size(_)));
+        let Item::Data { len, .. } = rr.next_record().unwrap() else {
+            panic!("no data record");
+        };
+        let e = rr
+            .payload(len, &mut Vec::new(), &mut |_, _| Ok(()))
+            .unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
 
     #[test]
     fn a_stream_reads_back_as_written_and_bad_ones_are_refused() {

@@ -618,6 +618,9 @@ impl Service {
             Ok(())
         };
         let (info, stats) = ops::restore::run(&self.ctx, id, "a diff stream".into(), move |w| {
+            // Large pieces of a file pass straight into the volume; a pipe's small ones are
+            // gathered per record (diff_stream::RecordReader::payload).
+            let input = std::io::BufReader::with_capacity(crate::diff_stream::MAX_WRITE, input);
             apply(input, w, &accept, &|n| progress.advance(n))
         })
         .await?;

@@ -409,15 +409,17 @@ impl ChunkReader {
     }
 }
 
-impl Read for ChunkReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+impl io::BufRead for ChunkReader {
+    /// The rest of the current chunk, after loading and checking the next one when this one
+    /// is used up; empty at the end of the stream.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.at >= self.buf.len() {
             if let Some(e) = &self.failed {
                 return Err(io::Error::new(e.kind(), e.to_string()));
             }
             let Some(c) = self.chunks.get(self.next) else {
                 // Every chunk delivered: the end of the stream.
-                return Ok(0);
+                return Ok(&[]);
             };
             if let Some(n) = self.chunks.get(self.next + 1) {
                 read_ahead(&self.dir.join(&n.file));
@@ -430,9 +432,21 @@ impl Read for ChunkReader {
             self.next += 1;
             self.at = 0;
         }
-        let n = out.len().min(self.buf.len() - self.at);
-        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
-        self.at += n;
+        Ok(&self.buf[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.buf.len());
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        use io::BufRead;
+        let data = self.fill_buf()?;
+        let n = out.len().min(data.len());
+        out[..n].copy_from_slice(&data[..n]);
+        self.consume(n);
         Ok(n)
     }
 }

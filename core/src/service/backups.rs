@@ -364,6 +364,12 @@ fn copy_image(
     let mut buf = vec![0u8; crate::diff_stream::MAX_WRITE];
     let extents = r.extents().to_vec();
     let size = r.size();
+    let ranges: Vec<(u64, u64)> = extents
+        .iter()
+        .map(|e| (e.offset, e.offset.saturating_add(e.length).min(size)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    r.will_read(&ranges);
     let mut read = 0u64;
     for e in extents {
         let end = e.offset.saturating_add(e.length).min(size);

@@ -178,13 +178,25 @@ async fn force_snapshot_while_another_process_writes_is_point_in_time() {
             }
         }
     });
+    // The driver closes a handle left unused for IDLE_CLOSE (3 s); on a loaded machine the
+    // writer process can take longer than that to start and take the lock. While waiting,
+    // the test keeps the cached handle in use (a no-op on it), so "still open" below tests
+    // the lock handover, not the idle timer.
+    let touch = || {
+        // None once no handle is cached: nothing to keep open (the check below says so).
+        let _ = d
+            .image_handles()
+            .with_cached(&image, |_| Ok::<(), std::convert::Infallible>(()));
+    };
     let next_line = |what: &str| -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let l = rx
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("writer process: no {what} within 60 s"));
-            if l.starts_with(what) {
-                return l;
+            touch();
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(l) if l.starts_with(what) => return l,
+                Ok(_) => {}
+                Err(_) if std::time::Instant::now() < deadline => {}
+                Err(_) => panic!("writer process: no {what} within 60 s"),
             }
         }
     };
