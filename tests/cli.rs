@@ -1046,27 +1046,8 @@ fn volume_import_diff_applies_full_and_incremental_streams_and_refuses_bad_ones(
     }
 
     // Full, then incremental: each takes the stream's end snapshot by name.
-    let r1 = k.json(&[
-        "volume",
-        "import-diff",
-        &dst,
-        "--input",
-        full.to_str().unwrap(),
-    ]);
-    assert_eq!(r1["snapshot"]["name"], a.as_str(), "{r1}");
-    assert_eq!(r1["volume"]["status"], "available", "{r1}");
-    let r2 = k.json(&[
-        "volume",
-        "import-diff",
-        &dst,
-        "--input",
-        inc.to_str().unwrap(),
-    ]);
-    assert_eq!(r2["snapshot"]["name"], b.as_str(), "{r2}");
-    assert_eq!(r2["stream"]["from"], a.as_str(), "{r2}");
-    for (orig, copy) in [(&a, &r1), (&b, &r2)] {
-        let (want, _) = k.export(orig);
-        let (got, _) = k.export(&s(&copy["snapshot"], "id"));
+    let imported = k.import_full_then_incremental(&dst, &full, &inc, &a, &b);
+    for ((_, want, got), orig) in imported.into_iter().zip([&a, &b]) {
         assert!(got == want, "the imported snapshot {orig} differs");
     }
 

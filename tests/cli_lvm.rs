@@ -851,27 +851,8 @@ fn lvm_backups_full_and_incremental_restore_onto_thick_thin_and_file() {
         &k.json(&["volume", "create", "--size", "64M", "--backend", "thick"]),
         "id",
     );
-    let r1 = k.json(&[
-        "volume",
-        "import-diff",
-        &d,
-        "--input",
-        full.to_str().unwrap(),
-    ]);
-    assert_eq!(r1["snapshot"]["name"], a.as_str(), "{r1}");
-    assert_eq!(r1["volume"]["status"], "available", "{r1}");
-    let r2 = k.json(&[
-        "volume",
-        "import-diff",
-        &d,
-        "--input",
-        inc.to_str().unwrap(),
-    ]);
-    assert_eq!(r2["snapshot"]["name"], b.as_str(), "{r2}");
-    assert_eq!(r2["stream"]["from"], a.as_str(), "{r2}");
-    for (orig, copy) in [(&a, &r1), (&b, &r2)] {
-        let (want, _) = k.export(orig);
-        let (got, _) = k.export(&s(&copy["snapshot"], "id"));
+    let imported = k.import_full_then_incremental(&d, &full, &inc, &a, &b);
+    for ((_, want, got), orig) in imported.into_iter().zip([&a, &b]) {
         assert_same_bytes(
             &got,
             &want,

@@ -217,6 +217,41 @@ impl<F> Kiln<F> {
         std::fs::remove_file(&f).unwrap();
         (data, e)
     }
+
+    /// `kiln volume import-diff VOL` of a full stream ending at snapshot `a`, then of the
+    /// incremental from `a` to `b`: asserts each took its end snapshot by name (the volume
+    /// `available`, the incremental starting from `a`) and returns, for `a` then `b`, the id
+    /// of the snapshot the import took, the original's bytes and the import's bytes.
+    pub fn import_full_then_incremental(
+        &self,
+        vol: &str,
+        full: &Path,
+        inc: &Path,
+        a: &str,
+        b: &str,
+    ) -> [(String, Vec<u8>, Vec<u8>); 2] {
+        let import = |input: &Path| {
+            self.json(&[
+                "volume",
+                "import-diff",
+                vol,
+                "--input",
+                input.to_str().unwrap(),
+            ])
+        };
+        let r1 = import(full);
+        assert_eq!(r1["snapshot"]["name"], a, "{r1}");
+        assert_eq!(r1["volume"]["status"], "available", "{r1}");
+        let r2 = import(inc);
+        assert_eq!(r2["snapshot"]["name"], b, "{r2}");
+        assert_eq!(r2["stream"]["from"], a, "{r2}");
+        [(a, &r1), (b, &r2)].map(|(orig, copy)| {
+            let id = super::s(&copy["snapshot"], "id");
+            let (want, _) = self.export(orig);
+            let (got, _) = self.export(&id);
+            (id, want, got)
+        })
+    }
 }
 
 /// Parses the stdout of `kiln ARGS…` as JSON, panicking with it when it is not.
