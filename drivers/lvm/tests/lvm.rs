@@ -583,6 +583,15 @@ async fn bad_input(thin: bool) {
         d.delete_volume(&ghost_v).await.unwrap(),
         DeleteAction::AlreadyGone
     );
+    // A retried create (lvcreate fails, the LV is found) reports the same location; the
+    // same id asking for more than its LV holds is refused, naming the sizes.
+    let again = d.create_volume(&v).await.unwrap();
+    assert_eq!(again, loc(&t, &format!("volume-{}", v.id)).unwrap());
+    let mut bigger = v.clone();
+    bigger.size_bytes = VOL * 2;
+    let e = d.create_volume(&bigger).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(e.to_string().contains("smaller than the requested"), "{e}");
 
     assert_eq!(t.lv_state(), before, "bad requests changed the VG");
     assert_dev(&t.vol_dev(&v), &img, "volume after bad requests");
