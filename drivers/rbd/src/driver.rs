@@ -367,9 +367,10 @@ fn create_from_snapshot_blocking(
     let snap = snapshot_name(&s.id);
     let child = volume_image(&v.id);
     // One read-only handle on parent@snap serves the size check and the depth walk, and it
-    // is closed before the read-write open below. Rapid overlapping open/close cycles of
-    // the same image (read-write plus read-only at the snapshot, several times) made
-    // librbd 16.2 abort on a completion thread (~6 in 100 clones); see docs/rbd-backend.md.
+    // is closed before the read-write open below. Rapid open/close cycles of the same
+    // image made librbd 16.2 abort on a completion thread (~6 in 100 clones): a handle
+    // closed right after its open can be freed under the thread still finishing that open
+    // (the cause, and `image::MIN_HANDLE_AGE`, in docs/rbd-backend.md).
     let at_snap = match Image::open_read_only(c, &parent, Some(&snap)) {
         Ok(img) => img,
         Err(e) if e.errno == libc::ENOENT => return Err(snapshot_not_found(s)),
@@ -620,9 +621,9 @@ impl BlockingDriver for RbdBackend {
     ///   next operation opens a new read-write handle) and would keep a watch for as long
     ///   as the reader lives; the read-only handle keeps none.
     ///
-    /// The librbd 16.2 abort (docs/rbd-backend.md) came from one image opened and closed in
-    /// quick succession, read-write and then read-only at the snapshot twice, in the clone
-    /// path. A reader opens one read-only handle at the snapshot beside the cached
+    /// The librbd 16.2 abort (docs/rbd-backend.md) comes from a handle closed right after
+    /// its open (first seen in the clone path: read-write, then read-only at the snapshot
+    /// twice, in quick succession). A reader opens one read-only handle at the snapshot beside the cached
     /// read-write one and closes it when dropped, nothing in between: the pattern the stress
     /// runs after the cache was introduced exercised on every iteration (a snapshot on the
     /// cached handle, then a reader of it; 350 readers, no abort, and 350 more with the

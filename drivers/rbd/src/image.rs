@@ -6,6 +6,7 @@
 
 use std::ffi::{CStr, CString};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kiln_core::{Extent, merge_extents};
 use libc::{c_char, c_int, c_void, size_t};
@@ -154,11 +155,26 @@ pub struct ChildSpec {
     pub trash: bool,
 }
 
+/// A handle younger than this is not closed at once: its drop waits until it is this old.
+///
+/// librbd 16.2 completes an `rbd_open` on one of librados' I/O threads, which wakes the
+/// caller first and takes the image's state lock once more afterwards. If that thread is
+/// preempted in between and the caller closes at once, the close can run to its end on the
+/// other I/O thread and free the image, lock included; the first thread's lock call then
+/// throws (`std::system_error: Invalid argument`) and the process aborts. Waiting before
+/// the close gives the stalled thread this long to finish; a handle in use for longer (every
+/// cached one, every reader of a real export) pays nothing. One I/O thread instead of two
+/// would close the window outright but deadlocks librbd (its snapshot-unprotect path waits
+/// for a librados reply on that thread). Measured in docs/rbd-backend.md ("Known librbd
+/// 16.2 abort").
+pub const MIN_HANDLE_AGE: Duration = Duration::from_millis(20);
+
 /// An open librbd image. Closed on drop; keeps its connection alive until then.
 pub struct Image {
     handle: ffi::rbd_image_t,
     name: String,
     at: String,
+    opened: Instant,
     // Dropped after `handle` is closed in Drop::drop: the ioctx must outlive the image.
     _cluster: Arc<Cluster>,
 }
@@ -170,6 +186,9 @@ unsafe impl Send for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
+        if let Some(wait) = MIN_HANDLE_AGE.checked_sub(self.opened.elapsed()) {
+            std::thread::sleep(wait);
+        }
         // SAFETY: the handle is open and closed exactly once, before the ioctx goes away.
         let rc = unsafe { ffi::rbd_close(self.handle) };
         if rc < 0 {
@@ -226,6 +245,7 @@ impl Image {
             handle,
             name: name.to_string(),
             at,
+            opened: Instant::now(),
             _cluster: Arc::clone(cluster),
         })
     }
