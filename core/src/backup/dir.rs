@@ -7,13 +7,14 @@
 //! out, so a damaged chunk is never applied.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use super::chunk_reader::ChunkReader;
 use crate::error::{Error, Result};
 use crate::types::BackupId;
 
@@ -341,119 +342,10 @@ impl Drop for ChunkWriter {
     }
 }
 
-/// Reads a backup's stream chunk by chunk; each chunk is read whole and its SHA-256 checked
-/// before any of its bytes are returned. A damaged or missing chunk is an error naming it.
-///
-/// It reads on the caller's thread, into one reused buffer, and asks the kernel to read the
-/// next chunk file ahead while this one is consumed. A reading thread was tried and dropped:
-/// handing each chunk to another CPU made every later copy of its bytes (the record parse,
-/// the write into the volume) miss the cache, and cost more CPU than the overlap saved
-/// (docs/benchmarks.md, "Backups").
-pub struct ChunkReader {
-    dir: PathBuf,
-    backup: BackupId,
-    chunks: Vec<Chunk>,
-    /// Index of the next chunk to load.
-    next: usize,
-    buf: Vec<u8>,
-    at: usize,
-    failed: Option<io::Error>,
-}
-
-/// Asks the kernel to read the file at `path` ahead (`POSIX_FADV_WILLNEED`), so the disk
-/// works on the next chunk while this one is checked and applied. Best effort.
-fn read_ahead(path: &Path) {
-    use std::os::fd::AsRawFd;
-    if let Ok(f) = File::open(path) {
-        // SAFETY: plain syscall on an fd owned by `f`; it only starts reads into the cache.
-        let _ = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-    }
-}
-
-/// Reads chunk `c` of backup `backup` in `dir` whole into `data` and checks it.
-fn load_chunk(dir: &Path, backup: BackupId, c: &Chunk, data: &mut Vec<u8>) -> io::Result<()> {
-    let path = dir.join(&c.file);
-    data.clear();
-    data.reserve(c.bytes as usize);
-    File::open(&path)
-        .and_then(|f| f.take(c.bytes + 1).read_to_end(data))
-        .map_err(|e| io::Error::other(format!("backup {backup}: chunk {}: {e}", c.file)))?;
-    let sum = hex::encode(Sha256::digest(&data[..]));
-    if data.len() as u64 != c.bytes || sum != c.sha256 {
-        return Err(io::Error::other(format!(
-            "backup {backup}: chunk {} is damaged ({} bytes, sha256 {sum}; the manifest says {} \
-             bytes, sha256 {})",
-            c.file,
-            data.len(),
-            c.bytes,
-            c.sha256
-        )));
-    }
-    Ok(())
-}
-
-impl ChunkReader {
-    fn start(dir: PathBuf, backup: BackupId, chunks: Vec<Chunk>) -> ChunkReader {
-        if let Some(first) = chunks.first() {
-            read_ahead(&dir.join(&first.file));
-        }
-        ChunkReader {
-            dir,
-            backup,
-            chunks,
-            next: 0,
-            buf: Vec::new(),
-            at: 0,
-            failed: None,
-        }
-    }
-}
-
-impl io::BufRead for ChunkReader {
-    /// The rest of the current chunk, after loading and checking the next one when this one
-    /// is used up; empty at the end of the stream.
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        while self.at >= self.buf.len() {
-            if let Some(e) = &self.failed {
-                return Err(io::Error::new(e.kind(), e.to_string()));
-            }
-            let Some(c) = self.chunks.get(self.next) else {
-                // Every chunk delivered: the end of the stream.
-                return Ok(&[]);
-            };
-            if let Some(n) = self.chunks.get(self.next + 1) {
-                read_ahead(&self.dir.join(&n.file));
-            }
-            if let Err(e) = load_chunk(&self.dir, self.backup, c, &mut self.buf) {
-                self.buf.clear();
-                self.failed = Some(io::Error::new(e.kind(), e.to_string()));
-                return Err(e);
-            }
-            self.next += 1;
-            self.at = 0;
-        }
-        Ok(&self.buf[self.at..])
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.at = (self.at + n).min(self.buf.len());
-    }
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        use io::BufRead;
-        let data = self.fill_buf()?;
-        let n = out.len().min(data.len());
-        out[..n].copy_from_slice(&data[..n]);
-        self.consume(n);
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     fn manifest(id: BackupId, chunks: Vec<Chunk>, bytes: u64) -> Manifest {
         Manifest {

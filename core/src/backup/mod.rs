@@ -3,6 +3,7 @@
 //! backup — on a target, and restored onto a volume of any backend. The operations are in
 //! [`crate::ops::backup`]; this module holds the targets.
 
+mod chunk_reader;
 pub mod dir;
 pub mod retention;
 
