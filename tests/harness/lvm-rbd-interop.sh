@@ -24,8 +24,9 @@
 #   INTEROP_SELF_CHECK=1  a self-check of the checker, not a test of kiln: flips one byte of
 #                         the thin s2 image the guest read from LVM (at 20 MiB + 4660, data
 #                         the stream carries) before the comparisons. The run must then print
-#                         `FAIL thin s2: ...` naming that byte and exit 1; everything else
-#                         still passes.
+#                         `FAIL thin s2: ...` and `FAIL booted thin volume ...` (the
+#                         booted volume is compared with the same image), each naming that
+#                         byte, and exit 1; everything else still passes.
 #
 # In the guest: a VG on the scratch disk (/dev/ubda) with a 1 GiB thin pool (zeroing on, as
 # kiln's tests use), kiln with two backends on it, `thin` (type thin) and `thick` (type thick,
@@ -38,13 +39,22 @@
 # snapshot diff s2 --from s1` (incremental) into the shared directory, and dd of both
 # snapshot LVs (activated as bench-backup-lvm.sh does) as the expected images.
 #
+# Then an instance snapshot on LVM, exported with its data: an instance with the thin volume
+# at /dev/vda (boot index 0) and the thick one at /dev/vdb (boot index 1), `kiln instance
+# snapshot --quiesce off` (no agent in the guest), `kiln image export` into the shared
+# directory (OUT/image).
+#
 # On the host, per backend: the streams' names (the full stream's `t` must be s1's id, the
 # incremental's `f` s1's and `t` s2's: `kiln snapshot diff` names snapshots by id) and size;
 # `rbd create --size 64M`, `rbd import-diff` of the full stream (which makes the RBD snapshot
 # the stream's `t` names), `rbd export IMG@<t>` compared with s1's image; `rbd import-diff`
 # of the incremental (rbd checks the image has the snapshot its `f` names), the export at its
 # `t` compared with s2's image; both zeroed ranges held data at s1 and are zero in the s2
-# export. One `PASS ...` or `FAIL ...` line per check on stdout (a failure is one line);
+# export. Then the exported instance snapshot is booted from RBD: `kiln image import
+# OUT/image --backend ceph` (a kiln on the same cluster), `kiln image restore` of the new
+# image; each restored volume is on the RBD backend at its original device and boot index,
+# and its `rbd export` equals the LVM volume it came from (s2's image). One `PASS ...` or
+# `FAIL ...` line per check on stdout (a failure is one line);
 # exits 1 if any check failed, 2 on bad usage or a missing tool.
 # Everything it made is removed on exit, also on failure or Ctrl-C: the guest's VG on the
 # guest's exit (uml-run.sh removes its run directory and disk), the cluster (ceph-stop.sh
@@ -131,7 +141,7 @@ if [ "${1:-}" = --in-guest ]; then
     put "$vdev" $((SIZE - 4096)) 4096
     s2=$(new_id snapshot create "$vid" --name s2)
     log "$b: snapshot s2 $s2; writing the streams"
-    printf 's1 %s\ns2 %s\n' "$s1" "$s2" >"$out/$b.ids"
+    printf 's1 %s\ns2 %s\nvol %s\n' "$s1" "$s2" "$vid" >"$out/$b.ids"
     "${K[@]}" snapshot diff "$s1" --output "$out/$b-full.diff" >"$out/$b-full.json"
     "${K[@]}" snapshot diff "$s2" --from "$s1" --output "$out/$b-incr.diff" >"$out/$b-incr.json"
     # The expected images: the snapshot LVs themselves (thin snapshots skip activation:
@@ -148,6 +158,22 @@ if [ "${1:-}" = --in-guest ]; then
     # The volume itself is s2 too: a sanity check of the images read back.
     cmp -s "$vdev" "$out/$b-s2.raw" || { log "$b: the volume does not read as its snapshot s2"; exit 1; }
   done
+  # An instance snapshot on LVM, exported with its data. The volumes still hold s2's data.
+  iid=$(new_id instance create --name interop-vm)
+  letters=(a b)
+  idx=0
+  for b in $BACKENDS; do
+    vid=$(awk '$1 == "vol" { print $2 }' "$out/$b.ids")
+    dev=/dev/vd${letters[$idx]}
+    "${K[@]}" volume attach "$vid" --instance "$iid" --device "$dev" --boot-index "$idx" >/dev/null ||
+      { log "attaching $b's volume at $dev failed"; exit 1; }
+    printf '%s %s %s\n' "$dev" "$idx" "$b" >>"$out/devices"
+    idx=$((idx + 1))
+  done
+  img=$(new_id instance snapshot "$iid" --name interop-snap --quiesce off)
+  log "instance snapshot: image $img; exporting it"
+  "${K[@]}" image export "$img" --output "$out/image" >"$out/image-export.json" ||
+    { log "image export failed"; exit 1; }
   exit 0
 fi
 
@@ -199,7 +225,7 @@ fi
 log "guest done in $(($(date +%s) - t0)) s"
 
 if [ "${INTEROP_SELF_CHECK:-0}" = 1 ]; then
-  log "INTEROP_SELF_CHECK=1: flipping the byte at $((20 * MIB + 4660)) of thin-s2.raw; thin s2 must FAIL"
+  log "INTEROP_SELF_CHECK=1: flipping the byte at $((20 * MIB + 4660)) of thin-s2.raw; thin s2 and the booted thin volume must FAIL"
   "$PY" - "$out/thin-s2.raw" $((20 * MIB + 4660)) <<'PY'
 import sys
 with open(sys.argv[1], "r+b") as f:
@@ -367,6 +393,48 @@ for b in $BACKENDS; do
   done
   rm -f -- "$work/$b-s1.rbd" "$work/$b-s2.rbd"
 done
+
+# The instance snapshot taken on LVM, imported onto RBD and booted (image restore).
+printf 'default_backend = "ceph"\n\n[backends.ceph]\ndriver = "rbd"\npool = "rbd"\nceph_conf = "%s"\n' \
+  "$CEPH_CONF" >"$work/kiln.toml"
+HK=("$kiln" --data-dir "$work/kiln-data" --config "$work/kiln.toml" --format json)
+boot() {
+  local imported new booted n
+  if ! imported=$("${HK[@]}" image import "$out/image" --backend ceph 2>"$work/kiln.err"); then
+    fail "image import onto RBD: $(tail -n 1 "$work/kiln.err")"
+    return
+  fi
+  new=$(jq -r .id <<<"$imported")
+  if ! booted=$("${HK[@]}" image restore "$new" --name booted 2>"$work/kiln.err"); then
+    fail "image restore of the imported image: $(tail -n 1 "$work/kiln.err")"
+    return
+  fi
+  n=$(jq '.volumes | length' <<<"$booted")
+  [ "$n" = "$(wc -l <"$out/devices")" ] || { fail "booted instance has $n volumes, want $(wc -l <"$out/devices")"; return; }
+  while read -r dev idx b; do
+    local v vid where
+    v=$(jq -c --arg d "$dev" '.volumes[] | select(.attachments[0].device == $d)' <<<"$booted")
+    if [ -z "$v" ]; then
+      fail "booted $b volume: no volume at $dev"
+      continue
+    fi
+    vid=$(jq -r .id <<<"$v")
+    where="backend $(jq -r .backend <<<"$v"), boot index $(jq -r '.attachments[0].boot_index' <<<"$v")"
+    if [ "$where" != "backend ceph, boot index $idx" ]; then
+      fail "booted $b volume at $dev: $where, want backend ceph, boot index $idx"
+      continue
+    fi
+    rbdq "booted $b volume" export --no-progress "rbd/volume-$vid" "$work/booted-$b.rbd" || continue
+    local why
+    if why=$(firstdiff "$work/booted-$b.rbd" "$out/$b-s2.raw" 2>&1); then
+      pass "booted $b volume at $dev (boot index $idx) on RBD: rbd export equals the LVM volume at the instance snapshot"
+    else
+      fail "booted $b volume at $dev on RBD differs from the LVM volume: $why"
+    fi
+    rm -f -- "$work/booted-$b.rbd"
+  done <"$out/devices"
+}
+boot
 
 log "took $(($(date +%s) - start)) s"
 if [ "$failed" -gt 0 ]; then
