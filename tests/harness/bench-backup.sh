@@ -288,22 +288,12 @@ rm -f "$PRIM"
 # --- (c) incremental after a 1% rewrite -----------------------------------------------
 REWRITE=$(((SIZE / 100 + 4095) / 4096 * 4096))
 log "rewriting $REWRITE bytes in 4 KiB..1 MiB pieces spread over the volume"
-# Pieces: sizes 4 KiB..1 MiB (4 KiB multiples) summing to REWRITE, one in each of as many
-# equal slots of the volume, at a random 4 KiB-aligned place inside it. Fixed seed.
-"$PY" - "$SIZE" "$REWRITE" "$MODE" "$LOC" "$WORK/rewrite.diff" <<'PY' >"$WORK/rewrite.out"
-import os, random, struct, sys
-size, total, mode, loc, diff = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-rng = random.Random(20240610)
-sizes, left = [], total
-while left > 0:
-    n = min(left, rng.randint(1, 256) * 4096)
-    sizes.append(n)
-    left -= n
-slot = size // len(sizes) // 4096 * 4096
-pieces = []
-for i, n in enumerate(sizes):
-    room = max(slot - n, 0) // 4096
-    pieces.append((i * slot + rng.randint(0, room) * 4096, n))
+# The pieces: tests/harness/rewrite_pieces.py (4 KiB..1 MiB each, spread evenly, fixed seed).
+"$PY" "$HERE/rewrite_pieces.py" "$SIZE" "$REWRITE" >"$WORK/pieces"
+"$PY" - "$MODE" "$LOC" "$WORK/rewrite.diff" "$WORK/pieces" <<'PY' >"$WORK/rewrite.out"
+import os, struct, sys
+mode, loc, diff = sys.argv[1], sys.argv[2], sys.argv[3]
+pieces = [tuple(map(int, line.split())) for line in open(sys.argv[4])]
 if mode == "rbd":
     with open(diff, "wb") as f:
         f.write(b"rbd diff v1\n")
