@@ -123,7 +123,9 @@ fn cached(path: &Path) -> bool {
     if addr == libc::MAP_FAILED {
         return false;
     }
-    let mut pages = vec![0u8; len.div_ceil(ALIGN)];
+    // SAFETY: plain query of a system constant.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(ALIGN);
+    let mut pages = vec![0u8; len.div_ceil(page.max(1))];
     // SAFETY: `addr` maps `len` bytes; `pages` has one byte per page of it.
     let rc = unsafe { libc::mincore(addr, len, pages.as_mut_ptr()) };
     // SAFETY: the mapping made above, unmapped once.
