@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// uses one file backend named `default` in <data-dir>/volumes.
 ///
 /// Exit codes: 0 ok, 1 internal error, 2 usage error, 3 not found, 4 invalid input,
-/// 5 wrong state, 6 busy (dependents exist), 7 unsupported, 8 backend failure, 9 store failure.
+/// 5 wrong state, 6 busy (dependents exist), 7 unsupported, 8 backend failure, 9 store failure,
+/// 10 quota exceeded (API only).
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {
@@ -80,6 +81,12 @@ pub enum Command {
     /// Measure kiln against the backend's raw primitive.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Serve the Cinder v3 REST API (volumes, snapshots, metadata, actions, limits) on one
+    /// address until SIGTERM or Ctrl-C, for the real `openstack`/`cinder` clients and
+    /// openstacksdk. Configured in the config file's [api] section; without one: noauth on
+    /// 127.0.0.1:8776 (noauth refuses any non-loopback address). The CLI keeps working on
+    /// the same data directory meanwhile.
+    Serve(ServeArgs),
     /// Walk through kiln's main job on the configured default backend and print each step:
     /// create a volume, write data, snapshot, overwrite, snapshot it attached while a guest
     /// writes (qcow2: through a qemu-storage-daemon standing in for the hypervisor), clone,
@@ -89,6 +96,19 @@ pub enum Command {
     /// agent, thaws on request, when kiln dies, or at the deadline). Not for direct use.
     #[command(hide = true)]
     AgentGuard(AgentGuardArgs),
+}
+
+/// `kiln serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: [api] listen, else 127.0.0.1:8776].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// At shutdown, seconds to wait for background operations (clones, reverts, deletes)
+    /// to finish; one still running afterwards stays journaled and the next start
+    /// resolves it.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub shutdown_timeout: u64,
 }
 
 /// `kiln agent-guard` (internal).

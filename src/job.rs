@@ -79,6 +79,7 @@ impl Job {
             Command::Backend(BackendCmd::List) => Job::BackendList,
             Command::Volume(v) => match v {
                 VolumeCmd::Create(c) => Job::VolumeCreate(CreateVolume {
+                    owner: None,
                     size_bytes: c.size.as_deref().map(parse_size).transpose()?,
                     backend: c.backend,
                     name: label(c.name)?,
@@ -215,6 +216,9 @@ impl Job {
                     "command",
                     "agent-guard is run by kiln itself",
                 ));
+            }
+            Command::Serve(_) => {
+                return Err(Error::invalid("command", "serve runs a server, not a job"));
             }
         })
     }

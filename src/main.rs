@@ -13,6 +13,7 @@ mod export;
 mod instance_cmd;
 mod job;
 mod output;
+mod serve_cmd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,10 +25,12 @@ use kiln_core::{Error, Progress, ProgressHandle, Result};
 use cli::{Cli, Format, LogFormat};
 use job::Job;
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    // Quiet by default: stdout carries results, stderr only what an operator must see.
-    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    // Commands are quiet by default: stdout carries results, stderr only what an operator
+    // must see. The server logs at info (one access line per request).
+    let filter =
+        EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -63,7 +66,16 @@ fn main() {
             std::io::stdout(),
         ));
     }
-    init_logging(cli.log_format);
+    if let cli::Command::Serve(args) = &cli.command {
+        init_logging(cli.log_format, "info");
+        std::process::exit(
+            match serve_cmd::run(args, cli.config.as_deref(), cli.data_dir.clone()) {
+                Ok(()) => 0,
+                Err(e) => fail(&e),
+            },
+        );
+    }
+    init_logging(cli.log_format, "warn");
     let fmt = cli.format;
     // Validate before anything is opened.
     let job = match Job::prepare(cli.command) {
@@ -127,12 +139,22 @@ fn progress(format: Format) -> (ProgressHandle, indicatif::ProgressBar) {
 }
 
 async fn open(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Result<Service> {
-    let config = match config {
-        Some(path) => kiln_runtime::Config::load(path)?,
-        None => kiln_runtime::Config::default(),
-    };
+    let config = load_config(config)?;
     let data_dir = kiln_runtime::data_dir(data_dir, &config)?;
-    let service = kiln_runtime::open(&config, &data_dir).await?;
+    open_with(&config, &data_dir).await
+}
+
+/// The configuration file, or the embedded default.
+fn load_config(config: Option<&std::path::Path>) -> Result<kiln_runtime::Config> {
+    match config {
+        Some(path) => kiln_runtime::Config::load(path),
+        None => Ok(kiln_runtime::Config::default()),
+    }
+}
+
+/// The service for `config` on `data_dir`, recovered, with guest-agent access.
+async fn open_with(config: &kiln_runtime::Config, data_dir: &std::path::Path) -> Result<Service> {
+    let service = kiln_runtime::open(config, data_dir).await?;
     // Freeze guards are this same binary (`kiln agent-guard`), so they need nothing else
     // installed and match kiln's version.
     Ok(match std::env::current_exe() {

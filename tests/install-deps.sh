@@ -12,8 +12,11 @@
 #   qemu-guest-agent    the real guest agent the instance-snapshot tests freeze through (run
 #                       by the tests as their own process on a socket; no service is enabled)
 #   e2fsprogs           mkfs.ext4 and debugfs for the guest filesystems of those tests
+#   python3-venv, curl  the venv of the real OpenStack clients (openstackclient, cinderclient,
+#                       openstacksdk; pinned, from PyPI) that drive `kiln serve`, and raw HTTP
 set -euo pipefail
 packages=(
+  python3-venv curl
   xfsprogs
   ceph-mon ceph-mgr ceph-osd ceph-common librados-dev librbd-dev
   user-mode-linux lvm2 thin-provisioning-tools kmod

@@ -7,12 +7,16 @@
 #         crash recovery with fail points, kiln killed while its qemu-img children work,
 #         instance snapshots and images with a real qemu-guest-agent freezing loop-mounted
 #         guest filesystems on kiln volumes, snapshots of attached qcow2 volumes through a real
-#         qemu-storage-daemon's QMP monitor while a guest writes through its NBD exports;
+#         qemu-storage-daemon's QMP monitor while a guest writes through its NBD exports,
+#         the REST API in process, and `kiln serve` driven by the real openstackclient,
+#         cinderclient and openstacksdk (tests/harness/api-clients.sh, raw+reflink on XFS);
 #   rbd   the RBD driver and CLI tests against a real single-node Ceph it starts and stops,
 #         then the interop of kiln's LVM streams with the real `rbd import-diff`
 #         (tests/harness/lvm-rbd-interop.sh: streams made in a user-mode-Linux guest, applied
 #         on a second throw-away cluster; it runs after the rbd tests, which end well before
 #         the lvm suite, so it adds no time);
+#         and `kiln serve` driven by the real openstackclient, cinderclient and openstacksdk
+#         (tests/harness/api-clients.sh, on raw+reflink on a loop-mounted XFS);
 #   lvm   the LVM driver and CLI tests on real device-mapper inside a user-mode-Linux guest.
 # Each suite's output goes to its own log, printed when it ends. Exits non-zero if any failed.
 set -euo pipefail
@@ -38,6 +42,8 @@ host_suite() {
   # The RBD and LVM tests need a cluster / a guest kernel: their suites run them.
   cargo test --workspace --exclude kiln --exclude kiln-driver-rbd --exclude kiln-driver-lvm
   cargo test -p kiln --features rbd,failpoints --bins --test cli --test backup --test crash --test crash_children --test instance --test online_qcow2
+  # `kiln serve` driven by the real OpenStack clients (the binary the tests above built).
+  KILN_BIN=target/debug/kiln tests/harness/api-clients.sh
 }
 
 rbd_suite() {

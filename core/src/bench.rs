@@ -121,6 +121,7 @@ pub async fn snapshot(
         } => {
             let volume = service
                 .create_volume(CreateVolume {
+                    owner: None,
                     size_bytes: Some(size_bytes),
                     backend: Some(backend),
                     name: Some("kiln-bench".into()),

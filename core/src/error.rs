@@ -36,6 +36,8 @@ pub enum ErrorKind {
     Unavailable,
     /// The metadata store failed.
     Store,
+    /// The owning project's quota does not allow it (API requests only).
+    OverLimit,
 }
 
 impl ErrorKind {
@@ -51,6 +53,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => 7,
             ErrorKind::Backend | ErrorKind::Unavailable => 8,
             ErrorKind::Store => 9,
+            ErrorKind::OverLimit => 10,
         }
     }
 
@@ -65,6 +68,7 @@ impl ErrorKind {
             ErrorKind::Backend => "backend",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Store => "store",
+            ErrorKind::OverLimit => "over_limit",
         }
     }
 }
@@ -80,6 +84,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Backend => "backend failure",
             ErrorKind::Unavailable => "backend unavailable",
             ErrorKind::Store => "store failure",
+            ErrorKind::OverLimit => "quota exceeded",
         };
         f.write_str(s)
     }

@@ -5,7 +5,9 @@
 //! sits beside the service; drivers never touch it.
 
 pub mod agent;
+pub mod attrs;
 pub mod backends;
+pub mod background;
 pub mod backup;
 pub mod bench;
 pub mod blocking;

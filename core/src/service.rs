@@ -32,6 +32,9 @@ pub struct CreateVolume {
     pub name: Option<String>,
     /// Create the volume from this snapshot (lineage is recorded).
     pub source_snapshot: Option<SnapshotId>,
+    /// The project and attributes to record, and its quota to check, in the transaction
+    /// that inserts the volume; `None`: the default project, unlimited.
+    pub owner: Option<crate::attrs::Owner>,
 }
 
 /// A node of `snapshot tree`: a volume, its snapshots, and the volumes cloned from each.
@@ -213,6 +216,7 @@ impl Service {
                     req.size_bytes,
                     req.backend,
                     req.name,
+                    req.owner.as_ref(),
                     progress,
                 )
                 .await
@@ -224,7 +228,8 @@ impl Service {
                 let backend = req
                     .backend
                     .unwrap_or_else(|| self.ctx.backends.default_name().to_string());
-                ops::create_volume::run(&self.ctx, size, backend, req.name).await
+                ops::create_volume::run(&self.ctx, size, backend, req.name, req.owner.as_ref())
+                    .await
             }
         }
     }
@@ -384,7 +389,19 @@ impl Service {
         name: Option<String>,
         force: bool,
     ) -> Result<Snapshot> {
-        ops::create_snapshot::run(&self.ctx, volume_id, name, force).await
+        ops::create_snapshot::run(&self.ctx, volume_id, name, force, None).await
+    }
+
+    /// [`Service::create_snapshot`] on behalf of `owner`: its attributes are recorded and
+    /// its quota checked in the transaction that inserts the snapshot.
+    pub async fn create_snapshot_owned(
+        &self,
+        volume_id: VolumeId,
+        name: Option<String>,
+        force: bool,
+        owner: &crate::attrs::Owner,
+    ) -> Result<Snapshot> {
+        ops::create_snapshot::run(&self.ctx, volume_id, name, force, Some(owner)).await
     }
 
     /// Snapshots several volumes (on any backends) as one unit: all or nothing. See
@@ -634,6 +651,62 @@ impl Service {
             stats,
             snapshot,
         })
+    }
+
+    /// Replaces the API attributes of object `id` of `kind` (after validating them); a
+    /// missing object is `NotFound` and nothing is recorded.
+    pub async fn set_attrs(
+        &self,
+        kind: crate::attrs::ObjectKind,
+        id: String,
+        attrs: crate::attrs::ObjectAttrs,
+    ) -> Result<crate::attrs::ObjectAttrs> {
+        attrs.validate()?;
+        let step = crate::store::Step::PutAttrs {
+            kind,
+            id: id.clone(),
+            attrs: attrs.clone(),
+        };
+        match self
+            .ctx
+            .store
+            .commit(crate::store::Batch::new(vec![step]))
+            .await?
+        {
+            Ok(_) => Ok(attrs),
+            Err(_) => Err(Error::not_found(kind.as_str(), id)),
+        }
+    }
+
+    /// Renames a volume (`None` clears its label).
+    pub async fn rename_volume(&self, id: VolumeId, name: Option<String>) -> Result<Volume> {
+        if let Some(n) = &name {
+            crate::validate::validate_label(n)?;
+        }
+        self.ctx
+            .guarded(vec![crate::store::Step::SetVolumeName(id, name)], |c| {
+                ops::conflict_error(c, "rename volume", "present")
+            })
+            .await?;
+        self.ctx.volume(id).await
+    }
+
+    /// Renames a snapshot (`None` clears its label).
+    pub async fn rename_snapshot(&self, id: SnapshotId, name: Option<String>) -> Result<Snapshot> {
+        if let Some(n) = &name {
+            crate::validate::validate_label(n)?;
+        }
+        self.ctx
+            .guarded(vec![crate::store::Step::SetSnapshotName(id, name)], |c| {
+                ops::conflict_error(c, "rename snapshot", "present")
+            })
+            .await?;
+        self.snapshot(id).await
+    }
+
+    /// The API attributes of object `id`: those recorded, else the default project's.
+    pub async fn attrs(&self, id: String) -> Result<crate::attrs::ObjectAttrs> {
+        Ok(self.ctx.store.attrs(id).await?.unwrap_or_default())
     }
 
     /// Resolves every journaled operation whose owner is gone (see

@@ -890,6 +890,18 @@ impl Store for FlakyStore {
     fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<crate::types::Backup>> {
         self.inner.backups(volume)
     }
+    fn attrs(&self, id: &str) -> Result<Option<crate::attrs::ObjectAttrs>> {
+        self.inner.attrs(id)
+    }
+    fn attrs_of(
+        &self,
+        kind: crate::attrs::ObjectKind,
+    ) -> Result<std::collections::BTreeMap<String, crate::attrs::ObjectAttrs>> {
+        self.inner.attrs_of(kind)
+    }
+    fn usage(&self, project: &str) -> Result<crate::attrs::Usage> {
+        self.inner.usage(project)
+    }
 }
 
 /// Found in review: recovery discarded store errors (`let _ = self.finish_…`) and still

@@ -22,6 +22,8 @@ pub struct Config {
     /// Backends by name; each table has `driver = "file" | "lvm" | "rbd"` plus that driver's keys.
     #[serde(default)]
     pub backends: BTreeMap<String, toml::Table>,
+    /// The `[api]` section of `kiln serve` (parsed by the API crate).
+    pub api: Option<toml::Table>,
 }
 
 /// Longest backend name: it appears in tables, logs and the store.

@@ -112,6 +112,7 @@ pub async fn instance(service: &Service, req: InstanceBenchRequest) -> Result<In
         for i in 0..req.volumes {
             let v = service
                 .create_volume(CreateVolume {
+                    owner: None,
                     size_bytes: Some(req.size_bytes),
                     backend: Some(req.backend.clone()),
                     name: Some("kiln-bench".into()),

@@ -221,7 +221,8 @@ pub(crate) async fn create(
         Some(s) => s,
         None => {
             let force = v.status == VolumeStatus::InUse;
-            super::create_snapshot::run(ctx, v.id, Some(format!("backup-{id}")), force).await?
+            super::create_snapshot::run(ctx, v.id, Some(format!("backup-{id}")), force, None)
+                .await?
         }
     };
     let r = write_backup(ctx, id, &v, &s, base, req.name, &dir, target_s, progress).await;

@@ -4,6 +4,7 @@
 
 use super::conflict_error;
 use super::create_volume::{at_least, conclude, new_record};
+use crate::attrs::{ObjectKind, Owner};
 use crate::error::{Error, Result};
 use crate::progress::ProgressHandle;
 use crate::store::{NewOp, Step};
@@ -24,6 +25,7 @@ pub(crate) async fn run(
     size_bytes: Option<u64>,
     backend: Option<String>,
     name: Option<String>,
+    owner: Option<&Owner>,
     progress: ProgressHandle,
 ) -> Result<Volume> {
     let source = ctx.checked_snapshot(sid).await?;
@@ -53,13 +55,19 @@ pub(crate) async fn run(
         .await?;
     let op = ctx
         .begin(
-            vec![
+            Owner::insert_steps(
+                owner,
+                ObjectKind::Volume,
+                volume.id.to_string(),
+                volume.size_bytes,
                 Step::InsertVolume(volume.clone()),
-                Step::SnapshotIn {
-                    id: source.id,
-                    any_of: vec![SnapshotStatus::Available],
-                },
-            ],
+            )
+            .into_iter()
+            .chain([Step::SnapshotIn {
+                id: source.id,
+                any_of: vec![SnapshotStatus::Available],
+            }])
+            .collect(),
             NewOp::of(KIND, volume.id, Some(source.id)),
             |c| conflict_error(c, "create a volume from it", "available"),
         )

@@ -9,6 +9,7 @@
 use chrono::Utc;
 
 use super::{Ctx, conflict_error};
+use crate::attrs::{ObjectKind, Owner};
 use crate::error::Result;
 use crate::store::{NewOp, Operation, Step};
 use crate::types::{Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId, VolumeStatus};
@@ -45,6 +46,7 @@ pub(crate) async fn run(
     volume_id: VolumeId,
     name: Option<String>,
     force: bool,
+    owner: Option<&Owner>,
 ) -> Result<Snapshot> {
     if let Some(n) = &name {
         validate_label(n)?;
@@ -67,13 +69,18 @@ pub(crate) async fn run(
     let snap = new_record(&v, name);
     let op = ctx
         .begin(
-            vec![
-                Step::VolumeIn {
-                    id: volume_id,
-                    any_of: allowed,
-                },
+            std::iter::once(Step::VolumeIn {
+                id: volume_id,
+                any_of: allowed,
+            })
+            .chain(Owner::insert_steps(
+                owner,
+                ObjectKind::Snapshot,
+                snap.id.to_string(),
+                snap.size_bytes,
                 Step::InsertSnapshot(snap.clone()),
-            ],
+            ))
+            .collect(),
             NewOp::of(KIND, volume_id, Some(snap.id)),
             |c| conflict_error(c, "snapshot volume", needed),
         )

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use super::{Ctx, conflict_error};
+use crate::attrs::{ObjectKind, Owner};
 use crate::driver::VolumeDriver;
 use crate::error::{Error, Result};
 use crate::progress::no_progress;
@@ -47,6 +48,7 @@ pub(crate) async fn run(
     size_bytes: u64,
     backend: String,
     name: Option<String>,
+    owner: Option<&Owner>,
 ) -> Result<Volume> {
     let size_bytes = check_size(size_bytes)?;
     let driver = ctx.driver(&backend).await?;
@@ -54,7 +56,13 @@ pub(crate) async fn run(
     let _locks = ctx.lock([volume.id.into()]).await?;
     let op = ctx
         .begin(
-            vec![Step::InsertVolume(volume.clone())],
+            Owner::insert_steps(
+                owner,
+                ObjectKind::Volume,
+                volume.id.to_string(),
+                volume.size_bytes,
+                Step::InsertVolume(volume.clone()),
+            ),
             NewOp::of(KIND, volume.id, None),
             |c| conflict_error(c, "create volume", "new"),
         )

@@ -60,6 +60,16 @@ pub(crate) fn refused(e: &Error) -> bool {
 
 /// The one-line error for a failed guard: the object is missing, or in the wrong status.
 pub(crate) fn conflict_error(c: &Conflict, action: &str, needed: &str) -> Error {
+    if c.what == "quota" {
+        return Error::new(
+            ErrorKind::OverLimit,
+            format!(
+                "cannot {action}: quota exceeded for {} ({} in use)",
+                c.id,
+                c.found.as_deref().unwrap_or("?")
+            ),
+        );
+    }
     match &c.found {
         None => Error::not_found(c.what, &c.id),
         Some(found) => Error::wrong_state(format!(
@@ -178,9 +188,14 @@ impl Ctx {
         on_conflict: impl FnOnce(&Conflict) -> Error,
     ) -> Result<OpId> {
         let kind = op.kind;
+        let begun = crate::background::Begun {
+            volume_id: op.volume_id,
+            snapshot_id: op.snapshot_id,
+        };
         match self.store.commit(Batch::with_op(steps, op)).await? {
             Ok(Some(id)) => {
                 tracing::debug!(op = kind, id = id.0, "operation journaled");
+                crate::background::signal_begun(begun);
                 Ok(id)
             }
             Ok(None) => Err(Error::store(format!(

@@ -275,6 +275,7 @@ impl Service {
             None => {
                 let v = self
                     .create_volume(CreateVolume {
+                        owner: None,
                         size_bytes: Some(size),
                         backend: to.backend,
                         name: None,

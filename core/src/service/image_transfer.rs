@@ -238,6 +238,7 @@ impl Service {
         for (s, m) in record.snapshots.iter().zip(manifests) {
             let v = self
                 .create_volume(CreateVolume {
+                    owner: None,
                     size_bytes: Some(s.size_bytes),
                     backend: backend.clone(),
                     name: None,

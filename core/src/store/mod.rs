@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use std::sync::Arc;
 
+use crate::attrs::{ObjectAttrs, ObjectKind, QuotaLimits, Usage};
 use crate::error::{Error, Result};
 use crate::instance::{Image, ImageStatus, Instance};
 use crate::types::{
@@ -223,6 +224,33 @@ pub enum Step {
     /// Guard: no image (other than one being deleted) lists the snapshot (conflict: `what`
     /// "image", `id` the image, `found` its status).
     SnapshotFreeOfImage(SnapshotId),
+    /// Set a volume's label (conflict with `found` `None` if it does not exist).
+    SetVolumeName(VolumeId, Option<String>),
+    /// Set a snapshot's label (conflict with `found` `None` if it does not exist).
+    SetSnapshotName(SnapshotId, Option<String>),
+    /// Record (or replace) an object's API attributes; conflict (`found` `None`) if the
+    /// object does not exist. Deleting the object deletes them.
+    PutAttrs {
+        /// The object's kind.
+        kind: ObjectKind,
+        /// Its id.
+        id: String,
+        /// Its attributes.
+        attrs: ObjectAttrs,
+    },
+    /// Guard: `project` may create one more object of `kind` (volume or snapshot) of
+    /// `add_bytes` within `limits` (conflict: `what` "quota", `id` the exceeded limit —
+    /// `volumes`, `snapshots` or `gigabytes` — and `found` the current usage).
+    QuotaAllows {
+        /// The project.
+        project: String,
+        /// Volume or snapshot.
+        kind: ObjectKind,
+        /// Its limits.
+        limits: QuotaLimits,
+        /// The new object's size.
+        add_bytes: u64,
+    },
 }
 
 /// Steps applied atomically, optionally journaling a new operation in the same transaction.
@@ -325,6 +353,13 @@ pub trait Store: Send + Sync + 'static {
     fn backup(&self, id: BackupId) -> Result<Option<Backup>>;
     /// Every backup (of one volume), oldest first.
     fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<Backup>>;
+    /// One object's API attributes (`None`: it has none recorded).
+    fn attrs(&self, id: &str) -> Result<Option<ObjectAttrs>>;
+    /// The API attributes of every object of `kind` that has them, by id.
+    fn attrs_of(&self, kind: ObjectKind)
+    -> Result<std::collections::BTreeMap<String, ObjectAttrs>>;
+    /// What `project` uses now (objects without attributes count for the default project).
+    fn usage(&self, project: &str) -> Result<Usage>;
 }
 
 /// The async face of a [`Store`]: every call runs on the blocking pool, so a slow disk (a
@@ -410,6 +445,21 @@ impl AsyncStore {
     /// See [`Store::backups`].
     pub async fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<Backup>> {
         blocking_call!(self, |s| s.backups(volume))
+    }
+    /// See [`Store::attrs`].
+    pub async fn attrs(&self, id: String) -> Result<Option<ObjectAttrs>> {
+        blocking_call!(self, |s| s.attrs(&id))
+    }
+    /// See [`Store::attrs_of`].
+    pub async fn attrs_of(
+        &self,
+        kind: ObjectKind,
+    ) -> Result<std::collections::BTreeMap<String, ObjectAttrs>> {
+        blocking_call!(self, |s| s.attrs_of(kind))
+    }
+    /// See [`Store::usage`].
+    pub async fn usage(&self, project: String) -> Result<Usage> {
+        blocking_call!(self, |s| s.usage(&project))
     }
     /// See [`Store::history`].
     pub async fn history(&self, object_id: String) -> Result<Vec<HistoryEntry>> {

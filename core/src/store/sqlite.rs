@@ -1,5 +1,6 @@
 //! The embedded SQLite store: one file in the data directory, WAL mode, schema migrations.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -7,6 +8,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Batch, Conflict, HistoryEntry, NewOp, OpId, Operation, Step, Store};
+use crate::attrs::{DEFAULT_PROJECT, ObjectAttrs, ObjectKind, Usage};
 use crate::error::{Error, Result};
 use crate::instance::{Image, ImageStatus, Instance};
 use crate::types::{
@@ -125,6 +127,18 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX backups_volume ON backups(volume_id);
     CREATE INDEX backups_parent ON backups(parent_id);",
+    // 6: API attributes (project, user, description, properties, bootable), one row per
+    // object; an object without one belongs to the default project.
+    "CREATE TABLE object_attrs (
+        object_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        project_id TEXT NOT NULL,
+        user_id TEXT,
+        description TEXT,
+        properties TEXT NOT NULL DEFAULT '{}',
+        bootable INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX object_attrs_project ON object_attrs(project_id, kind);",
 ];
 
 /// WAL pages after which a commit checkpoints (see `SqliteStore::open`): a command writes
@@ -532,6 +546,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
             if n == 0 {
                 return conflict("instance", id.to_string(), None);
             }
+            delete_attrs(tx, &id.to_string())?;
         }
         Step::InsertImage(i) => {
             tx.execute(
@@ -573,6 +588,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                 [id.to_string()],
             )?;
             tx.execute("DELETE FROM images WHERE id = ?1", [id.to_string()])?;
+            delete_attrs(tx, &id.to_string())?;
         }
         Step::InsertBackup(b) => {
             tx.execute(
@@ -774,9 +790,80 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                 [id.to_string()],
             )?;
             tx.execute("DELETE FROM volumes WHERE id = ?1", [id.to_string()])?;
+            delete_attrs(tx, &id.to_string())?;
         }
         Step::DeleteSnapshot(id) => {
             tx.execute("DELETE FROM snapshots WHERE id = ?1", [id.to_string()])?;
+            delete_attrs(tx, &id.to_string())?;
+        }
+        Step::SetVolumeName(id, name) => {
+            let n = tx.execute(
+                "UPDATE volumes SET name = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id.to_string(), name, now],
+            )?;
+            if n == 0 {
+                return conflict("volume", id.to_string(), None);
+            }
+        }
+        Step::SetSnapshotName(id, name) => {
+            let n = tx.execute(
+                "UPDATE snapshots SET name = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id.to_string(), name, now],
+            )?;
+            if n == 0 {
+                return conflict("snapshot", id.to_string(), None);
+            }
+        }
+        Step::PutAttrs { kind, id, attrs } => {
+            let table = match kind {
+                ObjectKind::Volume => "volumes",
+                ObjectKind::Snapshot => "snapshots",
+                ObjectKind::Instance => "instances",
+                ObjectKind::Image => "images",
+            };
+            let exists: Option<i64> = tx
+                .query_row(&format!("SELECT 1 FROM {table} WHERE id = ?1"), [id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if exists.is_none() {
+                return conflict(kind.as_str(), id.clone(), None);
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO object_attrs (object_id, kind, project_id, user_id, description, properties, bootable) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    kind.as_str(),
+                    attrs.project_id,
+                    attrs.user_id,
+                    attrs.description,
+                    json_param(&attrs.properties)?,
+                    i64::from(attrs.bootable)
+                ],
+            )?;
+        }
+        Step::QuotaAllows {
+            project,
+            kind,
+            limits,
+            add_bytes,
+        } => {
+            let usage = project_usage(tx, project)?;
+            let (count, max, name) = match kind {
+                ObjectKind::Snapshot => (usage.snapshots, limits.snapshots, "snapshots"),
+                _ => (usage.volumes, limits.volumes, "volumes"),
+            };
+            if max.is_some_and(|m| count >= m) {
+                return conflict("quota", name.to_string(), Some(count.to_string()));
+            }
+            let gib = (usage.bytes.saturating_add(*add_bytes)).div_ceil(1 << 30);
+            if limits.gigabytes.is_some_and(|m| gib > m) {
+                return conflict(
+                    "quota",
+                    "gigabytes".to_string(),
+                    Some(usage.bytes.div_ceil(1 << 30).to_string()),
+                );
+            }
         }
         Step::FinishOp(op) => {
             tx.execute("DELETE FROM operations WHERE id = ?1", [op.0])?;
@@ -792,6 +879,65 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
         }
     }
     Ok(None)
+}
+
+fn delete_attrs(tx: &Connection, id: &str) -> Result<()> {
+    tx.execute("DELETE FROM object_attrs WHERE object_id = ?1", [id])?;
+    Ok(())
+}
+
+/// What `project` uses: objects without attributes belong to the default project.
+fn project_usage(conn: &Connection, project: &str) -> Result<Usage> {
+    let count = |table: &str| -> Result<(u64, u64)> {
+        let (n, bytes): (i64, i64) = conn.query_row(
+            &format!(
+                "SELECT count(*), COALESCE(sum(t.size_bytes), 0) FROM {table} t LEFT JOIN object_attrs a ON a.object_id = t.id WHERE COALESCE(a.project_id, ?2) = ?1"
+            ),
+            params![project, DEFAULT_PROJECT],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((n.max(0) as u64, bytes.max(0) as u64))
+    };
+    let (volumes, vbytes) = count("volumes")?;
+    let (snapshots, sbytes) = count("snapshots")?;
+    Ok(Usage {
+        volumes,
+        snapshots,
+        bytes: vbytes.saturating_add(sbytes),
+    })
+}
+
+fn load_attrs(conn: &Connection, filter: &str, arg: &str) -> Result<BTreeMap<String, ObjectAttrs>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT object_id, project_id, user_id, description, properties, bootable FROM object_attrs WHERE {filter} = ?1"
+    ))?;
+    let rows = stmt.query_map([arg], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, i64>(5)?,
+        ))
+    })?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (id, project_id, user_id, description, props, bootable) = row?;
+        let properties = serde_json::from_str(&props)
+            .map_err(|e| Error::store(format!("attributes of {id}: bad properties: {e}")))?;
+        out.insert(
+            id,
+            ObjectAttrs {
+                project_id,
+                user_id,
+                description,
+                properties,
+                bootable: bootable != 0,
+            },
+        );
+    }
+    Ok(out)
 }
 
 fn insert_attachment(tx: &Connection, id: VolumeId, a: &Attachment) -> Result<()> {
@@ -855,6 +1001,21 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(Ok(op))
+    }
+
+    fn attrs(&self, id: &str) -> Result<Option<ObjectAttrs>> {
+        let conn = self.lock()?;
+        Ok(load_attrs(&conn, "object_id", id)?.into_values().next())
+    }
+
+    fn attrs_of(&self, kind: ObjectKind) -> Result<BTreeMap<String, ObjectAttrs>> {
+        let conn = self.lock()?;
+        load_attrs(&conn, "kind", kind.as_str())
+    }
+
+    fn usage(&self, project: &str) -> Result<Usage> {
+        let conn = self.lock()?;
+        project_usage(&conn, project)
     }
 
     fn volume(&self, id: VolumeId) -> Result<Option<Volume>> {
@@ -1062,6 +1223,81 @@ mod tests {
             created_at: now,
             updated_at: now,
         }
+    }
+
+    #[test]
+    fn attributes_live_and_die_with_their_object_and_quotas_count_the_default_project() {
+        use crate::attrs::{ObjectAttrs, ObjectKind, QuotaLimits};
+        let store = SqliteStore::in_memory().unwrap();
+        let cli = volume(VolumeStatus::Available);
+        let api = volume(VolumeStatus::Available);
+        let mut attrs = ObjectAttrs::owned_by("p1", Some("u1"));
+        attrs.description = Some("d".into());
+        attrs.properties.insert("k".into(), "v".into());
+        let put = |id: VolumeId, attrs: &ObjectAttrs| Step::PutAttrs {
+            kind: ObjectKind::Volume,
+            id: id.to_string(),
+            attrs: attrs.clone(),
+        };
+        // Attributes of a missing object are refused.
+        let c = store.commit(Batch::new(vec![put(api.id, &attrs)])).unwrap();
+        assert_eq!(c.unwrap_err().found, None);
+        assert!(store.attrs(&api.id.to_string()).unwrap().is_none());
+        store
+            .commit(Batch::new(vec![Step::InsertVolume(cli.clone())]))
+            .unwrap()
+            .unwrap();
+        store
+            .commit(Batch::new(vec![
+                Step::InsertVolume(api.clone()),
+                put(api.id, &attrs),
+            ]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.attrs(&api.id.to_string()).unwrap(),
+            Some(attrs.clone())
+        );
+        let all = store.attrs_of(ObjectKind::Volume).unwrap();
+        assert_eq!(all.len(), 1);
+        assert!(store.attrs_of(ObjectKind::Snapshot).unwrap().is_empty());
+        // The CLI's volume (no attributes) counts for the default project.
+        let d = store.usage(DEFAULT_PROJECT).unwrap();
+        assert_eq!((d.volumes, d.snapshots, d.bytes), (1, 0, 1 << 30));
+        let p1 = store.usage("p1").unwrap();
+        assert_eq!((p1.volumes, p1.bytes), (1, 1 << 30));
+        // Quota: one more volume does not fit a limit of one; 1 GiB more fits 2 GiB, not 1.
+        let guard = |volumes, gigabytes, add_bytes| Step::QuotaAllows {
+            project: "p1".into(),
+            kind: ObjectKind::Volume,
+            limits: QuotaLimits {
+                volumes,
+                snapshots: None,
+                gigabytes,
+            },
+            add_bytes,
+        };
+        let c = store
+            .commit(Batch::new(vec![guard(Some(1), None, 1)]))
+            .unwrap();
+        assert_eq!(c.unwrap_err().id, "volumes");
+        assert!(
+            store
+                .commit(Batch::new(vec![guard(Some(2), Some(2), 1 << 30)]))
+                .unwrap()
+                .is_ok()
+        );
+        let c = store
+            .commit(Batch::new(vec![guard(None, Some(1), 1)]))
+            .unwrap();
+        assert_eq!(c.unwrap_err().id, "gigabytes");
+        // Deleting the volume deletes its attributes.
+        store
+            .commit(Batch::new(vec![Step::DeleteVolume(api.id)]))
+            .unwrap()
+            .unwrap();
+        assert!(store.attrs(&api.id.to_string()).unwrap().is_none());
+        assert_eq!(store.usage("p1").unwrap().volumes, 0);
     }
 
     #[test]

@@ -1,0 +1,131 @@
+//! The server's shared state and the look-ups every handler shares: an object by id, as
+//! the caller may see it (another project's object is 404, as if it did not exist).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kiln_core::attrs::{ObjectAttrs, ObjectKind, Owner};
+use kiln_core::background::{Begun, Started};
+use kiln_core::{Service, Snapshot, SnapshotId, Volume, VolumeId};
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ApiConfig, Identity, Tokens};
+use crate::context::Req;
+use crate::error::{ApiError, ApiResult};
+
+/// What every handler shares.
+pub struct AppState {
+    /// The service (store, backends, locks).
+    pub service: Arc<Service>,
+    /// The `[api]` configuration.
+    pub config: ApiConfig,
+    /// The tokens of `auth = "tokens"`.
+    pub tokens: Tokens,
+    /// Operations running in the background, awaited at shutdown.
+    pub tracker: TaskTracker,
+}
+
+/// Shared state as handlers receive it.
+pub type Shared = Arc<AppState>;
+
+/// Whether `caller` may see an object of `attrs`: its own project's, or any for an admin.
+pub fn may_see(caller: &Identity, attrs: &ObjectAttrs) -> bool {
+    caller.admin || caller.project == attrs.project_id
+}
+
+/// Whether a list shows an object of `attrs`: the caller's project's; every project's for
+/// an admin asking `all_tenants`.
+pub fn listed(caller: &Identity, attrs: &ObjectAttrs, all_tenants: bool) -> bool {
+    (caller.admin && all_tenants) || caller.project == attrs.project_id
+}
+
+impl AppState {
+    /// Who a new object of `caller` belongs to, with the project quota.
+    pub fn owner(&self, caller: &Identity) -> Owner {
+        Owner {
+            attrs: ObjectAttrs::owned_by(&caller.project, caller.user.as_deref()),
+            quota: self.config.quotas,
+        }
+    }
+
+    /// Volume `id` and its attributes, if the caller may see it (else 404, malformed ids
+    /// included, as Cinder answers).
+    pub async fn volume(&self, req: &Req, id: &str) -> ApiResult<(Volume, ObjectAttrs)> {
+        let missing = || ApiError::not_found(format!("Volume {id} could not be found."));
+        let vid: VolumeId = id.parse().map_err(|_| missing())?;
+        let v = self.service.volume(vid).await.map_err(|e| match e.kind() {
+            kiln_core::ErrorKind::NotFound => missing(),
+            _ => e.into(),
+        })?;
+        let attrs = self.service.attrs(id.to_string()).await?;
+        if !may_see(&req.caller, &attrs) {
+            return Err(missing());
+        }
+        Ok((v, attrs))
+    }
+
+    /// Snapshot `id` and its attributes, if the caller may see it (else 404).
+    pub async fn snapshot(&self, req: &Req, id: &str) -> ApiResult<(Snapshot, ObjectAttrs)> {
+        let missing = || ApiError::not_found(format!("Snapshot {id} could not be found."));
+        let sid: SnapshotId = id.parse().map_err(|_| missing())?;
+        let s = self
+            .service
+            .snapshot(sid)
+            .await
+            .map_err(|e| match e.kind() {
+                kiln_core::ErrorKind::NotFound => missing(),
+                _ => e.into(),
+            })?;
+        let attrs = self.service.attrs(id.to_string()).await?;
+        if !may_see(&req.caller, &attrs) {
+            return Err(missing());
+        }
+        Ok((s, attrs))
+    }
+
+    /// Every object of `kind`'s attributes (objects without a row: the defaults).
+    pub async fn all_attrs(&self, kind: ObjectKind) -> ApiResult<BTreeMap<String, ObjectAttrs>> {
+        Ok(self.service.store().attrs_of(kind).await?)
+    }
+
+    /// [`AppState::start`] for an operation whose outcome the answer does not carry
+    /// (deletes, reverts): `Ok` once it finished or is journaled.
+    pub async fn launch<T, F>(&self, op: F) -> ApiResult<()>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = kiln_core::Result<T>> + Send + 'static,
+    {
+        self.start(op).await.map(drop)
+    }
+
+    /// Runs operation `op` in the background once it is journaled (see
+    /// [`kiln_core::background`]): `Ok(Err(begun))` when it goes on, `Ok(Ok(v))` when it
+    /// finished before that, its error when it was refused.
+    pub async fn start<T, F>(&self, op: F) -> ApiResult<Result<T, Begun>>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = kiln_core::Result<T>> + Send + 'static,
+    {
+        match kiln_core::background::start(&self.tracker, op, |panic| {
+            Err(kiln_core::Error::store(format!(
+                "operation task failed: {panic}"
+            )))
+        })
+        .await
+        {
+            Started::Finished(r) => Ok(Ok(r?)),
+            Started::Running(begun, handle) => {
+                // The outcome is in the store (and the journal, if the process dies):
+                // clients poll; only an unexpected failure is worth a log line here.
+                tokio::spawn(async move {
+                    match handle.await {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "background operation failed"),
+                        Err(e) => tracing::error!(error = %e, "background operation task failed"),
+                        Ok(Ok(_)) => {}
+                    }
+                });
+                Ok(Err(begun))
+            }
+        }
+    }
+}
