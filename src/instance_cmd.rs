@@ -102,6 +102,7 @@ impl InstanceJob {
             InstanceCmd::Snapshot(s) => {
                 let freeze_timeout = parse_duration(&s.freeze_timeout)?;
                 let req = InstanceSnapshotRequest {
+                    owner: None,
                     instance: id(&s.id)?,
                     name: s.name,
                     quiesce: match s.quiesce {

@@ -153,8 +153,8 @@ fn path_project<'a>(path: &'a str, prefix: &str, collections: &[&str]) -> Option
 /// Which API a layer serves: its microversions, path prefix and collections.
 #[derive(Clone, Copy)]
 pub struct ApiFamily {
-    /// Its microversions.
-    pub range: Range,
+    /// Its microversions (`None`: the API has none, as Glance's v2).
+    pub range: Option<Range>,
     /// Its path prefix (`/v3`).
     pub prefix: &'static str,
     /// Its top-level collections (a first segment that is none of them is a project id).
@@ -170,9 +170,16 @@ pub async fn api_layer(
     next: Next,
 ) -> Response {
     let range = family.range;
-    let version = match range.negotiate(req.headers()) {
-        Ok(v) => v,
-        Err(e) => return finish(e.into_response(), range, range.min),
+    let version = match range.map(|r| r.negotiate(req.headers())) {
+        None => Version::new(0, 0),
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            return finish(
+                e.into_response(),
+                range,
+                range.map_or(Version::new(0, 0), |r| r.min),
+            );
+        }
     };
     let caller = match authenticate(&state, req.headers()) {
         Ok(c) => c,
@@ -197,8 +204,11 @@ pub async fn api_layer(
     finish(resp, range, version)
 }
 
-/// Echoes the version (and `Vary`) on an answer.
-fn finish(mut resp: Response, range: Range, version: Version) -> Response {
+/// Echoes the version (and `Vary`) on an answer of an API with microversions.
+fn finish(mut resp: Response, range: Option<Range>, version: Version) -> Response {
+    let Some(range) = range else {
+        return resp;
+    };
     if let Ok(v) = HeaderValue::from_str(&range.header_value(version)) {
         resp.headers_mut()
             .insert(HeaderName::from_static(microversion::HEADER), v);
@@ -207,6 +217,16 @@ fn finish(mut resp: Response, range: Range, version: Version) -> Response {
         header::VARY,
         HeaderValue::from_static("OpenStack-API-Version"),
     );
+    if let Some(legacy) = range.legacy_header
+        && let (Ok(name), Ok(v)) = (
+            HeaderName::from_bytes(legacy.as_bytes()),
+            HeaderValue::from_str(&version.to_string()),
+        )
+    {
+        resp.headers_mut().insert(name, v);
+        resp.headers_mut()
+            .append(header::VARY, HeaderValue::from_static(legacy));
+    }
     resp
 }
 

@@ -1,16 +1,20 @@
 //! `kiln serve`: a Cinder v3-compatible REST API over kiln's [`Service`], built on axum.
 //!
-//! One address serves the API the way DevStack lays it out: Cinder at `/v3` (and
-//! `/v3/{project_id}`), with version discovery at `/` and `/v3`. Every answer carries
+//! One address serves three APIs the way DevStack lays them out: Cinder at `/v3` (and
+//! `/v3/{project_id}`), with version discovery at `/` and `/v3`; Nova's subset (servers
+//! kiln knows, `createImage`) at `/compute/v2.1`; Glance's subset (images) at
+//! `/image/v2`; each with its own version discovery. Every answer carries
 //! `x-openstack-request-id`; every request is one structured access-log line (target
 //! `kiln::access`). Errors have Cinder's body shape. Operations that take a while
 //! (clones, reverts, deletes) answer 202 as soon as they are journaled and go on in the
 //! background; a shutdown waits for them (see [`serve`]).
 
 pub mod body;
+pub mod compute;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod images;
 pub mod limits;
 pub mod listing;
 pub mod metadata;
@@ -45,10 +49,32 @@ const V3_COLLECTIONS: &[&str] = &["volumes", "snapshots", "limits"];
 
 /// The Cinder API family.
 const V3: ApiFamily = ApiFamily {
-    range: microversion::VOLUME,
+    range: Some(microversion::VOLUME),
     prefix: "/v3",
     collections: V3_COLLECTIONS,
 };
+
+/// Nova's subset.
+const COMPUTE: ApiFamily = ApiFamily {
+    range: Some(microversion::COMPUTE),
+    prefix: "/compute/v2.1",
+    collections: &["servers"],
+};
+
+/// Glance's subset (no microversions, no project in paths).
+const IMAGE: ApiFamily = ApiFamily {
+    range: None,
+    prefix: "/image/v2",
+    collections: &["images"],
+};
+
+fn compute_routes() -> Router<Shared> {
+    Router::new()
+        .route("/servers", get(compute::index))
+        .route("/servers/detail", get(compute::detail))
+        .route("/servers/{id}", get(compute::show))
+        .route("/servers/{id}/action", post(compute::action))
+}
 
 /// The `/v3` routes, mounted with and without a project segment.
 fn v3_routes() -> Router<Shared> {
@@ -123,13 +149,42 @@ pub fn router(state: Shared) -> Router {
         .nest("/v3", api.clone())
         .nest("/v3/{project_id}", api)
         .layer(from_fn_with_state((state.clone(), V3), context::api_layer))
+        .with_state(state.clone());
+    let nova = compute_routes();
+    let compute = Router::new()
+        .nest("/compute/v2.1", nova.clone())
+        .nest("/compute/v2.1/{project_id}", nova)
+        .layer(from_fn_with_state(
+            (state.clone(), COMPUTE),
+            context::api_layer,
+        ))
+        .with_state(state.clone());
+    let image = Router::new()
+        .route("/image/v2/images", get(images::index))
+        .route(
+            "/image/v2/images/{id}",
+            get(images::show).delete(images::delete),
+        )
+        .layer(from_fn_with_state(
+            (state.clone(), IMAGE),
+            context::api_layer,
+        ))
         .with_state(state);
     Router::new()
         .route("/", get(versions::root))
         .route("/v3", get(versions::v3_root))
         .route("/v3/", get(versions::v3_root))
+        .route("/compute", get(compute::versions))
+        .route("/compute/", get(compute::versions))
+        .route("/compute/v2.1", get(compute::version))
+        .route("/compute/v2.1/", get(compute::version))
+        .route("/image", get(images::versions))
+        .route("/image/", get(images::versions))
+        .route("/image/versions", get(images::versions_ok))
         .route("/healthcheck", get(healthcheck))
         .merge(v3)
+        .merge(compute)
+        .merge(image)
         .fallback(not_found)
         .layer(from_fn(cinder_shaped))
         .layer(DefaultBodyLimit::max(body::MAX_BODY))

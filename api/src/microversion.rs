@@ -76,6 +76,16 @@ pub const VOLUME: Range = Range {
     max: Version::new(3, 66),
 };
 
+/// Nova's v2.1, the subset kiln serves (servers it knows, `createImage`). The maximum is
+/// 2.45, from which `createImage` answers the image id in its body.
+pub const COMPUTE: Range = Range {
+    service: "compute",
+    aliases: &[],
+    legacy_header: Some("x-openstack-nova-api-version"),
+    min: Version::new(2, 1),
+    max: Version::new(2, 45),
+};
+
 impl Range {
     /// The version a request asks for (see the module docs).
     pub fn negotiate(&self, headers: &HeaderMap) -> Result<Version, ApiError> {

@@ -676,3 +676,244 @@ fn shipped_samples_parse() {
             .is_some_and(|i| i.admin)
     );
 }
+
+/// Nova's createImage over two attached raw+reflink volumes on a real XFS: at 2.45 the body
+/// names the image, before it a Location header does; the image exists at once, Glance
+/// serves it with its block_device_mapping, another project gets 404 for the server and
+/// the image, and deleting the image removes its snapshots.
+#[tokio::test]
+async fn create_image_records_a_glance_image_of_every_attached_volume() {
+    let xfs = kiln_testkit::XfsMount::new(1 << 30);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config: kiln_runtime::Config = toml::from_str(&format!(
+        "[backends.raw]\ndriver = \"file\"\npath = \"{}\"\nformat = \"raw\"\n",
+        xfs.path().join("vols").display()
+    ))
+    .expect("config");
+    let service = Arc::new(
+        kiln_runtime::open(&config, dir.path())
+            .await
+            .expect("service"),
+    );
+    let state = kiln_api::state(
+        service.clone(),
+        ApiConfig {
+            auth: AuthMode::Tokens,
+            ..ApiConfig::default()
+        },
+        tokens(),
+    );
+    let a = Api {
+        app: kiln_api::router(state.clone()),
+        state,
+        _dir: dir,
+    };
+    let inst = service
+        .create_instance(kiln_core::service::InstanceSpec {
+            id: None,
+            name: Some("srv1".into()),
+            agent: None,
+            qmp: None,
+            freeze_mountpoints: vec![],
+            root_device: Some("/dev/vda".into()),
+            properties: Default::default(),
+        })
+        .await
+        .expect("instance");
+    service
+        .set_attrs(
+            ObjectKind::Instance,
+            inst.id.to_string(),
+            kiln_core::attrs::ObjectAttrs::owned_by("pa", None),
+        )
+        .await
+        .expect("owner");
+    for dev in ["/dev/vda", "/dev/vdb"] {
+        let v = a
+            .post("/v3/volumes", Some(ALICE), r#"{"volume": {"size": 1}}"#)
+            .await;
+        let vid = v.body["volume"]["id"].as_str().expect("id").to_string();
+        let body = format!(
+            r#"{{"os-attach": {{"instance_uuid": "{}", "mountpoint": "{dev}"}}}}"#,
+            inst.id
+        );
+        assert_eq!(
+            a.post(&format!("/v3/volumes/{vid}/action"), Some(ALICE), &body)
+                .await
+                .status,
+            StatusCode::ACCEPTED
+        );
+    }
+    let nova = |v: &'static str| Some(v);
+    let sid = inst.id.to_string();
+    let show = a
+        .call(
+            Method::GET,
+            &format!("/compute/v2.1/servers/{sid}"),
+            Some(ALICE),
+            nova("compute 2.45"),
+            None,
+        )
+        .await;
+    assert_eq!(show.status, StatusCode::OK, "{}", show.body);
+    assert_eq!(show.headers["openstack-api-version"], "compute 2.45");
+    assert_eq!(show.headers["x-openstack-nova-api-version"], "2.45");
+    assert_eq!(
+        show.body["server"]["os-extended-volumes:volumes_attached"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    let by_name = a
+        .call(
+            Method::GET,
+            "/compute/v2.1/servers/detail?name=srv1",
+            Some(ALICE),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(by_name.body["servers"][0]["id"], json!(sid));
+    assert_cinder_error(
+        &a.get(&format!("/compute/v2.1/servers/{sid}"), Some(BOB))
+            .await,
+        404,
+        "bob's server view",
+    );
+    let act = format!("/compute/v2.1/servers/{sid}/action");
+    let body = r#"{"createImage": {"name": "img1", "metadata": {"purpose": "test"}}}"#;
+    assert_cinder_error(
+        &a.call(
+            Method::POST,
+            &act,
+            Some(BOB),
+            nova("compute 2.45"),
+            Some(body),
+        )
+        .await,
+        404,
+        "bob's createImage",
+    );
+    assert_cinder_error(
+        &a.call(
+            Method::POST,
+            &act,
+            Some(ALICE),
+            nova("compute 2.45"),
+            Some(r#"{"createImage": {"name": "x", "extra": 1}}"#),
+        )
+        .await,
+        400,
+        "unknown key",
+    );
+    let made = a
+        .call(
+            Method::POST,
+            &act,
+            Some(ALICE),
+            nova("compute 2.45"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::ACCEPTED, "{}", made.body);
+    let img = made.body["image_id"]
+        .as_str()
+        .expect("image_id")
+        .to_string();
+    let old = a
+        .call(
+            Method::POST,
+            &act,
+            Some(ALICE),
+            nova("compute 2.1"),
+            Some(r#"{"createImage": {"name": "img2"}}"#),
+        )
+        .await;
+    assert_eq!(old.status, StatusCode::ACCEPTED);
+    let location = old.headers["location"].to_str().expect("ascii").to_string();
+    assert!(
+        location.starts_with("http://kiln.test/image/v2/images/"),
+        "{location}"
+    );
+
+    let g = a.get(&format!("/image/v2/images/{img}"), Some(ALICE)).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.body);
+    assert_eq!(
+        (
+            g.body["status"].clone(),
+            g.body["size"].clone(),
+            g.body["owner"].clone()
+        ),
+        (json!("active"), json!(0), json!("pa"))
+    );
+    assert_eq!(g.body["purpose"], "test");
+    let bdm: Value =
+        serde_json::from_str(g.body["block_device_mapping"].as_str().expect("bdm")).expect("json");
+    assert_eq!(bdm.as_array().map(Vec::len), Some(2));
+    assert!(
+        !g.headers.contains_key("openstack-api-version"),
+        "Glance has no microversions"
+    );
+    assert_cinder_error(
+        &a.get(&format!("/image/v2/images/{img}"), Some(BOB)).await,
+        404,
+        "bob's image",
+    );
+    assert_eq!(
+        a.get("/image/v2/images", Some(BOB)).await.body["images"],
+        json!([])
+    );
+    assert_eq!(
+        a.get("/image/v2/images?name=img1", Some(ALICE)).await.body["images"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    // Its snapshots belong to alice's project too.
+    let snaps = a.get("/v3/snapshots", Some(ALICE)).await;
+    assert_eq!(snaps.body["snapshots"].as_array().map(Vec::len), Some(4));
+    assert_eq!(
+        a.call(
+            Method::DELETE,
+            &format!("/image/v2/images/{img}"),
+            Some(ALICE),
+            None,
+            None
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while a
+        .get(&format!("/image/v2/images/{img}"), Some(ALICE))
+        .await
+        .status
+        != StatusCode::NOT_FOUND
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "image never went away"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        a.get("/v3/snapshots", Some(ALICE)).await.body["snapshots"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    for path in ["/compute", "/compute/v2.1/", "/image", "/image/versions"] {
+        let d = a.get(path, None).await;
+        assert!(
+            d.status.is_success() || d.status == StatusCode::MULTIPLE_CHOICES,
+            "{path}: {}",
+            d.status
+        );
+    }
+    assert_eq!(
+        a.get("/compute/v2.1/", None).await.body["version"]["version"],
+        "2.45"
+    );
+    drop(xfs);
+}

@@ -1320,6 +1320,7 @@ impl GuestAgents for AgentsHandle {
 
 fn snap_req(instance: InstanceId, quiesce: Quiesce) -> InstanceSnapshotRequest {
     InstanceSnapshotRequest {
+        owner: None,
         instance,
         name: "nightly".into(),
         quiesce,

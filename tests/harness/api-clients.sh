@@ -164,6 +164,43 @@ cin reset-state --state available clone1
 expect "cinder reset-state --state available" available "$(os volume show clone1 -f value -c status)"
 expect "reset-state is in the CLI's history" 2 "$(k volume history "$(os volume show clone1 -f value -c id)" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')"
 
+# Nova's createImage on an instance kiln knows, with two attached volumes, then Glance.
+srv=0a7e2c10-1b2c-4d3e-8f40-5a6b7c8d9e0f
+k instance create --id "$srv" --name srv1 --root-device /dev/vda --property hw_disk_bus=virtio >/dev/null
+root_v=$(os volume create --size 1 srv-root -f value -c id)
+data_v=$(os volume create --size 1 srv-data -f value -c id)
+for x in "$root_v /dev/vda" "$data_v /dev/vdb"; do
+  set -- $x
+  curl -fs -X POST "$base/v3/volumes/$1/action" -d "{\"os-attach\": {\"instance_uuid\": \"$srv\", \"mountpoint\": \"$2\"}}"
+done
+os server show srv1 -f json >"$work/srv.json"
+expect "openstack server show (by name): ACTIVE" ACTIVE "$(jf status <"$work/srv.json")"
+expect "server show: both volumes attached" 2 \
+  "$(python3 -c 'import json,sys; print(len(json.load(sys.stdin)["volumes_attached"]))' <"$work/srv.json")"
+os server image create --name img1 --property purpose=backup srv1 -f json >"$work/img.json"
+expect "openstack server image create: the image exists at once" active "$(jf status <"$work/img.json")"
+img=$(jf id <"$work/img.json")
+os image show img1 -f json >"$work/imgs.json"
+expect "openstack image show: size 0, raw/bare" "0 raw bare" \
+  "$(jf size <"$work/imgs.json") $(jf disk_format <"$work/imgs.json") $(jf container_format <"$work/imgs.json")"
+bdm=$(python3 -c 'import json,sys; p=json.load(sys.stdin)["properties"]; m=json.loads(p["block_device_mapping"])
+print(" ".join(sorted(e["device_name"] + ":" + e["source_type"] for e in m)), p["root_device_name"], p["purpose"], p["hw_disk_bus"])' <"$work/imgs.json")
+expect "image properties: block_device_mapping lists a snapshot per volume" \
+  "/dev/vda:snapshot /dev/vdb:snapshot /dev/vda backup virtio" "$bdm"
+snap_vols=$(for sid in $(k image show "$img" | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin)["snapshots"]))'); do
+  k snapshot show "$sid" | jf volume_id
+done | sort | xargs)
+expect "the image lists one snapshot of each attached volume" "$(printf '%s\n' "$root_v" "$data_v" | sort | xargs)" "$snap_vols"
+expect "openstack image list" img1 "$(os image list -f value -c Name)"
+os image delete img1
+for _ in $(seq 1 100); do os image show "$img" >/dev/null 2>&1 || break; sleep 0.1; done
+expect_fail "a deleted image is 404" "No Image found\|Could not find\|404" os image show "$img"
+expect "image delete removed its snapshots" "" "$(k snapshot list | python3 -c 'import json,sys; print(" ".join(s["id"] for s in json.load(sys.stdin) if s.get("image_id")))')"
+for v in "$root_v" "$data_v"; do
+  curl -fs -X POST "$base/v3/volumes/$v/action" -d '{"os-detach": {}}'
+done
+os volume delete srv-root srv-data
+
 # Deletes: snapshots, a volume with snapshots needs --cascade.
 os volume snapshot delete snap2
 for _ in $(seq 1 50); do os volume snapshot show snap2 >/dev/null 2>&1 || break; sleep 0.1; done

@@ -156,6 +156,7 @@ async fn run(
     vols: &[VolumeId],
 ) -> Result<InstanceBench> {
     let snap = || InstanceSnapshotRequest {
+        owner: None,
         instance: inst,
         name: "kiln-bench".into(),
         quiesce: if req.agent.is_some() {

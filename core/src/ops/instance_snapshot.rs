@@ -73,6 +73,9 @@ pub struct InstanceSnapshotRequest {
     pub freeze_timeout: Duration,
     /// Extra image properties (beside the instance's own).
     pub properties: BTreeMap<String, String>,
+    /// The project the image and its snapshots belong to (recorded in the batch that
+    /// records the image); `None`: the default project.
+    pub owner: Option<crate::attrs::Owner>,
 }
 
 /// What an instance snapshot produced, and how long its parts took.
@@ -329,6 +332,17 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
         });
     }
     steps.extend(group_snapshot::success_steps(&p, &taken.made));
+    if let Some(owner) = &req.owner {
+        let put = |kind, id: String| Step::PutAttrs {
+            kind,
+            id,
+            attrs: owner.attrs.clone(),
+        };
+        steps.push(put(crate::attrs::ObjectKind::Image, image.id.to_string()));
+        for (s, _) in &p.members {
+            steps.push(put(crate::attrs::ObjectKind::Snapshot, s.id.to_string()));
+        }
+    }
     ctx.finish(steps).await?;
     let image = ctx.store.image(image.id).await?.ok_or_else(|| {
         Error::store(format!("image {} vanished after it was recorded", image.id))
