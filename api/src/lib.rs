@@ -9,6 +9,7 @@
 //! (clones, reverts, deletes) answer 202 as soon as they are journaled and go on in the
 //! background; a shutdown waits for them (see [`serve`]).
 
+pub mod attachments;
 pub mod body;
 pub mod compute;
 pub mod config;
@@ -45,7 +46,7 @@ pub use state::{AppState, Shared};
 
 /// Cinder's collections under `/v3` (a first path segment that is none of them is a
 /// project id).
-const V3_COLLECTIONS: &[&str] = &["volumes", "snapshots", "limits"];
+const V3_COLLECTIONS: &[&str] = &["volumes", "snapshots", "limits", "attachments"];
 
 /// The Cinder API family.
 const V3: ApiFamily = ApiFamily {
@@ -97,7 +98,19 @@ fn v3_routes() -> Router<Shared> {
                 .delete(snapshots::delete),
         )
         .route("/snapshots/{id}/action", post(snapshots::action))
-        .route("/limits", get(limits::show));
+        .route("/limits", get(limits::show))
+        .route(
+            "/attachments",
+            get(attachments::index).post(attachments::create),
+        )
+        .route("/attachments/detail", get(attachments::detail))
+        .route(
+            "/attachments/{id}",
+            get(attachments::show)
+                .put(attachments::update)
+                .delete(attachments::delete),
+        )
+        .route("/attachments/{id}/action", post(attachments::action));
     let r = metadata::metadata_routes!(r, "/volumes", ObjectKind::Volume);
     metadata::metadata_routes!(r, "/snapshots", ObjectKind::Snapshot)
 }

@@ -62,7 +62,11 @@ pub fn volume(req: &Req, v: &Volume, a: &ObjectAttrs) -> Value {
         "name": v.name,
         "description": a.description,
         "size": gib(v.size_bytes),
-        "status": v.status.as_str(),
+        "status": match crate::attachments::status(v, a) {
+            Some("reserved") => "reserved",
+            Some("attaching") => "attaching",
+            _ => v.status.as_str(),
+        },
         "availability_zone": "nova",
         "created_at": ts(&v.created_at),
         "updated_at": ts(&v.updated_at),

@@ -333,6 +333,7 @@ pub async fn action(
                 )));
             }
             st.service.detach(v.id).await?;
+            crate::attachments::forget(&st, id, a).await?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
         "os-reset_status" => {

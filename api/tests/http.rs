@@ -917,3 +917,168 @@ async fn create_image_records_a_glance_image_of_every_attached_volume() {
     );
     drop(xfs);
 }
+
+/// The attachments API: gated by microversion, a reservation shows the volume `reserved`,
+/// a connector makes it `attaching` with connection info, `os-complete` (3.44) attaches,
+/// another project gets 404, delete detaches.
+#[tokio::test]
+async fn attachments_follow_cinders_lifecycle() {
+    let a = api(AuthMode::Tokens, QuotaLimits::default()).await;
+    let v = a
+        .post("/v3/volumes", Some(ALICE), r#"{"volume": {"size": 1}}"#)
+        .await;
+    let vid = v.body["volume"]["id"].as_str().expect("id").to_string();
+    let inst = "6f1c1a10-2a7e-4d07-9c1e-0d2a3b4c5d6e";
+    let body = format!(
+        r#"{{"attachment": {{"volume_uuid": "{vid}", "instance_uuid": "{inst}", "connector": {{}}}}}}"#
+    );
+    let at = |v: &'static str| Some(v);
+    assert_cinder_error(
+        &a.call(
+            Method::POST,
+            "/v3/attachments",
+            Some(ALICE),
+            at("volume 3.26"),
+            Some(&body),
+        )
+        .await,
+        404,
+        "below 3.27",
+    );
+    assert_cinder_error(
+        &a.call(
+            Method::POST,
+            "/v3/attachments",
+            Some(BOB),
+            at("volume 3.27"),
+            Some(&body),
+        )
+        .await,
+        404,
+        "bob's volume",
+    );
+    let r = a
+        .call(
+            Method::POST,
+            "/v3/attachments",
+            Some(ALICE),
+            at("volume 3.27"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["attachment"]["status"], "reserved");
+    assert_eq!(r.body["attachment"]["connection_info"], Value::Null);
+    let att = r.body["attachment"]["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        a.get(&format!("/v3/volumes/{vid}"), Some(ALICE)).await.body["volume"]["status"],
+        "reserved"
+    );
+    let path = format!("/v3/attachments/{att}");
+    assert_cinder_error(
+        &a.call(Method::GET, &path, Some(BOB), at("volume 3.27"), None)
+            .await,
+        404,
+        "bob's attachment",
+    );
+    let upd = a
+        .call(
+            Method::PUT,
+            &path,
+            Some(ALICE),
+            at("volume 3.27"),
+            Some(r#"{"attachment": {"connector": {"host": "h1"}}}"#),
+        )
+        .await;
+    assert_eq!(
+        upd.body["attachment"]["status"], "attaching",
+        "{}",
+        upd.body
+    );
+    assert_eq!(
+        upd.body["attachment"]["connection_info"]["driver_volume_type"],
+        "file"
+    );
+    assert_eq!(
+        a.get(&format!("/v3/volumes/{vid}"), Some(ALICE)).await.body["volume"]["status"],
+        "attaching"
+    );
+    let done = format!("{path}/action");
+    assert_cinder_error(
+        &a.call(
+            Method::POST,
+            &done,
+            Some(ALICE),
+            at("volume 3.43"),
+            Some(r#"{"os-complete": null}"#),
+        )
+        .await,
+        404,
+        "os-complete below 3.44",
+    );
+    assert_eq!(
+        a.call(
+            Method::POST,
+            &done,
+            Some(ALICE),
+            at("volume 3.44"),
+            Some(r#"{"os-complete": null}"#)
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        a.call(Method::GET, &path, Some(ALICE), at("volume 3.27"), None)
+            .await
+            .body["attachment"]["status"],
+        "attached"
+    );
+    let vol = a.get(&format!("/v3/volumes/{vid}"), Some(ALICE)).await;
+    assert_eq!(vol.body["volume"]["status"], "in-use");
+    assert_eq!(
+        vol.body["volume"]["attachments"][0]["attachment_id"],
+        json!(att)
+    );
+    let list = a
+        .call(
+            Method::GET,
+            "/v3/attachments",
+            Some(ALICE),
+            at("volume 3.27"),
+            None,
+        )
+        .await;
+    assert_eq!(list.body["attachments"][0]["id"], json!(att));
+    assert_eq!(
+        a.call(
+            Method::GET,
+            "/v3/attachments",
+            Some(BOB),
+            at("volume 3.27"),
+            None
+        )
+        .await
+        .body["attachments"],
+        json!([])
+    );
+    assert_eq!(
+        a.call(Method::DELETE, &path, Some(ALICE), at("volume 3.27"), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let vol = a.get(&format!("/v3/volumes/{vid}"), Some(ALICE)).await;
+    assert_eq!(
+        (
+            vol.body["volume"]["status"].clone(),
+            vol.body["volume"]["attachments"].clone()
+        ),
+        (json!("available"), json!([]))
+    );
+    assert_eq!(
+        a.state.service.attrs(vid).await.expect("attrs").extra.len(),
+        0,
+        "the lifecycle is forgotten"
+    );
+}

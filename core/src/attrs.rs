@@ -65,6 +65,10 @@ pub struct ObjectAttrs {
     pub properties: BTreeMap<String, String>,
     /// Cinder's `bootable` flag (volumes only).
     pub bootable: bool,
+    /// The API's own bookkeeping of the object (e.g. the lifecycle of a Cinder attachment:
+    /// reserved, attaching, attached); never shown as metadata.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
 }
 
 impl Default for ObjectAttrs {
@@ -82,6 +86,7 @@ impl ObjectAttrs {
             description: None,
             properties: BTreeMap::new(),
             bootable: false,
+            extra: BTreeMap::new(),
         }
     }
 
@@ -105,6 +110,12 @@ impl ObjectAttrs {
         for (k, v) in &self.properties {
             validate_text("metadata key", k, 1)?;
             validate_text("metadata value", v, 0)?;
+        }
+        if self.extra.len() > MAX_PROPERTIES {
+            return Err(Error::invalid(
+                "attributes",
+                format!("at most {MAX_PROPERTIES} keys"),
+            ));
         }
         Ok(())
     }

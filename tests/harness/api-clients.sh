@@ -143,6 +143,32 @@ sdk_out=$("$VENV/bin/python" tests/harness/api_sdk_check.py kiln vol-sdk 7d2c1a1
 echo "$sdk_out" | sed 's/^/  sdk: /'
 expect "openstacksdk attach/create_snapshot(force)/wait_for_status/wait_for_delete/detach" 0 "$sdk_rc"
 
+# Cinder's attachments API: a reservation, completed, deleted; one made with a connector.
+os volume create --size 1 vol-att >/dev/null
+att_v=$(os volume show vol-att -f value -c id)
+att_srv=8e3c1a10-2a7e-4d07-9c1e-0d2a3b4c5d6e
+field_of() { awk -F'|' -v k="$1" '{gsub(/^ +| +$/, "", $2); gsub(/^ +| +$/, "", $3)} $2 == k {print $3; exit}'; }
+cin --os-volume-api-version 3.27 attachment-create "$att_v" "$att_srv" >"$work/att.txt"
+att=$(field_of id <"$work/att.txt")
+expect "attachment-create prints the attachment's id" 36 "${#att}"
+expect "cinder attachment-create without a connector: reserved" reserved "$(field_of status <"$work/att.txt")"
+expect "... and the volume is reserved" reserved "$(os volume show vol-att -f value -c status)"
+expect "cinder attachment-list shows it" "$att" "$(cin --os-volume-api-version 3.27 attachment-list | awk -F'|' -v id="$att" 'index($2, id) {gsub(/ /, "", $2); print $2}')"
+expect "cinder attachment-show" "$att_v" "$(cin --os-volume-api-version 3.27 attachment-show "$att" | field_of volume_id)"
+cin --os-volume-api-version 3.44 attachment-complete "$att"
+expect "cinder attachment-complete (3.44): attached" attached "$(cin --os-volume-api-version 3.27 attachment-show "$att" | field_of status)"
+expect "... and the volume is in-use" in-use "$(os volume show vol-att -f value -c status)"
+cin --os-volume-api-version 3.27 attachment-delete "$att"
+expect "cinder attachment-delete: the volume is available" available "$(os volume show vol-att -f value -c status)"
+expect "... and the attachment is gone" "" "$(cin --os-volume-api-version 3.27 attachment-list | awk -F'|' -v id="$att" 'index($2, id)')"
+cin --os-volume-api-version 3.54 attachment-create --connect True --initiator iqn.test --ip 127.0.0.1 \
+  --host host1 --mountpoint /dev/vdd --mode rw "$att_v" "$att_srv" >"$work/att2.txt"
+expect "attachment-create with a connector: attaching" attaching "$(field_of status <"$work/att2.txt")"
+expect "... its connection_info names the volume's file" file "$(field_of driver_volume_type <"$work/att2.txt")"
+expect "... at the connector's mountpoint" /dev/vdd "$(k volume show "$att_v" | jf attachments.0.device)"
+cin --os-volume-api-version 3.27 attachment-delete "$(field_of id <"$work/att2.txt")"
+os volume delete vol-att
+
 # Detach, then revert to the older snapshot (3.40).
 curl -fs -X POST "$base/v3/volumes/$v1/action" -H 'Content-Type: application/json' -d '{"os-detach": {}}'
 expect "os-detach: available" available "$(os volume show vol1 -f value -c status)"

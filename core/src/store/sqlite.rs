@@ -139,6 +139,8 @@ const MIGRATIONS: &[&str] = &[
         bootable INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX object_attrs_project ON object_attrs(project_id, kind);",
+    // 7: the API's own bookkeeping per object (attachment lifecycles).
+    "ALTER TABLE object_attrs ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// WAL pages after which a commit checkpoints (see `SqliteStore::open`): a command writes
@@ -830,7 +832,7 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                 return conflict(kind.as_str(), id.clone(), None);
             }
             tx.execute(
-                "INSERT OR REPLACE INTO object_attrs (object_id, kind, project_id, user_id, description, properties, bootable) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR REPLACE INTO object_attrs (object_id, kind, project_id, user_id, description, properties, bootable, extra) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     id,
                     kind.as_str(),
@@ -838,7 +840,8 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                     attrs.user_id,
                     attrs.description,
                     json_param(&attrs.properties)?,
-                    i64::from(attrs.bootable)
+                    i64::from(attrs.bootable),
+                    json_param(&attrs.extra)?
                 ],
             )?;
         }
@@ -909,7 +912,7 @@ fn project_usage(conn: &Connection, project: &str) -> Result<Usage> {
 
 fn load_attrs(conn: &Connection, filter: &str, arg: &str) -> Result<BTreeMap<String, ObjectAttrs>> {
     let mut stmt = conn.prepare(&format!(
-        "SELECT object_id, project_id, user_id, description, properties, bootable FROM object_attrs WHERE {filter} = ?1"
+        "SELECT object_id, project_id, user_id, description, properties, bootable, extra FROM object_attrs WHERE {filter} = ?1"
     ))?;
     let rows = stmt.query_map([arg], |r| {
         Ok((
@@ -919,13 +922,16 @@ fn load_attrs(conn: &Connection, filter: &str, arg: &str) -> Result<BTreeMap<Str
             r.get::<_, Option<String>>(3)?,
             r.get::<_, String>(4)?,
             r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
         ))
     })?;
     let mut out = BTreeMap::new();
     for row in rows {
-        let (id, project_id, user_id, description, props, bootable) = row?;
+        let (id, project_id, user_id, description, props, bootable, extra) = row?;
         let properties = serde_json::from_str(&props)
             .map_err(|e| Error::store(format!("attributes of {id}: bad properties: {e}")))?;
+        let extra = serde_json::from_str(&extra)
+            .map_err(|e| Error::store(format!("attributes of {id}: bad extra: {e}")))?;
         out.insert(
             id,
             ObjectAttrs {
@@ -934,6 +940,7 @@ fn load_attrs(conn: &Connection, filter: &str, arg: &str) -> Result<BTreeMap<Str
                 description,
                 properties,
                 bootable: bootable != 0,
+                extra,
             },
         );
     }
@@ -1234,6 +1241,9 @@ mod tests {
         let mut attrs = ObjectAttrs::owned_by("p1", Some("u1"));
         attrs.description = Some("d".into());
         attrs.properties.insert("k".into(), "v".into());
+        attrs
+            .extra
+            .insert("attachment_status".into(), "reserved".into());
         let put = |id: VolumeId, attrs: &ObjectAttrs| Step::PutAttrs {
             kind: ObjectKind::Volume,
             id: id.to_string(),
