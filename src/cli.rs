@@ -600,6 +600,47 @@ pub enum BenchCmd {
         #[arg(long = "freeze-mountpoint", value_name = "PATH")]
         freeze_mountpoints: Vec<String>,
     },
+    /// Load: CLIENTS concurrent clients creating and deleting snapshots on VOLUMES scratch
+    /// volumes for DURATION seconds — through a running `kiln serve` (--mode api) or one
+    /// `kiln` process per operation on this data directory (--mode cli) — reporting
+    /// latencies (p50/p90/p99/max), throughput, errors, a health probe's latency (api),
+    /// and that no snapshot is left in a transitional status (exit 5 otherwise).
+    Api(ApiBenchArgs),
+}
+
+/// `kiln bench api`.
+#[derive(Debug, Args)]
+pub struct ApiBenchArgs {
+    /// Through the REST API or the CLI.
+    #[arg(long, value_enum, default_value_t = ApiBenchMode::Api)]
+    pub mode: ApiBenchMode,
+    /// The server (api mode).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8776")]
+    pub url: String,
+    /// X-Auth-Token to send (api mode).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Concurrent clients.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub clients: usize,
+    /// Scratch volumes the clients share.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub volumes: usize,
+    /// Seconds of load.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub duration: u64,
+    /// Scratch volume size in GiB.
+    #[arg(long, value_name = "GIB", default_value_t = 1)]
+    pub size: u64,
+}
+
+/// How `kiln bench api` reaches kiln.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ApiBenchMode {
+    /// HTTP requests to `kiln serve`.
+    Api,
+    /// One `kiln` process per operation.
+    Cli,
 }
 
 /// `kiln demo`

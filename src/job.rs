@@ -217,6 +217,9 @@ impl Job {
                     "agent-guard is run by kiln itself",
                 ));
             }
+            Command::Bench(BenchCmd::Api(_)) => {
+                return Err(Error::invalid("command", "bench api runs its own clients"));
+            }
             Command::Serve(_) => {
                 return Err(Error::invalid("command", "serve runs a server, not a job"));
             }

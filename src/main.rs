@@ -6,6 +6,7 @@
 //! backends open only when the job needs them.
 
 mod backup_cmd;
+mod bench_api;
 mod cli;
 mod demo;
 mod demo_hypervisor;
@@ -76,6 +77,19 @@ fn main() {
         );
     }
     init_logging(cli.log_format, "warn");
+    if let cli::Command::Bench(cli::BenchCmd::Api(args)) = &cli.command {
+        std::process::exit(
+            match bench_api::run(
+                args,
+                cli.config.as_deref(),
+                cli.data_dir.clone(),
+                cli.format,
+            ) {
+                Ok(()) => 0,
+                Err(e) => fail(&e),
+            },
+        );
+    }
     let fmt = cli.format;
     // Validate before anything is opened.
     let job = match Job::prepare(cli.command) {

@@ -241,6 +241,20 @@ os volume delete clone1 vol-sdk
 for _ in $(seq 1 100); do [ -z "$(os volume list -f value -c ID)" ] && break; sleep 0.1; done
 expect "every volume deleted" "" "$(os volume list -f value -c ID)"
 expect "the store agrees" "[]" "$(k volume list)"
+# A short load through the server and, at the same time, through the CLI on the same data
+# directory (the store and the locks are shared): 8 + 4 clients creating and deleting
+# snapshots for 3 s.
+"$KILN_BIN" --format json bench api --url "$base" --clients 8 --volumes 2 --duration 3 >"$work/load.json" &
+load_api=$!
+k bench api --mode cli --clients 4 --volumes 2 --duration 3 >"$work/load-cli.json" && cli_rc=0 || cli_rc=$?
+wait "$load_api" && api_rc=0 || api_rc=$?
+expect "kiln bench api (server and CLI side by side): both exit 0" "0 0" "$api_rc $cli_rc"
+for f in load load-cli; do
+  expect "load ($f): no errors, no snapshot stuck or in error" "{} 0 0" \
+    "$(jf errors <"$work/$f.json") $(jf stuck <"$work/$f.json") $(jf in_error <"$work/$f.json")"
+  expect "load ($f): every create has its delete" "$(jf creates <"$work/$f.json")" "$(jf deletes <"$work/$f.json")"
+done
+expect "load: its volumes are gone" "[]" "$(k volume list)"
 expect "the backend holds no volume file" "" "$(ls "$work/xfs/vols" | grep -v '^kiln-file-backend.json$' || true)"
 stop_server
 
