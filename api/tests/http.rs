@@ -312,6 +312,25 @@ async fn bad_input_gets_cinders_error_shape_and_changes_nothing() {
         (Method::POST, format!("/v3/snapshots/{sid}/action"), Some(r#"{"os-reset_status": {"status": "lost"}}"#.into()), 400),
         (Method::DELETE, format!("/v3/volumes/{vid}"), None, 400),
     ];
+    // Unknown and malformed microversions on a request that would create something.
+    for (version, status) in [
+        ("volume 3.99", 406),
+        ("volume 2.0", 406),
+        ("volume 3.x", 400),
+        ("volume latest extra", 400),
+    ] {
+        let r = a
+            .call(
+                Method::POST,
+                "/v3/volumes",
+                None,
+                Some(version),
+                Some(r#"{"volume": {"size": 1}}"#),
+            )
+            .await;
+        assert_cinder_error(&r, status, version);
+        assert_eq!(a.dump().await, before, "{version} changed the store");
+    }
     for (method, path, body, status) in cases {
         let what = format!(
             "{method} {path} {}",
