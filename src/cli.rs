@@ -104,9 +104,9 @@ pub struct ServeArgs {
     /// Address to listen on [default: [api] listen, else 127.0.0.1:8776].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<String>,
-    /// At shutdown, seconds to wait for background operations (clones, reverts, deletes)
-    /// to finish; one still running afterwards stays journaled and the next start
-    /// resolves it.
+    /// At shutdown, seconds to wait for requests in flight, and then as long again for
+    /// background operations (clones, reverts, deletes); one still running afterwards
+    /// stays journaled and the next start resolves it.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub shutdown_timeout: u64,
 }

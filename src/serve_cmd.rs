@@ -28,7 +28,7 @@ pub fn run(args: &ServeArgs, config: Option<&Path>, data_dir: Option<PathBuf>) -
         .thread_name("kiln-serve")
         .build()
         .map_err(|e| Error::io("start the async runtime", e))?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let service = Arc::new(crate::open_with(&cfg, &data_dir).await?);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -53,7 +53,11 @@ pub fn run(args: &ServeArgs, config: Option<&Path>, data_dir: Option<PathBuf>) -
         .map_err(|e| Error::io("serve", e))?;
         tracing::info!("kiln serve: stopped");
         Ok(())
-    })
+    });
+    // Blocking work still running (a lock wait, a copy) does not hold the exit: what it
+    // belonged to is journaled, and the next start resolves it.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
 }
 
 /// Resolves at SIGTERM or Ctrl-C (SIGINT).

@@ -139,7 +139,6 @@ fn connector(m: &Map<String, Value>) -> ApiResult<Option<Map<String, Value>>> {
 async fn record(
     st: &Shared,
     v: &Volume,
-    mut a: ObjectAttrs,
     status: &str,
     mode: Option<String>,
 ) -> ApiResult<ObjectAttrs> {
@@ -147,15 +146,17 @@ async fn record(
         .attachments
         .first()
         .ok_or_else(|| ApiError::not_found("attachment not found"))?;
-    a.extra
-        .insert(ID.into(), attachment_id(v, &x.instance_id).to_string());
-    a.extra.insert(STATUS.into(), status.into());
-    if let Some(m) = mode {
-        a.extra.insert(MODE.into(), m);
-    }
+    let id = attachment_id(v, &x.instance_id).to_string();
     Ok(st
         .service
-        .set_attrs(ObjectKind::Volume, v.id.to_string(), a)
+        .update_attrs(ObjectKind::Volume, v.id.to_string(), |a| {
+            a.extra.insert(ID.into(), id.clone());
+            a.extra.insert(STATUS.into(), status.into());
+            if let Some(m) = &mode {
+                a.extra.insert(MODE.into(), m.clone());
+            }
+            Ok(())
+        })
         .await?)
 }
 
@@ -182,6 +183,7 @@ pub async fn create(
     let instance: InstanceId = body::req_str(&b, "instance_uuid")?
         .parse()
         .map_err(|e: kiln_core::Error| ApiError::bad_request(e.to_string()))?;
+    st.check_instance_for(&req, instance, &a).await?;
     let conn = connector(&b)?;
     let dev = device(&st, instance, conn.as_ref().unwrap_or(&Map::new())).await?;
     let v = st
@@ -193,7 +195,7 @@ pub async fn create(
     } else {
         "reserved"
     };
-    let a = record(&st, &v, a, status, mode).await?;
+    let a = record(&st, &v, status, mode).await?;
     Ok((
         StatusCode::OK,
         Json(json!({"attachment": view(&st, &v, &a, true).await?})),
@@ -289,7 +291,7 @@ pub async fn update(
     }
     let (v, a) = find(&st, &req, param(&p, "id")?).await?;
     let a = match status(&v, &a) {
-        Some("reserved") => record(&st, &v, a, "attaching", None).await?,
+        Some("reserved") => record(&st, &v, "attaching", None).await?,
         _ => a,
     };
     Ok(Json(json!({"attachment": view(&st, &v, &a, true).await?})))
@@ -307,8 +309,8 @@ pub async fn action(
     match b.iter().next() {
         Some((name, _)) if b.len() == 1 && name == "os-complete" => {
             require_version(&req, 44)?;
-            let (v, a) = find(&st, &req, param(&p, "id")?).await?;
-            record(&st, &v, a, "attached", None).await?;
+            let (v, _) = find(&st, &req, param(&p, "id")?).await?;
+            record(&st, &v, "attached", None).await?;
             Ok(StatusCode::NO_CONTENT)
         }
         Some((name, _)) if b.len() == 1 => Err(ApiError::bad_request(format!(
@@ -329,19 +331,20 @@ pub async fn delete(
     require_version(&req, 27)?;
     let (v, a) = find(&st, &req, param(&p, "id")?).await?;
     st.service.detach(v.id).await?;
-    forget(&st, &v.id.to_string(), a).await?;
+    forget(&st, &v.id.to_string(), &a).await?;
     Ok(Json(json!({"attachments": []})))
 }
 
 /// Drops the lifecycle kept for volume `id`'s attachment, once it is detached.
-pub(crate) async fn forget(st: &Shared, id: &str, mut a: ObjectAttrs) -> ApiResult<()> {
-    let before = a.extra.len();
-    for k in [ID, STATUS, MODE] {
-        a.extra.remove(k);
-    }
-    if a.extra.len() != before {
+pub(crate) async fn forget(st: &Shared, id: &str, a: &ObjectAttrs) -> ApiResult<()> {
+    if [ID, STATUS, MODE].iter().any(|k| a.extra.contains_key(*k)) {
         st.service
-            .set_attrs(ObjectKind::Volume, id.to_string(), a)
+            .update_attrs(ObjectKind::Volume, id.to_string(), |a| {
+                for k in [ID, STATUS, MODE] {
+                    a.extra.remove(k);
+                }
+                Ok(())
+            })
             .await?;
     }
     Ok(())

@@ -41,6 +41,7 @@ fn server_view(req: &Req, i: &Instance, a: &ObjectAttrs, vols: &[Volume]) -> Val
     let attached: Vec<Value> = vols
         .iter()
         .map(|v| {
+            // (The caller filtered `vols` to the volumes it may see.)
             let dot = v
                 .attachments
                 .iter()
@@ -92,10 +93,31 @@ fn server_view(req: &Req, i: &Instance, a: &ObjectAttrs, vols: &[Volume]) -> Val
     view
 }
 
+/// The volumes attached to instance `i` that the caller may see.
+async fn visible_volumes(st: &Shared, req: &Req, i: &Instance) -> ApiResult<Vec<Volume>> {
+    let attrs = st.all_attrs(ObjectKind::Volume).await?;
+    Ok(st
+        .service
+        .store()
+        .instance_volumes(i.id)
+        .await?
+        .into_iter()
+        .filter(|v| {
+            may_see(
+                &req.caller,
+                &attrs.get(&v.id.to_string()).cloned().unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
 /// Instance `id` as the caller may see it (another project's is 404).
 async fn instance(st: &Shared, req: &Req, id: &str) -> ApiResult<(Instance, ObjectAttrs)> {
     let missing = || ApiError::not_found(format!("Instance {id} could not be found."));
     let iid: InstanceId = id.parse().map_err(|_| missing())?;
+    if iid.to_string() != id {
+        return Err(missing());
+    }
     let (i, _) = st.service.instance(iid).await.map_err(|e| match e.kind() {
         kiln_core::ErrorKind::NotFound => missing(),
         _ => e.into(),
@@ -135,7 +157,7 @@ async fn list(st: &Shared, req: &Req, q: &ListQuery, detail: bool) -> ApiResult<
     let mut items = Vec::with_capacity(rows.len());
     for (i, a) in &rows {
         items.push(if detail {
-            let vols = st.service.store().instance_volumes(i.id).await?;
+            let vols = visible_volumes(st, req, i).await?;
             server_view(req, i, a, &vols)
         } else {
             json!({"id": i.id.to_string(), "name": i.name.clone().unwrap_or_default(), "links": links(req, &i.id.to_string())})
@@ -174,7 +196,7 @@ pub async fn show(
     Path(p): Path<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let (i, a) = instance(&st, &req, param(&p, "id")?).await?;
-    let vols = st.service.store().instance_volumes(i.id).await?;
+    let vols = visible_volumes(&st, &req, &i).await?;
     Ok(Json(json!({"server": server_view(&req, &i, &a, &vols)})))
 }
 
@@ -211,6 +233,14 @@ pub async fn action(
     body::only_keys(&arg, &["name", "metadata"], "createImage")?;
     let name = body::req_str(&arg, "name")?;
     let properties = body::opt_metadata(&arg, "metadata")?.unwrap_or_default();
+    // Every attached volume must be the caller's to see: an image never takes another
+    // project's data.
+    let all = st.service.store().instance_volumes(i.id).await?.len();
+    if visible_volumes(&st, &req, &i).await?.len() != all {
+        return Err(ApiError::bad_request(
+            "a volume of another project is attached to this server; kiln does not snapshot it",
+        ));
+    }
     let owner = st.owner(&req.caller);
     let report = st
         .service

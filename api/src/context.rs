@@ -199,7 +199,16 @@ pub async fn api_layer(
         version,
         base_url,
     });
-    let mut resp = next.run(req).await;
+    // The handler runs in its own task, awaited here: a client that disconnects drops this
+    // future, not the operation, which finishes (and is waited for at shutdown).
+    let mut resp = match state.tracker.spawn(next.run(req)).await {
+        Ok(r) => r,
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request task failed: {e}"),
+        )
+        .into_response(),
+    };
     resp.extensions_mut().insert(caller);
     finish(resp, range, version)
 }

@@ -41,6 +41,9 @@ fn view(i: &Image, a: &ObjectAttrs) -> Value {
 async fn image(st: &Shared, req: &Req, id: &str) -> ApiResult<(Image, ObjectAttrs)> {
     let missing = || ApiError::not_found(format!("No image found with ID {id}"));
     let iid: ImageId = id.parse().map_err(|_| missing())?;
+    if iid.to_string() != id {
+        return Err(missing());
+    }
     let i = st.service.image(iid).await.map_err(|e| match e.kind() {
         kiln_core::ErrorKind::NotFound => missing(),
         _ => e.into(),

@@ -215,8 +215,9 @@ pub fn state(service: Arc<Service>, config: ApiConfig, tokens: Tokens) -> Shared
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves; then stops accepting, lets
-/// requests in flight finish, and waits up to `grace` for background operations. One
-/// still running after that stays journaled, and the next start's recovery resolves it.
+/// requests in flight finish and waits for background operations — all within `grace`.
+/// An operation still running after that stays journaled, and the next start's recovery
+/// resolves it.
 pub async fn serve(
     state: Shared,
     listener: tokio::net::TcpListener,
@@ -224,9 +225,22 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let deadline = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r?,
+        () = deadline => tracing::warn!(
+            "requests still in flight after the shutdown timeout: stopping without them"
+        ),
+    }
     state.tracker.close();
     let running = state.tracker.len();
     if running > 0 {

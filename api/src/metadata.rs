@@ -21,8 +21,18 @@ async fn load(st: &Shared, req: &Req, kind: ObjectKind, id: &str) -> ApiResult<O
     })
 }
 
-async fn save(st: &Shared, kind: ObjectKind, id: &str, a: ObjectAttrs) -> ApiResult<ObjectAttrs> {
-    Ok(st.service.set_attrs(kind, id.to_string(), a).await?)
+/// Applies `change` to the object's properties as one read-modify-write that concurrent
+/// writers cannot undo (see `Service::update_attrs`).
+async fn change(
+    st: &Shared,
+    kind: ObjectKind,
+    id: &str,
+    change: impl Fn(&mut std::collections::BTreeMap<String, String>) -> kiln_core::Result<()>,
+) -> ApiResult<ObjectAttrs> {
+    Ok(st
+        .service
+        .update_attrs(kind, id.to_string(), |a| change(&mut a.properties))
+        .await?)
 }
 
 /// `GET …/{id}/metadata`.
@@ -51,13 +61,16 @@ pub async fn set_all(
     let md = body::opt_metadata(&b, "metadata")?.ok_or_else(|| {
         ApiError::bad_request("Missing required element 'metadata' in request body.")
     })?;
-    let mut a = load(&st, &req, kind, id).await?;
-    if replace {
-        a.properties = md;
-    } else {
-        a.properties.extend(md);
-    }
-    let a = save(&st, kind, id, a).await?;
+    load(&st, &req, kind, id).await?;
+    let a = change(&st, kind, id, |props| {
+        if replace {
+            props.clone_from(&md);
+        } else {
+            props.extend(md.clone());
+        }
+        Ok(())
+    })
+    .await?;
     Ok(Json(json!({"metadata": a.properties})))
 }
 
@@ -98,9 +111,12 @@ pub async fn put_one(
             ));
         }
     };
-    let mut a = load(&st, &req, kind, id).await?;
-    a.properties.insert(key.to_string(), value.clone());
-    save(&st, kind, id, a).await?;
+    load(&st, &req, kind, id).await?;
+    change(&st, kind, id, |props| {
+        props.insert(key.to_string(), value.clone());
+        Ok(())
+    })
+    .await?;
     Ok(Json(json!({"meta": {key: value}})))
 }
 
@@ -112,13 +128,12 @@ pub async fn delete_one(
     p: HashMap<String, String>,
 ) -> ApiResult<()> {
     let (id, key) = (param(&p, "id")?, param(&p, "key")?);
-    let mut a = load(&st, &req, kind, id).await?;
-    if a.properties.remove(key).is_none() {
-        return Err(ApiError::not_found(format!(
-            "Metadata key {key} could not be found."
-        )));
-    }
-    save(&st, kind, id, a).await?;
+    load(&st, &req, kind, id).await?;
+    change(&st, kind, id, |props| match props.remove(key) {
+        Some(_) => Ok(()),
+        None => Err(kiln_core::Error::not_found("metadata key", key)),
+    })
+    .await?;
     Ok(())
 }
 

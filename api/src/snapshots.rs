@@ -167,9 +167,13 @@ pub async fn update(
         ));
     }
     let (mut s, mut a) = st.snapshot(&req, id).await?;
-    if b.contains_key("description") || b.contains_key("display_description") {
-        a.description = body::label(&b, "description", "display_description")?;
-        a.validate()?;
+    let description = (b.contains_key("description") || b.contains_key("display_description"))
+        .then(|| body::label(&b, "description", "display_description"))
+        .transpose()?;
+    if let Some(d) = &description {
+        let mut check = a.clone();
+        check.description.clone_from(d);
+        check.validate()?;
     }
     if b.contains_key("name") || b.contains_key("display_name") {
         let name = body::label(&b, "name", "display_name")?;
@@ -178,10 +182,15 @@ pub async fn update(
         }
         s = st.service.rename_snapshot(s.id, name).await?;
     }
-    let a = st
-        .service
-        .set_attrs(ObjectKind::Snapshot, id.to_string(), a)
-        .await?;
+    if let Some(d) = description {
+        a = st
+            .service
+            .update_attrs(ObjectKind::Snapshot, id.to_string(), |x| {
+                x.description.clone_from(&d);
+                Ok(())
+            })
+            .await?;
+    }
     Ok(Json(
         json!({"snapshot": views::snapshot(&req, &s, &a, true)}),
     ))

@@ -52,7 +52,12 @@ impl AppState {
     /// included, as Cinder answers).
     pub async fn volume(&self, req: &Req, id: &str) -> ApiResult<(Volume, ObjectAttrs)> {
         let missing = || ApiError::not_found(format!("Volume {id} could not be found."));
+        // Only the canonical spelling: the attributes are keyed by it, and another
+        // spelling (upper case, no hyphens) must not find the object without them.
         let vid: VolumeId = id.parse().map_err(|_| missing())?;
+        if vid.to_string() != id {
+            return Err(missing());
+        }
         let v = self.service.volume(vid).await.map_err(|e| match e.kind() {
             kiln_core::ErrorKind::NotFound => missing(),
             _ => e.into(),
@@ -68,6 +73,9 @@ impl AppState {
     pub async fn snapshot(&self, req: &Req, id: &str) -> ApiResult<(Snapshot, ObjectAttrs)> {
         let missing = || ApiError::not_found(format!("Snapshot {id} could not be found."));
         let sid: SnapshotId = id.parse().map_err(|_| missing())?;
+        if sid.to_string() != id {
+            return Err(missing());
+        }
         let s = self
             .service
             .snapshot(sid)
@@ -81,6 +89,33 @@ impl AppState {
             return Err(missing());
         }
         Ok((s, attrs))
+    }
+
+    /// Checks that `caller` may attach a volume of `volume` (its attributes) to
+    /// `instance`: an instance kiln knows must be visible to the caller (else 404) and, for
+    /// a non-admin, belong to the volume's project — so an instance snapshot never takes
+    /// another project's data.
+    pub async fn check_instance_for(
+        &self,
+        req: &Req,
+        instance: kiln_core::InstanceId,
+        volume: &ObjectAttrs,
+    ) -> ApiResult<()> {
+        if self.service.store().instance(instance).await?.is_none() {
+            return Ok(());
+        }
+        let a = self.service.attrs(instance.to_string()).await?;
+        if !may_see(&req.caller, &a) {
+            return Err(ApiError::not_found(format!(
+                "Instance {instance} could not be found."
+            )));
+        }
+        if !req.caller.admin && a.project_id != volume.project_id {
+            return Err(ApiError::bad_request(format!(
+                "instance {instance} belongs to another project than the volume"
+            )));
+        }
+        Ok(())
     }
 
     /// Every object of `kind`'s attributes (objects without a row: the defaults).

@@ -33,6 +33,16 @@ pub fn attachment_id(v: &Volume, instance: &kiln_core::InstanceId) -> uuid::Uuid
     uuid::Uuid::new_v5(&v.id.0, instance.0.as_bytes())
 }
 
+/// A volume's status as the API shows it: `reserved` or `attaching` while its attachment
+/// (made through the attachments API) is, else kiln's.
+pub fn volume_status(v: &Volume, a: &ObjectAttrs) -> &'static str {
+    match crate::attachments::status(v, a) {
+        Some("reserved") => "reserved",
+        Some("attaching") => "attaching",
+        _ => v.status.as_str(),
+    }
+}
+
 /// A volume's summary (list without `detail`).
 pub fn volume_summary(req: &Req, v: &Volume) -> Value {
     let id = v.id.to_string();
@@ -62,11 +72,7 @@ pub fn volume(req: &Req, v: &Volume, a: &ObjectAttrs) -> Value {
         "name": v.name,
         "description": a.description,
         "size": gib(v.size_bytes),
-        "status": match crate::attachments::status(v, a) {
-            Some("reserved") => "reserved",
-            Some("attaching") => "attaching",
-            _ => v.status.as_str(),
-        },
+        "status": volume_status(v, a),
         "availability_zone": "nova",
         "created_at": ts(&v.created_at),
         "updated_at": ts(&v.updated_at),

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use kiln_core::attrs::{ObjectAttrs, ObjectKind};
+use kiln_core::attrs::ObjectKind;
 use kiln_core::{Attachment, CreateVolume, InstanceId, SnapshotId, VolumeStatus};
 use serde_json::{Value, json};
 
@@ -149,7 +149,9 @@ async fn list(st: &Shared, req: &Req, q: &ListQuery, detail: bool) -> ApiResult<
         .filter(|(v, a)| {
             listed(&req.caller, a, q.all_tenants())
                 && q.name.as_ref().is_none_or(|n| v.name.as_ref() == Some(n))
-                && q.status.as_ref().is_none_or(|s| v.status.as_str() == s)
+                && q.status
+                    .as_ref()
+                    .is_none_or(|s| views::volume_status(v, a) == s)
         })
         .collect();
     rows.sort_by(|x, y| {
@@ -225,16 +227,19 @@ pub async fn update(
         "volume",
     )?;
     let (mut v, mut a) = st.volume(&req, id).await?;
-    let mut changed_attrs = false;
-    if b.contains_key("description") || b.contains_key("display_description") {
-        a.description = body::label(&b, "description", "display_description")?;
-        changed_attrs = true;
+    let description = (b.contains_key("description") || b.contains_key("display_description"))
+        .then(|| body::label(&b, "description", "display_description"))
+        .transpose()?;
+    let metadata = body::opt_metadata(&b, "metadata")?;
+    // Checked before anything is written: a refused update changes nothing.
+    let mut check = a.clone();
+    if let Some(d) = &description {
+        check.description.clone_from(d);
     }
-    if let Some(md) = body::opt_metadata(&b, "metadata")? {
-        a.properties = md;
-        changed_attrs = true;
+    if let Some(m) = &metadata {
+        check.properties.clone_from(m);
     }
-    a.validate()?;
+    check.validate()?;
     if b.contains_key("name") || b.contains_key("display_name") {
         let name = body::label(&b, "name", "display_name")?;
         if let Some(n) = &name {
@@ -242,10 +247,18 @@ pub async fn update(
         }
         v = st.service.rename_volume(v.id, name).await?;
     }
-    if changed_attrs {
+    if description.is_some() || metadata.is_some() {
         a = st
             .service
-            .set_attrs(ObjectKind::Volume, id.to_string(), a)
+            .update_attrs(ObjectKind::Volume, id.to_string(), |x| {
+                if let Some(d) = &description {
+                    x.description.clone_from(d);
+                }
+                if let Some(m) = &metadata {
+                    x.properties.clone_from(m);
+                }
+                Ok(())
+            })
             .await?;
     }
     Ok(Json(json!({"volume": views::volume(&req, &v, &a)})))
@@ -315,6 +328,7 @@ pub async fn action(
                 ));
             }
             let device = body::req_str(&arg, "mountpoint")?;
+            st.check_instance_for(&req, instance, &a).await?;
             st.service
                 .attach(v.id, Attachment::new(instance, device))
                 .await?;
@@ -333,7 +347,7 @@ pub async fn action(
                 )));
             }
             st.service.detach(v.id).await?;
-            crate::attachments::forget(&st, id, a).await?;
+            crate::attachments::forget(&st, id, &a).await?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
         "os-reset_status" => {
@@ -375,9 +389,11 @@ pub async fn action(
             body::only_keys(&arg, &["bootable"], name)?;
             let bootable = body::opt_bool(&arg, "bootable")?
                 .ok_or_else(|| ApiError::bad_request("'bootable' is a required property."))?;
-            let attrs = ObjectAttrs { bootable, ..a };
             st.service
-                .set_attrs(ObjectKind::Volume, id.to_string(), attrs)
+                .update_attrs(ObjectKind::Volume, id.to_string(), |x| {
+                    x.bootable = bootable;
+                    Ok(())
+                })
                 .await?;
             Ok(StatusCode::OK.into_response())
         }

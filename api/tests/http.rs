@@ -23,12 +23,15 @@ struct Api {
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789ab";
 const ROOT: &str = "root-token-0123456789a";
+/// A member of the project CLI-made objects belong to.
+const DAVE: &str = "dave-token-0123456789a";
 
 fn tokens() -> Tokens {
     Tokens::parse(&format!(
         "[[tokens]]\ntoken = \"{ALICE}\"\nuser = \"alice\"\nproject = \"pa\"\n\
          [[tokens]]\ntoken = \"{BOB}\"\nuser = \"bob\"\nproject = \"pb\"\n\
-         [[tokens]]\ntoken = \"{ROOT}\"\nuser = \"root\"\nproject = \"admin\"\nroles = [\"admin\"]\n"
+         [[tokens]]\ntoken = \"{ROOT}\"\nuser = \"root\"\nproject = \"admin\"\nroles = [\"admin\"]\n\
+         [[tokens]]\ntoken = \"{DAVE}\"\nuser = \"dave\"\nproject = \"default\"\n"
     ))
     .expect("token file")
 }
@@ -763,6 +766,35 @@ async fn create_image_records_a_glance_image_of_every_attached_volume() {
             StatusCode::ACCEPTED
         );
     }
+    // Bob cannot attach his volume to alice's server (it is not his to see).
+    let bv = a
+        .post("/v3/volumes", Some(BOB), r#"{"volume": {"size": 1}}"#)
+        .await;
+    let bvid = bv.body["volume"]["id"].as_str().expect("id").to_string();
+    let body = format!(
+        r#"{{"os-attach": {{"instance_uuid": "{}", "mountpoint": "/dev/vdc"}}}}"#,
+        inst.id
+    );
+    assert_cinder_error(
+        &a.post(&format!("/v3/volumes/{bvid}/action"), Some(BOB), &body)
+            .await,
+        404,
+        "bob attaches to alice's server",
+    );
+    let body = format!(
+        r#"{{"attachment": {{"volume_uuid": "{bvid}", "instance_uuid": "{}", "connector": {{}}}}}}"#,
+        inst.id
+    );
+    let r = a
+        .call(
+            Method::POST,
+            "/v3/attachments",
+            Some(BOB),
+            Some("volume 3.27"),
+            Some(&body),
+        )
+        .await;
+    assert_cinder_error(&r, 404, "bob reserves on alice's server");
     let nova = |v: &'static str| Some(v);
     let sid = inst.id.to_string();
     let show = a
@@ -1099,5 +1131,101 @@ async fn attachments_follow_cinders_lifecycle() {
         a.state.service.attrs(vid).await.expect("attrs").extra.len(),
         0,
         "the lifecycle is forgotten"
+    );
+}
+
+/// Found in review: ids were parsed leniently (upper case, no hyphens) while the project
+/// lookup used the raw text, so another spelling found the object without its project
+/// and handed it to the default project. Only the canonical spelling finds an object.
+#[tokio::test]
+async fn other_spellings_of_an_id_find_nothing() {
+    let a = api(AuthMode::Tokens, QuotaLimits::default()).await;
+    let v = a
+        .post("/v3/volumes", Some(ALICE), r#"{"volume": {"size": 1}}"#)
+        .await;
+    let vid = v.body["volume"]["id"].as_str().expect("id").to_string();
+    let s = a
+        .post(
+            "/v3/snapshots",
+            Some(ALICE),
+            &format!(r#"{{"snapshot": {{"volume_id": "{vid}"}}}}"#),
+        )
+        .await;
+    let sid = s.body["snapshot"]["id"].as_str().expect("id").to_string();
+    let before = a.dump().await;
+    for id in [
+        vid.to_uppercase(),
+        vid.replace('-', ""),
+        format!("{{{vid}}}"),
+        format!("urn:uuid:{vid}"),
+    ] {
+        for token in [DAVE, ALICE] {
+            assert_cinder_error(
+                &a.get(&format!("/v3/volumes/{id}"), Some(token)).await,
+                404,
+                &id,
+            );
+            let d = a
+                .call(
+                    Method::DELETE,
+                    &format!("/v3/volumes/{id}"),
+                    Some(token),
+                    None,
+                    None,
+                )
+                .await;
+            assert_cinder_error(&d, 404, &id);
+        }
+        let body = format!(r#"{{"snapshot": {{"volume_id": "{id}"}}}}"#);
+        assert_cinder_error(&a.post("/v3/snapshots", Some(DAVE), &body).await, 404, &id);
+    }
+    let clone = format!(
+        r#"{{"volume": {{"snapshot_id": "{}"}}}}"#,
+        sid.to_uppercase()
+    );
+    assert_cinder_error(
+        &a.post("/v3/volumes", Some(DAVE), &clone).await,
+        404,
+        "clone by another spelling",
+    );
+    assert_eq!(a.dump().await, before);
+    assert_cinder_error(
+        &a.get(&format!("/v3/volumes/{vid}"), Some(DAVE)).await,
+        404,
+        "dave",
+    );
+}
+
+/// 16 metadata updates at once, each adding its own key: every key is kept (the
+/// read-modify-write retries instead of overwriting a concurrent one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_metadata_updates_are_all_kept() {
+    let a = Arc::new(api(AuthMode::NoAuth, QuotaLimits::default()).await);
+    let v = a
+        .post("/v3/volumes", None, r#"{"volume": {"size": 1}}"#)
+        .await;
+    let vid = v.body["volume"]["id"].as_str().expect("id").to_string();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (a, vid) = (a.clone(), vid.clone());
+        tasks.push(tokio::spawn(async move {
+            a.post(
+                &format!("/v3/volumes/{vid}/metadata"),
+                None,
+                &format!(r#"{{"metadata": {{"k{i}": "v{i}"}}}}"#),
+            )
+            .await
+            .status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), StatusCode::OK);
+    }
+    let md = a.get(&format!("/v3/volumes/{vid}/metadata"), None).await;
+    assert_eq!(
+        md.body["metadata"].as_object().map(|m| m.len()),
+        Some(16),
+        "{}",
+        md.body
     );
 }

@@ -704,6 +704,50 @@ impl Service {
         self.snapshot(id).await
     }
 
+    /// Changes the API attributes of object `id` of `kind` with `change` — a
+    /// read-modify-write that retries when another writer changed them in between, so
+    /// concurrent updates (two metadata keys set at once) are never lost. `change` may
+    /// refuse (its error is returned, nothing recorded). Returns the attributes written.
+    pub async fn update_attrs(
+        &self,
+        kind: crate::attrs::ObjectKind,
+        id: String,
+        change: impl Fn(&mut crate::attrs::ObjectAttrs) -> Result<()>,
+    ) -> Result<crate::attrs::ObjectAttrs> {
+        const ATTEMPTS: usize = 20;
+        for _ in 0..ATTEMPTS {
+            let before = self.ctx.store.attrs(id.clone()).await?;
+            let mut attrs = before.clone().unwrap_or_default();
+            change(&mut attrs)?;
+            attrs.validate()?;
+            let steps = vec![
+                crate::store::Step::AttrsAre {
+                    id: id.clone(),
+                    expected: before,
+                },
+                crate::store::Step::PutAttrs {
+                    kind,
+                    id: id.clone(),
+                    attrs: attrs.clone(),
+                },
+            ];
+            match self
+                .ctx
+                .store
+                .commit(crate::store::Batch::new(steps))
+                .await?
+            {
+                Ok(_) => return Ok(attrs),
+                Err(c) if c.what == "attributes" => continue,
+                Err(_) => return Err(Error::not_found(kind.as_str(), id)),
+            }
+        }
+        Err(Error::new(
+            crate::error::ErrorKind::Busy,
+            format!("attributes of {id} kept changing under {ATTEMPTS} attempts; retry"),
+        ))
+    }
+
     /// The API attributes of object `id`: those recorded, else the default project's.
     pub async fn attrs(&self, id: String) -> Result<crate::attrs::ObjectAttrs> {
         Ok(self.ctx.store.attrs(id).await?.unwrap_or_default())

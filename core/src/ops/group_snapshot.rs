@@ -103,6 +103,7 @@ pub(crate) async fn begin(
     name: Option<String>,
     force: bool,
     extra: serde_json::Map<String, serde_json::Value>,
+    owner: Option<&crate::attrs::Owner>,
 ) -> Result<Planned> {
     let (allowed, needed) = if force {
         (
@@ -145,7 +146,15 @@ pub(crate) async fn begin(
             id: v.id,
             any_of: allowed.clone(),
         });
-        steps.push(Step::InsertSnapshot(s.clone()));
+        // With an owner: each member's quota guard, insert and attributes, in order, so
+        // every guard counts the members inserted before it.
+        steps.extend(crate::attrs::Owner::insert_steps(
+            owner,
+            crate::attrs::ObjectKind::Snapshot,
+            s.id.to_string(),
+            s.size_bytes,
+            Step::InsertSnapshot(s.clone()),
+        ));
     }
     let parent = ctx
         .begin(steps, NewOp::of(kind, first, None).payload(payload), |c| {
@@ -392,7 +401,7 @@ pub(crate) async fn run(
     for id in volumes {
         vols.push(ctx.volume(*id).await?);
     }
-    let p = begin(ctx, KIND, vols, name, force, serde_json::Map::new()).await?;
+    let p = begin(ctx, KIND, vols, name, force, serde_json::Map::new(), None).await?;
     if let Err(e) = journal_children(ctx, &p).await {
         roll_back(ctx, &p, &[], &format!("group snapshot failed ({e})")).await?;
         return Err(e);

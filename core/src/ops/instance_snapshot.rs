@@ -233,7 +233,17 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
     let serde_json::Value::Object(extra) = extra else {
         return Err(Error::store("instance snapshot payload is not an object"));
     };
-    let p = group_snapshot::begin(ctx, KIND, vols, Some(req.name.clone()), true, extra).await?;
+    // The members belong to the owner (and count against its quota) from the start.
+    let p = group_snapshot::begin(
+        ctx,
+        KIND,
+        vols,
+        Some(req.name.clone()),
+        true,
+        extra,
+        req.owner.as_ref(),
+    )
+    .await?;
     // Every member's journal entry before the freeze: the window holds no store commit.
     if let Err(e) = group_snapshot::journal_children(ctx, &p).await {
         group_snapshot::roll_back(ctx, &p, &[], "the members could not be journaled").await?;
@@ -333,15 +343,11 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
     }
     steps.extend(group_snapshot::success_steps(&p, &taken.made));
     if let Some(owner) = &req.owner {
-        let put = |kind, id: String| Step::PutAttrs {
-            kind,
-            id,
+        steps.push(Step::PutAttrs {
+            kind: crate::attrs::ObjectKind::Image,
+            id: image.id.to_string(),
             attrs: owner.attrs.clone(),
-        };
-        steps.push(put(crate::attrs::ObjectKind::Image, image.id.to_string()));
-        for (s, _) in &p.members {
-            steps.push(put(crate::attrs::ObjectKind::Snapshot, s.id.to_string()));
-        }
+        });
     }
     ctx.finish(steps).await?;
     let image = ctx.store.image(image.id).await?.ok_or_else(|| {

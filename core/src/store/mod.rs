@@ -238,6 +238,14 @@ pub enum Step {
         /// Its attributes.
         attrs: ObjectAttrs,
     },
+    /// Guard: object `id`'s attributes are exactly `expected` (`None`: it has no row) —
+    /// the compare of a read-modify-write (conflict: `what` "attributes").
+    AttrsAre {
+        /// The object's id.
+        id: String,
+        /// What they must be.
+        expected: Option<ObjectAttrs>,
+    },
     /// Guard: `project` may create one more object of `kind` (volume or snapshot) of
     /// `add_bytes` within `limits` (conflict: `what` "quota", `id` the exceeded limit —
     /// `volumes`, `snapshots` or `gigabytes` — and `found` the current usage).

@@ -845,6 +845,12 @@ fn apply(tx: &Connection, index: usize, step: &Step, now: &str) -> Result<Option
                 ],
             )?;
         }
+        Step::AttrsAre { id, expected } => {
+            let now = load_attrs(tx, "object_id", id)?.into_values().next();
+            if now != *expected {
+                return conflict("attributes", id.clone(), Some("changed".into()));
+            }
+        }
         Step::QuotaAllows {
             project,
             kind,
