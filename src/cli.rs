@@ -238,6 +238,10 @@ pub struct InstanceCreate {
     /// Use this id (e.g. Nova's server UUID) [default: a new one].
     #[arg(long, value_name = "UUID")]
     pub id: Option<String>,
+    /// The project it belongs to in `kiln serve` (its members see it and may
+    /// `createImage` it) [default: the project "default"].
+    #[arg(long, value_name = "PROJECT")]
+    pub project: Option<String>,
     /// Label.
     #[arg(long, value_name = "LABEL")]
     pub name: Option<String>,

@@ -662,6 +662,7 @@ async fn hypervisor_step(service: &Service, scratch: &Path, vol: VolumeId) -> Re
     .await?;
     let instance = service
         .create_instance(kiln_core::service::InstanceSpec {
+            project: None,
             name: Some("demo-vm".into()),
             qmp: Some(daemon.qmp().to_string_lossy().into_owned()),
             ..Default::default()

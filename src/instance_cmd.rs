@@ -87,6 +87,10 @@ impl InstanceJob {
             InstanceCmd::Create(c) => {
                 validate_device(&c.root_device)?;
                 InstanceJob::Create(InstanceSpec {
+                    project: c
+                        .project
+                        .map(|p| kiln_core::attrs::validate_id("project", &p).map(|()| p))
+                        .transpose()?,
                     id: c.id.as_deref().map(id).transpose()?,
                     name: label(c.name)?,
                     agent: c.agent,

@@ -732,6 +732,7 @@ async fn create_image_records_a_glance_image_of_every_attached_volume() {
     };
     let inst = service
         .create_instance(kiln_core::service::InstanceSpec {
+            project: Some("pa".into()),
             id: None,
             name: Some("srv1".into()),
             agent: None,
@@ -742,14 +743,7 @@ async fn create_image_records_a_glance_image_of_every_attached_volume() {
         })
         .await
         .expect("instance");
-    service
-        .set_attrs(
-            ObjectKind::Instance,
-            inst.id.to_string(),
-            kiln_core::attrs::ObjectAttrs::owned_by("pa", None),
-        )
-        .await
-        .expect("owner");
+
     for dev in ["/dev/vda", "/dev/vdb"] {
         let v = a
             .post("/v3/volumes", Some(ALICE), r#"{"volume": {"size": 1}}"#)

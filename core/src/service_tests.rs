@@ -1333,6 +1333,7 @@ fn snap_req(instance: InstanceId, quiesce: Quiesce) -> InstanceSnapshotRequest {
 async fn instance_with_volumes(svc: &Service) -> (InstanceId, Vec<VolumeId>) {
     let inst = svc
         .create_instance(crate::service::InstanceSpec {
+            project: None,
             agent: Some("/run/agent.sock".into()),
             properties: [("hw_disk_bus".to_string(), "virtio".to_string())].into(),
             ..Default::default()
@@ -1533,6 +1534,7 @@ async fn bad_instance_input_is_refused_and_changes_nothing() {
     let e = f
         .svc
         .create_instance(crate::service::InstanceSpec {
+            project: None,
             agent: Some("../agent.sock".into()),
             ..Default::default()
         })

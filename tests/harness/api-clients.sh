@@ -300,6 +300,7 @@ start_server "$work/kiln-tokens.toml"
       token: ${u#*:}
     block_storage_endpoint_override: $base/v3
     block_storage_api_version: 3
+    compute_endpoint_override: $base/compute/v2.1
 YAML
   done
 } >"$work/cfg/clouds.yaml"
@@ -331,6 +332,11 @@ expect_fail "a third volume exceeds alice's quota (413)" "413\|quota\|Quota" as 
 limits=$(curl -s -H "X-Auth-Token: alice-token-0123456789" "$base/v3/limits")
 expect "limits: maxTotalVolumes" 2 "$(jf limits.absolute.maxTotalVolumes <<<"$limits")"
 expect "limits: totalVolumesUsed" 2 "$(jf limits.absolute.totalVolumesUsed <<<"$limits")"
+k instance create --id 1b2c3d4e-5f60-4718-9a0b-1c2d3e4f5a6b --name srv-a --project proj-a >/dev/null
+expect "kiln instance create --project: alice sees her server" ACTIVE "$(as $A server show srv-a -f value -c status)"
+expect_fail "bob does not see it (404)" "No Server found" as $B server show 1b2c3d4e-5f60-4718-9a0b-1c2d3e4f5a6b
+expect_fail "kiln instance create --project refuses a bad project id" "invalid project" \
+  k instance create --name bad --project "../x"
 expect "bob's quota is his own" available "$(as $B volume create --size 1 b-vol -f value -c status)"
 stop_server
 

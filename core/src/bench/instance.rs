@@ -101,6 +101,7 @@ pub async fn instance(service: &Service, req: InstanceBenchRequest) -> Result<In
     }
     let inst = service
         .create_instance(InstanceSpec {
+            project: None,
             name: Some("kiln-bench".into()),
             agent: req.agent.clone(),
             freeze_mountpoints: req.mountpoints.clone(),

@@ -34,6 +34,9 @@ pub struct InstanceSpec {
     pub root_device: Option<String>,
     /// Properties its images inherit.
     pub properties: BTreeMap<String, String>,
+    /// The project it belongs to for the API (recorded with it); `None`: the default
+    /// project.
+    pub project: Option<String>,
 }
 
 /// Checks a guest mountpoint for `guest-fsfreeze-freeze-list`: absolute, spelled as the
@@ -84,8 +87,18 @@ impl Service {
             created_at: now,
             updated_at: now,
         };
+        let mut steps = vec![Step::InsertInstance(inst.clone())];
+        if let Some(p) = &spec.project {
+            let attrs = crate::attrs::ObjectAttrs::owned_by(p, None);
+            attrs.validate()?;
+            steps.push(Step::PutAttrs {
+                kind: crate::attrs::ObjectKind::Instance,
+                id: inst.id.to_string(),
+                attrs,
+            });
+        }
         self.ctx
-            .guarded(vec![Step::InsertInstance(inst.clone())], |c| {
+            .guarded(steps, |c| {
                 Error::wrong_state(format!("instance {} already exists", c.id))
             })
             .await?;
