@@ -6,7 +6,9 @@
 //! this host) and anything that runs or writes on the host (`--block-rpcs`); instances freeze
 //! only their listed mountpoints (`guest-fsfreeze-freeze-list`). Every "guest" shares this
 //! kernel, and qemu-ga's thaw thaws every frozen filesystem it sees, so tests that freeze must
-//! run one at a time (`common::serial`).
+//! run one at a time: `common::serial` within a test process, and a lock file every `Guest`
+//! holds across processes — the host and RBD suites run side by side, and an RBD instance
+//! test's thaw once thawed the host suite's frozen XFS in the middle of its deadline test.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,6 +43,31 @@ pub struct Guest {
     agent: Option<Child>,
     /// (mountpoint, loop device) of each guest disk.
     pub disks: Vec<(PathBuf, String)>,
+    /// The host-wide guest lock (see the module docs); dropped after the cleanup.
+    _host_lock: std::fs::File,
+}
+
+/// Every test process that runs a guest on this kernel takes this lock for the guest's life.
+const HOST_GUEST_LOCK: &str = "/tmp/kiln-tests-qemu-ga.lock";
+
+/// Waits for the host-wide guest lock.
+fn host_guest_lock() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(HOST_GUEST_LOCK)
+        .unwrap();
+    // SAFETY: flock on a descriptor this function owns; blocks until the lock is free.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(
+        rc,
+        0,
+        "flock {HOST_GUEST_LOCK}: {}",
+        std::io::Error::last_os_error()
+    );
+    f
 }
 
 impl Guest {
@@ -48,11 +75,13 @@ impl Guest {
     pub fn start(dir: &Path) -> Guest {
         let dir = dir.join("guest");
         std::fs::create_dir_all(dir.join("state")).unwrap();
+        let host_lock = host_guest_lock();
         let mut g = Guest {
             sock: dir.join("qga.sock"),
             dir,
             agent: None,
             disks: vec![],
+            _host_lock: host_lock,
         };
         g.start_agent();
         g
