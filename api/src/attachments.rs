@@ -205,29 +205,19 @@ pub async fn create(
 async fn list(st: &Shared, req: &Req, q: &ListQuery, detail: bool) -> ApiResult<Json<Value>> {
     require_version(req, 27)?;
     let attrs = st.all_attrs(ObjectKind::Volume).await?;
-    let mut rows: Vec<(Volume, ObjectAttrs)> = st
-        .service
-        .volumes()
-        .await?
-        .into_iter()
-        .filter(|v| !v.attachments.is_empty())
-        .map(|v| {
-            let a = attrs.get(&v.id.to_string()).cloned().unwrap_or_default();
-            (v, a)
-        })
-        .filter(|(v, a)| {
-            listed(&req.caller, a, q.all_tenants())
+    let rows = crate::listing::with_attrs(
+        st.service.volumes().await?,
+        &attrs,
+        |v| (v.updated_at, v.id),
+        |v, a| {
+            !v.attachments.is_empty()
+                && listed(&req.caller, a, q.all_tenants())
                 && q.volume_id.as_ref().is_none_or(|x| v.id.to_string() == *x)
                 && q.status
                     .as_ref()
                     .is_none_or(|s| status(v, a) == Some(s.as_str()))
-        })
-        .collect();
-    rows.sort_by(|x, y| {
-        y.0.updated_at
-            .cmp(&x.0.updated_at)
-            .then(y.0.id.cmp(&x.0.id))
-    });
+        },
+    );
     let (rows, next) = page(rows, q, |(v, _)| {
         v.attachments
             .first()

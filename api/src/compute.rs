@@ -131,28 +131,18 @@ async fn instance(st: &Shared, req: &Req, id: &str) -> ApiResult<(Instance, Obje
 
 async fn list(st: &Shared, req: &Req, q: &ListQuery, detail: bool) -> ApiResult<Json<Value>> {
     let attrs = st.all_attrs(ObjectKind::Instance).await?;
-    let mut rows: Vec<(Instance, ObjectAttrs)> = st
-        .service
-        .instances()
-        .await?
-        .into_iter()
-        .map(|i| {
-            let a = attrs.get(&i.id.to_string()).cloned().unwrap_or_default();
-            (i, a)
-        })
-        .filter(|(i, a)| {
+    let rows = crate::listing::with_attrs(
+        st.service.instances().await?,
+        &attrs,
+        |i| (i.created_at, i.id),
+        |i, a| {
             listed(&req.caller, a, q.all_tenants())
                 && q.name.as_ref().is_none_or(|n| i.name.as_ref() == Some(n))
                 && q.status
                     .as_ref()
                     .is_none_or(|s| s.eq_ignore_ascii_case("ACTIVE"))
-        })
-        .collect();
-    rows.sort_by(|x, y| {
-        y.0.created_at
-            .cmp(&x.0.created_at)
-            .then(y.0.id.cmp(&x.0.id))
-    });
+        },
+    );
     let (rows, next) = page(rows, q, |(i, _)| i.id.to_string())?;
     let mut items = Vec::with_capacity(rows.len());
     for (i, a) in &rows {

@@ -62,26 +62,16 @@ pub async fn index(
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let attrs = st.all_attrs(ObjectKind::Image).await?;
-    let mut rows: Vec<(Image, ObjectAttrs)> = st
-        .service
-        .images()
-        .await?
-        .into_iter()
-        .map(|i| {
-            let a = attrs.get(&i.id.to_string()).cloned().unwrap_or_default();
-            (i, a)
-        })
-        .filter(|(i, a)| {
+    let rows = crate::listing::with_attrs(
+        st.service.images().await?,
+        &attrs,
+        |i| (i.created_at, i.id),
+        |i, a| {
             listed(&req.caller, a, q.all_tenants() || req.caller.admin)
                 && q.name.as_ref().is_none_or(|n| &i.name == n)
                 && q.status.as_ref().is_none_or(|s| i.status.as_str() == s)
-        })
-        .collect();
-    rows.sort_by(|x, y| {
-        y.0.created_at
-            .cmp(&x.0.created_at)
-            .then(y.0.id.cmp(&x.0.id))
-    });
+        },
+    );
     let (rows, next) = page(rows, &q, |(i, _)| i.id.to_string())?;
     let mut out = json!({
         "images": rows.iter().map(|(i, a)| view(i, a)).collect::<Vec<_>>(),

@@ -1,5 +1,8 @@
 //! Query parameters of list requests and Cinder's `limit`/`marker` paging.
 
+use std::collections::BTreeMap;
+
+use kiln_core::attrs::ObjectAttrs;
 use serde::Deserialize;
 
 use crate::context::Req;
@@ -108,6 +111,48 @@ pub fn page<T>(
         .flatten();
     page.shrink_to_fit();
     Ok((page, next))
+}
+
+/// An object kiln keeps attributes for, by id.
+pub trait Keyed {
+    /// Its id, as the attributes are keyed.
+    fn key(&self) -> String;
+}
+
+macro_rules! keyed {
+    ($($t:ty),*) => {$(
+        impl Keyed for $t {
+            fn key(&self) -> String {
+                self.id.to_string()
+            }
+        }
+    )*};
+}
+keyed!(
+    kiln_core::Volume,
+    kiln_core::Snapshot,
+    kiln_core::Instance,
+    kiln_core::Image
+);
+
+/// Pairs each object with its attributes (none recorded: the default project's), keeps
+/// those `keep` accepts, and sorts them newest first by `order` — Cinder's default order.
+pub fn with_attrs<T: Keyed, K: Ord>(
+    objects: Vec<T>,
+    attrs: &BTreeMap<String, ObjectAttrs>,
+    order: impl Fn(&T) -> K,
+    keep: impl Fn(&T, &ObjectAttrs) -> bool,
+) -> Vec<(T, ObjectAttrs)> {
+    let mut rows: Vec<(T, ObjectAttrs)> = objects
+        .into_iter()
+        .map(|o| {
+            let a = attrs.get(&o.key()).cloned().unwrap_or_default();
+            (o, a)
+        })
+        .filter(|(o, a)| keep(o, a))
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(order(&r.0)));
+    rows
 }
 
 #[cfg(test)]

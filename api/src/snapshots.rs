@@ -77,29 +77,19 @@ pub async fn create(State(st): State<Shared>, req: Req, bytes: Bytes) -> ApiResu
 
 async fn list(st: &Shared, req: &Req, q: &ListQuery, detail: bool) -> ApiResult<Json<Value>> {
     let attrs = st.all_attrs(ObjectKind::Snapshot).await?;
-    let mut rows: Vec<_> = st
-        .service
-        .snapshots(None)
-        .await?
-        .into_iter()
-        .map(|s| {
-            let a = attrs.get(&s.id.to_string()).cloned().unwrap_or_default();
-            (s, a)
-        })
-        .filter(|(s, a)| {
+    let rows = crate::listing::with_attrs(
+        st.service.snapshots(None).await?,
+        &attrs,
+        |s| (s.created_at, s.id),
+        |s, a| {
             listed(&req.caller, a, q.all_tenants())
                 && q.name.as_ref().is_none_or(|n| s.name.as_ref() == Some(n))
                 && q.status.as_ref().is_none_or(|x| s.status.as_str() == x)
                 && q.volume_id
                     .as_ref()
                     .is_none_or(|x| s.volume_id.to_string() == *x)
-        })
-        .collect();
-    rows.sort_by(|x, y| {
-        y.0.created_at
-            .cmp(&x.0.created_at)
-            .then(y.0.id.cmp(&x.0.id))
-    });
+        },
+    );
     let (rows, next) = page(rows, q, |(s, _)| s.id.to_string())?;
     let items: Vec<Value> = rows
         .iter()

@@ -137,28 +137,18 @@ pub async fn create(State(st): State<Shared>, req: Req, bytes: Bytes) -> ApiResu
 /// `GET /volumes` (summaries) and `GET /volumes/detail`.
 async fn list(st: &Shared, req: &Req, q: &ListQuery, detail: bool) -> ApiResult<Json<Value>> {
     let attrs = st.all_attrs(ObjectKind::Volume).await?;
-    let mut rows: Vec<_> = st
-        .service
-        .volumes()
-        .await?
-        .into_iter()
-        .map(|v| {
-            let a = attrs.get(&v.id.to_string()).cloned().unwrap_or_default();
-            (v, a)
-        })
-        .filter(|(v, a)| {
+    let rows = crate::listing::with_attrs(
+        st.service.volumes().await?,
+        &attrs,
+        |v| (v.created_at, v.id),
+        |v, a| {
             listed(&req.caller, a, q.all_tenants())
                 && q.name.as_ref().is_none_or(|n| v.name.as_ref() == Some(n))
                 && q.status
                     .as_ref()
                     .is_none_or(|s| views::volume_status(v, a) == s)
-        })
-        .collect();
-    rows.sort_by(|x, y| {
-        y.0.created_at
-            .cmp(&x.0.created_at)
-            .then(y.0.id.cmp(&x.0.id))
-    });
+        },
+    );
     let (rows, next) = page(rows, q, |(v, _)| v.id.to_string())?;
     let items: Vec<Value> = rows
         .iter()
