@@ -113,20 +113,11 @@ async fn visible_volumes(st: &Shared, req: &Req, i: &Instance) -> ApiResult<Vec<
 
 /// Instance `id` as the caller may see it (another project's is 404).
 async fn instance(st: &Shared, req: &Req, id: &str) -> ApiResult<(Instance, ObjectAttrs)> {
-    let missing = || ApiError::not_found(format!("Instance {id} could not be found."));
-    let iid: InstanceId = id.parse().map_err(|_| missing())?;
-    if iid.to_string() != id {
-        return Err(missing());
-    }
-    let (i, _) = st.service.instance(iid).await.map_err(|e| match e.kind() {
-        kiln_core::ErrorKind::NotFound => missing(),
-        _ => e.into(),
-    })?;
-    let a = st.service.attrs(id.to_string()).await?;
-    if !may_see(&req.caller, &a) {
-        return Err(missing());
-    }
-    Ok((i, a))
+    let missing = format!("Instance {id} could not be found.");
+    st.visible(req, id, missing, |i: InstanceId| async move {
+        st.service.instance(i).await.map(|(i, _)| i)
+    })
+    .await
 }
 
 async fn list(st: &Shared, req: &Req, q: &ListQuery, detail: bool) -> ApiResult<Json<Value>> {

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 
 use crate::compute::ts;
 use crate::context::{Req, base_url};
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::listing::{ListQuery, page};
-use crate::state::{Shared, listed, may_see};
+use crate::state::{Shared, listed};
 use crate::volumes::param;
 
 /// An image as Glance v2 serves it.
@@ -39,20 +39,9 @@ fn view(i: &Image, a: &ObjectAttrs) -> Value {
 }
 
 async fn image(st: &Shared, req: &Req, id: &str) -> ApiResult<(Image, ObjectAttrs)> {
-    let missing = || ApiError::not_found(format!("No image found with ID {id}"));
-    let iid: ImageId = id.parse().map_err(|_| missing())?;
-    if iid.to_string() != id {
-        return Err(missing());
-    }
-    let i = st.service.image(iid).await.map_err(|e| match e.kind() {
-        kiln_core::ErrorKind::NotFound => missing(),
-        _ => e.into(),
-    })?;
-    let a = st.service.attrs(id.to_string()).await?;
-    if !may_see(&req.caller, &a) {
-        return Err(missing());
-    }
-    Ok((i, a))
+    let missing = format!("No image found with ID {id}");
+    st.visible(req, id, missing, |i: ImageId| st.service.image(i))
+        .await
 }
 
 /// `GET /v2/images` (filters `name`, `status`; `limit`/`marker` with `next`).

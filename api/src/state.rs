@@ -48,47 +48,50 @@ impl AppState {
         }
     }
 
-    /// Volume `id` and its attributes, if the caller may see it (else 404, malformed ids
-    /// included, as Cinder answers).
-    pub async fn volume(&self, req: &Req, id: &str) -> ApiResult<(Volume, ObjectAttrs)> {
-        let missing = || ApiError::not_found(format!("Volume {id} could not be found."));
-        // Only the canonical spelling: the attributes are keyed by it, and another
-        // spelling (upper case, no hyphens) must not find the object without them.
-        let vid: VolumeId = id.parse().map_err(|_| missing())?;
-        if vid.to_string() != id {
-            return Err(missing());
+    /// Object `id` loaded by `load` with its attributes, if the caller may see it; else 404
+    /// with `missing` (malformed ids included, as Cinder answers). Only the canonical
+    /// spelling is accepted: the attributes are keyed by it, and another spelling (upper
+    /// case, no hyphens) must not find the object without them.
+    pub async fn visible<I, T, Fut>(
+        &self,
+        req: &Req,
+        id: &str,
+        missing: String,
+        load: impl FnOnce(I) -> Fut,
+    ) -> ApiResult<(T, ObjectAttrs)>
+    where
+        I: std::str::FromStr + std::fmt::Display,
+        Fut: std::future::Future<Output = kiln_core::Result<T>>,
+    {
+        let gone = || ApiError::not_found(missing.clone());
+        let parsed: I = id.parse().map_err(|_| gone())?;
+        if parsed.to_string() != id {
+            return Err(gone());
         }
-        let v = self.service.volume(vid).await.map_err(|e| match e.kind() {
-            kiln_core::ErrorKind::NotFound => missing(),
+        let object = load(parsed).await.map_err(|e| match e.kind() {
+            kiln_core::ErrorKind::NotFound => gone(),
             _ => e.into(),
         })?;
         let attrs = self.service.attrs(id.to_string()).await?;
         if !may_see(&req.caller, &attrs) {
-            return Err(missing());
+            return Err(gone());
         }
-        Ok((v, attrs))
+        Ok((object, attrs))
     }
 
-    /// Snapshot `id` and its attributes, if the caller may see it (else 404).
-    pub async fn snapshot(&self, req: &Req, id: &str) -> ApiResult<(Snapshot, ObjectAttrs)> {
-        let missing = || ApiError::not_found(format!("Snapshot {id} could not be found."));
-        let sid: SnapshotId = id.parse().map_err(|_| missing())?;
-        if sid.to_string() != id {
-            return Err(missing());
-        }
-        let s = self
-            .service
-            .snapshot(sid)
+    /// Volume `id` and its attributes, if the caller may see it (see [`AppState::visible`]).
+    pub async fn volume(&self, req: &Req, id: &str) -> ApiResult<(Volume, ObjectAttrs)> {
+        let missing = format!("Volume {id} could not be found.");
+        self.visible(req, id, missing, |v: VolumeId| self.service.volume(v))
             .await
-            .map_err(|e| match e.kind() {
-                kiln_core::ErrorKind::NotFound => missing(),
-                _ => e.into(),
-            })?;
-        let attrs = self.service.attrs(id.to_string()).await?;
-        if !may_see(&req.caller, &attrs) {
-            return Err(missing());
-        }
-        Ok((s, attrs))
+    }
+
+    /// Snapshot `id` and its attributes, if the caller may see it (see
+    /// [`AppState::visible`]).
+    pub async fn snapshot(&self, req: &Req, id: &str) -> ApiResult<(Snapshot, ObjectAttrs)> {
+        let missing = format!("Snapshot {id} could not be found.");
+        self.visible(req, id, missing, |s: SnapshotId| self.service.snapshot(s))
+            .await
     }
 
     /// Checks that `caller` may attach a volume of `volume` (its attributes) to
