@@ -7,9 +7,11 @@
 //! an operation in the same transaction as the status change that starts it, which is what
 //! crash recovery relies on. A PostgreSQL implementation needs only the same two ideas.
 
+mod postgres;
 pub mod sql;
 mod sqlite;
 
+pub use postgres::{PgOptions, Postgres, PostgresStore};
 pub use sql::SqlStore;
 pub use sqlite::{Sqlite, SqliteStore};
 

@@ -3,9 +3,9 @@
 //! [`LockManager`] is the contract: `lock` waits, `try_lock` probes. Its meaning is what
 //! crash recovery relies on: **a lock that is free has no living owner**, so a journaled
 //! operation whose locks can be taken was left by a process that died. The host-local
-//! implementation is [`FlockLocks`] (the kernel drops a `flock` when its holder dies); a
-//! PostgreSQL implementation satisfies the same contract with session advisory locks (the
-//! server drops them when a node's connection dies).
+//! implementation is [`FlockLocks`] (the kernel drops a `flock` when its holder dies);
+//! [`PgLocks`] satisfies the same contract across nodes with PostgreSQL session advisory
+//! locks (the server drops them when a node's connection dies).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -17,6 +17,10 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
 use crate::types::{InstanceId, VolumeId};
+
+mod postgres;
+
+pub use postgres::PgLocks;
 
 /// What can be locked. Ordered, so every caller takes a set of locks in the same order and
 /// two callers locking overlapping sets can never deadlock.
@@ -44,22 +48,37 @@ impl From<VolumeId> for LockKey {
 }
 
 /// Held locks; dropping it releases them. Opaque so each manager can hold what it needs.
-pub struct LockSet(Vec<Box<dyn Send + Sync>>);
+pub struct LockSet {
+    _guards: Vec<Box<dyn Send + Sync>>,
+    held: usize,
+}
 
 impl LockSet {
-    /// A set holding `guards` (each released when dropped).
+    /// A set holding `guards`, one lock each (each released when dropped).
     pub fn new(guards: Vec<Box<dyn Send + Sync>>) -> Self {
-        LockSet(guards)
+        let held = guards.len();
+        LockSet {
+            _guards: guards,
+            held,
+        }
+    }
+
+    /// A set whose one `guard` holds `held` locks.
+    pub fn one(guard: Box<dyn Send + Sync>, held: usize) -> Self {
+        LockSet {
+            _guards: vec![guard],
+            held,
+        }
     }
 
     /// Number of locks held.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.held
     }
 
     /// Whether no lock is held.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.held == 0
     }
 }
 
@@ -74,12 +93,38 @@ pub trait LockManager: Send + Sync {
     async fn try_lock(&self, keys: &[LockKey]) -> Result<Option<LockSet>>;
 }
 
+/// The in-process layer every lock manager puts in front of its shared one: an async mutex
+/// per key, so tasks of one process queue here (without parking runtime threads or holding
+/// a database connection while they wait) and only one per key asks the shared layer.
+#[derive(Default)]
+struct LocalLocks(Mutex<HashMap<LockKey, Arc<tokio::sync::Mutex<()>>>>);
+
+impl LocalLocks {
+    fn get(&self, key: LockKey) -> Result<Arc<tokio::sync::Mutex<()>>> {
+        let mut map = self
+            .0
+            .lock()
+            .map_err(|_| Error::store("lock table poisoned by an earlier panic"))?;
+        // Drop entries nobody holds or waits for, so a long-running process does not grow.
+        map.retain(|_, m| Arc::strong_count(m) > 1);
+        Ok(map.entry(key).or_default().clone())
+    }
+}
+
+/// `keys` sorted and deduplicated: the one order every caller takes locks in.
+fn sorted(keys: &[LockKey]) -> Vec<LockKey> {
+    let mut keys = keys.to_vec();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Host-local locks: an in-process async mutex per key (waiting tasks do not park runtime
 /// threads) plus an exclusive `flock` on `<dir>/<key>.lock` (other kiln processes on the
 /// same data directory serialize too). Cheap to share behind an `Arc`.
 pub struct FlockLocks {
     dir: PathBuf,
-    local: Mutex<HashMap<LockKey, Arc<tokio::sync::Mutex<()>>>>,
+    local: LocalLocks,
 }
 
 struct FlockGuard {
@@ -95,18 +140,8 @@ impl FlockLocks {
             .map_err(|e| Error::io(format!("create lock directory {}", dir.display()), e))?;
         Ok(FlockLocks {
             dir,
-            local: Mutex::new(HashMap::new()),
+            local: LocalLocks::default(),
         })
-    }
-
-    fn local(&self, key: LockKey) -> Result<Arc<tokio::sync::Mutex<()>>> {
-        let mut map = self
-            .local
-            .lock()
-            .map_err(|_| Error::store("lock table poisoned by an earlier panic"))?;
-        // Drop entries nobody holds or waits for, so a long-running process does not grow.
-        map.retain(|_, m| Arc::strong_count(m) > 1);
-        Ok(map.entry(key).or_default().clone())
     }
 
     fn open(&self, key: LockKey) -> Result<File> {
@@ -118,21 +153,14 @@ impl FlockLocks {
             .open(&path)
             .map_err(|e| Error::io(format!("open lock file {}", path.display()), e))
     }
-
-    fn sorted(keys: &[LockKey]) -> Vec<LockKey> {
-        let mut keys = keys.to_vec();
-        keys.sort();
-        keys.dedup();
-        keys
-    }
 }
 
 #[async_trait]
 impl LockManager for FlockLocks {
     async fn lock(&self, keys: &[LockKey]) -> Result<LockSet> {
         let mut guards: Vec<Box<dyn Send + Sync>> = Vec::with_capacity(keys.len());
-        for key in Self::sorted(keys) {
-            let local = self.local(key)?.lock_owned().await;
+        for key in sorted(keys) {
+            let local = self.local.get(key)?.lock_owned().await;
             let file = self.open(key)?;
             // flock blocks the thread: wait on the blocking pool, not on a runtime thread.
             let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
@@ -149,9 +177,9 @@ impl LockManager for FlockLocks {
 
     async fn try_lock(&self, keys: &[LockKey]) -> Result<Option<LockSet>> {
         let mut guards: Vec<Box<dyn Send + Sync>> = Vec::with_capacity(keys.len());
-        for key in Self::sorted(keys) {
+        for key in sorted(keys) {
             // Any failure drops the guards taken so far: all or none.
-            let Ok(local) = self.local(key)?.try_lock_owned() else {
+            let Ok(local) = self.local.get(key)?.try_lock_owned() else {
                 return Ok(None);
             };
             let file = self.open(key)?;

@@ -1,0 +1,319 @@
+//! Locks across kiln nodes: PostgreSQL session advisory locks.
+//!
+//! A held [`LockSet`] is one pooled PostgreSQL session holding `pg_advisory_lock(k)` for each
+//! of its keys. The server releases a session's advisory locks when the session ends, so
+//! the contract recovery relies on holds across nodes: a node that dies (SIGKILL, power,
+//! its network to PostgreSQL cut long enough for the connection to drop) frees its locks,
+//! and a free lock means no living owner. In front of the sessions sits the same in-process
+//! table as [`super::FlockLocks`]: tasks of one node queue there, so a waiting task holds
+//! no connection and only one per key waits in PostgreSQL.
+//!
+//! Releasing runs `pg_advisory_unlock_all()` and returns the session to the pool. A session
+//! that might still hold a lock — its unlock failed, or a lock call was abandoned half-way
+//! (a cancelled future) — is never pooled again: it is closed, which releases everything.
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio::sync::OwnedMutexGuard;
+
+use super::{LocalLocks, LockKey, LockManager, LockSet, sorted};
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::PgOptions;
+
+/// Advisory locks in PostgreSQL (see the module docs). Cheap to share behind an `Arc`.
+pub struct PgLocks {
+    pool: Pool,
+    local: LocalLocks,
+}
+
+/// The 64-bit advisory-lock id of a key: FNV-1a of its name (`volume-<uuid>`), so every
+/// kiln version on every node derives the same id. Non-negative, which leaves the negative
+/// ids to kiln's own bookkeeping locks (schema migration).
+pub fn advisory_id(key: LockKey) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h & (i64::MAX as u64)) as i64
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("locks: PostgreSQL {what}: {e}"),
+    )
+}
+
+/// A pooled session that goes back to the pool only through [`Session::release`]; dropped
+/// any other way, it is closed (and PostgreSQL frees whatever it held).
+struct Session(Option<Object>);
+
+impl Session {
+    fn client(&self) -> Result<&Object> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| Error::store("lock session already released"))
+    }
+
+    /// Unlocks everything and returns the session to the pool; if the unlock fails the
+    /// session is closed instead.
+    async fn release(mut self) {
+        if let Some(obj) = self.0.take() {
+            if obj
+                .execute("SELECT pg_advisory_unlock_all()", &[])
+                .await
+                .is_ok()
+            {
+                drop(obj);
+            } else {
+                drop(Object::take(obj));
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(obj) = self.0.take() {
+            // Detached from the pool: dropping the client closes the connection.
+            drop(Object::take(obj));
+        }
+    }
+}
+
+/// What a held [`LockSet`] keeps: the session and the in-process guards, released in that
+/// order on drop.
+struct PgGuard {
+    session: Option<Session>,
+    local: Vec<OwnedMutexGuard<()>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for PgGuard {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let local = std::mem::take(&mut self.local);
+        // Unlocking is a round trip: done on the runtime; the node's own waiters are let
+        // in only after it (they would otherwise just wait in PostgreSQL). If the runtime
+        // is gone the future is dropped, which closes the session: released all the same.
+        let release = async move {
+            session.release().await;
+            drop(local);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn(release)),
+            Err(_) => drop(self.runtime.spawn(release)),
+        }
+    }
+}
+
+impl PgLocks {
+    /// Lock sessions to the server at `options.url`, at most `sessions` at once (each held
+    /// lock set uses one; more wait for one to be released).
+    pub fn new(options: &PgOptions, sessions: usize) -> Result<Self> {
+        let manager = Manager::from_config(
+            options.async_config()?,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                // A pooled session may have been cut while idle (a server restart): check
+                // it before it is handed out, so a lock is never taken on a dead session.
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(sessions.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(options.connect_timeout))
+            .recycle_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| unavailable("lock pool", e))?;
+        Ok(PgLocks {
+            pool,
+            local: LocalLocks::default(),
+        })
+    }
+
+    async fn session(&self) -> Result<Session> {
+        let obj = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| unavailable("unreachable", e))?;
+        Ok(Session(Some(obj)))
+    }
+}
+
+#[async_trait]
+impl LockManager for PgLocks {
+    async fn lock(&self, keys: &[LockKey]) -> Result<LockSet> {
+        let keys = sorted(keys);
+        let mut local = Vec::with_capacity(keys.len());
+        for key in &keys {
+            local.push(self.local.get(*key)?.lock_owned().await);
+        }
+        // Any error (or this future being dropped) from here on drops the session
+        // unreleased: it is closed, and PostgreSQL frees what it took.
+        let session = self.session().await?;
+        for key in &keys {
+            session
+                .client()?
+                .execute("SELECT pg_advisory_lock($1)", &[&advisory_id(*key)])
+                .await
+                .map_err(|e| unavailable(&format!("lock {key}"), e))?;
+        }
+        let held = keys.len();
+        Ok(LockSet::one(
+            Box::new(PgGuard {
+                session: Some(session),
+                local,
+                runtime: tokio::runtime::Handle::current(),
+            }),
+            held,
+        ))
+    }
+
+    async fn try_lock(&self, keys: &[LockKey]) -> Result<Option<LockSet>> {
+        let keys = sorted(keys);
+        let mut local = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let Ok(g) = self.local.get(*key)?.try_lock_owned() else {
+                return Ok(None);
+            };
+            local.push(g);
+        }
+        let session = self.session().await?;
+        for key in &keys {
+            let got: bool = session
+                .client()?
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&advisory_id(*key)])
+                .await
+                .map_err(|e| unavailable(&format!("lock {key}"), e))?
+                .get(0);
+            if !got {
+                // All or none: give back what this attempt took.
+                session.release().await;
+                return Ok(None);
+            }
+        }
+        let held = keys.len();
+        Ok(Some(LockSet::one(
+            Box::new(PgGuard {
+                session: Some(session),
+                local,
+                runtime: tokio::runtime::Handle::current(),
+            }),
+            held,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{InstanceId, VolumeId};
+    use kiln_testpg::PgServer;
+    use std::time::{Duration, Instant};
+
+    fn locks() -> PgLocks {
+        let url = PgServer::shared().url("postgres");
+        PgLocks::new(&PgOptions::new(url), 8).unwrap()
+    }
+
+    /// Polls `try_lock` until it succeeds: a release is one round trip behind the drop.
+    async fn eventually_free(m: &PgLocks, keys: &[LockKey]) -> LockSet {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = m.try_lock(keys).await.unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "lock never became free");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn advisory_ids_are_stable_and_non_negative() {
+        let id: VolumeId = "00000000-0000-4000-8000-000000000001".parse().unwrap();
+        // Fixed: every node and every kiln version must derive the same id.
+        assert_eq!(
+            advisory_id(LockKey::Volume(id)),
+            advisory_id(LockKey::Volume(id))
+        );
+        assert_eq!(advisory_id(LockKey::Volume(id)), 4_213_091_182_738_069_465);
+        assert!(advisory_id(LockKey::Instance(InstanceId::new())) >= 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_lock_is_visible_to_another_node_and_freed_when_released() {
+        // Two managers are two nodes: separate sessions, no shared in-process table.
+        let (a, b) = (locks(), locks());
+        let id = LockKey::Volume(VolumeId::new());
+        let g = a.lock(&[id]).await.unwrap();
+        assert_eq!(g.len(), 1);
+        assert!(b.try_lock(&[id]).await.unwrap().is_none());
+        assert!(a.try_lock(&[id]).await.unwrap().is_none());
+        drop(g);
+        drop(eventually_free(&b, &[id]).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn try_lock_takes_all_keys_or_none() {
+        let (a, b) = (locks(), locks());
+        let (k1, k2) = (
+            LockKey::Volume(VolumeId::new()),
+            LockKey::Instance(InstanceId::new()),
+        );
+        let held = a.lock(&[k2]).await.unwrap();
+        assert!(b.try_lock(&[k1, k2]).await.unwrap().is_none());
+        // k1 was not left held by the failed attempt.
+        drop(eventually_free(&a, &[k1]).await);
+        drop(held);
+        let both = eventually_free(&b, &[k2, k1]).await;
+        assert_eq!(both.len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_node_gets_the_lock_when_the_holder_releases_it() {
+        let (a, b) = (locks(), locks());
+        let id = LockKey::Volume(VolumeId::new());
+        let g = a.lock(&[id]).await.unwrap();
+        let waiter = tokio::spawn(async move { b.lock(&[id]).await.map(|s| s.len()) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiter.is_finished(), "took a lock another node holds");
+        drop(g);
+        let n = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the waiter never got the released lock")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_session_dies_frees_its_locks() {
+        let (a, b) = (locks(), locks());
+        let id = LockKey::Volume(VolumeId::new());
+        let g = a.lock(&[id]).await.unwrap();
+        assert!(b.try_lock(&[id]).await.unwrap().is_none());
+        // Another session ends a's lock session, as the server does when a node's
+        // connection drops.
+        let admin = PgServer::shared().url("postgres");
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let ended = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND objid = ($1::bigint & 4294967295)::oid AND classid = ($1::bigint >> 32)::oid AND granted",
+                &[&advisory_id(id)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(ended.get::<_, i64>(0), 1);
+        drop(eventually_free(&b, &[id]).await);
+        drop(g);
+    }
+}
