@@ -7,43 +7,83 @@ use chrono::Utc;
 
 use super::*;
 use crate::error::ErrorKind;
-use crate::locks::FlockLocks;
+use crate::locks::{FlockLocks, LockManager, PgLocks};
 use crate::memory::MemoryDriver as FakeDriver;
-use crate::store::{Batch, NewOp, SqliteStore, Step};
+use crate::store::{Batch, NewOp, PgOptions, PostgresStore, SqliteStore, Step};
 use crate::types::{Attachment, Consistency, ImageId, InstanceId};
+
+/// What the service tests run on: SQLite and host-local locks (the default), or, with
+/// `KILN_TEST_STORE=postgres`, a fresh database of a throw-away PostgreSQL and advisory
+/// locks — the multi-node store passes the same suite.
+struct Backing {
+    dir: tempfile::TempDir,
+    postgres: Option<PgOptions>,
+}
+
+impl Backing {
+    fn new() -> Backing {
+        let dir = tempfile::tempdir().unwrap();
+        let postgres = match std::env::var("KILN_TEST_STORE").as_deref() {
+            Err(_) | Ok("sqlite") => None,
+            Ok("postgres") => {
+                let options = PgOptions::new(kiln_testpg::PgServer::shared().create_database());
+                PostgresStore::migrate(&options).unwrap();
+                Some(options)
+            }
+            Ok(other) => panic!("KILN_TEST_STORE={other:?}: use sqlite or postgres"),
+        };
+        Backing { dir, postgres }
+    }
+
+    /// A new handle on the store: each call stands in for another kiln process (its own
+    /// connection).
+    fn store(&self) -> Arc<dyn Store> {
+        let store: Arc<dyn Store> = match &self.postgres {
+            None => Arc::new(SqliteStore::open(&self.dir.path().join("kiln.db")).unwrap()),
+            Some(o) => Arc::new(PostgresStore::connect(o).unwrap()),
+        };
+        Arc::new(TestStore {
+            inner: store,
+            fail: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// A new lock table: each call stands in for another kiln process (or node).
+    fn locks(&self) -> Arc<dyn LockManager> {
+        match &self.postgres {
+            None => Arc::new(FlockLocks::new(self.dir.path().join("locks")).unwrap()),
+            Some(o) => Arc::new(PgLocks::new(o, 16).unwrap()),
+        }
+    }
+}
 
 struct Fixture {
     svc: Arc<Service>,
     fake: Arc<FakeDriver>,
-    store: Arc<SqliteStore>,
-    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    backing: Backing,
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap());
+    let backing = Backing::new();
+    let store = backing.store();
     let fake = Arc::new(FakeDriver::default());
-    let svc = service(&store, &fake, dir.path());
+    let svc = service(&backing, &store, &fake);
     Fixture {
         svc: Arc::new(svc),
         fake,
         store,
-        _dir: dir,
+        backing,
     }
 }
 
-/// A service on `store` and `fake` with its lock table in `dir`: a second call on the same
-/// store and directory stands in for a second kiln process.
-fn service(store: &Arc<SqliteStore>, fake: &Arc<FakeDriver>, dir: &std::path::Path) -> Service {
+/// A service on `store` and `fake` with a lock table of its own: a second call on the
+/// same backing stands in for a second kiln process.
+fn service(backing: &Backing, store: &Arc<dyn Store>, fake: &Arc<FakeDriver>) -> Service {
     let mut backends = Backends::new("mem");
     backends.add_driver("mem", "fake", fake.clone());
     backends.add_unavailable("down", "fake", "cluster unreachable");
-    Service::new(
-        store.clone(),
-        backends,
-        Arc::new(FlockLocks::new(dir.join("locks")).unwrap()),
-    )
-    .unwrap()
+    Service::new(store.clone(), backends, backing.locks()).unwrap()
 }
 
 async fn volume(f: &Fixture) -> Volume {
@@ -567,7 +607,7 @@ async fn recovery_skips_operations_whose_volume_is_locked() {
         .unwrap()
         .unwrap();
     // Another "process" (lock table on the same directory) is still working on it.
-    let other = FlockLocks::new(f._dir.path().join("locks")).unwrap();
+    let other = f.backing.locks();
     let held = other.lock(&[v.id.into()]).await.unwrap();
     assert!(f.svc.recover().await.unwrap().is_empty());
     assert_eq!(
@@ -831,14 +871,20 @@ async fn recovery_redoes_clones_and_finishes_volume_deletes() {
     assert!(f.store.operations().unwrap().is_empty());
 }
 
-/// A store wrapper whose commits fail while `fail` is set: a store that breaks during
-/// recovery.
-struct FlakyStore {
-    inner: Arc<SqliteStore>,
+/// The tests' view of a store: every call runs on a thread of its own, because the tests
+/// call the store directly from async code and the PostgreSQL client must not block a
+/// runtime thread (the service itself always calls it on the blocking pool); and commits
+/// fail while `fail` is set (a store that breaks during recovery).
+struct TestStore {
+    inner: Arc<dyn Store>,
     fail: std::sync::atomic::AtomicBool,
 }
 
-impl Store for FlakyStore {
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().unwrap())
+}
+
+impl Store for TestStore {
     fn commit(
         &self,
         batch: Batch,
@@ -846,61 +892,61 @@ impl Store for FlakyStore {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::store("disk I/O error (injected)"));
         }
-        self.inner.commit(batch)
+        off_runtime(|| self.inner.commit(batch))
     }
     fn volume(&self, id: VolumeId) -> Result<Option<Volume>> {
-        self.inner.volume(id)
+        off_runtime(|| self.inner.volume(id))
     }
     fn volumes(&self) -> Result<Vec<Volume>> {
-        self.inner.volumes()
+        off_runtime(|| self.inner.volumes())
     }
     fn volumes_from_snapshot(&self, id: SnapshotId) -> Result<Vec<Volume>> {
-        self.inner.volumes_from_snapshot(id)
+        off_runtime(|| self.inner.volumes_from_snapshot(id))
     }
     fn snapshot(&self, id: SnapshotId) -> Result<Option<Snapshot>> {
-        self.inner.snapshot(id)
+        off_runtime(|| self.inner.snapshot(id))
     }
     fn snapshots(&self, volume: Option<VolumeId>) -> Result<Vec<Snapshot>> {
-        self.inner.snapshots(volume)
+        off_runtime(|| self.inner.snapshots(volume))
     }
     fn operations(&self) -> Result<Vec<crate::store::Operation>> {
-        self.inner.operations()
+        off_runtime(|| self.inner.operations())
     }
     fn history(&self, object_id: &str) -> Result<Vec<HistoryEntry>> {
-        self.inner.history(object_id)
+        off_runtime(|| self.inner.history(object_id))
     }
     fn instance(&self, id: InstanceId) -> Result<Option<crate::instance::Instance>> {
-        self.inner.instance(id)
+        off_runtime(|| self.inner.instance(id))
     }
     fn instances(&self) -> Result<Vec<crate::instance::Instance>> {
-        self.inner.instances()
+        off_runtime(|| self.inner.instances())
     }
     fn instance_volumes(&self, id: InstanceId) -> Result<Vec<Volume>> {
-        self.inner.instance_volumes(id)
+        off_runtime(|| self.inner.instance_volumes(id))
     }
     fn image(&self, id: ImageId) -> Result<Option<crate::instance::Image>> {
-        self.inner.image(id)
+        off_runtime(|| self.inner.image(id))
     }
     fn images(&self) -> Result<Vec<crate::instance::Image>> {
-        self.inner.images()
+        off_runtime(|| self.inner.images())
     }
     fn backup(&self, id: crate::types::BackupId) -> Result<Option<crate::types::Backup>> {
-        self.inner.backup(id)
+        off_runtime(|| self.inner.backup(id))
     }
     fn backups(&self, volume: Option<VolumeId>) -> Result<Vec<crate::types::Backup>> {
-        self.inner.backups(volume)
+        off_runtime(|| self.inner.backups(volume))
     }
     fn attrs(&self, id: &str) -> Result<Option<crate::attrs::ObjectAttrs>> {
-        self.inner.attrs(id)
+        off_runtime(|| self.inner.attrs(id))
     }
     fn attrs_of(
         &self,
         kind: crate::attrs::ObjectKind,
     ) -> Result<std::collections::BTreeMap<String, crate::attrs::ObjectAttrs>> {
-        self.inner.attrs_of(kind)
+        off_runtime(|| self.inner.attrs_of(kind))
     }
     fn usage(&self, project: &str) -> Result<crate::attrs::Usage> {
-        self.inner.usage(project)
+        off_runtime(|| self.inner.usage(project))
     }
 }
 
@@ -928,18 +974,13 @@ async fn recovery_reports_nothing_done_when_the_store_fails() {
         ))
         .unwrap()
         .unwrap();
-    let flaky = Arc::new(FlakyStore {
+    let flaky = Arc::new(TestStore {
         inner: f.store.clone(),
         fail: std::sync::atomic::AtomicBool::new(true),
     });
     let mut backends = Backends::new("mem");
     backends.add_driver("mem", "fake", f.fake.clone());
-    let svc = Service::new(
-        flaky.clone(),
-        backends,
-        Arc::new(FlockLocks::new(f._dir.path().join("locks")).unwrap()),
-    )
-    .unwrap();
+    let svc = Service::new(flaky.clone(), backends, f.backing.locks()).unwrap();
     assert!(svc.recover().await.unwrap().is_empty());
     assert_eq!(f.store.operations().unwrap().len(), 1);
     assert_eq!(
@@ -962,9 +1003,8 @@ async fn recovery_reports_nothing_done_when_the_store_fails() {
 /// must win, and every loser must see the winner's status.
 #[test]
 fn store_compare_and_set_has_exactly_one_winner_under_contention() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kiln.db");
-    let store = SqliteStore::open(&path).unwrap();
+    let backing = Arc::new(Backing::new());
+    let store = backing.store();
     let now = Utc::now();
     let v = Volume {
         id: VolumeId::new(),
@@ -992,9 +1032,9 @@ fn store_compare_and_set_has_exactly_one_winner_under_contention() {
         let barrier = Arc::new(std::sync::Barrier::new(32));
         let threads: Vec<_> = (0..32)
             .map(|_| {
-                let (path, barrier, sid, vid) = (path.clone(), barrier.clone(), s.id, v.id);
+                let (backing, barrier, sid, vid) = (backing.clone(), barrier.clone(), s.id, v.id);
                 std::thread::spawn(move || {
-                    let mine = SqliteStore::open(&path).unwrap();
+                    let mine = backing.store();
                     barrier.wait();
                     mine.commit(Batch::with_op(
                         vec![Step::SetSnapshotStatus {
@@ -1029,7 +1069,7 @@ async fn reset_state_is_refused_while_busy_and_keeps_history() {
     let v = volume(&f).await;
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     // A live owner (another lock table = another process) holds the volume.
-    let other = FlockLocks::new(f._dir.path().join("locks")).unwrap();
+    let other = f.backing.locks();
     let held = other.lock(&[v.id.into()]).await.unwrap();
     let e = f
         .svc
@@ -1114,7 +1154,7 @@ async fn reset_state_is_refused_while_busy_and_keeps_history() {
 #[tokio::test]
 async fn a_group_snapshot_spans_backends_and_fails_as_a_unit() {
     let TwoBackends { dir, store, a, b } = two_backends();
-    let svc = two_backend_service(&store, &a, &b, dir.path());
+    let svc = two_backend_service(&store, &a, &b, &dir);
     let vols = three_volumes(&svc).await;
     let snaps = svc
         .create_group_snapshot(&vols, Some("nightly".into()), false)
@@ -1138,16 +1178,16 @@ async fn a_group_snapshot_spans_backends_and_fails_as_a_unit() {
 
 /// A store and two in-memory backends (`mem`, `mem2`) in a temp dir of their own.
 struct TwoBackends {
-    dir: tempfile::TempDir,
-    store: Arc<SqliteStore>,
+    dir: Backing,
+    store: Arc<dyn Store>,
     a: Arc<FakeDriver>,
     b: Arc<FakeDriver>,
 }
 
 fn two_backends() -> TwoBackends {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Backing::new();
     TwoBackends {
-        store: Arc::new(SqliteStore::open(&dir.path().join("kiln.db")).unwrap()),
+        store: dir.store(),
         dir,
         a: Arc::new(FakeDriver::default()),
         b: Arc::new(FakeDriver::default()),
@@ -1155,20 +1195,15 @@ fn two_backends() -> TwoBackends {
 }
 
 fn two_backend_service(
-    store: &Arc<SqliteStore>,
+    store: &Arc<dyn Store>,
     a: &Arc<FakeDriver>,
     b: &Arc<FakeDriver>,
-    dir: &std::path::Path,
+    dir: &Backing,
 ) -> Service {
     let mut backends = Backends::new("mem");
     backends.add_driver("mem", "fake", a.clone());
     backends.add_driver("mem2", "fake", b.clone());
-    Service::new(
-        store.clone(),
-        backends,
-        Arc::new(FlockLocks::new(dir.join("locks")).unwrap()),
-    )
-    .unwrap()
+    Service::new(store.clone(), backends, dir.locks()).unwrap()
 }
 
 /// Two volumes on `mem`, one on `mem2`.
@@ -1198,7 +1233,7 @@ async fn three_volumes(svc: &Service) -> Vec<VolumeId> {
 #[tokio::test]
 async fn an_aborted_group_over_two_backends_is_rolled_back_as_one_unit_by_the_next_start() {
     let TwoBackends { dir, store, a, b } = two_backends();
-    let first = Arc::new(two_backend_service(&store, &a, &b, dir.path()));
+    let first = Arc::new(two_backend_service(&store, &a, &b, &dir));
     let vols = three_volumes(&first).await;
     b.hang.lock().unwrap().push(vols[2]);
     let task = {
@@ -1223,7 +1258,7 @@ async fn an_aborted_group_over_two_backends_is_rolled_back_as_one_unit_by_the_ne
     assert_eq!(a.snapshots.lock().unwrap().len(), 2);
 
     b.hang.lock().unwrap().clear();
-    let next = two_backend_service(&store, &a, &b, dir.path());
+    let next = two_backend_service(&store, &a, &b, &dir);
     let actions = next.recover().await.unwrap();
     assert_eq!(
         actions.len(),
@@ -1353,7 +1388,7 @@ async fn instance_with_volumes(svc: &Service) -> (InstanceId, Vec<VolumeId>) {
 async fn an_instance_snapshot_freezes_snapshots_every_volume_thaws_and_records_a_nova_image() {
     let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
-    let svc = two_backend_service(&store, &a, &b, dir.path())
+    let svc = two_backend_service(&store, &a, &b, &dir)
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
     let (inst, vols) = instance_with_volumes(&svc).await;
     let r = svc
@@ -1403,7 +1438,7 @@ async fn an_instance_snapshot_freezes_snapshots_every_volume_thaws_and_records_a
 async fn an_instance_snapshot_is_all_or_nothing_and_thaws_on_failure_and_on_a_passed_deadline() {
     let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
-    let svc = two_backend_service(&store, &a, &b, dir.path())
+    let svc = two_backend_service(&store, &a, &b, &dir)
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
     let (inst, vols) = instance_with_volumes(&svc).await;
     let before = dump(&store);
@@ -1458,7 +1493,7 @@ async fn an_instance_snapshot_is_all_or_nothing_and_thaws_on_failure_and_on_a_pa
 }
 
 /// Every table, every column (timestamps included): "nothing changed" means this is equal.
-fn dump(store: &Arc<SqliteStore>) -> String {
+fn dump(store: &Arc<dyn Store>) -> String {
     format!(
         "{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         store.volumes().unwrap(),
@@ -1565,7 +1600,7 @@ async fn bad_instance_input_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn an_image_restores_every_volume_with_its_data_and_deletes_with_its_snapshots() {
     let TwoBackends { dir, store, a, b } = two_backends();
-    let svc = two_backend_service(&store, &a, &b, dir.path());
+    let svc = two_backend_service(&store, &a, &b, &dir);
     let (inst, vols) = instance_with_volumes(&svc).await;
     a.write(vols[0], b"root disk");
     a.write(vols[1], b"data disk");
@@ -1670,7 +1705,7 @@ async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_
     let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
     let first = Arc::new(
-        two_backend_service(&store, &a, &b, dir.path())
+        two_backend_service(&store, &a, &b, &dir)
             .with_agents(Arc::new(AgentsHandle(agents.clone()))),
     );
     let (inst, vols) = instance_with_volumes(&first).await;
@@ -1695,7 +1730,7 @@ async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_
     );
 
     b.hang.lock().unwrap().clear();
-    let next = two_backend_service(&store, &a, &b, dir.path())
+    let next = two_backend_service(&store, &a, &b, &dir)
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
     let actions = next.recover().await.unwrap();
     assert_eq!(actions.len(), 1, "{actions:?}");

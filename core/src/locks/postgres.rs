@@ -12,6 +12,9 @@
 //! that might still hold a lock — its unlock failed, or a lock call was abandoned half-way
 //! (a cancelled future) — is never pooled again: it is closed, which releases everything.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OwnedMutexGuard;
@@ -24,6 +27,19 @@ use crate::store::PgOptions;
 pub struct PgLocks {
     pool: Pool,
     local: LocalLocks,
+    /// Keys whose set was dropped and whose unlock is on its way (one round trip).
+    releasing: Releasing,
+}
+
+/// How long [`PgLocks::try_lock`] waits for a key this node is releasing: the unlock is one
+/// round trip, so only a server that stopped answering reaches it.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+type Releasing = Arc<std::sync::Mutex<HashSet<LockKey>>>;
+
+fn releasing(set: &Releasing) -> std::sync::MutexGuard<'_, HashSet<LockKey>> {
+    // The set holds plain keys: one a panic left behind is still valid.
+    set.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The 64-bit advisory-lock id of a key: FNV-1a of its name (`volume-<uuid>`), so every
@@ -87,6 +103,8 @@ impl Drop for Session {
 struct PgGuard {
     session: Option<Session>,
     local: Vec<OwnedMutexGuard<()>>,
+    keys: Vec<LockKey>,
+    releasing: Releasing,
     runtime: tokio::runtime::Handle,
 }
 
@@ -96,11 +114,19 @@ impl Drop for PgGuard {
             return;
         };
         let local = std::mem::take(&mut self.local);
+        let keys = std::mem::take(&mut self.keys);
+        let set = self.releasing.clone();
+        releasing(&set).extend(keys.iter().copied());
         // Unlocking is a round trip: done on the runtime; the node's own waiters are let
         // in only after it (they would otherwise just wait in PostgreSQL). If the runtime
         // is gone the future is dropped, which closes the session: released all the same.
         let release = async move {
             session.release().await;
+            let mut r = releasing(&set);
+            for k in &keys {
+                r.remove(k);
+            }
+            drop(r);
             drop(local);
         };
         match tokio::runtime::Handle::try_current() {
@@ -133,6 +159,7 @@ impl PgLocks {
         Ok(PgLocks {
             pool,
             local: LocalLocks::default(),
+            releasing: Releasing::default(),
         })
     }
 
@@ -169,6 +196,8 @@ impl LockManager for PgLocks {
             Box::new(PgGuard {
                 session: Some(session),
                 local,
+                keys,
+                releasing: self.releasing.clone(),
                 runtime: tokio::runtime::Handle::current(),
             }),
             held,
@@ -179,8 +208,18 @@ impl LockManager for PgLocks {
         let keys = sorted(keys);
         let mut local = Vec::with_capacity(keys.len());
         for key in &keys {
-            let Ok(g) = self.local.get(*key)?.try_lock_owned() else {
-                return Ok(None);
+            let slot = self.local.get(*key)?;
+            let g = match slot.clone().try_lock_owned() {
+                Ok(g) => g,
+                // Held by a set this node just dropped: free as soon as its unlock lands,
+                // and a dropped set is free by the contract.
+                Err(_) if releasing(&self.releasing).contains(key) => {
+                    match tokio::time::timeout(RELEASE_WAIT, slot.lock_owned()).await {
+                        Ok(g) => g,
+                        Err(_) => return Ok(None),
+                    }
+                }
+                Err(_) => return Ok(None),
             };
             local.push(g);
         }
@@ -203,6 +242,8 @@ impl LockManager for PgLocks {
             Box::new(PgGuard {
                 session: Some(session),
                 local,
+                keys,
+                releasing: self.releasing.clone(),
                 runtime: tokio::runtime::Handle::current(),
             }),
             held,

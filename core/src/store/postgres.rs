@@ -213,7 +213,8 @@ pub type PostgresStore = SqlStore<Postgres>;
 struct Manager(postgres::Config);
 
 struct Conn {
-    client: postgres::Client,
+    /// Always `Some` until the connection is dropped (see `Drop for Conn`).
+    client: Option<postgres::Client>,
     /// Statements prepared on this connection, by kiln's SQL text.
     prepared: HashMap<String, Statement>,
 }
@@ -224,7 +225,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
         Ok(Conn {
-            client: self.0.connect(NoTls)?,
+            client: Some(self.0.connect(NoTls)?),
             prepared: HashMap::new(),
         })
     }
@@ -232,11 +233,36 @@ impl r2d2::ManageConnection for Manager {
     fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
         // A pooled connection may have been cut (server restart) while idle: find out
         // before a transaction starts on it, when a retry is still safe.
-        conn.client.simple_query("").map(|_| ())
+        match conn.client.as_mut() {
+            Some(c) => c.simple_query("").map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.client.is_closed()
+        conn.client.as_ref().is_none_or(|c| c.is_closed())
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Closing the blocking client runs a small runtime of its own, which tokio refuses
+        // on a thread that drives one (a pool dropped in async code, e.g. at shutdown):
+        // close it on a thread of its own then.
+        if let Some(client) = self.client.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            std::thread::spawn(move || drop(client));
+        }
+    }
+}
+
+impl Conn {
+    fn parts(&mut self) -> Result<(&mut postgres::Client, &mut HashMap<String, Statement>)> {
+        match self.client.as_mut() {
+            Some(c) => Ok((c, &mut self.prepared)),
+            None => Err(Error::store("PostgreSQL connection already closed")),
+        }
     }
 }
 
@@ -284,6 +310,10 @@ impl SqlStore<Postgres> {
     /// Connects to the store at `options.url`. Fails with a one-line error when the server
     /// is unreachable or its schema is not this kiln's (`kiln store migrate` upgrades it).
     pub fn connect(options: &PgOptions) -> Result<Self> {
+        off_runtime(|| Self::connect_here(options))
+    }
+
+    fn connect_here(options: &PgOptions) -> Result<Self> {
         let config = options.client_config()?;
         let pool = r2d2::Pool::builder()
             .max_size(options.max_connections.max(1))
@@ -314,6 +344,10 @@ impl SqlStore<Postgres> {
     /// Creates or upgrades the schema at `options.url` (concurrent runs wait for each
     /// other). Returns the versions before and after.
     pub fn migrate(options: &PgOptions) -> Result<(usize, usize)> {
+        off_runtime(|| Self::migrate_here(options))
+    }
+
+    fn migrate_here(options: &PgOptions) -> Result<(usize, usize)> {
         let mut client = options
             .client_config()?
             .connect(NoTls)
@@ -359,21 +393,33 @@ impl Postgres {
 
     fn schema_version(&self) -> Result<usize> {
         let mut conn = self.conn()?;
-        let exists: bool = conn
-            .client
+        let (client, _) = conn.parts()?;
+        let exists: bool = client
             .query_one("SELECT to_regclass('kiln_schema') IS NOT NULL", &[])
             .map_err(|e| pg_error("schema", e))?
             .get(0);
         if !exists {
             return Ok(0);
         }
-        let v: i64 = conn
-            .client
+        let v: i64 = client
             .query_one("SELECT version FROM kiln_schema", &[])
             .map_err(|e| pg_error("schema", e))?
             .get(0);
         Ok(usize::try_from(v).unwrap_or(0))
     }
+}
+
+/// Runs `f` where the blocking client may run: on a thread of its own when the caller is
+/// on an async runtime (start-up code is), else right here. Only for one-off calls; the
+/// store's own calls always come from the blocking pool.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 /// kiln's SQL text in PostgreSQL's spelling: `?N` placeholders become `$N`, and `rowid`
@@ -507,7 +553,7 @@ impl<C: postgres::GenericClient> Sql for Runner<'_, C> {
 impl Database for Postgres {
     fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
         let mut conn = self.conn()?;
-        let Conn { client, prepared } = &mut *conn;
+        let (client, prepared) = conn.parts()?;
         let mut failed = None;
         f(&mut Runner {
             client,
@@ -524,7 +570,7 @@ impl Database for Postgres {
         let mut attempt = 0;
         loop {
             let mut conn = self.conn()?;
-            let Conn { client, prepared } = &mut *conn;
+            let (client, prepared) = conn.parts()?;
             let mut tx = client
                 .build_transaction()
                 .isolation_level(IsolationLevel::Serializable)
