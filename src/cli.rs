@@ -7,9 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// kiln — Cinder-style volume snapshots over files, LVM and Ceph RBD.
 ///
-/// Volumes and snapshots are tracked in an SQLite store in the data directory; every backend
+/// Volumes and snapshots are tracked in an SQLite store in the data directory, or in
+/// PostgreSQL shared by several kiln nodes (`[store] url`, or KILN_STORE_URL); every backend
 /// object is named from a UUID (volume-<uuid>, snapshot-<uuid>). With no config file kiln
-/// uses one file backend named `default` in <data-dir>/volumes.
+/// uses one file backend named `default` in <data-dir>/volumes. KILN_NODE names this node
+/// for backends local to one node (default: the host name).
 ///
 /// Exit codes: 0 ok, 1 internal error, 2 usage error, 3 not found, 4 invalid input,
 /// 5 wrong state, 6 busy (dependents exist), 7 unsupported, 8 backend failure, 9 store failure,
@@ -81,6 +83,10 @@ pub enum Command {
     /// Measure kiln against the backend's raw primitive.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The store kiln keeps its state in (SQLite in the data directory, or PostgreSQL with
+    /// `[store] url` / KILN_STORE_URL).
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Serve the Cinder v3 REST API (volumes, snapshots, metadata, actions, limits) on one
     /// address until SIGTERM or Ctrl-C, for the real `openstack`/`cinder` clients and
     /// openstacksdk. Configured in the config file's [api] section; without one: noauth on
@@ -96,6 +102,16 @@ pub enum Command {
     /// agent, thaws on request, when kiln dies, or at the deadline). Not for direct use.
     #[command(hide = true)]
     AgentGuard(AgentGuardArgs),
+}
+
+/// `kiln store ...`
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Create or upgrade the store's schema. PostgreSQL is never upgraded implicitly
+    /// (nodes of different versions may share it): run this once before the first start
+    /// and after each upgrade of kiln; it is safe to repeat and to run from several nodes
+    /// at once. SQLite upgrades itself when opened; for it this only opens the file.
+    Migrate,
 }
 
 /// `kiln serve`.

@@ -223,6 +223,12 @@ impl Job {
             Command::Serve(_) => {
                 return Err(Error::invalid("command", "serve runs a server, not a job"));
             }
+            Command::Store(_) => {
+                return Err(Error::invalid(
+                    "command",
+                    "store commands run before the service opens",
+                ));
+            }
         })
     }
 

@@ -77,6 +77,14 @@ fn main() {
         );
     }
     init_logging(cli.log_format, "warn");
+    if let cli::Command::Store(cli::StoreCmd::Migrate) = &cli.command {
+        std::process::exit(
+            match migrate(cli.config.as_deref(), cli.data_dir.clone(), cli.format) {
+                Ok(()) => 0,
+                Err(e) => fail(&e),
+            },
+        );
+    }
     if let cli::Command::Bench(cli::BenchCmd::Api(args)) = &cli.command {
         std::process::exit(
             match bench_api::run(
@@ -158,12 +166,36 @@ async fn open(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Re
     open_with(&config, &data_dir).await
 }
 
-/// The configuration file, or the embedded default.
+/// The configuration file, or the embedded default, with the environment's overrides
+/// (KILN_NODE, KILN_STORE_URL).
 fn load_config(config: Option<&std::path::Path>) -> Result<kiln_runtime::Config> {
-    match config {
-        Some(path) => kiln_runtime::Config::load(path),
-        None => Ok(kiln_runtime::Config::default()),
+    let mut config = match config {
+        Some(path) => kiln_runtime::Config::load(path)?,
+        None => kiln_runtime::Config::default(),
+    };
+    config.apply_env();
+    Ok(config)
+}
+
+/// `kiln store migrate`: prints which store and the schema versions before and after.
+fn migrate(config: Option<&std::path::Path>, data_dir: Option<PathBuf>, fmt: Format) -> Result<()> {
+    let config = load_config(config)?;
+    let data_dir = kiln_runtime::data_dir(data_dir, &config)?;
+    let store = if config.store.postgres(None).is_some() {
+        "postgresql"
+    } else {
+        "sqlite"
+    };
+    let (from, to) = kiln_runtime::migrate(&config, &data_dir)?;
+    match fmt {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({"store": store, "schema_version_before": from, "schema_version": to})
+        ),
+        Format::Table if from == to => println!("{store} store: schema version {to}, up to date"),
+        Format::Table => println!("{store} store: schema version {from} -> {to}"),
     }
+    Ok(())
 }
 
 /// The service for `config` on `data_dir`, recovered, with guest-agent access.

@@ -1083,3 +1083,90 @@ fn volume_import_diff_applies_full_and_incremental_streams_and_refuses_bad_ones(
     );
     assert!(v["status_reason"].as_str().unwrap().contains("part"), "{v}");
 }
+
+/// The suite runs on the store it is asked for: SQLite in the data directory by default,
+/// the PostgreSQL database of its harness with `KILN_TEST_STORE=postgres` (then no SQLite
+/// file appears, and the volume is a row in PostgreSQL).
+#[test]
+fn the_suite_runs_on_the_store_it_was_asked_for() {
+    let k = Kiln::new();
+    let v = k.json(&["volume", "create", "--size", "8M"]);
+    let db = k.data_dir().join("kiln.db");
+    match k.store_url() {
+        None => assert!(db.exists()),
+        Some(url) => {
+            assert!(!db.exists(), "{} exists on a PostgreSQL run", db.display());
+            let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+            let row = c
+                .query_one(
+                    "SELECT status, backend FROM volumes WHERE id = $1",
+                    &[&s(&v, "id")],
+                )
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), "available");
+            assert_eq!(row.get::<_, String>(1), "raw");
+        }
+    }
+}
+
+/// A backend local to another node is listed as such and refuses every operation with a
+/// one-line error naming its node, before anything changes; with a shared store, a file or
+/// LVM backend that names no node is a configuration error (checked before the store is
+/// even contacted: the URL below answers nothing).
+#[test]
+fn backends_local_to_another_node_are_refused_and_shared_stores_need_placement() {
+    let k = Kiln::new();
+    let mut cfg = std::fs::read_to_string(&k.config).unwrap();
+    cfg.push_str(
+        "\n[backends.elsewhere]\ndriver = \"file\"\npath = \"elsewhere\"\nnode = \"other-node\"\n",
+    );
+    std::fs::write(&k.config, cfg).unwrap();
+    let b = k.json(&["backend", "list"]);
+    let row = backend_row(&b, "elsewhere");
+    assert!(
+        row["unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("local to node \"other-node\""),
+        "{row}"
+    );
+    let before = k.state();
+    let mut c = k.cmd(&["volume", "create", "--backend", "elsewhere", "--size", "8M"]);
+    let out = c.env("KILN_NODE", common::TEST_NODE).output().unwrap();
+    assert_eq!(out.status.code(), Some(8));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("local to node \"other-node\"")
+            && err.contains("send the request to other-node"),
+        "{err}"
+    );
+    assert_eq!(before, k.state());
+    assert!(!k.data_dir().join("elsewhere").exists());
+
+    let unplaced = k.path("unplaced.toml");
+    for (backend, needle) in [
+        ("driver = \"file\"\npath = \"x\"", "or `shared = true`"),
+        (
+            "driver = \"lvm\"\nvolume_group = \"vg\"",
+            "must say which node",
+        ),
+        (
+            "driver = \"lvm\"\nvolume_group = \"vg\"\nshared = true",
+            "belongs to one host",
+        ),
+    ] {
+        std::fs::write(&unplaced, format!("[backends.b]\n{backend}\n")).unwrap();
+        let out = k
+            .bare_cmd()
+            .arg("--config")
+            .arg(&unplaced)
+            .args(["volume", "list"])
+            .env("KILN_STORE_URL", "postgresql://kiln@127.0.0.1:1/none")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{backend}: {err}");
+        assert!(err.contains(needle), "{backend}: {err}");
+    }
+}

@@ -21,6 +21,7 @@ pub mod hypervisor;
 pub mod instance;
 pub mod locks;
 pub mod memory;
+pub mod node;
 pub mod ops;
 pub mod progress;
 pub mod service;

@@ -22,17 +22,24 @@ struct Backing {
 
 impl Backing {
     fn new() -> Backing {
-        let dir = tempfile::tempdir().unwrap();
-        let postgres = match std::env::var("KILN_TEST_STORE").as_deref() {
-            Err(_) | Ok("sqlite") => None,
-            Ok("postgres") => {
-                let options = PgOptions::new(kiln_testpg::PgServer::shared().create_database());
-                PostgresStore::migrate(&options).unwrap();
-                Some(options)
-            }
+        match std::env::var("KILN_TEST_STORE").as_deref() {
+            Err(_) | Ok("sqlite") => Backing {
+                dir: tempfile::tempdir().unwrap(),
+                postgres: None,
+            },
+            Ok("postgres") => Backing::postgres(),
             Ok(other) => panic!("KILN_TEST_STORE={other:?}: use sqlite or postgres"),
-        };
-        Backing { dir, postgres }
+        }
+    }
+
+    /// A fresh, migrated PostgreSQL database whatever `KILN_TEST_STORE` says.
+    fn postgres() -> Backing {
+        let options = PgOptions::new(kiln_testpg::PgServer::shared().create_database());
+        PostgresStore::migrate(&options).unwrap();
+        Backing {
+            dir: tempfile::tempdir().unwrap(),
+            postgres: Some(options),
+        }
     }
 
     /// A new handle on the store: each call stands in for another kiln process (its own
@@ -49,10 +56,17 @@ impl Backing {
     }
 
     /// A new lock table: each call stands in for another kiln process (or node).
-    fn locks(&self) -> Arc<dyn LockManager> {
+    async fn locks(&self) -> Arc<dyn LockManager> {
         match &self.postgres {
             None => Arc::new(FlockLocks::new(self.dir.path().join("locks")).unwrap()),
-            Some(o) => Arc::new(PgLocks::new(o, 16).unwrap()),
+            Some(o) => {
+                // No fencing: a test process must never exit from under the harness.
+                let liveness = crate::locks::Liveness {
+                    fence: false,
+                    ..Default::default()
+                };
+                Arc::new(PgLocks::connect(o, 16, liveness).await.unwrap())
+            }
         }
     }
 }
@@ -64,11 +78,11 @@ struct Fixture {
     backing: Backing,
 }
 
-fn fixture() -> Fixture {
+async fn fixture() -> Fixture {
     let backing = Backing::new();
     let store = backing.store();
     let fake = Arc::new(FakeDriver::default());
-    let svc = service(&backing, &store, &fake);
+    let svc = service(&backing, &store, &fake).await;
     Fixture {
         svc: Arc::new(svc),
         fake,
@@ -79,11 +93,11 @@ fn fixture() -> Fixture {
 
 /// A service on `store` and `fake` with a lock table of its own: a second call on the
 /// same backing stands in for a second kiln process.
-fn service(backing: &Backing, store: &Arc<dyn Store>, fake: &Arc<FakeDriver>) -> Service {
+async fn service(backing: &Backing, store: &Arc<dyn Store>, fake: &Arc<FakeDriver>) -> Service {
     let mut backends = Backends::new("mem");
     backends.add_driver("mem", "fake", fake.clone());
     backends.add_unavailable("down", "fake", "cluster unreachable");
-    Service::new(store.clone(), backends, backing.locks()).unwrap()
+    Service::new(store.clone(), backends, backing.locks().await).unwrap()
 }
 
 async fn volume(f: &Fixture) -> Volume {
@@ -98,7 +112,7 @@ async fn volume(f: &Fixture) -> Volume {
 
 #[tokio::test]
 async fn snapshot_gate_follows_cinder() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     assert_eq!(v.status, VolumeStatus::Available);
     assert_eq!(
@@ -145,7 +159,7 @@ async fn snapshot_gate_follows_cinder() {
 
 #[tokio::test]
 async fn unknown_ids_and_bad_input_change_nothing() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let before = (
         f.svc.volumes().await.unwrap(),
@@ -226,7 +240,7 @@ async fn unknown_ids_and_bad_input_change_nothing() {
 
 #[tokio::test]
 async fn delete_volume_needs_cascade_when_it_has_snapshots() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     f.svc.create_snapshot(v.id, None, false).await.unwrap();
     f.svc.create_snapshot(v.id, None, false).await.unwrap();
@@ -259,7 +273,7 @@ async fn delete_volume_needs_cascade_when_it_has_snapshots() {
 
 #[tokio::test]
 async fn revert_to_any_snapshot_keeps_the_others() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let mut snaps = vec![];
     for i in 0..3u8 {
@@ -294,7 +308,7 @@ async fn revert_to_any_snapshot_keeps_the_others() {
 
 #[tokio::test]
 async fn failed_driver_calls_leave_nothing_behind() {
-    let f = fixture();
+    let f = fixture().await;
     *f.fake.fail_next.lock().unwrap() = Some("create_volume");
     assert_eq!(
         f.svc
@@ -336,7 +350,7 @@ async fn failed_driver_calls_leave_nothing_behind() {
 
 #[tokio::test]
 async fn busy_snapshot_stays_available_until_dependents_are_flattened() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     let clone = f
@@ -365,7 +379,7 @@ async fn busy_snapshot_stays_available_until_dependents_are_flattened() {
 
 #[tokio::test]
 async fn lineage_tree_follows_clones() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s1 = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     let c1 = f
@@ -415,7 +429,7 @@ async fn lineage_tree_follows_clones() {
 /// contends for real in `store_compare_and_set_has_exactly_one_winner_under_contention`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn creates_and_deletes_from_32_tasks_stay_consistent() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let mut tasks = Vec::new();
     for i in 0..32 {
@@ -476,7 +490,7 @@ async fn creates_and_deletes_from_32_tasks_stay_consistent() {
 /// finishing it; recovery must resolve every kind.
 #[tokio::test]
 async fn recovery_resolves_every_unfinished_operation() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let now = Utc::now();
     let mk_snap = |status| Snapshot {
@@ -591,7 +605,7 @@ async fn recovery_resolves_every_unfinished_operation() {
 
 #[tokio::test]
 async fn recovery_skips_operations_whose_volume_is_locked() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     f.store
@@ -607,7 +621,7 @@ async fn recovery_skips_operations_whose_volume_is_locked() {
         .unwrap()
         .unwrap();
     // Another "process" (lock table on the same directory) is still working on it.
-    let other = f.backing.locks();
+    let other = f.backing.locks().await;
     let held = other.lock(&[v.id.into()]).await.unwrap();
     assert!(f.svc.recover().await.unwrap().is_empty());
     assert_eq!(
@@ -621,7 +635,7 @@ async fn recovery_skips_operations_whose_volume_is_locked() {
 
 #[tokio::test]
 async fn a_snapshot_the_backend_reports_broken_is_marked_error_and_not_used() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     f.fake.write(v.id, &[5; 16]);
@@ -654,7 +668,7 @@ async fn a_snapshot_the_backend_reports_broken_is_marked_error_and_not_used() {
 
 #[tokio::test]
 async fn an_unavailable_backend_is_listed_and_refuses_before_the_store_changes() {
-    let f = fixture();
+    let f = fixture().await;
     let down = f
         .svc
         .backends()
@@ -706,7 +720,7 @@ fn snapshot_record(v: &Volume, status: SnapshotStatus) -> Snapshot {
 /// e.g. a half-done revert. A refusal must give back the status *and reason* it had.
 #[tokio::test]
 async fn a_busy_refusal_keeps_the_error_status_and_its_reason() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     f.store
@@ -747,7 +761,7 @@ async fn a_busy_refusal_keeps_the_error_status_and_its_reason() {
 /// `available` with `provider_location: null`.
 #[tokio::test]
 async fn recovered_snapshots_get_their_backend_location() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let made = snapshot_record(&v, SnapshotStatus::Creating);
     f.fake.snapshots.lock().unwrap().insert(made.id, vec![1]);
@@ -771,7 +785,7 @@ async fn recovered_snapshots_get_their_backend_location() {
 /// the operation stays journaled, the record untouched, and a later run resolves it.
 #[tokio::test]
 async fn recovery_keeps_operations_journaled_while_the_backend_cannot_answer() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     f.store
@@ -819,7 +833,7 @@ async fn recovery_keeps_operations_journaled_while_the_backend_cannot_answer() {
 /// of a delete whose backend object was already gone.
 #[tokio::test]
 async fn recovery_redoes_clones_and_finishes_volume_deletes() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     f.fake.write(v.id, &[3; 16]);
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
@@ -955,7 +969,7 @@ impl Store for TestStore {
 /// nothing as done.
 #[tokio::test]
 async fn recovery_reports_nothing_done_when_the_store_fails() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s = snapshot_record(&v, SnapshotStatus::Restoring);
     f.fake.snapshots.lock().unwrap().insert(s.id, vec![7; 16]);
@@ -980,7 +994,7 @@ async fn recovery_reports_nothing_done_when_the_store_fails() {
     });
     let mut backends = Backends::new("mem");
     backends.add_driver("mem", "fake", f.fake.clone());
-    let svc = Service::new(flaky.clone(), backends, f.backing.locks()).unwrap();
+    let svc = Service::new(flaky.clone(), backends, f.backing.locks().await).unwrap();
     assert!(svc.recover().await.unwrap().is_empty());
     assert_eq!(f.store.operations().unwrap().len(), 1);
     assert_eq!(
@@ -1065,11 +1079,11 @@ fn store_compare_and_set_has_exactly_one_winner_under_contention() {
 /// the reason in the history; unknown states are refused before anything changes.
 #[tokio::test]
 async fn reset_state_is_refused_while_busy_and_keeps_history() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     // A live owner (another lock table = another process) holds the volume.
-    let other = f.backing.locks();
+    let other = f.backing.locks().await;
     let held = other.lock(&[v.id.into()]).await.unwrap();
     let e = f
         .svc
@@ -1154,7 +1168,7 @@ async fn reset_state_is_refused_while_busy_and_keeps_history() {
 #[tokio::test]
 async fn a_group_snapshot_spans_backends_and_fails_as_a_unit() {
     let TwoBackends { dir, store, a, b } = two_backends();
-    let svc = two_backend_service(&store, &a, &b, &dir);
+    let svc = two_backend_service(&store, &a, &b, &dir).await;
     let vols = three_volumes(&svc).await;
     let snaps = svc
         .create_group_snapshot(&vols, Some("nightly".into()), false)
@@ -1194,7 +1208,7 @@ fn two_backends() -> TwoBackends {
     }
 }
 
-fn two_backend_service(
+async fn two_backend_service(
     store: &Arc<dyn Store>,
     a: &Arc<FakeDriver>,
     b: &Arc<FakeDriver>,
@@ -1203,7 +1217,7 @@ fn two_backend_service(
     let mut backends = Backends::new("mem");
     backends.add_driver("mem", "fake", a.clone());
     backends.add_driver("mem2", "fake", b.clone());
-    Service::new(store.clone(), backends, dir.locks()).unwrap()
+    Service::new(store.clone(), backends, dir.locks().await).unwrap()
 }
 
 /// Two volumes on `mem`, one on `mem2`.
@@ -1233,7 +1247,7 @@ async fn three_volumes(svc: &Service) -> Vec<VolumeId> {
 #[tokio::test]
 async fn an_aborted_group_over_two_backends_is_rolled_back_as_one_unit_by_the_next_start() {
     let TwoBackends { dir, store, a, b } = two_backends();
-    let first = Arc::new(two_backend_service(&store, &a, &b, &dir));
+    let first = Arc::new(two_backend_service(&store, &a, &b, &dir).await);
     let vols = three_volumes(&first).await;
     b.hang.lock().unwrap().push(vols[2]);
     let task = {
@@ -1258,7 +1272,7 @@ async fn an_aborted_group_over_two_backends_is_rolled_back_as_one_unit_by_the_ne
     assert_eq!(a.snapshots.lock().unwrap().len(), 2);
 
     b.hang.lock().unwrap().clear();
-    let next = two_backend_service(&store, &a, &b, &dir);
+    let next = two_backend_service(&store, &a, &b, &dir).await;
     let actions = next.recover().await.unwrap();
     assert_eq!(
         actions.len(),
@@ -1389,6 +1403,7 @@ async fn an_instance_snapshot_freezes_snapshots_every_volume_thaws_and_records_a
     let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
     let svc = two_backend_service(&store, &a, &b, &dir)
+        .await
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
     let (inst, vols) = instance_with_volumes(&svc).await;
     let r = svc
@@ -1439,6 +1454,7 @@ async fn an_instance_snapshot_is_all_or_nothing_and_thaws_on_failure_and_on_a_pa
     let TwoBackends { dir, store, a, b } = two_backends();
     let agents = Arc::new(FakeAgents::default());
     let svc = two_backend_service(&store, &a, &b, &dir)
+        .await
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
     let (inst, vols) = instance_with_volumes(&svc).await;
     let before = dump(&store);
@@ -1506,7 +1522,7 @@ fn dump(store: &Arc<dyn Store>) -> String {
 
 #[tokio::test]
 async fn bad_instance_input_is_refused_and_changes_nothing() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let inst = f
         .svc
@@ -1600,7 +1616,7 @@ async fn bad_instance_input_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn an_image_restores_every_volume_with_its_data_and_deletes_with_its_snapshots() {
     let TwoBackends { dir, store, a, b } = two_backends();
-    let svc = two_backend_service(&store, &a, &b, &dir);
+    let svc = two_backend_service(&store, &a, &b, &dir).await;
     let (inst, vols) = instance_with_volumes(&svc).await;
     a.write(vols[0], b"root disk");
     a.write(vols[1], b"data disk");
@@ -1706,6 +1722,7 @@ async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_
     let agents = Arc::new(FakeAgents::default());
     let first = Arc::new(
         two_backend_service(&store, &a, &b, &dir)
+            .await
             .with_agents(Arc::new(AgentsHandle(agents.clone()))),
     );
     let (inst, vols) = instance_with_volumes(&first).await;
@@ -1731,6 +1748,7 @@ async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_
 
     b.hang.lock().unwrap().clear();
     let next = two_backend_service(&store, &a, &b, &dir)
+        .await
         .with_agents(Arc::new(AgentsHandle(agents.clone())));
     let actions = next.recover().await.unwrap();
     assert_eq!(actions.len(), 1, "{actions:?}");
@@ -1753,7 +1771,7 @@ async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_
 /// invalidated one is `error` with the backend's reason.
 #[tokio::test]
 async fn a_revert_that_invalidates_another_snapshot_marks_that_one_error_not_the_volume() {
-    let f = fixture();
+    let f = fixture().await;
     let v = volume(&f).await;
     let s1 = f.svc.create_snapshot(v.id, None, false).await.unwrap();
     let s2 = f.svc.create_snapshot(v.id, None, false).await.unwrap();
@@ -1778,4 +1796,67 @@ async fn a_revert_that_invalidates_another_snapshot_marks_that_one_error_not_the
         "{s2:?}"
     );
     assert!(f.store.operations().unwrap().is_empty());
+}
+
+/// On a shared store a free lock does not prove its owner dead (a PostgreSQL restart ends
+/// every node's sessions): recovery leaves a journaled operation alone while its owner's
+/// heartbeat is fresh, and takes it over once the heartbeat is older than the node timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_leaves_a_live_nodes_operation_alone_and_takes_over_a_dead_ones() {
+    let backing = Backing::postgres();
+    let store = backing.store();
+    let fake = Arc::new(FakeDriver::default());
+    let svc = service(&backing, &store, &fake).await;
+    let v = svc
+        .create_volume(CreateVolume {
+            size_bytes: Some(1 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let s = svc.create_snapshot(v.id, None, false).await.unwrap();
+    let store2 = store.clone();
+    off_runtime(move || {
+        store2
+            .commit(Batch::with_op(
+                vec![Step::SetSnapshotStatus {
+                    id: s.id,
+                    from: vec![],
+                    to: SnapshotStatus::Deleting,
+                    reason: None,
+                }],
+                NewOp::of("delete_snapshot", v.id, Some(s.id)),
+            ))
+            .unwrap()
+            .unwrap()
+    });
+    // The entry now belongs to node b, alive: its lock is free (b's session is gone, as
+    // after a server restart), but b's heartbeat is fresh.
+    let url = backing.postgres.as_ref().unwrap().url.clone();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "UPDATE operations SET owner = 'b:1:alive';
+             INSERT INTO kiln_nodes (incarnation, node, pid) VALUES ('b:1:alive', 'b', 1);",
+        )
+        .await
+        .unwrap();
+    assert!(svc.recover().await.unwrap().is_empty());
+    assert_eq!(
+        svc.snapshot(s.id).await.unwrap().status,
+        SnapshotStatus::Deleting
+    );
+    // b stops: its heartbeat ages past the node timeout.
+    client
+        .batch_execute("UPDATE kiln_nodes SET heartbeat_at = now() - interval '1 minute' WHERE incarnation = 'b:1:alive'")
+        .await
+        .unwrap();
+    let done = svc.recover().await.unwrap();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0].operation.owner.as_deref(), Some("b:1:alive"));
+    let store3 = store.clone();
+    assert!(off_runtime(move || store3.snapshot(s.id).unwrap()).is_none());
 }

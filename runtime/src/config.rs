@@ -1,6 +1,7 @@
-//! The configuration file (`etc/kiln.toml`): where the data directory is and which
-//! backends exist. With no config file kiln runs on an embedded default: one file backend
-//! named `default` in `<data-dir>/volumes` and the SQLite store in `<data-dir>/kiln.db`.
+//! The configuration file (`etc/kiln.toml`): where the data directory is, where the state
+//! lives and which backends exist. With no config file kiln runs on an embedded default:
+//! one file backend named `default` in `<data-dir>/volumes` and the SQLite store in
+//! `<data-dir>/kiln.db`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,61 @@ pub struct Config {
     pub backends: BTreeMap<String, toml::Table>,
     /// The `[api]` section of `kiln serve` (parsed by the API crate).
     pub api: Option<toml::Table>,
+    /// This node's name, for backends local to one node (`node = "..."` in a backend
+    /// table); overridden by `--node`/`KILN_NODE`; default: the host name.
+    pub node: Option<String>,
+    /// `[store]`: where kiln's state lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// The `[store]` section: SQLite in the data directory (no `url`), or PostgreSQL shared by
+/// several nodes.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgresql://user@host:port/db`; overridden by `KILN_STORE_URL`. Absent: SQLite.
+    pub url: Option<String>,
+    /// Most connections a kiln process opens for store queries (default 16).
+    pub max_connections: Option<u32>,
+    /// Most lock sessions a kiln process holds at once: one per running operation (default 32).
+    pub lock_sessions: Option<usize>,
+    /// Seconds to wait for PostgreSQL before an operation fails as unavailable (default 5).
+    pub connect_timeout_secs: Option<u64>,
+    /// Seconds after its last heartbeat that a kiln process counts as dead, so another node
+    /// may take over its unfinished operations; a process that cannot write its heartbeat
+    /// for a third of this exits (default 15; use the same value on every node).
+    pub node_timeout_secs: Option<u64>,
+    /// Seconds between `kiln serve`'s recovery passes (default 10).
+    pub recovery_interval_secs: Option<u64>,
+}
+
+/// Default of [`StoreConfig::lock_sessions`].
+pub const DEFAULT_LOCK_SESSIONS: usize = 32;
+
+impl StoreConfig {
+    /// See [`StoreConfig::node_timeout_secs`].
+    pub fn node_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.node_timeout_secs.unwrap_or(15).max(1))
+    }
+
+    /// See [`StoreConfig::recovery_interval_secs`].
+    pub fn recovery_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.recovery_interval_secs.unwrap_or(10).max(1))
+    }
+
+    /// The PostgreSQL settings, or `None` for SQLite. `url` is `KILN_STORE_URL` when set.
+    pub fn postgres(&self, url: Option<String>) -> Option<kiln_core::store::PgOptions> {
+        let url = url.or_else(|| self.url.clone())?;
+        let mut o = kiln_core::store::PgOptions::new(url);
+        if let Some(n) = self.max_connections {
+            o.max_connections = n;
+        }
+        if let Some(s) = self.connect_timeout_secs {
+            o.connect_timeout = std::time::Duration::from_secs(s.max(1));
+        }
+        Some(o)
+    }
 }
 
 /// Longest backend name: it appears in tables, logs and the store.
@@ -51,6 +107,15 @@ pub fn data_dir(flag: Option<PathBuf>, config: &Config) -> Result<PathBuf> {
 }
 
 pub(crate) fn backend_name_ok(name: &str) -> Result<()> {
+    name_ok("backend name", name)
+}
+
+/// A node name: the same rules as a backend name.
+pub fn node_name_ok(name: &str) -> Result<()> {
+    name_ok("node name", name)
+}
+
+fn name_ok(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= MAX_BACKEND_NAME
         && !name.starts_with('-')
@@ -61,7 +126,7 @@ pub(crate) fn backend_name_ok(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::config(format!(
-            "backend name {name:?}: use 1-{MAX_BACKEND_NAME} letters, digits, '-' or '_', not starting with '-'"
+            "{what} {name:?}: use 1-{MAX_BACKEND_NAME} letters, digits, '-' or '_', not starting with '-'"
         )))
     }
 }
@@ -102,5 +167,97 @@ impl Config {
             )));
         }
         Ok((tables, default_backend))
+    }
+}
+
+impl Config {
+    /// This node's name: `flag` (`--node`/`KILN_NODE`), then `node` in the config, then the
+    /// host name (up to its first dot), validated.
+    pub fn node_name(&self, flag: Option<String>) -> Result<String> {
+        let name = match flag.or_else(|| self.node.clone()) {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .and_then(|h| h.trim().split('.').next().map(str::to_string))
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_string()),
+        };
+        node_name_ok(&name)?;
+        Ok(name)
+    }
+}
+
+impl Config {
+    /// Applies the environment's overrides: `KILN_NODE` (the node name) and
+    /// `KILN_STORE_URL` (`[store] url`).
+    pub fn apply_env(&mut self) {
+        if let Some(n) = std::env::var("KILN_NODE").ok().filter(|n| !n.is_empty()) {
+            self.node = Some(n);
+        }
+        if let Some(u) = std::env::var("KILN_STORE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        {
+            self.store.url = Some(u);
+        }
+    }
+}
+
+/// Where a backend is served from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Only by the named node (`node = "..."`).
+    Node(String),
+    /// By any node (`shared = true`, or an RBD pool).
+    Shared,
+}
+
+/// Takes the placement keys (`node`, `shared`) out of a backend's table, before the driver
+/// sees it. With a shared store (`multi_node`), a backend whose storage is a host's own
+/// — LVM always, a file directory unless it says `shared = true` — must name its node: kiln
+/// would otherwise let every node write "the same" volume group or directory, each its own.
+pub fn take_placement(name: &str, table: &mut toml::Table, multi_node: bool) -> Result<Placement> {
+    let node = match table.remove("node") {
+        None => None,
+        Some(toml::Value::String(n)) => {
+            node_name_ok(&n)?;
+            Some(n)
+        }
+        Some(_) => {
+            return Err(Error::config(format!(
+                "backend {name}: `node` must be a string"
+            )));
+        }
+    };
+    let shared = match table.remove("shared") {
+        None => None,
+        Some(toml::Value::Boolean(b)) => Some(b),
+        Some(_) => {
+            return Err(Error::config(format!(
+                "backend {name}: `shared` must be true or false"
+            )));
+        }
+    };
+    let driver = table.get("driver").and_then(|d| d.as_str()).unwrap_or("");
+    match (node, shared) {
+        (Some(_), Some(true)) => Err(Error::config(format!(
+            "backend {name}: `node` and `shared = true` contradict each other"
+        ))),
+        (Some(n), _) => Ok(Placement::Node(n)),
+        (None, Some(true)) if driver == "lvm" => Err(Error::config(format!(
+            "backend {name}: an LVM volume group belongs to one host; name it with `node = \"...\"`"
+        ))),
+        (None, Some(true)) => Ok(Placement::Shared),
+        (None, _) if multi_node && (driver == "lvm" || driver == "file") => {
+            Err(Error::config(format!(
+                "backend {name}: with a shared store, a {driver} backend must say which node serves it (`node = \"...\"`){}",
+                if driver == "file" {
+                    ", or `shared = true` for a directory every node mounts"
+                } else {
+                    ""
+                }
+            )))
+        }
+        (None, _) => Ok(Placement::Shared),
     }
 }

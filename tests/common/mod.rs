@@ -18,4 +18,4 @@ pub use data::{
     write_at,
 };
 pub use files::{chain_record, listing, tree};
-pub use run::{Kiln, Runner, check_failure, run_bounded, serial, unique_token};
+pub use run::{Kiln, Runner, TEST_NODE, check_failure, run_bounded, serial, unique_token};

@@ -41,6 +41,38 @@ pub struct Kiln<F = XfsMount> {
     pub config: PathBuf,
     runner: Runner,
     failure_stdout_empty: bool,
+    /// With `KILN_TEST_STORE=postgres`: this harness's own database on the test process's
+    /// throw-away PostgreSQL, which every command gets as `KILN_STORE_URL`.
+    store_url: Option<String>,
+}
+
+/// The node name commands run as on a PostgreSQL store; backends in the tests' configs
+/// that name no node are placed on it (see [`Kiln::cmd_with`]).
+pub const TEST_NODE: &str = "kiln-test";
+
+/// `None` on SQLite (the default); with `KILN_TEST_STORE=postgres`, a fresh database,
+/// migrated by `kiln store migrate` — the suite then runs unchanged on the shared store.
+fn test_store_url() -> Option<String> {
+    match std::env::var("KILN_TEST_STORE").as_deref() {
+        Err(_) | Ok("sqlite") => None,
+        Ok("postgres") => {
+            let url = kiln_testpg::PgServer::shared().create_database();
+            let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["store", "migrate"])
+                .env("KILN_STORE_URL", &url)
+                .env_remove("KILN_CONFIG")
+                .env("KILN_DATA_DIR", std::env::temp_dir())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "kiln store migrate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(url)
+        }
+        Ok(other) => panic!("KILN_TEST_STORE={other:?}: use sqlite or postgres"),
+    }
 }
 
 impl<F> Kiln<F> {
@@ -56,6 +88,7 @@ impl<F> Kiln<F> {
             config: path,
             runner: Runner::Plain,
             failure_stdout_empty: false,
+            store_url: test_store_url(),
         }
     }
 
@@ -69,6 +102,12 @@ impl<F> Kiln<F> {
     pub fn failures_leave_stdout_empty(mut self) -> Kiln<F> {
         self.failure_stdout_empty = true;
         self
+    }
+
+    /// The PostgreSQL database every command uses (`KILN_TEST_STORE=postgres`), or `None`
+    /// on SQLite.
+    pub fn store_url(&self) -> Option<&str> {
+        self.store_url.as_deref()
     }
 
     /// The data directory every command is given (`--data-dir`).
@@ -89,13 +128,25 @@ impl<F> Kiln<F> {
         c.env_remove("FAILPOINTS")
             .env_remove("KILN_DATA_DIR")
             .env_remove("KILN_CONFIG")
-            .env_remove("KILN_LOG");
+            .env_remove("KILN_LOG")
+            .env_remove("KILN_STORE_URL")
+            .env_remove("KILN_NODE");
+        if let Some(url) = &self.store_url {
+            c.env("KILN_STORE_URL", url).env("KILN_NODE", TEST_NODE);
+        }
         c
     }
 
-    /// `kiln --data-dir <data> --config <config> ARGS…`, not yet run.
+    /// `kiln --data-dir <data> --config <config> ARGS…`, not yet run. On PostgreSQL, the
+    /// config is given with `node = "kiln-test"` added to every backend that names neither
+    /// a node nor `shared` (a shared store requires it of file and LVM backends), written
+    /// next to it so that relative paths keep their meaning.
     pub fn cmd_with(&self, config: &Path, args: &[&str]) -> Command {
         let mut c = self.bare_cmd();
+        let config = match &self.store_url {
+            Some(_) => placed(config),
+            None => config.to_path_buf(),
+        };
         c.arg("--config").arg(config).args(args);
         c
     }
@@ -354,4 +405,28 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// others.
 pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `config` with every backend that has no placement placed on [`TEST_NODE`]; a file that
+/// does not parse is passed as it is (the test checks kiln's refusal of it).
+fn placed(config: &Path) -> PathBuf {
+    let Ok(text) = std::fs::read_to_string(config) else {
+        return config.to_path_buf();
+    };
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return config.to_path_buf();
+    };
+    if let Some(toml::Value::Table(backends)) = table.get_mut("backends") {
+        for (_, b) in backends.iter_mut() {
+            if let toml::Value::Table(b) = b
+                && !b.contains_key("node")
+                && !b.contains_key("shared")
+            {
+                b.insert("node".into(), TEST_NODE.into());
+            }
+        }
+    }
+    let out = config.with_extension("placed.toml");
+    std::fs::write(&out, table.to_string()).unwrap();
+    out
 }

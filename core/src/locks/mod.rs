@@ -20,7 +20,7 @@ use crate::types::{InstanceId, VolumeId};
 
 mod postgres;
 
-pub use postgres::PgLocks;
+pub use postgres::{FENCED_EXIT, Liveness, PgLocks};
 
 /// What can be locked. Ordered, so every caller takes a set of locks in the same order and
 /// two callers locking overlapping sets can never deadlock.
@@ -91,6 +91,14 @@ pub trait LockManager: Send + Sync {
     /// Takes every key in `keys` without waiting, or none of them (`None`: someone holds
     /// at least one — a live owner).
     async fn try_lock(&self, keys: &[LockKey]) -> Result<Option<LockSet>>;
+    /// Whether the incarnation that journaled an operation ([`crate::node::incarnation`])
+    /// is still alive even though its locks are free. Host-local locks never outlive their
+    /// holder, so the default is `false`; PostgreSQL sessions can (a server restart drops
+    /// every session of every live node), so [`PgLocks`] answers from heartbeats.
+    async fn owner_alive(&self, owner: Option<&str>) -> Result<bool> {
+        let _ = owner;
+        Ok(false)
+    }
 }
 
 /// The in-process layer every lock manager puts in front of its shared one: an async mutex

@@ -11,6 +11,15 @@
 //! Releasing runs `pg_advisory_unlock_all()` and returns the session to the pool. A session
 //! that might still hold a lock — its unlock failed, or a lock call was abandoned half-way
 //! (a cancelled future) — is never pooled again: it is closed, which releases everything.
+//!
+//! A free lock alone does not prove its owner dead here: restarting PostgreSQL ends the
+//! sessions of every live node. So each process also keeps a heartbeat row in `kiln_nodes`
+//! (written every `node_timeout / 15`, timed by the server's clock), and recovery leaves an
+//! operation alone while its incarnation's heartbeat is younger than `node_timeout`
+//! ([`LockManager::owner_alive`]). The other half of that lease: a process that could not
+//! write its heartbeat for `node_timeout / 3` exits (with `fence`), so by the time another
+//! node may take its operations over, it has stopped touching the backends — a node cut off
+//! from PostgreSQL never runs on beside the node that recovers its work.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,6 +27,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OwnedMutexGuard;
+
+use std::time::{Duration, Instant};
 
 use super::{LocalLocks, LockKey, LockManager, LockSet, sorted};
 use crate::error::{Error, ErrorKind, Result};
@@ -29,7 +40,43 @@ pub struct PgLocks {
     local: LocalLocks,
     /// Keys whose set was dropped and whose unlock is on its way (one round trip).
     releasing: Releasing,
+    liveness: Liveness,
+    /// Ends the heartbeat task when the lock manager goes.
+    heartbeat: tokio_util::sync::CancellationToken,
 }
+
+/// How nodes tell a live owner from a dead one (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// An incarnation whose last heartbeat is older than this is dead; every node of one
+    /// store should use the same value.
+    pub node_timeout: Duration,
+    /// Exit the process when its heartbeat could not be written for `node_timeout / 3`.
+    pub fence: bool,
+}
+
+impl Default for Liveness {
+    /// 15 s, fencing on.
+    fn default() -> Self {
+        Liveness {
+            node_timeout: Duration::from_secs(15),
+            fence: true,
+        }
+    }
+}
+
+impl Liveness {
+    fn fence_after(&self) -> Duration {
+        self.node_timeout / 3
+    }
+
+    fn period(&self) -> Duration {
+        (self.node_timeout / 15).max(Duration::from_millis(100))
+    }
+}
+
+/// Exit status of a fenced process (EX_TEMPFAIL: a supervisor restarts it).
+pub const FENCED_EXIT: i32 = 75;
 
 /// How long [`PgLocks::try_lock`] waits for a key this node is releasing: the unlock is one
 /// round trip, so only a server that stopped answering reaches it.
@@ -138,8 +185,10 @@ impl Drop for PgGuard {
 
 impl PgLocks {
     /// Lock sessions to the server at `options.url`, at most `sessions` at once (each held
-    /// lock set uses one; more wait for one to be released).
-    pub fn new(options: &PgOptions, sessions: usize) -> Result<Self> {
+    /// lock set uses one; more wait for one to be released). Writes this incarnation's
+    /// first heartbeat before it returns — no operation of it can be journaled before other
+    /// nodes can see it alive — then keeps it fresh on the current runtime.
+    pub async fn connect(options: &PgOptions, sessions: usize, liveness: Liveness) -> Result<Self> {
         let manager = Manager::from_config(
             options.async_config()?,
             tokio_postgres::NoTls,
@@ -156,10 +205,16 @@ impl PgLocks {
             .recycle_timeout(Some(options.connect_timeout))
             .build()
             .map_err(|e| unavailable("lock pool", e))?;
+        let mut beat = Heartbeat::new(options.async_config()?, liveness);
+        beat.write().await?;
+        let token = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(beat.run(token.clone()));
         Ok(PgLocks {
             pool,
             local: LocalLocks::default(),
             releasing: Releasing::default(),
+            liveness,
+            heartbeat: token,
         })
     }
 
@@ -173,8 +228,141 @@ impl PgLocks {
     }
 }
 
+impl Drop for PgLocks {
+    fn drop(&mut self) {
+        self.heartbeat.cancel();
+    }
+}
+
+/// This incarnation's heartbeat, on a connection of its own (a pool busy with lock waits
+/// must never delay it into a false fence).
+struct Heartbeat {
+    config: tokio_postgres::Config,
+    liveness: Liveness,
+    client: Option<tokio_postgres::Client>,
+    last_ok: Instant,
+}
+
+impl Heartbeat {
+    fn new(config: tokio_postgres::Config, liveness: Liveness) -> Self {
+        Heartbeat {
+            config,
+            liveness,
+            client: None,
+            last_ok: Instant::now(),
+        }
+    }
+
+    /// Writes the heartbeat once (reconnecting if needed), bounded by one period.
+    async fn write(&mut self) -> Result<()> {
+        let limit = self.liveness.period().max(Duration::from_secs(1));
+        match tokio::time::timeout(limit, self.try_write()).await {
+            Ok(Ok(())) => {
+                self.last_ok = Instant::now();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.client = None;
+                Err(unavailable("heartbeat", e))
+            }
+            Err(_) => {
+                self.client = None;
+                Err(unavailable(
+                    "heartbeat",
+                    format!("no answer within {limit:?}"),
+                ))
+            }
+        }
+    }
+
+    async fn try_write(&mut self) -> std::result::Result<(), tokio_postgres::Error> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            self.client = Some(client);
+        }
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        client
+            .execute(
+                "INSERT INTO kiln_nodes (incarnation, node, pid) VALUES ($1, $2, $3)
+                 ON CONFLICT (incarnation) DO UPDATE SET heartbeat_at = now()",
+                &[
+                    &crate::node::incarnation(),
+                    &crate::node::name(),
+                    &i64::from(std::process::id()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn run(mut self, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(self.liveness.period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.write().await {
+                Ok(()) if warned => {
+                    tracing::warn!("heartbeat to PostgreSQL written again");
+                    warned = false;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    let silent = self.last_ok.elapsed();
+                    if !warned {
+                        tracing::warn!(error = %e, "cannot write this node's heartbeat");
+                        warned = true;
+                    }
+                    if self.liveness.fence && silent >= self.liveness.fence_after() {
+                        tracing::error!(
+                            silent_ms = silent.as_millis() as u64,
+                            incarnation = crate::node::incarnation(),
+                            "no heartbeat reached PostgreSQL for {:?}: exiting, so that the nodes that will take over this node's operations never run beside it",
+                            self.liveness.fence_after()
+                        );
+                        std::process::exit(FENCED_EXIT);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl LockManager for PgLocks {
+    async fn owner_alive(&self, owner: Option<&str>) -> Result<bool> {
+        // This process's own operations are protected by its in-process table; one that
+        // is journaled but not running here any more is this process's to recover.
+        let Some(owner) = owner.filter(|o| *o != crate::node::incarnation()) else {
+            return Ok(false);
+        };
+        // An earlier incarnation of this node whose process is gone is dead now, whatever
+        // its last heartbeat says: a node restarted after a crash takes its own work back
+        // at once instead of after the node timeout.
+        if crate::node::gone_from_this_host(owner) {
+            return Ok(false);
+        }
+        let session = self.session().await?;
+        let row = session
+            .client()?
+            .query_opt(
+                "SELECT heartbeat_at > now() - make_interval(secs => $2) FROM kiln_nodes WHERE incarnation = $1",
+                &[&owner, &self.liveness.node_timeout.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| unavailable("read heartbeats", e))?;
+        session.release().await;
+        // An incarnation without a row wrote its journal entry before heartbeats existed,
+        // or was removed long after it died.
+        Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
     async fn lock(&self, keys: &[LockKey]) -> Result<LockSet> {
         let keys = sorted(keys);
         let mut local = Vec::with_capacity(keys.len());
@@ -256,11 +444,26 @@ mod tests {
     use super::*;
     use crate::types::{InstanceId, VolumeId};
     use kiln_testpg::PgServer;
-    use std::time::{Duration, Instant};
 
-    fn locks() -> PgLocks {
-        let url = PgServer::shared().url("postgres");
-        PgLocks::new(&PgOptions::new(url), 8).unwrap()
+    /// A migrated database of the test process's server (locks need its heartbeat table).
+    fn database() -> PgOptions {
+        let options = PgOptions::new(PgServer::shared().create_database());
+        crate::store::PostgresStore::migrate(&options).unwrap();
+        options
+    }
+
+    const TEST_LIVENESS: Liveness = Liveness {
+        node_timeout: Duration::from_secs(15),
+        fence: false,
+    };
+
+    /// Two lock managers on one database: two nodes.
+    async fn two_nodes() -> (PgLocks, PgLocks) {
+        let o = database();
+        (
+            PgLocks::connect(&o, 8, TEST_LIVENESS).await.unwrap(),
+            PgLocks::connect(&o, 8, TEST_LIVENESS).await.unwrap(),
+        )
     }
 
     /// Polls `try_lock` until it succeeds: a release is one round trip behind the drop.
@@ -290,7 +493,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_held_lock_is_visible_to_another_node_and_freed_when_released() {
         // Two managers are two nodes: separate sessions, no shared in-process table.
-        let (a, b) = (locks(), locks());
+        let (a, b) = two_nodes().await;
         let id = LockKey::Volume(VolumeId::new());
         let g = a.lock(&[id]).await.unwrap();
         assert_eq!(g.len(), 1);
@@ -302,7 +505,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn try_lock_takes_all_keys_or_none() {
-        let (a, b) = (locks(), locks());
+        let (a, b) = two_nodes().await;
         let (k1, k2) = (
             LockKey::Volume(VolumeId::new()),
             LockKey::Instance(InstanceId::new()),
@@ -318,7 +521,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_node_gets_the_lock_when_the_holder_releases_it() {
-        let (a, b) = (locks(), locks());
+        let (a, b) = two_nodes().await;
         let id = LockKey::Volume(VolumeId::new());
         let g = a.lock(&[id]).await.unwrap();
         let waiter = tokio::spawn(async move { b.lock(&[id]).await.map(|s| s.len()) });
@@ -335,7 +538,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_whose_session_dies_frees_its_locks() {
-        let (a, b) = (locks(), locks());
+        let (a, b) = two_nodes().await;
         let id = LockKey::Volume(VolumeId::new());
         let g = a.lock(&[id]).await.unwrap();
         assert!(b.try_lock(&[id]).await.unwrap().is_none());
@@ -356,5 +559,43 @@ mod tests {
         assert_eq!(ended.get::<_, i64>(0), 1);
         drop(eventually_free(&b, &[id]).await);
         drop(g);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn owners_are_alive_while_their_heartbeat_is_fresh_and_this_process_never_is() {
+        let o = database();
+        let locks = PgLocks::connect(&o, 4, TEST_LIVENESS).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&o.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(
+                "INSERT INTO kiln_nodes (incarnation, node, pid, heartbeat_at) VALUES
+                 ('b:1:fresh', 'b', 1, now()), ('c:1:stale', 'c', 1, now() - interval '1 hour')",
+            )
+            .await
+            .unwrap();
+        assert!(locks.owner_alive(Some("b:1:fresh")).await.unwrap());
+        assert!(!locks.owner_alive(Some("c:1:stale")).await.unwrap());
+        assert!(!locks.owner_alive(Some("d:1:unknown")).await.unwrap());
+        assert!(!locks.owner_alive(None).await.unwrap());
+        // This process's own heartbeat is fresh, yet its journaled operations that no task
+        // runs any more are its own to recover.
+        let own: bool = client
+            .query_one(
+                "SELECT heartbeat_at > now() - interval '15 seconds' FROM kiln_nodes WHERE incarnation = $1",
+                &[&crate::node::incarnation()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(own);
+        assert!(
+            !locks
+                .owner_alive(Some(crate::node::incarnation()))
+                .await
+                .unwrap()
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! Crash recovery: finds journaled operations whose owner is gone (their locks are free)
-//! and hands each to its own operation's `recover`. Children of a multi-volume operation
+//! Crash recovery: finds journaled operations whose owner is gone (their locks are free,
+//! and on a shared store its node's heartbeat has stopped) and hands each to its own
+//! operation's `recover`. Children of a multi-volume operation
 //! are never recovered alone: their parent resolves them as one unit.
 
 use std::collections::BTreeMap;
@@ -81,6 +82,11 @@ pub(crate) async fn recover(ctx: &Ctx) -> Result<Vec<RecoveryAction>> {
     let mut actions = Vec::new();
     for op in roots {
         let kids = children.remove(&op.id).unwrap_or_default();
+        // A live owner whose lock sessions were cut (a PostgreSQL restart) is still
+        // working on it, or will find it in its own next recovery.
+        if ctx.locks.owner_alive(op.owner.as_deref()).await? {
+            continue;
+        }
         let Some(_locks) = ctx.locks.try_lock(&lock_keys(&op, &kids)).await? else {
             continue;
         };

@@ -58,6 +58,10 @@ pub struct Operation {
     pub started_at: DateTime<Utc>,
     /// Process that ran it (informational; liveness is decided by the locks).
     pub pid: u32,
+    /// The incarnation that ran it ([`crate::node::incarnation`]); other nodes leave it
+    /// alone while that incarnation is alive (see [`crate::locks::LockManager::owner_alive`]).
+    /// `None` in journals written before kiln recorded it.
+    pub owner: Option<String>,
 }
 
 /// An operation to journal in the same transaction as a batch's steps.

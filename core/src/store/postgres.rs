@@ -28,9 +28,11 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// PostgreSQL schema migrations, applied in order by `kiln store migrate`; `kiln_schema`
 /// records how many ran. Never edit a released entry: append a new one. Entry 1 is the
-/// schema SQLite reached in its 7 migrations.
+/// schema SQLite reached in its 8 migrations, plus the node heartbeats only a shared store
+/// needs.
 const MIGRATIONS: &[&str] = &[
-    // 1: everything SQLite's migrations 1-7 built.
+    // 1: everything SQLite's migrations 1-8 built, and `kiln_nodes`: each incarnation's
+    //    last heartbeat, in the server's clock (see `crate::locks::PgLocks`).
     "CREATE TABLE volumes (
         seq BIGSERIAL UNIQUE,
         id TEXT PRIMARY KEY,
@@ -84,7 +86,8 @@ const MIGRATIONS: &[&str] = &[
         snapshot_id TEXT,
         payload TEXT NOT NULL DEFAULT 'null',
         started_at TEXT NOT NULL,
-        pid BIGINT NOT NULL
+        pid BIGINT NOT NULL,
+        owner TEXT
     );
     CREATE INDEX operations_parent ON operations(parent_id);
     CREATE TABLE status_history (
@@ -148,7 +151,14 @@ const MIGRATIONS: &[&str] = &[
         bootable BIGINT NOT NULL DEFAULT 0,
         extra TEXT NOT NULL DEFAULT '{}'
     );
-    CREATE INDEX object_attrs_project ON object_attrs(project_id, kind);",
+    CREATE INDEX object_attrs_project ON object_attrs(project_id, kind);
+    CREATE TABLE kiln_nodes (
+        incarnation TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        pid BIGINT NOT NULL,
+        started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );",
 ];
 
 /// Advisory-lock key that serializes `kiln store migrate` runs (outside the range

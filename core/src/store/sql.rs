@@ -236,7 +236,7 @@ const IMAGE_COLS: &str =
     "id, name, status, instance_id, min_disk, consistency, properties, created_at, updated_at";
 const BACKUP_COLS: &str = "id, volume_id, snapshot_id, parent_id, name, target, status, status_reason, size_bytes, stored_bytes, created_at, updated_at";
 const OPERATION_COLS: &str =
-    "id, kind, parent_id, volume_id, snapshot_id, payload, started_at, pid";
+    "id, kind, parent_id, volume_id, snapshot_id, payload, started_at, pid, owner";
 const ATTACHMENT_COLS: &str = "instance_id, device, attached_at, boot_index, disk_bus, device_type, delete_on_termination, qmp, node";
 
 fn volume_row(r: &Row) -> Result<Volume> {
@@ -329,6 +329,7 @@ fn operation_row(r: &Row) -> Result<Operation> {
         payload: r.json(5)?,
         started_at: r.ts(6)?,
         pid: u32::try_from(r.int(7)?).unwrap_or(0),
+        owner: r.opt_string(8)?,
     })
 }
 
@@ -932,7 +933,7 @@ fn insert_attachment(tx: &mut dyn Sql, id: VolumeId, a: &Attachment) -> Result<(
 
 fn journal(tx: &mut dyn Sql, op: &NewOp, now: &str) -> Result<OpId> {
     let row = tx.row(
-        "INSERT INTO operations (kind, parent_id, volume_id, snapshot_id, payload, started_at, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+        "INSERT INTO operations (kind, parent_id, volume_id, snapshot_id, payload, started_at, pid, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
         params![
             op.kind,
             op.parent.map(|p| p.0),
@@ -940,7 +941,8 @@ fn journal(tx: &mut dyn Sql, op: &NewOp, now: &str) -> Result<OpId> {
             op.snapshot_id.map(|s| s.to_string()),
             op.payload.to_string(),
             now,
-            std::process::id()
+            std::process::id(),
+            crate::node::incarnation()
         ],
     )?;
     match row {

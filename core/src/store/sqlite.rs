@@ -136,6 +136,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX object_attrs_project ON object_attrs(project_id, kind);",
     // 7: the API's own bookkeeping per object (attachment lifecycles).
     "ALTER TABLE object_attrs ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';",
+    // 8: which incarnation (node, process) journaled an operation.
+    "ALTER TABLE operations ADD COLUMN owner TEXT;",
 ];
 
 /// WAL pages after which a commit checkpoints (see `SqliteStore::open`): a command writes
@@ -199,6 +201,9 @@ impl SqlStore<Sqlite> {
 }
 
 impl Sqlite {
+    /// The schema version this kiln's SQLite migrations reach.
+    pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
     fn migrate(&self) -> Result<()> {
         let mut conn = self.lock()?;
         // The common case, an up-to-date schema, needs no write lock: every command opens
