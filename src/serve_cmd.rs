@@ -1,6 +1,11 @@
 //! `kiln serve`: the REST API of `kiln-api` on a multi-threaded runtime, until SIGTERM or
 //! Ctrl-C; then a graceful shutdown (requests in flight finish, background operations get
 //! `--shutdown-timeout` seconds, anything left stays journaled for the next start).
+//!
+//! Recovery runs at start and then every `[store] recovery_interval_secs`: on a shared store
+//! that is how the operations of a node that died are finished or rolled back by the nodes
+//! that remain, and how an operation that failed while PostgreSQL was unreachable is
+//! resolved once it is back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,15 +47,25 @@ pub fn run(args: &ServeArgs, config: Option<&Path>, data_dir: Option<PathBuf>) -
             data_dir = %data_dir.display(),
             "kiln serve: listening (Cinder v3 at /v3)"
         );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let recovery = tokio::spawn(recover_periodically(
+            service.clone(),
+            cfg.store.recovery_interval(),
+            stop_rx,
+        ));
         let state = kiln_api::state(service, api, tokens);
         kiln_api::serve(
             state,
             listener,
-            shutdown_signal(),
+            async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            },
             Duration::from_secs(args.shutdown_timeout),
         )
         .await
         .map_err(|e| Error::io("serve", e))?;
+        recovery.abort();
         tracing::info!("kiln serve: stopped");
         Ok(())
     });
@@ -58,6 +73,35 @@ pub fn run(args: &ServeArgs, config: Option<&Path>, data_dir: Option<PathBuf>) -
     // belonged to is journaled, and the next start resolves it.
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
+}
+
+/// Runs recovery every `interval` (with up to 10% jitter, so that nodes started together
+/// do not pass in lock step) until `stop` turns true. Errors are logged and retried at the
+/// next pass: PostgreSQL or a backend may be briefly unreachable.
+async fn recover_periodically(
+    service: Arc<kiln_core::Service>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let jitter = interval.mul_f64(f64::from(std::process::id() % 100) / 1000.0);
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(interval + jitter) => {}
+        }
+        match service.recover().await {
+            Ok(done) if !done.is_empty() => {
+                tracing::info!(
+                    operations = done.len(),
+                    "periodic recovery resolved unfinished operations"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "periodic recovery failed; retrying at the next pass")
+            }
+        }
+    }
 }
 
 /// Resolves at SIGTERM or Ctrl-C (SIGINT).

@@ -14,9 +14,13 @@
 #   e2fsprogs           mkfs.ext4 and debugfs for the guest filesystems of those tests
 #   python3-venv, curl  the venv of the real OpenStack clients (openstackclient, cinderclient,
 #                       openstacksdk; pinned, from PyPI) that drive `kiln serve`, and raw HTTP
+#   postgresql          the shared store of several kiln nodes: the tests start throw-away
+#                       servers of their own (initdb/postgres on a loopback port, as the
+#                       `postgres` user); Debian's own cluster is not used
 set -euo pipefail
 packages=(
   python3-venv curl
+  postgresql
   xfsprogs
   ceph-mon ceph-mgr ceph-osd ceph-common librados-dev librbd-dev
   user-mode-linux lvm2 thin-provisioning-tools kmod

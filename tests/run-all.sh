@@ -10,7 +10,12 @@
 #         qemu-storage-daemon's QMP monitor while a guest writes through its NBD exports,
 #         the REST API in process, and `kiln serve` driven by the real openstackclient,
 #         cinderclient and openstacksdk (tests/harness/api-clients.sh, raw+reflink on XFS);
+#         then the service tests and the CLI, crash and backup suites again on the
+#         PostgreSQL store (KILN_TEST_STORE=postgres: each test on a fresh database of a
+#         throw-away server the test process starts);
 #   rbd   the RBD driver and CLI tests against a real single-node Ceph it starts and stops,
+#         three `kiln serve` nodes on one PostgreSQL and that Ceph (load, a node SIGKILLed
+#         mid-operation, PostgreSQL restarted under load: tests/multinode_rbd.rs),
 #         then the interop of kiln's LVM streams with the real `rbd import-diff`
 #         (tests/harness/lvm-rbd-interop.sh: streams made in a user-mode-Linux guest, applied
 #         on a second throw-away cluster; it runs after the rbd tests, which end well before
@@ -44,6 +49,9 @@ host_suite() {
   cargo test -p kiln --features rbd,failpoints --bins --test cli --test backup --test crash --test crash_children --test instance --test online_qcow2
   # `kiln serve` driven by the real OpenStack clients (the binary the tests above built).
   KILN_BIN=target/debug/kiln tests/harness/api-clients.sh
+  # The same service, CLI, crash and backup suites on the PostgreSQL store.
+  KILN_TEST_STORE=postgres cargo test -p kiln-core --lib
+  KILN_TEST_STORE=postgres cargo test -p kiln --features rbd,failpoints --test cli --test crash --test crash_children --test backup
 }
 
 rbd_suite() {

@@ -34,6 +34,31 @@ pub fn crash_point(op: &str, moment: &str) {
     let _ = (op, moment);
 }
 
+/// Like [`crash_point`], for async code, with one more action: a fail point configured
+/// `return(hang)` (e.g. `FAILPOINTS=create_snapshot::after_driver=return(hang)`) stops the
+/// operation right there, forever, holding its locks and its journal entry, without
+/// blocking a runtime thread — an operation caught in flight, for tests that kill the
+/// process (or the node) under it.
+pub async fn crash_point_async(op: &str, moment: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        let name = format!("{op}::{moment}");
+        match fail::eval(&name, |arg| arg) {
+            None => {}
+            Some(Some(arg)) if arg == "hang" => {
+                tracing::error!(point = %name, "fail point hit: hanging this operation");
+                std::future::pending::<()>().await;
+            }
+            Some(_) => {
+                tracing::error!(point = %name, "fail point hit: aborting the process");
+                std::process::abort();
+            }
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = (op, moment);
+}
+
 /// Reads `FAILPOINTS` once at start-up; call from `main` before anything else. Returns a
 /// guard to keep alive for the life of the process.
 pub fn setup() -> fail::FailScenario<'static> {

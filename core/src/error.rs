@@ -297,6 +297,21 @@ impl std::error::Error for Error {
     }
 }
 
+/// An error with its causes, each once: a client library's own text ("db error") says
+/// nothing without the server's message underneath.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text = format!("{text}: {t}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         // SQLITE_BUSY after the busy timeout: another process holds the write lock.

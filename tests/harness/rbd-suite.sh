@@ -68,6 +68,7 @@ case " $PARTS " in
             *" cli "*)
                 cargo test -p kiln --features rbd,failpoints --test cli_rbd --test backup_rbd; record CLI $?
                 cargo test -p kiln --features rbd,failpoints --test instance_rbd; record instance $?
+                cargo test -p kiln --features rbd,failpoints --test multinode_rbd; record multinode $?
                 ;;
         esac
         ;;
@@ -76,6 +77,8 @@ case " $PARTS " in
         record CLI $?
         cargo test -p kiln --features rbd,failpoints --test instance_rbd "$@"
         record instance $?
+        cargo test -p kiln --features rbd,failpoints --test multinode_rbd "$@"
+        record multinode $?
         ;;
 esac
 echo "rbd-suite: stopping the cluster" >&2

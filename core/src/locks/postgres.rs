@@ -31,7 +31,7 @@ use tokio::sync::OwnedMutexGuard;
 use std::time::{Duration, Instant};
 
 use super::{LocalLocks, LockKey, LockManager, LockSet, sorted};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, chain};
 use crate::store::PgOptions;
 
 /// Advisory locks in PostgreSQL (see the module docs). Cheap to share behind an `Arc`.
@@ -204,7 +204,7 @@ impl PgLocks {
             .create_timeout(Some(options.connect_timeout))
             .recycle_timeout(Some(options.connect_timeout))
             .build()
-            .map_err(|e| unavailable("lock pool", e))?;
+            .map_err(|e| unavailable("lock pool", chain(&e)))?;
         let mut beat = Heartbeat::new(options.async_config()?, liveness);
         beat.write().await?;
         let token = tokio_util::sync::CancellationToken::new();
@@ -223,7 +223,7 @@ impl PgLocks {
             .pool
             .get()
             .await
-            .map_err(|e| unavailable("unreachable", e))?;
+            .map_err(|e| unavailable("unreachable", chain(&e)))?;
         Ok(Session(Some(obj)))
     }
 }
@@ -263,7 +263,7 @@ impl Heartbeat {
             }
             Ok(Err(e)) => {
                 self.client = None;
-                Err(unavailable("heartbeat", e))
+                Err(unavailable("heartbeat", chain(&e)))
             }
             Err(_) => {
                 self.client = None;
@@ -356,7 +356,7 @@ impl LockManager for PgLocks {
                 &[&owner, &self.liveness.node_timeout.as_secs_f64()],
             )
             .await
-            .map_err(|e| unavailable("read heartbeats", e))?;
+            .map_err(|e| unavailable("read heartbeats", chain(&e)))?;
         session.release().await;
         // An incarnation without a row wrote its journal entry before heartbeats existed,
         // or was removed long after it died.
@@ -377,7 +377,7 @@ impl LockManager for PgLocks {
                 .client()?
                 .execute("SELECT pg_advisory_lock($1)", &[&advisory_id(*key)])
                 .await
-                .map_err(|e| unavailable(&format!("lock {key}"), e))?;
+                .map_err(|e| unavailable(&format!("lock {key}"), chain(&e)))?;
         }
         let held = keys.len();
         Ok(LockSet::one(
@@ -417,7 +417,7 @@ impl LockManager for PgLocks {
                 .client()?
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&advisory_id(*key)])
                 .await
-                .map_err(|e| unavailable(&format!("lock {key}"), e))?
+                .map_err(|e| unavailable(&format!("lock {key}"), chain(&e)))?
                 .get(0);
             if !got {
                 // All or none: give back what this attempt took.

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Ctx, group_snapshot};
 use crate::agent::{FreezeRequest, Frozen, GuestAgents};
-use crate::crash::crash_point;
+use crate::crash::{crash_point, crash_point_async};
 use crate::error::{Error, ErrorKind, Result};
 use crate::instance::{Image, ImageStatus, Instance, bdm_entry, image_properties, size_gib};
 use crate::locks::LockKey;
@@ -279,7 +279,7 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
     let started = Instant::now();
     let cut = group_snapshot::cut(ctx, &p).await;
     let took_ms = started.elapsed().as_secs_f64() * 1e3;
-    crash_point(KIND, "after_members");
+    crash_point_async(KIND, "after_members").await;
     let quiesced = frozen.is_some();
     let freeze_ms = frozen.as_ref().map(|f| f.freeze_ms());
     let mut thaw_ms = None;

@@ -35,7 +35,7 @@ pub mod revert;
 use std::sync::Arc;
 
 use crate::backends::Backends;
-use crate::crash::crash_point;
+use crate::crash::crash_point_async;
 use crate::driver::VolumeDriver;
 use crate::error::{Error, ErrorKind, Result};
 use crate::locks::{LockKey, LockManager, LockSet};
@@ -212,9 +212,9 @@ impl Ctx {
         fut: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         // Timing and logging of the call itself belong to the driver adapter (once).
-        crash_point(op, "before_driver");
+        crash_point_async(op, "before_driver").await;
         let r = fut.await;
-        crash_point(op, "after_driver");
+        crash_point_async(op, "after_driver").await;
         r
     }
 

@@ -297,7 +297,7 @@ fn describe(context: &str, e: &postgres::Error) -> Error {
         });
     let detail = match e.as_db_error() {
         Some(db) => db.message().to_string(),
-        None => e.to_string(),
+        None => crate::error::chain(e),
     };
     let kind = if unreachable {
         ErrorKind::Unavailable

@@ -1,0 +1,774 @@
+//! Several kiln nodes on one PostgreSQL and one Ceph cluster: three real `kiln serve`
+//! processes (each its own node name, data directory and port) share a throw-away
+//! PostgreSQL (store and locks) and a pool of the test cluster (`CEPH_CONF`, set by
+//! tests/harness/rbd-suite.sh). The tests drive them through the REST API and check the
+//! shared state against Ceph itself:
+//!
+//! - 32 clients spread over the three nodes create and delete snapshots of the same 8
+//!   volumes: nothing lost, nothing duplicated, every status final, store == Ceph;
+//! - one node is SIGKILLed while snapshot creates, deletes, a revert and an instance
+//!   snapshot are in flight on it (held by fail points): the other nodes finish or roll back
+//!   each one, and the time each took is measured;
+//! - PostgreSQL restarts under load: nothing stays in a transitional status.
+//!
+//! Needs the binary built with `rbd,failpoints`, root (the server runs as `postgres`), and
+//! Debian's postgresql (tests/install-deps.sh).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_testpg::{Options, PgServer};
+use serde_json::{Value, json};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+/// Seconds after its last heartbeat that a node counts as dead (fences itself after a
+/// third of it): short, so takeovers are quick, yet longer than a PostgreSQL restart here.
+const NODE_TIMEOUT_SECS: u64 = 9;
+/// Hang guard for anything the tests wait for (not a performance target).
+const LIMIT: Duration = Duration::from_secs(180);
+
+/// Fail points that stop an operation in flight on the victim node (see
+/// `kiln_core::crash::crash_point_async`): after the snapshot exists on Ceph, before a
+/// snapshot delete reaches Ceph, after a revert's rollback, after an instance snapshot's
+/// member snapshots were cut.
+const HANG: &str = "create_snapshot::after_driver=return(hang);delete_snapshot::before_driver=return(hang);revert::after_driver=return(hang);instance_snapshot::after_members=return(hang)";
+
+/// The multi-node tests share the machine's two cores with Ceph and PostgreSQL: one at a
+/// time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Node {
+    name: String,
+    port: u16,
+    config: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    child: std::sync::Mutex<Option<Child>>,
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    pg: PgServer,
+    url: String,
+    pool: String,
+    nodes: Vec<Node>,
+    http: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ceph(args: &[&str]) -> String {
+    let conf = common::rbd::ceph_conf();
+    let out = Command::new("ceph")
+        .arg("-c")
+        .arg(&conf)
+        .args(["--connect-timeout", "30"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ceph {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+impl Cluster {
+    /// PostgreSQL, a pool of its own, `kiln store migrate`, and `n` nodes (not started).
+    fn new(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = PgServer::start(Options { durable: false });
+        let url = pg.create_database();
+        let pool = format!("kiln-mn-{}", common::unique_token());
+        ceph(&["osd", "pool", "create", &pool, "8"]);
+        let out = Command::new("rbd")
+            .arg("-c")
+            .arg(common::rbd::ceph_conf())
+            .args(["pool", "init", &pool])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = format!("n{}", i + 1);
+            let port = free_port();
+            let config = dir.path().join(format!("{name}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[store]\nurl = {url:?}\nnode_timeout_secs = {NODE_TIMEOUT_SECS}\nrecovery_interval_secs = 1\n\n[api]\nlisten = \"127.0.0.1:{port}\"\n\n[backends.ceph]\ndriver = \"rbd\"\nceph_conf = {:?}\npool = {pool:?}\n",
+                    common::rbd::ceph_conf()
+                ),
+            )
+            .unwrap();
+            nodes.push(Node {
+                data: dir.path().join(&name),
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                port,
+                config,
+                child: std::sync::Mutex::new(None),
+            });
+        }
+        let out = Command::new(KILN)
+            .arg("--config")
+            .arg(&nodes[0].config)
+            .arg("--data-dir")
+            .arg(&nodes[0].data)
+            .args(["store", "migrate"])
+            .env_remove("FAILPOINTS")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cluster {
+            _dir: dir,
+            pg,
+            url,
+            pool,
+            nodes,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Starts node `i` (with `failpoints`, if any) and waits until it answers.
+    async fn start(&self, i: usize, failpoints: Option<&str>) {
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
+        let mut c = Command::new(KILN);
+        c.arg("--config")
+            .arg(&node.config)
+            .arg("--data-dir")
+            .arg(&node.data)
+            .args(["--log-format", "json", "serve"])
+            .env("KILN_NODE", &node.name)
+            .env("KILN_LOG", "info")
+            .env_remove("KILN_STORE_URL")
+            .env_remove("KILN_CONFIG")
+            .env_remove("KILN_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        match failpoints {
+            Some(f) => c.env("FAILPOINTS", f),
+            None => c.env_remove("FAILPOINTS"),
+        };
+        // SAFETY: prctl only sets this child's parent-death signal: a failed test never
+        // leaves a node running.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        *node.child.lock().unwrap() = Some(c.spawn().unwrap());
+        let health = format!("http://127.0.0.1:{}/healthcheck", node.port);
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Ok(r) = self.http.get(&health).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if !self.alive(i) {
+                panic!(
+                    "node {} exited at start: {}",
+                    self.nodes[i].name,
+                    self.log(i)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never answered",
+                self.nodes[i].name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(&self, i: usize) {
+        let child = self.nodes[i].child.lock().unwrap().take();
+        if let Some(mut c) = child {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Whether node `i` was started and has not exited.
+    fn alive(&self, i: usize) -> bool {
+        self.nodes[i]
+            .child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// One Cinder (or, for `/compute` paths, Nova) request to node `i`.
+    async fn call(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), String> {
+        let mut r = self
+            .http
+            .request(
+                method,
+                format!("http://127.0.0.1:{}{path}", self.nodes[i].port),
+            )
+            .header("OpenStack-API-Version", "volume 3.66")
+            .header("X-OpenStack-Nova-API-Version", "2.45");
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.map_err(|e| format!("http: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| format!("http: {e}"))?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    async fn ok(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let (st, v) = self.call(i, method.clone(), path, body).await.unwrap();
+        assert!(
+            (200..300).contains(&st),
+            "{method} {path} on node {i}: {st} {v}"
+        );
+        v
+    }
+
+    async fn volume(&self, i: usize, name: &str) -> String {
+        let v = self
+            .ok(
+                i,
+                reqwest::Method::POST,
+                "/v3/volumes",
+                Some(json!({"volume": {"size": 1, "name": name}})),
+            )
+            .await;
+        let id = v["volume"]["id"].as_str().unwrap().to_string();
+        let q = format!("SELECT status FROM volumes WHERE id = '{id}'");
+        self.until(async |c: &Cluster| {
+            c.sql(&q).await.first().is_some_and(|r| r[0] == "available")
+        })
+        .await;
+        id
+    }
+
+    async fn snapshot(&self, i: usize, volume: &str) -> String {
+        let v = self
+            .ok(
+                i,
+                reqwest::Method::POST,
+                "/v3/snapshots",
+                Some(json!({"snapshot": {"volume_id": volume, "force": true}})),
+            )
+            .await;
+        v["snapshot"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Rows of a query on the shared store, every column as text.
+    async fn sql(&self, query: &str) -> Vec<Vec<String>> {
+        let (url, query) = (self.url.clone(), query.to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            c.simple_query(&query)
+                .unwrap()
+                .into_iter()
+                .filter_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(r) => Some(
+                        (0..r.len())
+                            .map(|i| r.get(i).unwrap_or("").to_string())
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits (bounded) until `cond` holds.
+    async fn until(&self, cond: impl AsyncFn(&Cluster) -> bool) {
+        let deadline = Instant::now() + LIMIT;
+        while !cond(self).await {
+            assert!(
+                Instant::now() < deadline,
+                "condition not reached within {LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until no operation is journaled and no volume or snapshot is in a
+    /// transitional status.
+    async fn settled(&self) {
+        self.until(async |c: &Cluster| {
+            c.sql("SELECT count(*) FROM operations").await[0][0] == "0"
+                && c.sql("SELECT count(*) FROM volumes WHERE status NOT IN ('available', 'in-use', 'error')").await[0][0] == "0"
+                && c.sql("SELECT count(*) FROM snapshots WHERE status NOT IN ('available', 'error')").await[0][0] == "0"
+        })
+        .await;
+    }
+
+    /// The store's volumes and snapshots equal the pool's images and snapshots, name for
+    /// name (volume-<id>, snapshot-<id>).
+    async fn assert_store_matches_ceph(&self) {
+        let mut store: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for r in self.sql("SELECT id FROM volumes").await {
+            store.entry(format!("volume-{}", r[0])).or_default();
+        }
+        for r in self.sql("SELECT volume_id, id FROM snapshots").await {
+            store
+                .entry(format!("volume-{}", r[0]))
+                .or_default()
+                .insert(format!("snapshot-{}", r[1]));
+        }
+        let out = Command::new("rbd")
+            .arg("-c")
+            .arg(common::rbd::ceph_conf())
+            .args(["ls", "-l", "--format", "json", &self.pool])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listing: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut pool: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for e in listing.as_array().unwrap() {
+            let image = e["image"].as_str().unwrap().to_string();
+            let snaps = pool.entry(image).or_default();
+            if let Some(s) = e["snapshot"].as_str() {
+                snaps.insert(s.to_string());
+            }
+        }
+        assert_eq!(store, pool, "store and Ceph differ");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let _ = Command::new("ceph")
+            .arg("-c")
+            .arg(common::rbd::ceph_conf())
+            .args([
+                "osd",
+                "pool",
+                "delete",
+                &self.pool,
+                &self.pool,
+                "--yes-i-really-really-mean-it",
+            ])
+            .output();
+    }
+}
+
+/// What a load of snapshot creates and deletes did, seen from its clients.
+#[derive(Default, Debug)]
+struct Load {
+    created: Vec<String>,
+    deleted: usize,
+    errors: BTreeMap<String, usize>,
+}
+
+/// `clients` clients, client c sending its k-th request to node (c + k) % nodes, create and
+/// delete snapshots of `volumes` for `secs` seconds.
+async fn load(c: &Arc<Cluster>, clients: usize, volumes: &[String], secs: u64) -> Load {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let volumes = Arc::new(volumes.to_vec());
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (c, volumes) = (c.clone(), volumes.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Load::default();
+            let mut k = client;
+            while Instant::now() < deadline {
+                let node = k % c.nodes.len();
+                let vol = &volumes[k % volumes.len()];
+                k += 1;
+                let made = c
+                    .call(
+                        node,
+                        reqwest::Method::POST,
+                        "/v3/snapshots",
+                        Some(json!({"snapshot": {"volume_id": vol, "force": true}})),
+                    )
+                    .await;
+                let sid = match made {
+                    Ok((202, v)) => v["snapshot"]["id"].as_str().unwrap().to_string(),
+                    Ok((st, v)) => {
+                        *out.errors.entry(format!("create {st}: {}", v)).or_default() += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        *out.errors.entry(format!("create: {e}")).or_default() += 1;
+                        continue;
+                    }
+                };
+                out.created.push(sid.clone());
+                let node = k % c.nodes.len();
+                match c
+                    .call(
+                        node,
+                        reqwest::Method::DELETE,
+                        &format!("/v3/snapshots/{sid}"),
+                        None,
+                    )
+                    .await
+                {
+                    Ok((202, _)) => out.deleted += 1,
+                    Ok((st, v)) => *out.errors.entry(format!("delete {st}: {v}")).or_default() += 1,
+                    Err(e) => *out.errors.entry(format!("delete: {e}")).or_default() += 1,
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Load::default();
+    for t in tasks {
+        let l = t.await.unwrap();
+        all.created.extend(l.created);
+        all.deleted += l.deleted;
+        for (k, v) in l.errors {
+            *all.errors.entry(k).or_default() += v;
+        }
+    }
+    all
+}
+
+fn load_secs() -> u64 {
+    std::env::var("KILN_MULTINODE_LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60)
+}
+
+/// 32 clients for 60 s across three nodes on the same 8 volumes: every accepted create made
+/// exactly one snapshot, every accepted delete removed it, no request failed, nothing is
+/// left journaled or transitional, and the store equals Ceph.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_serve_one_store_and_one_pool_under_load() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::new(3);
+    for i in 0..3 {
+        c.start(i, None).await;
+    }
+    let mut volumes = Vec::new();
+    for i in 0..8 {
+        volumes.push(c.volume(i % 3, &format!("mn-{i}")).await);
+    }
+    let c = Arc::new(c);
+    let secs = load_secs();
+    let t = Instant::now();
+    let l = load(&c, 32, &volumes, secs).await;
+    let took = t.elapsed().as_secs_f64();
+    c.settled().await;
+    eprintln!(
+        "3 nodes, 32 clients, {:.1} s: {} creates, {} deletes ({:.1} ops/s), errors {:?}",
+        took,
+        l.created.len(),
+        l.deleted,
+        (l.created.len() + l.deleted) as f64 / took,
+        l.errors
+    );
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    assert!(l.created.len() > 32, "the load did next to nothing: {l:?}");
+    let unique: BTreeSet<&String> = l.created.iter().collect();
+    assert_eq!(
+        unique.len(),
+        l.created.len(),
+        "a snapshot id was handed out twice"
+    );
+    assert_eq!(l.deleted, l.created.len());
+    // Every snapshot created was deleted, in the store and on Ceph.
+    assert_eq!(c.sql("SELECT count(*) FROM snapshots").await[0][0], "0");
+    c.assert_store_matches_ceph().await;
+    // Every node served its share.
+    for i in 0..3 {
+        let served = c.log(i).matches("\"method\":\"POST\"").count();
+        assert!(
+            served > 0,
+            "node {} served no POST: {}",
+            c.nodes[i].name,
+            c.log(i)
+        );
+    }
+}
+
+/// A node dies (SIGKILL) with a snapshot create, a snapshot delete, a revert and an
+/// instance snapshot in flight on it, each held at its fail point: the two other nodes
+/// resolve every one — each journal entry gone, every status final, store == Ceph — and
+/// the time from the kill to each resolution is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operations_of_a_killed_node_are_finished_or_rolled_back_by_the_others() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::new(3);
+    c.start(0, None).await;
+    c.start(1, None).await;
+    c.start(2, Some(HANG)).await;
+    // Everything the victim will act on is made through the healthy nodes.
+    let a = c.volume(0, "create-on-victim").await;
+    let b = c.volume(1, "delete-on-victim").await;
+    let sb = c.snapshot(0, &b).await;
+    let rv = c.volume(0, "revert-on-victim").await;
+    let srv = c.snapshot(1, &rv).await;
+    let (d, e) = (
+        c.volume(0, "instance-d").await,
+        c.volume(1, "instance-e").await,
+    );
+    let instance = "6f4c1c52-95c0-4b6e-9d43-8a3b6f0e2a11";
+    let out = Command::new(KILN)
+        .arg("--config")
+        .arg(&c.nodes[0].config)
+        .arg("--data-dir")
+        .arg(&c.nodes[0].data)
+        .args([
+            "instance",
+            "create",
+            "--id",
+            instance,
+            "--name",
+            "victim-server",
+        ])
+        .env("KILN_NODE", "n1")
+        .env_remove("FAILPOINTS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (vol, dev) in [(&d, "/dev/vda"), (&e, "/dev/vdb")] {
+        c.ok(
+            0,
+            reqwest::Method::POST,
+            &format!("/v3/volumes/{vol}/action"),
+            Some(json!({"os-attach": {"instance_uuid": instance, "mountpoint": dev}})),
+        )
+        .await;
+    }
+    c.settled().await;
+    let c = Arc::new(c);
+
+    // In flight on the victim: the requests never answer (their node dies under them).
+    let inflight = [
+        (
+            reqwest::Method::POST,
+            "/v3/snapshots".to_string(),
+            json!({"snapshot": {"volume_id": a, "force": true}}),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/v3/snapshots/{sb}"),
+            Value::Null,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/v3/volumes/{rv}/action"),
+            json!({"revert": {"snapshot_id": srv}}),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/compute/v2.1/servers/{instance}/action"),
+            json!({"createImage": {"name": "victim-image"}}),
+        ),
+    ];
+    for (method, path, body) in inflight {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let body = (!body.is_null()).then_some(body);
+            let _ = c.call(2, method, &path, body).await;
+        });
+    }
+    c.until(async |c: &Cluster| {
+        c.sql("SELECT count(*) FROM operations WHERE parent_id IS NULL AND owner LIKE 'n3:%'")
+            .await[0][0]
+            == "4"
+    })
+    .await;
+    // Let the two that hang after their driver call reach it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ops: BTreeMap<String, String> = c
+        .sql("SELECT id, kind FROM operations WHERE parent_id IS NULL")
+        .await
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect();
+    assert_eq!(ops.len(), 4, "{ops:?}");
+    let killed = Instant::now();
+    c.kill(2);
+
+    // Each journal entry's resolution, timed from the kill.
+    let mut resolved: BTreeMap<String, f64> = BTreeMap::new();
+    let deadline = Instant::now() + LIMIT;
+    while resolved.len() < ops.len() {
+        let left: BTreeSet<String> = c
+            .sql("SELECT id FROM operations WHERE parent_id IS NULL")
+            .await
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect();
+        for (id, kind) in &ops {
+            if !left.contains(id) && !resolved.contains_key(kind) {
+                resolved.insert(kind.clone(), killed.elapsed().as_secs_f64());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unresolved after {LIMIT:?}: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "resolved after the kill (node timeout {NODE_TIMEOUT_SECS} s, recovery every 1 s): {resolved:?}"
+    );
+    for i in 0..2 {
+        for line in c.log(i).lines().filter(|l| l.contains("recover")) {
+            eprintln!("{}: {line}", c.nodes[i].name);
+        }
+    }
+    c.settled().await;
+    // The nodes that recovered them say so, and the victim did not.
+    let recovered: usize = (0..2)
+        .map(|i| {
+            c.log(i)
+                .matches("recovered an unfinished operation")
+                .count()
+        })
+        .sum();
+    assert!(recovered >= 4, "{}\n{}", c.log(0), c.log(1));
+    // The snapshot created on Ceph before the kill was kept; the delete was carried out;
+    // the revert's volume is usable; the instance snapshot left no partial image.
+    let sa = c
+        .sql(&format!(
+            "SELECT status FROM snapshots WHERE volume_id = '{a}'"
+        ))
+        .await;
+    assert_eq!(sa, vec![vec!["available".to_string()]], "create: {sa:?}");
+    let sbr = c
+        .sql(&format!("SELECT status FROM snapshots WHERE id = '{sb}'"))
+        .await;
+    assert!(
+        sbr.is_empty() || sbr[0][0] == "available",
+        "delete: {sbr:?}"
+    );
+    let rvs = c
+        .sql(&format!("SELECT status FROM volumes WHERE id = '{rv}'"))
+        .await;
+    assert_eq!(rvs[0][0], "available", "revert: {rvs:?}");
+    let images = c.sql("SELECT status FROM images").await;
+    assert!(images.iter().all(|r| r[0] == "active"), "{images:?}");
+    c.assert_store_matches_ceph().await;
+    // The survivors keep serving.
+    let more = c.snapshot(1, &a).await;
+    c.ok(
+        0,
+        reqwest::Method::DELETE,
+        &format!("/v3/snapshots/{more}"),
+        None,
+    )
+    .await;
+    c.settled().await;
+    c.assert_store_matches_ceph().await;
+}
+
+/// PostgreSQL restarts while three nodes are under load: requests fail cleanly meanwhile,
+/// no node gives up (the restart is shorter than the fence), and afterwards nothing is
+/// journaled or transitional and the store equals Ceph.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgresql_restart_under_load_leaves_nothing_stuck() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::new(3);
+    for i in 0..3 {
+        c.start(i, None).await;
+    }
+    let mut volumes = Vec::new();
+    for i in 0..4 {
+        volumes.push(c.volume(i % 3, &format!("pgr-{i}")).await);
+    }
+    let c = Arc::new(c);
+    let runner = {
+        let (c, volumes) = (c.clone(), volumes.clone());
+        tokio::spawn(async move { load(&c, 16, &volumes, 20).await })
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let t = Instant::now();
+    let c2 = c.clone();
+    tokio::task::spawn_blocking(move || c2.pg.restart())
+        .await
+        .unwrap();
+    eprintln!("PostgreSQL restarted in {:.2} s", t.elapsed().as_secs_f64());
+    let l = runner.await.unwrap();
+    eprintln!(
+        "during the restart: {} creates, {} deletes accepted; failures {:?}",
+        l.created.len(),
+        l.deleted,
+        l.errors
+    );
+    c.settled().await;
+    for i in 0..3 {
+        assert!(c.alive(i), "node {} exited: {}", c.nodes[i].name, c.log(i));
+    }
+    // Snapshots whose delete failed while the server was down are still there (available)
+    // or in error; every one is final, and the store equals Ceph.
+    c.assert_store_matches_ceph().await;
+    // The nodes work normally again.
+    let s = c.snapshot(2, &volumes[0]).await;
+    c.ok(
+        1,
+        reqwest::Method::DELETE,
+        &format!("/v3/snapshots/{s}"),
+        None,
+    )
+    .await;
+    c.settled().await;
+    c.assert_store_matches_ceph().await;
+}
