@@ -47,6 +47,8 @@ fn stats(mut v: Vec<f64>) -> Stats {
 #[derive(Debug, Serialize)]
 struct Report {
     mode: &'static str,
+    /// Servers the requests went to in turn (API mode).
+    servers: usize,
     clients: usize,
     volumes: usize,
     duration_s: f64,
@@ -85,7 +87,9 @@ impl Tally {
 enum Target {
     Api {
         http: reqwest::Client,
-        url: String,
+        /// One server, or several nodes taken in turn (as a load balancer would).
+        urls: Vec<String>,
+        next: std::sync::atomic::AtomicUsize,
         token: Option<String>,
     },
     Cli {
@@ -96,11 +100,21 @@ enum Target {
 
 const MICROVERSION: &str = "volume 3.66";
 
+/// `--url` when none is given.
+const DEFAULT_URL: &str = "http://127.0.0.1:8776";
+
 impl Target {
     fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder> {
-        let Target::Api { http, url, token } = self else {
+        let Target::Api {
+            http,
+            urls,
+            next,
+            token,
+        } = self
+        else {
             return Err(Error::invalid("bench", "not an API target"));
         };
+        let url = &urls[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % urls.len()];
         let mut r = http
             .request(method, format!("{url}{path}"))
             .header("OpenStack-API-Version", MICROVERSION);
@@ -282,12 +296,19 @@ pub fn run(
     }
     let target = match args.mode {
         ApiBenchMode::Api => {
-            let url = args.url.trim_end_matches('/').to_string();
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(Error::invalid(
-                    "url",
-                    format!("{url:?} is not an http(s) URL"),
-                ));
+            let mut urls = Vec::new();
+            for url in &args.url {
+                let url = url.trim_end_matches('/').to_string();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(Error::invalid(
+                        "url",
+                        format!("{url:?} is not an http(s) URL"),
+                    ));
+                }
+                urls.push(url);
+            }
+            if urls.is_empty() {
+                urls.push(DEFAULT_URL.to_string());
             }
             Target::Api {
                 http: reqwest::Client::builder()
@@ -295,7 +316,8 @@ pub fn run(
                     .timeout(Duration::from_secs(120))
                     .build()
                     .map_err(|e| Error::invalid("bench", format!("http client: {e}")))?,
-                url,
+                urls,
+                next: std::sync::atomic::AtomicUsize::new(0),
                 token: args.token.clone(),
             }
         }
@@ -334,8 +356,16 @@ pub fn run(
 
 fn print_table(r: &Report) {
     println!(
-        "{} mode: {} clients on {} volumes for {:.1} s",
-        r.mode, r.clients, r.volumes, r.duration_s
+        "{} mode: {} clients on {} volumes for {:.1} s{}",
+        r.mode,
+        r.clients,
+        r.volumes,
+        r.duration_s,
+        if r.servers > 1 {
+            format!(", requests spread over {} servers", r.servers)
+        } else {
+            String::new()
+        }
     );
     println!(
         "  {} creates + {} deletes = {:.1} ops/s",
@@ -409,8 +439,8 @@ async fn load(target: Arc<Target>, args: &ApiBenchArgs) -> Result<Report> {
         }));
     }
     let prober = match target.as_ref() {
-        Target::Api { http, url, .. } => {
-            let (http, url) = (http.clone(), format!("{url}/healthcheck"));
+        Target::Api { http, urls, .. } => {
+            let (http, url) = (http.clone(), format!("{}/healthcheck", urls[0]));
             Some(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 while Instant::now() < deadline {
@@ -462,8 +492,13 @@ async fn load(target: Arc<Target>, args: &ApiBenchArgs) -> Result<Report> {
     }
     let t = std::mem::take(&mut *tally.lock().await);
     let (creates, deletes) = (t.create.len(), t.delete.len());
+    let servers = match target.as_ref() {
+        Target::Api { urls, .. } => urls.len(),
+        Target::Cli { .. } => 0,
+    };
     Ok(Report {
         mode,
+        servers,
         clients: args.clients,
         volumes: args.volumes,
         duration_s,

@@ -634,9 +634,10 @@ pub struct ApiBenchArgs {
     /// Through the REST API or the CLI.
     #[arg(long, value_enum, default_value_t = ApiBenchMode::Api)]
     pub mode: ApiBenchMode,
-    /// The server (api mode).
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8776")]
-    pub url: String,
+    /// The server (api mode); repeat it for several nodes, which then get the requests in
+    /// turn [default: http://127.0.0.1:8776].
+    #[arg(long, value_name = "URL")]
+    pub url: Vec<String>,
     /// X-Auth-Token to send (api mode).
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,

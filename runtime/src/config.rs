@@ -261,3 +261,65 @@ pub fn take_placement(name: &str, table: &mut toml::Table, multi_node: bool) -> 
         (None, _) => Ok(Placement::Shared),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str) -> Config {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../etc")
+            .join(name);
+        Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// The shipped samples parse, and every backend in them is placed as their store needs.
+    #[test]
+    fn the_shipped_samples_are_valid_configurations() {
+        for (name, shared) in [("kiln.toml", false), ("kiln-multinode.toml", true)] {
+            let c = sample(name);
+            assert_eq!(c.store.postgres(None).is_some(), shared, "{name}");
+            let (tables, _) = c.backend_tables().unwrap();
+            for (b, mut t) in tables {
+                take_placement(&b, &mut t, shared).unwrap_or_else(|e| panic!("{name} {b}: {e}"));
+            }
+        }
+        let m = sample("kiln-multinode.toml");
+        assert_eq!(m.store.node_timeout(), std::time::Duration::from_secs(15));
+        assert_eq!(
+            m.store.recovery_interval(),
+            std::time::Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn placement_follows_the_backend_and_the_store() {
+        let table = |s: &str| s.parse::<toml::Table>().unwrap();
+        let place = |s: &str, shared| take_placement("b", &mut table(s), shared);
+        assert_eq!(place("driver = \"rbd\"", true).unwrap(), Placement::Shared);
+        assert_eq!(
+            place("driver = \"lvm\"\nnode = \"n1\"", true).unwrap(),
+            Placement::Node("n1".into())
+        );
+        assert_eq!(
+            place("driver = \"file\"\nshared = true", true).unwrap(),
+            Placement::Shared
+        );
+        // One host: nothing to say.
+        assert_eq!(place("driver = \"lvm\"", false).unwrap(), Placement::Shared);
+        for bad in [
+            "driver = \"lvm\"",
+            "driver = \"file\"",
+            "driver = \"lvm\"\nshared = true",
+            "driver = \"file\"\nnode = \"n1\"\nshared = true",
+            "driver = \"file\"\nnode = \"../x\"",
+            "driver = \"file\"\nnode = 3",
+        ] {
+            assert!(place(bad, true).is_err(), "{bad}");
+        }
+        // The keys are taken out: the driver never sees them.
+        let mut t = table("driver = \"file\"\nnode = \"n1\"\npath = \"x\"");
+        take_placement("b", &mut t, true).unwrap();
+        assert!(!t.contains_key("node"));
+    }
+}

@@ -332,6 +332,17 @@ mod tests {
     }
 
     #[test]
+    fn guards_over_sets_of_rows_hold_under_contention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        SqliteStore::open(&path).unwrap();
+        checks::set_guards_hold_under_contention(move || {
+            Box::new(SqliteStore::open(&path).unwrap())
+        });
+        drop(dir);
+    }
+
+    #[test]
     fn round_trips_rows_and_migrates_a_file_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
