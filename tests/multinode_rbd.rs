@@ -219,8 +219,37 @@ impl Cluster {
     fn kill(&self, i: usize) {
         let child = self.nodes[i].child.lock().unwrap().take();
         if let Some(mut c) = child {
-            c.kill().unwrap();
+            // It may have exited already (a fenced node).
+            let _ = c.kill();
             c.wait().unwrap();
+        }
+    }
+
+    /// Node `i`'s process id.
+    fn pid(&self, i: usize) -> libc::pid_t {
+        let child = self.nodes[i].child.lock().unwrap();
+        child.as_ref().map(|c| c.id() as libc::pid_t).unwrap()
+    }
+
+    /// Waits (bounded) until node `i` exits; returns its exit status.
+    async fn exited(&self, i: usize) -> std::process::ExitStatus {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(st) = self.nodes[i]
+                .child
+                .lock()
+                .unwrap()
+                .as_mut()
+                .and_then(|c| c.try_wait().unwrap())
+            {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not exit",
+                self.nodes[i].name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -770,5 +799,68 @@ async fn a_postgresql_restart_under_load_leaves_nothing_stuck() {
     )
     .await;
     c.settled().await;
+    c.assert_store_matches_ceph().await;
+}
+
+/// A node stalled for longer than its fence (SIGSTOP, as a frozen VM or a host that stops
+/// being scheduled) may already count as dead to the others: when it runs again it exits
+/// at once (status 75, with one error line) instead of carrying on, and the operation it
+/// held in flight is resolved by another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_stalled_past_its_fence_exits_when_it_resumes_and_another_takes_over() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::new(2);
+    c.start(0, None).await;
+    c.start(1, Some(HANG)).await;
+    let v = c.volume(0, "stalled").await;
+    let c = Arc::new(c);
+    {
+        let (c, v) = (c.clone(), v.clone());
+        tokio::spawn(async move {
+            let body = json!({"snapshot": {"volume_id": v, "force": true}});
+            let _ = c
+                .call(1, reqwest::Method::POST, "/v3/snapshots", Some(body))
+                .await;
+        });
+    }
+    c.until(async |c: &Cluster| {
+        c.sql("SELECT count(*) FROM operations WHERE owner LIKE 'n2:%'")
+            .await[0][0]
+            == "1"
+    })
+    .await;
+    // Let the snapshot reach Ceph (the fail point holds the operation after the driver).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = c.pid(1);
+    // SAFETY: plain kill(2) of the node process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let fence = Duration::from_secs(NODE_TIMEOUT_SECS) / 3;
+    tokio::time::sleep(fence + Duration::from_secs(2)).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let resumed = Instant::now();
+    let st = c.exited(1).await;
+    eprintln!(
+        "stalled node exited {:.2} s after it resumed: {st}",
+        resumed.elapsed().as_secs_f64()
+    );
+    assert_eq!(st.code(), Some(75), "{}", c.log(1));
+    assert!(
+        c.log(1).contains("no heartbeat reached PostgreSQL"),
+        "{}",
+        c.log(1)
+    );
+    c.settled().await;
+    let snaps = c
+        .sql(&format!(
+            "SELECT status FROM snapshots WHERE volume_id = '{v}'"
+        ))
+        .await;
+    assert_eq!(snaps, vec![vec!["available".to_string()]]);
+    assert!(
+        c.log(0).contains("recovered an unfinished operation"),
+        "{}",
+        c.log(0)
+    );
     c.assert_store_matches_ceph().await;
 }

@@ -29,6 +29,7 @@ own_ceph=""
 cleanup() {
   for p in "${servers[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   "$HERE/pg-stop.sh" "$work/pg" --purge || true
+  [ -n "$pool" ] && ceph -c "$CEPH_CONF" osd pool delete "$pool" "$pool" --yes-i-really-really-mean-it >/dev/null 2>&1 || true
   [ -n "$own_ceph" ] && "$HERE/ceph-stop.sh" "$own_ceph" --purge || true
   rm -rf "$work"
 }
@@ -40,9 +41,19 @@ fi
 eval "$("$HERE/pg-start.sh" "$work/pg" --durable)"
 pg_url=$KILN_STORE_URL
 unset KILN_STORE_URL
-pool="bench-mn-$$"
-ceph -c "$CEPH_CONF" osd pool create "$pool" 8 >/dev/null 2>&1
-rbd -c "$CEPH_CONF" pool init "$pool"
+# Every measurement gets a pool of its own, and the previous one is deleted and given time
+# to go: a pool slows down as deleted snapshots pile up in it (the OSD trims them, the
+# monitor tracks them), so runs in one pool would each start where the last left it.
+pool=""
+fresh_pool() {
+  if [ -n "$pool" ]; then
+    ceph -c "$CEPH_CONF" osd pool delete "$pool" "$pool" --yes-i-really-really-mean-it >/dev/null 2>&1 || true
+    sleep 10
+  fi
+  pool="bench-mn-$$-$1"
+  ceph -c "$CEPH_CONF" osd pool create "$pool" 8 >/dev/null 2>&1
+  rbd -c "$CEPH_CONF" pool init "$pool"
+}
 
 config() {  # config NAME STORE_URL|"" PORT
   local f="$work/$1.toml"
@@ -83,6 +94,7 @@ PY
 
 echo "== machine: $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); kiln $("$KILN_BIN" --version)"
 echo "== 1a. kiln bench snapshot, $ITER iterations, in process: SQLite, then PostgreSQL (durable)"
+fresh_pool 1a
 sq=$(config sqlite "" "$(port)")
 pgc=$(config pg "$pg_url" "$(port)")
 KILN_NODE=n1 "$KILN_BIN" --config "$pgc" --data-dir "$work/n1" store migrate
@@ -91,6 +103,7 @@ KILN_NODE=n1 "$KILN_BIN" --config "$pgc" --data-dir "$work/n1" --format json ben
 cat "$work/1a-sqlite.json" "$work/1a-pg.json"
 
 echo "== 1b. kiln bench api, 1 client, 1 volume, ${DURATION}s through one kiln serve: SQLite, then PostgreSQL"
+fresh_pool 1b
 p=$(port); sq=$(config sqlite "" "$p"); serve sqlite "$sq" "$p"
 "$KILN_BIN" --format json bench api --url "http://127.0.0.1:$p" --clients 1 --volumes 1 --duration "$DURATION" >"$work/1b-sqlite.json"
 stop_all
@@ -99,8 +112,16 @@ p=$(port); pgc=$(config n1 "$pg_url" "$p"); serve n1 "$pgc" "$p"
 stop_all
 cat "$work/1b-sqlite.json" "$work/1b-pg.json"
 
+raw() {  # raw THREADS TAG
+  fresh_pool "raw-$1-$2"
+  echo "== 3. raw librbd, $1 threads, $VOLUMES images, ${DURATION}s (fresh pool)"
+  /usr/bin/python3 "$HERE/rbd_snap_load.py" "$CEPH_CONF" "$pool" "$VOLUMES" "$1" "$DURATION" | tee "$work/3-$1-$2.json"
+}
+# The primitive before and after the kiln runs shows how far the cluster itself drifts.
+raw "$VOLUMES" before
 for n in 1 2 3; do
-  echo "== 2. $n node(s): $CLIENTS clients, $VOLUMES volumes, ${DURATION}s, requests spread over the nodes"
+  fresh_pool "nodes-$n"
+  echo "== 2. $n node(s): $CLIENTS clients, $VOLUMES volumes, ${DURATION}s, requests spread over the nodes (fresh pool)"
   urls=()
   for i in $(seq 1 "$n"); do
     p=$(port); c=$(config "n$i" "$pg_url" "$p"); serve "n$i" "$c" "$p"; urls+=(--url "http://127.0.0.1:$p")
@@ -116,10 +137,8 @@ b,a=json.loads('''$before'''),json.loads('''$after''')
 print('cpu seconds during the run:', {k: round(a[k]-b.get(k,0),1) for k in sorted(a)})"
 done
 
-for t in "$VOLUMES" "$CLIENTS"; do
-  echo "== 3. raw librbd, $t threads, $VOLUMES images, ${DURATION}s"
-  /usr/bin/python3 "$HERE/rbd_snap_load.py" "$CEPH_CONF" "$pool" "$VOLUMES" "$t" "$DURATION" | tee "$work/3-$t.json"
-done
+raw "$VOLUMES" after
+raw "$CLIENTS" after
 
 echo "== summary"
 python3 - "$work" "$VOLUMES" "$CLIENTS" <<'PY'
@@ -137,5 +156,5 @@ for n in (1, 2, 3):
     print(f"2 {n} node(s): {r['ops_per_s']:.1f} ops/s, create p50 {r['create']['p50_ms']:.1f} ms p99 {r['create']['p99_ms']:.1f} ms, errors {r['errors']}, stuck {r['stuck']}")
 for f in sorted(x for x in os.listdir(w) if x.startswith("3-")):
     r = j(f)
-    print(f"3 raw librbd, {r['threads']} threads: {r['ops_per_s']} ops/s, create p50 {r['create_p50_ms']} ms")
+    print(f"3 raw librbd ({f[2:-5]}), {r['threads']} threads: {r['ops_per_s']} ops/s, create p50 {r['create_p50_ms']} ms")
 PY

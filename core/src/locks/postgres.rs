@@ -308,6 +308,10 @@ impl Heartbeat {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            // The lease is checked before it is renewed: a process that was stopped or
+            // starved for longer than the fence (SIGSTOP, a stalled VM) may already count
+            // as dead to the other nodes, so a heartbeat written now would come too late.
+            self.fence_if_silent();
             match self.write().await {
                 Ok(()) if warned => {
                     tracing::warn!("heartbeat to PostgreSQL written again");
@@ -315,22 +319,28 @@ impl Heartbeat {
                 }
                 Ok(()) => {}
                 Err(e) => {
-                    let silent = self.last_ok.elapsed();
                     if !warned {
                         tracing::warn!(error = %e, "cannot write this node's heartbeat");
                         warned = true;
                     }
-                    if self.liveness.fence && silent >= self.liveness.fence_after() {
-                        tracing::error!(
-                            silent_ms = silent.as_millis() as u64,
-                            incarnation = crate::node::incarnation(),
-                            "no heartbeat reached PostgreSQL for {:?}: exiting, so that the nodes that will take over this node's operations never run beside it",
-                            self.liveness.fence_after()
-                        );
-                        std::process::exit(FENCED_EXIT);
-                    }
+                    self.fence_if_silent();
                 }
             }
+        }
+    }
+
+    /// Exits the process (with `fence`) once no heartbeat has been written for the fence
+    /// time.
+    fn fence_if_silent(&self) {
+        let silent = self.last_ok.elapsed();
+        if self.liveness.fence && silent >= self.liveness.fence_after() {
+            tracing::error!(
+                silent_ms = silent.as_millis() as u64,
+                incarnation = crate::node::incarnation(),
+                "no heartbeat reached PostgreSQL for {:?}: exiting, so that the nodes that will take over this node's operations never run beside it",
+                self.liveness.fence_after()
+            );
+            std::process::exit(FENCED_EXIT);
         }
     }
 }
