@@ -8,7 +8,8 @@
 #      b. `kiln bench api` with 1 client on 1 volume through one `kiln serve` (whole HTTP
 #         request: parse, locks, store, librbd, answer) on SQLite, then on PostgreSQL;
 #   2. scaling: `kiln bench api` with CLIENTS clients on VOLUMES volumes for DURATION s,
-#      requests spread over 1, 2 and 3 `kiln serve` nodes sharing that PostgreSQL and pool;
+#      through one node on SQLite, then with requests spread over 1, 2 and 3 `kiln serve`
+#      nodes sharing that PostgreSQL (each run on a fresh pool);
 #      CPU seconds each component used during the run (where the time goes);
 #   3. the raw primitive under the same load without kiln (tests/harness/rbd_snap_load.py:
 #      rbd_snap_create + rbd_snap_remove from VOLUMES threads — kiln runs one operation per
@@ -119,6 +120,12 @@ raw() {  # raw THREADS TAG
 }
 # The primitive before and after the kiln runs shows how far the cluster itself drifts.
 raw "$VOLUMES" before
+fresh_pool sqlite
+echo "== 2. one node on SQLite: $CLIENTS clients, $VOLUMES volumes, ${DURATION}s (fresh pool)"
+p=$(port); sq=$(config sqlite2 "" "$p"); serve sqlite2 "$sq" "$p"
+"$KILN_BIN" --format json bench api --url "http://127.0.0.1:$p" --clients "$CLIENTS" --volumes "$VOLUMES" --duration "$DURATION" >"$work/2-sqlite.json"
+stop_all
+cat "$work/2-sqlite.json"
 for n in 1 2 3; do
   fresh_pool "nodes-$n"
   echo "== 2. $n node(s): $CLIENTS clients, $VOLUMES volumes, ${DURATION}s, requests spread over the nodes (fresh pool)"
@@ -151,6 +158,8 @@ for k in ("create_ms", "delete_ms", "primitive_ms", "primitive_delete_ms"):
 s, p = j("1b-sqlite.json"), j("1b-pg.json")
 print(f"1b one client through kiln serve: create p50 sqlite {s['create']['p50_ms']:.2f} ms, postgresql {p['create']['p50_ms']:.2f} ms, ratio {p['create']['p50_ms']/s['create']['p50_ms']:.2f}")
 print(f"   delete p50 sqlite {s['delete']['p50_ms']:.2f} ms, postgresql {p['delete']['p50_ms']:.2f} ms")
+r = j("2-sqlite.json")
+print(f"2 1 node on SQLite: {r['ops_per_s']:.1f} ops/s, create p50 {r['create']['p50_ms']:.1f} ms p99 {r['create']['p99_ms']:.1f} ms, errors {r['errors']}, stuck {r['stuck']}")
 for n in (1, 2, 3):
     r = j(f"2-{n}.json")
     print(f"2 {n} node(s): {r['ops_per_s']:.1f} ops/s, create p50 {r['create']['p50_ms']:.1f} ms p99 {r['create']['p99_ms']:.1f} ms, errors {r['errors']}, stuck {r['stuck']}")
