@@ -15,7 +15,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 ///
 /// Exit codes: 0 ok, 1 internal error, 2 usage error, 3 not found, 4 invalid input,
 /// 5 wrong state, 6 busy (dependents exist), 7 unsupported, 8 backend failure, 9 store failure,
-/// 10 quota exceeded (API only).
+/// 10 quota exceeded (API only), 75 fenced (on a shared PostgreSQL store: this process lost
+/// its heartbeat and stopped so that other nodes may take its operations over).
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {

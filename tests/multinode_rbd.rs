@@ -715,7 +715,8 @@ async fn operations_of_a_killed_node_are_finished_or_rolled_back_by_the_others()
         .sum();
     assert!(recovered >= 4, "{}\n{}", c.log(0), c.log(1));
     // The snapshot created on Ceph before the kill was kept; the delete was carried out;
-    // the revert's volume is usable; the instance snapshot left no partial image.
+    // the revert was completed; the instance snapshot was rolled back: no image, and no
+    // snapshot left of either of its volumes.
     let sa = c
         .sql(&format!(
             "SELECT status FROM snapshots WHERE volume_id = '{a}'"
@@ -725,16 +726,25 @@ async fn operations_of_a_killed_node_are_finished_or_rolled_back_by_the_others()
     let sbr = c
         .sql(&format!("SELECT status FROM snapshots WHERE id = '{sb}'"))
         .await;
-    assert!(
-        sbr.is_empty() || sbr[0][0] == "available",
-        "delete: {sbr:?}"
-    );
+    assert!(sbr.is_empty(), "delete: {sbr:?}");
     let rvs = c
         .sql(&format!("SELECT status FROM volumes WHERE id = '{rv}'"))
         .await;
     assert_eq!(rvs[0][0], "available", "revert: {rvs:?}");
-    let images = c.sql("SELECT status FROM images").await;
-    assert!(images.iter().all(|r| r[0] == "active"), "{images:?}");
+    let survivors = format!("{}{}", c.log(0), c.log(1));
+    assert!(
+        survivors.lines().any(|l| l.contains("\"op\":\"revert\"")
+            && l.contains(&format!("revert to snapshot {srv} completed"))),
+        "the revert was not completed by a survivor: {survivors}"
+    );
+    let images = c.sql("SELECT id FROM images").await;
+    assert!(images.is_empty(), "{images:?}");
+    let member_snaps = c
+        .sql(&format!(
+            "SELECT count(*) FROM snapshots WHERE volume_id IN ('{d}', '{e}')"
+        ))
+        .await;
+    assert_eq!(member_snaps[0][0], "0");
     c.assert_store_matches_ceph().await;
     // The survivors keep serving.
     let more = c.snapshot(1, &a).await;

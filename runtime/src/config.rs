@@ -26,7 +26,7 @@ pub struct Config {
     /// The `[api]` section of `kiln serve` (parsed by the API crate).
     pub api: Option<toml::Table>,
     /// This node's name, for backends local to one node (`node = "..."` in a backend
-    /// table); overridden by `--node`/`KILN_NODE`; default: the host name.
+    /// table); overridden by `KILN_NODE`; default: the host name.
     pub node: Option<String>,
     /// `[store]`: where kiln's state lives.
     #[serde(default)]
@@ -42,7 +42,9 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// Most connections a kiln process opens for store queries (default 16).
     pub max_connections: Option<u32>,
-    /// Most lock sessions a kiln process holds at once: one per running operation (default 32).
+    /// Most lock sessions a kiln process holds at once (default 32): one per running
+    /// operation (two while an image delete removes its snapshots), and one per key a task
+    /// waits for in PostgreSQL; more wait for one to be released.
     pub lock_sessions: Option<usize>,
     /// Seconds to wait for PostgreSQL before an operation fails as unavailable (default 5).
     pub connect_timeout_secs: Option<u64>,
@@ -171,19 +173,19 @@ impl Config {
 }
 
 impl Config {
-    /// This node's name: `flag` (`--node`/`KILN_NODE`), then `node` in the config, then the
+    /// This node's name: `flag` (from the caller), then `node` in the config (which
+    /// [`Config::apply_env`] sets from `KILN_NODE`), then the
     /// host name (up to its first dot), validated.
     pub fn node_name(&self, flag: Option<String>) -> Result<String> {
-        let name = match flag.or_else(|| self.node.clone()) {
-            Some(n) => n,
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+        if let Some(name) = flag.or_else(|| self.node.clone()) {
+            node_name_ok(&name)?;
+            return Ok(name);
+        }
+        Ok(default_node_name(
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()
-                .and_then(|h| h.trim().split('.').next().map(str::to_string))
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "localhost".to_string()),
-        };
-        node_name_ok(&name)?;
-        Ok(name)
+                .as_deref(),
+        ))
     }
 }
 
@@ -200,6 +202,29 @@ impl Config {
         {
             self.store.url = Some(u);
         }
+    }
+}
+
+/// The node name when none is configured: the host name up to its first dot, reduced to
+/// the characters a node name may have; `localhost` when nothing usable is left (a host
+/// without a name says "(none)"). Never an error: a name nobody chose must not stop kiln.
+fn default_node_name(hostname: Option<&str>) -> String {
+    let short = hostname
+        .unwrap_or("")
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or("");
+    let name: String = short
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(MAX_BACKEND_NAME)
+        .collect();
+    let name = name.trim_start_matches('-').to_string();
+    if name.is_empty() {
+        "localhost".to_string()
+    } else {
+        name
     }
 }
 
@@ -289,6 +314,24 @@ mod tests {
         assert_eq!(
             m.store.recovery_interval(),
             std::time::Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn a_host_name_that_is_no_node_name_still_gives_one() {
+        assert_eq!(default_node_name(Some("kiln1.dc1.example\n")), "kiln1");
+        assert_eq!(default_node_name(Some("(none)")), "none");
+        assert_eq!(default_node_name(Some("-")), "localhost");
+        assert_eq!(default_node_name(None), "localhost");
+        // A configured name is checked, not repaired.
+        let c = Config {
+            node: Some("../x".into()),
+            ..Default::default()
+        };
+        assert!(c.node_name(None).is_err());
+        assert_eq!(
+            Config::default().node_name(Some("n1".into())).unwrap(),
+            "n1"
         );
     }
 

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OwnedMutexGuard;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{LocalLocks, LockKey, LockManager, LockSet, sorted};
 use crate::error::{Error, ErrorKind, Result, chain};
@@ -241,8 +241,30 @@ struct Heartbeat {
     config: tokio_postgres::Config,
     liveness: Liveness,
     client: Option<tokio_postgres::Client>,
-    last_ok: Instant,
+    /// When the last heartbeat was written, on the clock that keeps counting while the
+    /// machine (or VM) is suspended (`CLOCK_BOOTTIME`): a stall must show as silence.
+    last_ok: Duration,
+    /// Whether this incarnation's row exists (the first write creates it).
+    registered: bool,
 }
+
+/// `CLOCK_BOOTTIME`: monotonic, and unlike `Instant` it advances while the system sleeps.
+fn boottime() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+/// A heartbeat the server refused: this incarnation's lease had already run out there, so
+/// other nodes may be taking its work over.
+struct LeaseExpired;
 
 impl Heartbeat {
     fn new(config: tokio_postgres::Config, liveness: Liveness) -> Self {
@@ -250,7 +272,8 @@ impl Heartbeat {
             config,
             liveness,
             client: None,
-            last_ok: Instant::now(),
+            last_ok: boottime(),
+            registered: false,
         }
     }
 
@@ -258,8 +281,12 @@ impl Heartbeat {
     async fn write(&mut self) -> Result<()> {
         let limit = self.liveness.period().max(Duration::from_secs(1));
         match tokio::time::timeout(limit, self.try_write()).await {
-            Ok(Ok(())) => {
-                self.last_ok = Instant::now();
+            Ok(Ok(Ok(()))) => {
+                self.last_ok = boottime();
+                Ok(())
+            }
+            Ok(Ok(Err(LeaseExpired))) => {
+                self.fence("PostgreSQL says this process's heartbeat had expired");
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -276,27 +303,60 @@ impl Heartbeat {
         }
     }
 
-    async fn try_write(&mut self) -> std::result::Result<(), tokio_postgres::Error> {
+    async fn try_write(
+        &mut self,
+    ) -> std::result::Result<std::result::Result<(), LeaseExpired>, tokio_postgres::Error> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(conn);
             self.client = Some(client);
         }
         let Some(client) = &self.client else {
-            return Ok(());
+            return Ok(Ok(()));
         };
-        client
+        if !self.registered || !self.liveness.fence {
+            client
+                .execute(
+                    "INSERT INTO kiln_nodes (incarnation, node, pid) VALUES ($1, $2, $3)
+                     ON CONFLICT (incarnation) DO UPDATE SET heartbeat_at = now()",
+                    &[
+                        &crate::node::incarnation(),
+                        &crate::node::name(),
+                        &i64::from(std::process::id()),
+                    ],
+                )
+                .await?;
+            if !self.registered {
+                // Rows of incarnations dead for a day and owning no journal entry go.
+                client
+                    .execute(
+                        "DELETE FROM kiln_nodes WHERE heartbeat_at < now() - interval '1 day'
+                         AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.owner = kiln_nodes.incarnation)",
+                        &[],
+                    )
+                    .await?;
+            }
+            self.registered = true;
+            return Ok(Ok(()));
+        }
+        // The lease is renewed only while the server still counts it alive, by the server's
+        // clock: a process whose own clock stood still (a paused VM) cannot renew a lease
+        // the other nodes have seen expire.
+        let renewed = client
             .execute(
-                "INSERT INTO kiln_nodes (incarnation, node, pid) VALUES ($1, $2, $3)
-                 ON CONFLICT (incarnation) DO UPDATE SET heartbeat_at = now()",
+                "UPDATE kiln_nodes SET heartbeat_at = now()
+                 WHERE incarnation = $1 AND heartbeat_at > now() - make_interval(secs => $2)",
                 &[
                     &crate::node::incarnation(),
-                    &crate::node::name(),
-                    &i64::from(std::process::id()),
+                    &self.liveness.node_timeout.as_secs_f64(),
                 ],
             )
             .await?;
-        Ok(())
+        Ok(if renewed == 1 {
+            Ok(())
+        } else {
+            Err(LeaseExpired)
+        })
     }
 
     async fn run(mut self, stop: tokio_util::sync::CancellationToken) {
@@ -329,19 +389,32 @@ impl Heartbeat {
         }
     }
 
-    /// Exits the process (with `fence`) once no heartbeat has been written for the fence
-    /// time.
+    /// Fences (with `fence`) once no heartbeat has been written for the fence time.
     fn fence_if_silent(&self) {
-        let silent = self.last_ok.elapsed();
-        if self.liveness.fence && silent >= self.liveness.fence_after() {
-            tracing::error!(
-                silent_ms = silent.as_millis() as u64,
-                incarnation = crate::node::incarnation(),
-                "no heartbeat reached PostgreSQL for {:?}: exiting, so that the nodes that will take over this node's operations never run beside it",
+        let silent = boottime().saturating_sub(self.last_ok);
+        if silent >= self.liveness.fence_after() {
+            self.fence(&format!(
+                "no heartbeat reached PostgreSQL for {:.1} s (fence after {:?})",
+                silent.as_secs_f64(),
                 self.liveness.fence_after()
-            );
-            std::process::exit(FENCED_EXIT);
+            ));
         }
+    }
+
+    /// Ends the process at once, if fencing is on: `_exit`, so that no other thread runs
+    /// on and no exit handler (of librbd, say) can hang it. The line goes to stderr
+    /// directly — no logging layer may be able to flush it after `_exit`.
+    fn fence(&self, why: &str) {
+        if !self.liveness.fence {
+            tracing::warn!(reason = why, "lease lost (fencing is off in this process)");
+            return;
+        }
+        eprintln!(
+            "kiln: error: {why}: exiting (status {FENCED_EXIT}), so that the nodes that take over this process's operations never run beside it (incarnation {})",
+            crate::node::incarnation()
+        );
+        // SAFETY: _exit ends the process without running any Rust or C cleanup.
+        unsafe { libc::_exit(FENCED_EXIT) };
     }
 }
 
@@ -455,6 +528,7 @@ mod tests {
     use super::*;
     use crate::types::{InstanceId, VolumeId};
     use kiln_testpg::PgServer;
+    use std::time::Instant;
 
     /// A migrated database of the test process's server (locks need its heartbeat table).
     fn database() -> PgOptions {

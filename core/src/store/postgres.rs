@@ -351,7 +351,7 @@ impl SqlStore<Postgres> {
             // No round trip to test a connection each time it is handed out (it was one of
             // every four statements kiln sent): a connection the server closed is noticed
             // by the client (`has_broken`), and a call that fails on one before anything
-            // was committed is run once more on a new one (`Postgres::retry_closed`).
+            // was committed is run again on the next (up to the pool's size).
             .test_on_check_out(false)
             .connection_timeout(options.connect_timeout)
             .error_handler(Box::new(r2d2::LoggingErrorHandler))
@@ -601,7 +601,7 @@ impl<C: postgres::GenericClient> Sql for Runner<'_, C> {
 
 impl Database for Postgres {
     fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
-        let mut fresh = false;
+        let mut stale = 0;
         loop {
             let mut conn = self.conn()?;
             let (client, prepared) = conn.parts()?;
@@ -614,7 +614,7 @@ impl Database for Postgres {
             match failed {
                 // A pooled connection the server closed while it was idle (a restart):
                 // reads change nothing, so once more on a new connection.
-                Some(pg) if closed(&pg) && !fresh => fresh = true,
+                Some(pg) if closed(&pg) && stale < self.pool.max_size() => stale += 1,
                 _ => return r,
             }
         }
@@ -626,7 +626,9 @@ impl Database for Postgres {
         f: &mut WriteFn<'_, T>,
     ) -> Result<std::result::Result<T, Conflict>> {
         let mut attempt = 0;
-        let mut fresh = false;
+        // Connections found closed before anything was committed: after a server restart
+        // every idle one is, and each is only found out when used.
+        let mut stale = 0;
         loop {
             let mut conn = self.conn()?;
             let (client, prepared) = conn.parts()?;
@@ -650,8 +652,8 @@ impl Database for Postgres {
             let mut tx = match begun {
                 Ok(tx) => tx,
                 // A pooled connection the server closed while idle: nothing was sent.
-                Err(e) if closed(&e) && !fresh => {
-                    fresh = true;
+                Err(e) if closed(&e) && stale < self.pool.max_size() => {
+                    stale += 1;
                     continue;
                 }
                 Err(e) => return Err(pg_error("begin", e)),
@@ -673,8 +675,8 @@ impl Database for Postgres {
                 Ok(Err(e)) => match failed {
                     Some(pg) if retryable(&pg) => pg,
                     // The connection broke before COMMIT was sent: nothing was committed.
-                    Some(pg) if closed(&pg) && !fresh => {
-                        fresh = true;
+                    Some(pg) if closed(&pg) && stale < self.pool.max_size() => {
+                        stale += 1;
                         drop(pg);
                         continue;
                     }

@@ -2,8 +2,9 @@
 //!
 //! [`SqlStore`] implements [`Store`] on any [`Database`]: each guarded [`Step`], each read,
 //! and each row's decoding live here, in one SQL text. A database contributes only how to
-//! run a statement ([`Sql`]), how to open a read and a serializable write transaction, and
-//! its schema migrations. The text is written in the dialect SQLite and PostgreSQL share
+//! run a statement ([`Sql`]), how to run reads and a write transaction, and
+//! its schema migrations, and the locks its guards take ([`Sql::lock_row`]). The text is
+//! written in the dialect SQLite and PostgreSQL share
 //! (`?N` placeholders, which the PostgreSQL connection spells `$N`; the insertion order
 //! SQLite calls `rowid`, an explicit `seq` column there), so both stores answer every call
 //! with the same rows by construction.
@@ -208,9 +209,13 @@ pub type WriteFn<'a, T> = dyn FnMut(&mut dyn Sql) -> Result<std::result::Result<
 
 /// What a database provides to [`SqlStore`]: transactions over [`Sql`].
 pub trait Database: Send + Sync + 'static {
-    /// Runs `f` on a consistent read view.
+    /// Runs `f`'s reads. Each statement sees committed data; a read of several statements
+    /// (a volume, then its attachments) may see a commit land between them, as with
+    /// SQLite's autocommit reads.
     fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Sql) -> Result<T>) -> Result<T>;
-    /// Runs `f` in one serializable write transaction: committed when `f` returns
+    /// Runs `f` in one write transaction whose guards cannot change before it commits
+    /// (serialized writers on SQLite; on PostgreSQL the rows and named sets each guard locks
+    /// with [`Sql::lock_row`] / [`Sql::lock_name`]): committed when `f` returns
     /// `Ok(Ok(_))`, rolled back otherwise. `durable`: the commit must be on stable storage
     /// before this returns (see [`Batch::needs_sync`]). A database may run `f` more than once
     /// (a serialization failure is retried), so `f` must only touch the transaction.
