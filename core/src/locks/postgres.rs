@@ -418,6 +418,49 @@ impl Heartbeat {
     }
 }
 
+/// How often a lock waiting for another incarnation's running operation looks again.
+const OWNER_POLL: Duration = Duration::from_millis(200);
+
+impl PgLocks {
+    /// Another live incarnation with a journaled operation on one of `keys`' volumes, if
+    /// any. Normally there is none while the locks are held: its owner holds them. One
+    /// shows up only when the owner's session ended under it while the owner lives on.
+    async fn running_elsewhere(
+        &self,
+        session: &Session,
+        keys: &[LockKey],
+    ) -> Result<Option<String>> {
+        let volumes: Vec<String> = keys
+            .iter()
+            .filter_map(|k| match k {
+                LockKey::Volume(v) => Some(v.to_string()),
+                LockKey::Instance(_) => None,
+            })
+            .collect();
+        if volumes.is_empty() {
+            return Ok(None);
+        }
+        let rows = session
+            .client()?
+            .query(
+                "SELECT DISTINCT o.owner FROM operations o JOIN kiln_nodes n ON n.incarnation = o.owner
+                 WHERE o.volume_id = ANY($1) AND o.owner <> $2
+                 AND n.heartbeat_at > now() - make_interval(secs => $3)",
+                &[
+                    &volumes,
+                    &crate::node::incarnation(),
+                    &self.liveness.node_timeout.as_secs_f64(),
+                ],
+            )
+            .await
+            .map_err(|e| unavailable("read the journal", chain(&e)))?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .find(|owner| !crate::node::gone_from_this_host(owner)))
+    }
+}
+
 #[async_trait]
 impl LockManager for PgLocks {
     async fn owner_alive(&self, owner: Option<&str>) -> Result<bool> {
@@ -453,16 +496,29 @@ impl LockManager for PgLocks {
         for key in &keys {
             local.push(self.local.get(*key)?.lock_owned().await);
         }
-        // Any error (or this future being dropped) from here on drops the session
-        // unreleased: it is closed, and PostgreSQL frees what it took.
-        let session = self.session().await?;
-        for key in &keys {
-            session
-                .client()?
-                .execute("SELECT pg_advisory_lock($1)", &[&advisory_id(*key)])
-                .await
-                .map_err(|e| unavailable(&format!("lock {key}"), chain(&e)))?;
-        }
+        let session = loop {
+            // Any error (or this future being dropped) from here on drops the session
+            // unreleased: it is closed, and PostgreSQL frees what it took.
+            let session = self.session().await?;
+            for key in &keys {
+                session
+                    .client()?
+                    .execute("SELECT pg_advisory_lock($1)", &[&advisory_id(*key)])
+                    .await
+                    .map_err(|e| unavailable(&format!("lock {key}"), chain(&e)))?;
+            }
+            // A free lock can still have a running owner: one whose session ended while it
+            // ran (a server restart). Its journal entry and its heartbeat say so; wait
+            // until it is done (or dead) instead of running beside it.
+            match self.running_elsewhere(&session, &keys).await? {
+                None => break session,
+                Some(owner) => {
+                    tracing::info!(owner = %owner, "waiting for an operation that lost its lock session to finish");
+                    session.release().await;
+                    tokio::time::sleep(OWNER_POLL).await;
+                }
+            }
+        };
         let held = keys.len();
         Ok(LockSet::one(
             Box::new(PgGuard {
@@ -682,5 +738,70 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    /// A lock whose previous holder's session ended while that holder lives on (a server
+    /// restart) is not free for the taking: `lock` waits while a journaled operation on the
+    /// volume belongs to another live incarnation, and goes ahead once it is finished — or
+    /// at once when that incarnation's heartbeat is stale.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_waits_for_a_live_owner_that_lost_its_session() {
+        let o = database();
+        let locks = Arc::new(PgLocks::connect(&o, 4, TEST_LIVENESS).await.unwrap());
+        let (client, conn) = tokio_postgres::connect(&o.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let v = VolumeId::new();
+        client
+            .execute(
+                "INSERT INTO kiln_nodes (incarnation, node, pid) VALUES ('b:1:running', 'b', 1)",
+                &[],
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO operations (kind, volume_id, payload, started_at, pid, owner)
+                 VALUES ('create_snapshot', $1, 'null', '2026-01-01T00:00:00Z', 1, 'b:1:running')",
+                &[&v.to_string()],
+            )
+            .await
+            .unwrap();
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move { locks.lock(&[LockKey::Volume(v)]).await.map(|s| s.len()) })
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !waiter.is_finished(),
+            "took the lock beside a live owner's operation"
+        );
+        // The owner finishes: its journal entry goes.
+        client
+            .execute("DELETE FROM operations WHERE owner = 'b:1:running'", &[])
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the lock never followed the finished operation")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1);
+        // A dead owner (stale heartbeat) holds nothing back.
+        let w = VolumeId::new();
+        client
+            .batch_execute(&format!(
+                "UPDATE kiln_nodes SET heartbeat_at = now() - interval '1 hour' WHERE incarnation = 'b:1:running';
+                 INSERT INTO operations (kind, volume_id, payload, started_at, pid, owner)
+                 VALUES ('create_snapshot', '{w}', 'null', '2026-01-01T00:00:00Z', 1, 'b:1:running')"
+            ))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), locks.lock(&[LockKey::Volume(w)]))
+            .await
+            .expect("a dead owner's entry held the lock back")
+            .unwrap();
+        assert_eq!(got.len(), 1);
     }
 }
