@@ -56,13 +56,23 @@ pub struct StoreConfig {
     pub recovery_interval_secs: Option<u64>,
 }
 
+/// Smallest [`StoreConfig::node_timeout_secs`]: its third, the fence, must leave room for
+/// one heartbeat write (bounded at 1 s).
+pub const MIN_NODE_TIMEOUT_SECS: u64 = 3;
+
 /// Default of [`StoreConfig::lock_sessions`].
 pub const DEFAULT_LOCK_SESSIONS: usize = 32;
 
 impl StoreConfig {
-    /// See [`StoreConfig::node_timeout_secs`].
-    pub fn node_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.node_timeout_secs.unwrap_or(15).max(1))
+    /// See [`StoreConfig::node_timeout_secs`]; refused below [`MIN_NODE_TIMEOUT_SECS`].
+    pub fn node_timeout(&self) -> Result<std::time::Duration> {
+        let secs = self.node_timeout_secs.unwrap_or(15);
+        if secs < MIN_NODE_TIMEOUT_SECS {
+            return Err(Error::config(format!(
+                "[store] node_timeout_secs = {secs}: use at least {MIN_NODE_TIMEOUT_SECS} (a process fences itself after a third of it, and one heartbeat write may take a second)"
+            )));
+        }
+        Ok(std::time::Duration::from_secs(secs))
     }
 
     /// See [`StoreConfig::recovery_interval_secs`].
@@ -310,7 +320,16 @@ mod tests {
             }
         }
         let m = sample("kiln-multinode.toml");
-        assert_eq!(m.store.node_timeout(), std::time::Duration::from_secs(15));
+        assert_eq!(
+            m.store.node_timeout().unwrap(),
+            std::time::Duration::from_secs(15)
+        );
+        let short = StoreConfig {
+            node_timeout_secs: Some(2),
+            ..Default::default()
+        };
+        let e = short.node_timeout().unwrap_err();
+        assert!(e.to_string().contains("at least 3"), "{e}");
         assert_eq!(
             m.store.recovery_interval(),
             std::time::Duration::from_secs(10)

@@ -60,11 +60,11 @@ pub async fn build(config: &Config, data_dir: &Path) -> Result<Service> {
             Arc::new(FlockLocks::new(data_dir.join("locks"))?),
         ),
         Some(options) => {
-            let store = Arc::new(PostgresStore::connect(options)?);
             let liveness = Liveness {
-                node_timeout: config.store.node_timeout(),
+                node_timeout: config.store.node_timeout()?,
                 fence: true,
             };
+            let store = Arc::new(PostgresStore::connect(options)?);
             let sessions = config
                 .store
                 .lock_sessions
