@@ -94,17 +94,7 @@ impl Cluster {
         let url = pg.create_database();
         let pool = format!("kiln-mn-{}", common::unique_token());
         ceph(&["osd", "pool", "create", &pool, "8"]);
-        let out = Command::new("rbd")
-            .arg("-c")
-            .arg(common::rbd::ceph_conf())
-            .args(["pool", "init", &pool])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::rbd::rbd(&["pool", "init", &pool]);
         let mut nodes = Vec::new();
         for i in 0..n {
             let name = format!("n{}", i + 1);
@@ -337,6 +327,21 @@ impl Cluster {
         v["snapshot"]["id"].as_str().unwrap().to_string()
     }
 
+    /// A snapshot of `volume` created through node `a` and deleted through node `b`; then
+    /// nothing is left in flight and the store equals Ceph.
+    async fn still_serving(&self, a: usize, b: usize, volume: &str) {
+        let s = self.snapshot(a, volume).await;
+        self.ok(
+            b,
+            reqwest::Method::DELETE,
+            &format!("/v3/snapshots/{s}"),
+            None,
+        )
+        .await;
+        self.settled().await;
+        self.assert_store_matches_ceph().await;
+    }
+
     /// Rows of a query on the shared store, every column as text.
     async fn sql(&self, query: &str) -> Vec<Vec<String>> {
         let (url, query) = (self.url.clone(), query.to_string());
@@ -395,18 +400,7 @@ impl Cluster {
                 .or_default()
                 .insert(format!("snapshot-{}", r[1]));
         }
-        let out = Command::new("rbd")
-            .arg("-c")
-            .arg(common::rbd::ceph_conf())
-            .args(["ls", "-l", "--format", "json", &self.pool])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let listing: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let listing = common::rbd::rbd_json(&["ls", "-l", &self.pool]);
         let mut pool: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for e in listing.as_array().unwrap() {
             let image = e["image"].as_str().unwrap().to_string();
@@ -747,16 +741,7 @@ async fn operations_of_a_killed_node_are_finished_or_rolled_back_by_the_others()
     assert_eq!(member_snaps[0][0], "0");
     c.assert_store_matches_ceph().await;
     // The survivors keep serving.
-    let more = c.snapshot(1, &a).await;
-    c.ok(
-        0,
-        reqwest::Method::DELETE,
-        &format!("/v3/snapshots/{more}"),
-        None,
-    )
-    .await;
-    c.settled().await;
-    c.assert_store_matches_ceph().await;
+    c.still_serving(1, 0, &a).await;
 }
 
 /// PostgreSQL restarts while three nodes are under load: requests fail cleanly meanwhile,
@@ -800,16 +785,7 @@ async fn a_postgresql_restart_under_load_leaves_nothing_stuck() {
     // or in error; every one is final, and the store equals Ceph.
     c.assert_store_matches_ceph().await;
     // The nodes work normally again.
-    let s = c.snapshot(2, &volumes[0]).await;
-    c.ok(
-        1,
-        reqwest::Method::DELETE,
-        &format!("/v3/snapshots/{s}"),
-        None,
-    )
-    .await;
-    c.settled().await;
-    c.assert_store_matches_ceph().await;
+    c.still_serving(2, 1, &volumes[0]).await;
 }
 
 /// A node stalled for longer than its fence (SIGSTOP, as a frozen VM or a host that stops

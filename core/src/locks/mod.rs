@@ -20,6 +20,8 @@ use crate::types::{InstanceId, VolumeId};
 
 mod postgres;
 
+pub(crate) use postgres::stable_id;
+
 pub use postgres::{FENCED_EXIT, Liveness, PgLocks};
 
 /// What can be locked. Ordered, so every caller takes a set of locks in the same order and

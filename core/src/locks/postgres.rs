@@ -93,8 +93,14 @@ fn releasing(set: &Releasing) -> std::sync::MutexGuard<'_, HashSet<LockKey>> {
 /// kiln version on every node derives the same id. Non-negative, which leaves the negative
 /// ids to kiln's own bookkeeping locks (schema migration).
 pub fn advisory_id(key: LockKey) -> i64 {
+    stable_id(&key.to_string())
+}
+
+/// FNV-1a of `name`, as a non-negative `i64`: the same on every node and kiln version
+/// (std's hasher promises neither).
+pub(crate) fn stable_id(name: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.to_string().bytes() {
+    for b in name.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

@@ -163,16 +163,11 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// The transaction-level advisory-lock id of a [`Sql::lock_name`] name: FNV-1a, made
-/// negative so that it never meets an operation's lock ([`crate::locks::advisory_id`] is
+/// The transaction-level advisory-lock id of a [`Sql::lock_name`] name: the same stable
+/// hash as operations' locks, made negative so that it never meets one of them (theirs are
 /// never negative).
 fn store_lock_id(name: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    -((h & (i64::MAX as u64)) as i64) - 1
+    -crate::locks::stable_id(name) - 1
 }
 
 /// Advisory-lock key that serializes `kiln store migrate` runs (outside the range
