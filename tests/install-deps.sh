@@ -17,10 +17,12 @@
 #   postgresql          the shared store of several kiln nodes: the tests start throw-away
 #                       servers of their own (initdb/postgres on a loopback port, as the
 #                       `postgres` user); Debian's own cluster is not used
+#   iproute2            `ip netns`/veth for the network-cut test of several nodes (its TCP
+#                       relay, tests/harness/tcp_relay.py, runs on the machine's python3)
 set -euo pipefail
 packages=(
   python3-venv curl
-  postgresql
+  postgresql iproute2
   xfsprogs
   ceph-mon ceph-mgr ceph-osd ceph-common librados-dev librbd-dev
   user-mode-linux lvm2 thin-provisioning-tools kmod

@@ -9,7 +9,11 @@
 //! - one node is SIGKILLed while snapshot creates, deletes, a revert and an instance
 //!   snapshot are in flight on it (held by fail points): the other nodes finish or roll back
 //!   each one, and the time each took is measured;
-//! - PostgreSQL restarts under load: nothing stays in a transitional status.
+//! - PostgreSQL restarts under load: nothing stays in a transitional status; restarted under
+//!   an operation in flight, it lets no other node run beside that operation;
+//! - a real network cut (a veth link into a network namespace, taken down) between one node
+//!   and PostgreSQL: the node fences itself, another finishes its work;
+//! - the survivors blocklist a dead node's Ceph client before taking its work over.
 //!
 //! Needs the binary built with `rbd,failpoints`, root (the server runs as `postgres`), and
 //! Debian's postgresql (tests/install-deps.sh).
@@ -89,8 +93,13 @@ fn ceph(args: &[&str]) -> String {
 impl Cluster {
     /// PostgreSQL, a pool of its own, `kiln store migrate`, and `n` nodes (not started).
     fn new(n: usize) -> Cluster {
+        Cluster::with(n, Options::default())
+    }
+
+    /// [`Cluster::new`] with a server started with `options`.
+    fn with(n: usize, options: Options) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let pg = PgServer::start(Options { durable: false });
+        let pg = PgServer::start(options);
         let url = pg.create_database();
         let pool = format!("kiln-mn-{}", common::unique_token());
         ceph(&["osd", "pool", "create", &pool, "8"]);
@@ -342,13 +351,64 @@ impl Cluster {
         self.assert_store_matches_ceph().await;
     }
 
+    /// Node `i` reaches PostgreSQL at `url` instead (restart it to take effect).
+    fn set_store_url(&self, i: usize, url: &str) {
+        let config = &self.nodes[i].config;
+        let text = std::fs::read_to_string(config).unwrap();
+        let text = text.replace(&format!("url = {:?}", self.url), &format!("url = {url:?}"));
+        std::fs::write(config, text).unwrap();
+    }
+
+    /// Starts a snapshot create of `volume` on node `i` (started with [`HANG`]) and returns
+    /// once its Ceph snapshot exists and the fail point holds it, journaled.
+    async fn snapshot_held_in_flight(self: &Arc<Self>, i: usize, volume: &str) {
+        {
+            let (c, v) = (self.clone(), volume.to_string());
+            tokio::spawn(async move {
+                let body = json!({"snapshot": {"volume_id": v, "force": true}});
+                let _ = c
+                    .call(i, reqwest::Method::POST, "/v3/snapshots", Some(body))
+                    .await;
+            });
+        }
+        let q = format!(
+            "SELECT count(*) FROM operations WHERE owner LIKE '{}:%'",
+            self.nodes[i].name
+        );
+        self.until(async |c: &Cluster| c.sql(&q).await[0][0] == "1")
+            .await;
+        // Let the snapshot reach Ceph (the fail point holds the operation after the driver).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    /// The snapshot create held in flight on `volume` by a node that went away was
+    /// finished by node `i`: one snapshot, available, and store == Ceph.
+    async fn finished_by(&self, i: usize, volume: &str) {
+        let snaps = self
+            .sql(&format!(
+                "SELECT status FROM snapshots WHERE volume_id = '{volume}'"
+            ))
+            .await;
+        assert_eq!(snaps, vec![vec!["available".to_string()]]);
+        assert!(
+            self.log(i).contains("recovered an unfinished operation"),
+            "{}",
+            self.log(i)
+        );
+        self.assert_store_matches_ceph().await;
+    }
+
     /// Rows of a query on the shared store, every column as text.
     async fn sql(&self, query: &str) -> Vec<Vec<String>> {
+        self.try_sql(query).await.unwrap()
+    }
+
+    /// [`Cluster::sql`], or the error (the server may be restarting).
+    async fn try_sql(&self, query: &str) -> Result<Vec<Vec<String>>, postgres::Error> {
         let (url, query) = (self.url.clone(), query.to_string());
         tokio::task::spawn_blocking(move || {
-            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            c.simple_query(&query)
-                .unwrap()
+            let mut c = postgres::Client::connect(&url, postgres::NoTls)?;
+            Ok(c.simple_query(&query)?
                 .into_iter()
                 .filter_map(|m| match m {
                     postgres::SimpleQueryMessage::Row(r) => Some(
@@ -358,7 +418,7 @@ impl Cluster {
                     ),
                     _ => None,
                 })
-                .collect()
+                .collect())
         })
         .await
         .unwrap()
@@ -739,6 +799,27 @@ async fn operations_of_a_killed_node_are_finished_or_rolled_back_by_the_others()
         ))
         .await;
     assert_eq!(member_snaps[0][0], "0");
+    // Before taking the victim's operations over, a survivor blocklisted the victim's Ceph
+    // client (the address it published in its heartbeat row): its watches on the images
+    // it had open ended at once instead of after Ceph's watch timeout.
+    let fences = c
+        .sql("SELECT fences FROM kiln_nodes WHERE node = 'n3'")
+        .await;
+    let published: Vec<String> = serde_json::from_str(&fences[0][0]).unwrap();
+    assert!(!published.is_empty(), "the victim published no Ceph client");
+    let blocklist = ceph(&["osd", "blocklist", "ls"]);
+    for handle in &published {
+        // ceph:<fsid>:<address>
+        let addr = handle.splitn(3, ':').nth(2).unwrap();
+        assert!(
+            blocklist.contains(addr),
+            "{addr} is not blocklisted: {blocklist}"
+        );
+    }
+    assert!(
+        survivors.contains("fenced a dead kiln process off the backend"),
+        "{survivors}"
+    );
     c.assert_store_matches_ceph().await;
     // The survivors keep serving.
     c.still_serving(1, 0, &a).await;
@@ -800,23 +881,7 @@ async fn a_node_stalled_past_its_fence_exits_when_it_resumes_and_another_takes_o
     c.start(1, Some(HANG)).await;
     let v = c.volume(0, "stalled").await;
     let c = Arc::new(c);
-    {
-        let (c, v) = (c.clone(), v.clone());
-        tokio::spawn(async move {
-            let body = json!({"snapshot": {"volume_id": v, "force": true}});
-            let _ = c
-                .call(1, reqwest::Method::POST, "/v3/snapshots", Some(body))
-                .await;
-        });
-    }
-    c.until(async |c: &Cluster| {
-        c.sql("SELECT count(*) FROM operations WHERE owner LIKE 'n2:%'")
-            .await[0][0]
-            == "1"
-    })
-    .await;
-    // Let the snapshot reach Ceph (the fail point holds the operation after the driver).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.snapshot_held_in_flight(1, &v).await;
     let pid = c.pid(1);
     // SAFETY: plain kill(2) of the node process this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -837,16 +902,300 @@ async fn a_node_stalled_past_its_fence_exits_when_it_resumes_and_another_takes_o
         c.log(1)
     );
     c.settled().await;
-    let snaps = c
-        .sql(&format!(
-            "SELECT status FROM snapshots WHERE volume_id = '{v}'"
-        ))
+    c.finished_by(0, &v).await;
+}
+
+/// PostgreSQL restarts while node 2 is inside a snapshot create (paused after the driver by
+/// a fail point): the restart ends node 2's lock session, so on the server its volume lock
+/// is free while the create still runs. A create on the same volume through node 1 must not
+/// run beside it: sampled every 50 ms, the volume never has two snapshots `creating` at
+/// once, node 1's snapshot appears only once node 2's is available, and node 1 says it
+/// waited for the operation that lost its lock session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgresql_restart_does_not_let_another_node_run_beside_an_operation() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::new(2);
+    c.start(0, None).await;
+    c.start(1, Some("create_snapshot::after_driver=return(sleep:8000)"))
         .await;
-    assert_eq!(snaps, vec![vec!["available".to_string()]]);
+    let v = c.volume(0, "exclusive").await;
+    let c = Arc::new(c);
+    let body = json!({"snapshot": {"volume_id": v, "force": true}});
+    let first = {
+        let (c, body) = (c.clone(), body.clone());
+        tokio::spawn(async move {
+            c.call(1, reqwest::Method::POST, "/v3/snapshots", Some(body))
+                .await
+        })
+    };
+    c.until(async |c: &Cluster| {
+        c.sql("SELECT count(*) FROM operations WHERE owner LIKE 'n2:%'")
+            .await[0][0]
+            == "1"
+    })
+    .await;
+    // Samples of (snapshot id, status) on the volume until both creates are done.
+    let sampler = {
+        let (c, v) = (c.clone(), v.clone());
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let q = format!("SELECT id, status FROM snapshots WHERE volume_id = '{v}' ORDER BY id");
+            loop {
+                if let Ok(rows) = c.try_sql(&q).await {
+                    let done = rows.len() == 2 && rows.iter().all(|r| r[1] == "available");
+                    samples.push((Instant::now(), rows));
+                    if done {
+                        return samples;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let c2 = c.clone();
+    tokio::task::spawn_blocking(move || c2.pg.restart())
+        .await
+        .unwrap();
+    // Node 1's lock sessions died in the restart too: a request may fail as unavailable
+    // (503) before one is replaced; a client retries those.
+    let second = loop {
+        let (st, b) = c
+            .call(
+                0,
+                reqwest::Method::POST,
+                "/v3/snapshots",
+                Some(body.clone()),
+            )
+            .await
+            .unwrap();
+        if st != 503 {
+            break (st, b);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!((200..300).contains(&second.0), "{second:?}");
+    let mine = second.1["snapshot"]["id"].as_str().unwrap().to_string();
+    let (st, b) = first.await.unwrap().unwrap();
+    assert!((200..300).contains(&st), "{st} {b}");
+    let theirs = b["snapshot"]["id"].as_str().unwrap().to_string();
+    let samples = tokio::time::timeout(LIMIT, sampler).await.unwrap().unwrap();
+    let theirs_available = samples
+        .iter()
+        .find(|(_, rows)| rows.iter().any(|r| r[0] == theirs && r[1] == "available"))
+        .map(|(t, _)| *t)
+        .unwrap();
+    for (t, rows) in &samples {
+        let creating = rows.iter().filter(|r| r[1] == "creating").count();
+        assert!(creating <= 1, "two creates ran at once: {rows:?}");
+        if rows.iter().any(|r| r[0] == mine) {
+            assert!(
+                *t >= theirs_available,
+                "node 1's snapshot appeared before node 2's create finished: {rows:?}"
+            );
+        }
+    }
     assert!(
-        c.log(0).contains("recovered an unfinished operation"),
+        c.log(0)
+            .contains("waiting for an operation that lost its lock session"),
         "{}",
         c.log(0)
     );
+    c.settled().await;
+    assert!(c.alive(0) && c.alive(1));
     c.assert_store_matches_ceph().await;
+}
+
+/// A network namespace joined to this one by a veth link, with a TCP relay inside it
+/// (tests/harness/tcp_relay.py): a node that reaches PostgreSQL through the relay loses it
+/// for real when the link is cut — no FIN, no RST, on both legs — while its Ceph traffic
+/// (loopback) goes on. Removed on drop.
+struct CutLink {
+    ns: String,
+    host_if: String,
+    host: std::net::Ipv4Addr,
+    relay: std::net::Ipv4Addr,
+    relay_child: Option<Child>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl CutLink {
+    fn new() -> CutLink {
+        let n = std::process::id() % 250 + 1;
+        let link = CutLink {
+            ns: format!("kiln-cut-{}", std::process::id()),
+            host_if: format!("kch{n}"),
+            host: std::net::Ipv4Addr::new(10, 213, n as u8, 1),
+            relay: std::net::Ipv4Addr::new(10, 213, n as u8, 2),
+            relay_child: None,
+        };
+        let peer = format!("kcr{n}");
+        ip(&["netns", "add", &link.ns]);
+        ip(&[
+            "link",
+            "add",
+            &link.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &link.ns]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", link.host),
+            "dev",
+            &link.host_if,
+        ]);
+        ip(&["link", "set", &link.host_if, "up"]);
+        let inside = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", &link.ns, "ip"];
+            a.extend_from_slice(args);
+            ip(&a);
+        };
+        inside(&["addr", "add", &format!("{}/24", link.relay), "dev", &peer]);
+        inside(&["link", "set", &peer, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        link
+    }
+
+    /// Starts the relay: `relay:5432` inside the namespace to `host:port`, the server.
+    fn relay_to(&mut self, port: u16) -> String {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/harness/tcp_relay.py");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "python3", script])
+            .arg(self.relay.to_string())
+            .arg("5432")
+            .arg(self.host.to_string())
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: prctl only sets the child's parent-death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "listening");
+        self.relay_child = Some(child);
+        format!("{}:5432", self.relay)
+    }
+
+    /// Cuts the link: the relay's side goes down, so packets both ways are dropped.
+    fn cut(&self) {
+        ip(&[
+            "netns",
+            "exec",
+            &self.ns,
+            "ip",
+            "link",
+            "set",
+            "dev",
+            &format!("kcr{}", &self.host_if[3..]),
+            "down",
+        ]);
+    }
+}
+
+impl Drop for CutLink {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.relay_child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+/// A real network cut between one node and PostgreSQL (its traffic crosses a veth link into
+/// another network namespace, which the test takes down; Ceph stays reachable). The node,
+/// caught inside a snapshot create, can no longer renew its heartbeat and exits (status 75)
+/// within its fence time; the server notices the dead connection by its TCP keepalives and
+/// frees the node's lock; another node then finishes the create. Nothing runs twice: the
+/// volume ends with exactly one snapshot, available, in the store and in Ceph.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_postgresql_fences_itself_and_another_takes_over() {
+    let _serial = SERIAL.lock().await;
+    let mut link = CutLink::new();
+    let c = Cluster::with(
+        2,
+        Options {
+            also_listen: Some(link.host),
+            ..Options::default()
+        },
+    );
+    let via = link.relay_to(c.pg.port());
+    let (dbname, _) = c
+        .url
+        .rsplit_once('/')
+        .map(|(a, b)| (b.to_string(), a))
+        .unwrap();
+    c.set_store_url(1, &format!("postgresql://kiln@{via}/{dbname}"));
+    c.start(0, None).await;
+    c.start(1, Some(HANG)).await;
+    // Node 2 really goes through the relay.
+    let through: i64 = c
+        .sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE client_addr = '{}'",
+            link.relay
+        ))
+        .await[0][0]
+        .parse()
+        .unwrap();
+    assert!(
+        through >= 1,
+        "node 2 does not reach PostgreSQL through the relay"
+    );
+    let v = c.volume(0, "cut").await;
+    let c = Arc::new(c);
+    c.snapshot_held_in_flight(1, &v).await;
+    let cut = Instant::now();
+    link.cut();
+    let st = c.exited(1).await;
+    let fenced = cut.elapsed();
+    eprintln!(
+        "cut-off node exited {:.2} s after the cut: {st}",
+        fenced.as_secs_f64()
+    );
+    assert_eq!(st.code(), Some(75), "{}", c.log(1));
+    assert!(
+        c.log(1).contains("no heartbeat reached PostgreSQL"),
+        "{}",
+        c.log(1)
+    );
+    // It fenced before the others may count it dead (the fence is a third of the timeout;
+    // a heartbeat write that hangs is bounded at 1 s).
+    assert!(
+        fenced < Duration::from_secs(NODE_TIMEOUT_SECS),
+        "fenced only after {fenced:?}"
+    );
+    c.settled().await;
+    eprintln!(
+        "taken over {:.2} s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
+    c.finished_by(0, &v).await;
+    c.still_serving(0, 0, &v).await;
 }

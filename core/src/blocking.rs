@@ -130,6 +130,11 @@ pub trait BlockingDriver: Send + Sync + 'static {
         let _ = v;
         Ok(())
     }
+    /// See [`VolumeDriver::fence`]. The default fences nothing.
+    fn fence(&self, handles: &[String]) -> Result<Vec<String>> {
+        let _ = handles;
+        Ok(vec![])
+    }
     /// See [`VolumeDriver::bench`]. A driver with a primitive returns `Some(self)`.
     fn bench(self: Arc<Self>) -> Option<Arc<dyn BenchPrimitives>> {
         None
@@ -417,6 +422,14 @@ impl<D: BlockingDriver> VolumeDriver for Blocking<D> {
         let v = v.clone();
         self.call("prepare_snapshot", v.id.to_string(), move |d| {
             d.prepare_snapshot(&v)
+        })
+        .await
+    }
+
+    async fn fence(&self, handles: &[String]) -> Result<Vec<String>> {
+        let handles = handles.to_vec();
+        self.call("fence", format!("{} handle(s)", handles.len()), move |d| {
+            d.fence(&handles)
         })
         .await
     }

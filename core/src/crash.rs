@@ -34,11 +34,11 @@ pub fn crash_point(op: &str, moment: &str) {
     let _ = (op, moment);
 }
 
-/// Like [`crash_point`], for async code, with one more action: a fail point configured
-/// `return(hang)` (e.g. `FAILPOINTS=create_snapshot::after_driver=return(hang)`) stops the
-/// operation right there, forever, holding its locks and its journal entry, without
-/// blocking a runtime thread — an operation caught in flight, for tests that kill the
-/// process (or the node) under it.
+/// Like [`crash_point`], for async code, with two more actions that catch an operation in
+/// flight, holding its locks and its journal entry, without blocking a runtime thread:
+/// `return(hang)` (e.g. `FAILPOINTS=create_snapshot::after_driver=return(hang)`) stops it
+/// there forever, for tests that kill the process (or the node) under it;
+/// `return(sleep:MS)` pauses it for MS milliseconds, then lets it go on.
 pub async fn crash_point_async(op: &str, moment: &str) {
     #[cfg(feature = "failpoints")]
     {
@@ -48,6 +48,11 @@ pub async fn crash_point_async(op: &str, moment: &str) {
             Some(Some(arg)) if arg == "hang" => {
                 tracing::error!(point = %name, "fail point hit: hanging this operation");
                 std::future::pending::<()>().await;
+            }
+            Some(Some(arg)) if arg.starts_with("sleep:") => {
+                let ms = arg["sleep:".len()..].parse::<u64>().unwrap_or(0);
+                tracing::error!(point = %name, ms, "fail point hit: pausing this operation");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             Some(_) => {
                 tracing::error!(point = %name, "fail point hit: aborting the process");

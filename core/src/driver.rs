@@ -283,6 +283,17 @@ pub trait VolumeDriver: Send + Sync {
         Ok(None)
     }
 
+    /// Cuts off from this backend's storage every client among `handles` (published by a
+    /// dead kiln process with [`crate::node::publish_fence`]) that this backend recognises,
+    /// so that what that process left behind — open watches, writes in flight, a process
+    /// only stalled — can neither hold up nor disturb the operations another node takes
+    /// over. Returns what it fenced (for the log). Backends a dead process cannot reach
+    /// any more (local files, LVM) keep the default: nothing to do.
+    async fn fence(&self, handles: &[String]) -> Result<Vec<String>> {
+        let _ = handles;
+        Ok(vec![])
+    }
+
     /// The benchmark capability, when this backend has a raw primitive to time.
     fn bench(&self) -> Option<std::sync::Arc<dyn BenchPrimitives>> {
         None

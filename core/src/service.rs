@@ -530,10 +530,7 @@ impl Service {
             .await?
             .open_snapshot_reader(&s)
             .await?;
-        Ok(LockedReader {
-            reader,
-            _locks: locks,
-        })
+        Ok(LockedReader::new(reader, Arc::new(locks)))
     }
 
     /// Opens snapshot `to` as a diff stream source: the whole snapshot, or with `from` (an
@@ -577,6 +574,17 @@ impl Service {
             }
         };
         let mut src = ops::backup::delta_locked(&self.ctx, &s, older.as_ref()).await?;
+        let locks = Arc::new(locks);
+        src.to = Box::new(LockedReader::new(src.to, locks.clone()));
+        src.base = src.base.take().map(|b| crate::delta::Base {
+            name: b.name,
+            changes: match b.changes {
+                crate::delta::Changes::Compare(r) => {
+                    crate::delta::Changes::Compare(Box::new(LockedReader::new(r, locks.clone())))
+                }
+                tracked => tracked,
+            },
+        });
         src.guard = Some(Box::new(locks));
         Ok(src)
     }
@@ -774,10 +782,17 @@ pub struct ImportedDiff {
     pub snapshot: Option<Snapshot>,
 }
 
-/// A snapshot reader that keeps its volume locked while it lives.
+/// A snapshot reader that keeps its volume locked while it lives, and stops reading (an
+/// error) once that lock ended under it ([`LockSet::intact`]).
 pub struct LockedReader {
     reader: Box<dyn SnapshotReader>,
-    _locks: LockSet,
+    locks: Arc<LockSet>,
+}
+
+impl LockedReader {
+    fn new(reader: Box<dyn SnapshotReader>, locks: Arc<LockSet>) -> Self {
+        LockedReader { reader, locks }
+    }
 }
 
 impl SnapshotReader for LockedReader {
@@ -788,7 +803,11 @@ impl SnapshotReader for LockedReader {
         self.reader.extents()
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.reader.read_at(offset, buf)
+        let n = self.reader.read_at(offset, buf)?;
+        // Checked after the read: while the lock still stands, nothing it protects can have
+        // changed during it.
+        self.locks.intact().map_err(std::io::Error::other)?;
+        Ok(n)
     }
 }
 

@@ -1798,11 +1798,8 @@ async fn a_revert_that_invalidates_another_snapshot_marks_that_one_error_not_the
     assert!(f.store.operations().unwrap().is_empty());
 }
 
-/// On a shared store a free lock does not prove its owner dead (a PostgreSQL restart ends
-/// every node's sessions): recovery leaves a journaled operation alone while its owner's
-/// heartbeat is fresh, and takes it over once the heartbeat is older than the node timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_leaves_a_live_nodes_operation_alone_and_takes_over_a_dead_ones() {
+/// A service on a fresh PostgreSQL database with one volume and one snapshot of it.
+async fn postgres_snapshot() -> (Backing, Arc<dyn Store>, Service, Volume, Snapshot) {
     let backing = Backing::postgres();
     let store = backing.store();
     let fake = Arc::new(FakeDriver::default());
@@ -1815,6 +1812,15 @@ async fn recovery_leaves_a_live_nodes_operation_alone_and_takes_over_a_dead_ones
         .await
         .unwrap();
     let s = svc.create_snapshot(v.id, None, false).await.unwrap();
+    (backing, store, svc, v, s)
+}
+
+/// On a shared store a free lock does not prove its owner dead (a PostgreSQL restart ends
+/// every node's sessions): recovery leaves a journaled operation alone while its owner's
+/// heartbeat is fresh, and takes it over once the heartbeat is older than the node timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_leaves_a_live_nodes_operation_alone_and_takes_over_a_dead_ones() {
+    let (backing, store, svc, v, s) = postgres_snapshot().await;
     let store2 = store.clone();
     off_runtime(move || {
         store2
@@ -1859,4 +1865,81 @@ async fn recovery_leaves_a_live_nodes_operation_alone_and_takes_over_a_dead_ones
     assert_eq!(done[0].operation.owner.as_deref(), Some("b:1:alive"));
     let store3 = store.clone();
     assert!(off_runtime(move || store3.snapshot(s.id).unwrap()).is_none());
+}
+
+/// A snapshot reader holds its volume's lock; on PostgreSQL that lock is a session, which
+/// the server can end under a live node (a restart, `pg_terminate_backend`). The reader
+/// then stops with an error instead of reading on unprotected from another node's change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_reader_stops_once_its_lock_session_ends() {
+    let (backing, _store, svc, v, s) = postgres_snapshot().await;
+    let mut reader = svc.open_snapshot_reader(s.id).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    reader.read_at(0, &mut buf).unwrap();
+    let url = backing.postgres.as_ref().unwrap().url.clone();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let ended: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND objid = ($1::bigint & 4294967295)::oid AND classid = ($1::bigint >> 32)::oid AND granted",
+            &[&crate::locks::advisory_id(v.id.into())],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended, 1, "the reader's lock session was not found");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let e = loop {
+        match reader.read_at(0, &mut buf) {
+            Ok(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the reader never noticed its lost lock"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(e.to_string().contains("lock was lost"), "{e}");
+}
+
+/// An image delete takes every lock it needs (its instance and its snapshots' volumes) in
+/// one set: with a single PostgreSQL lock session it still runs, where a second set taken
+/// while the first was held would wait forever for a session of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_delete_needs_one_lock_session() {
+    let backing = Backing::postgres();
+    let store = backing.store();
+    let fake = Arc::new(FakeDriver::default());
+    let mut backends = Backends::new("mem");
+    backends.add_driver("mem", "fake", fake.clone());
+    backends.add_driver("mem2", "fake", Arc::new(FakeDriver::default()));
+    let liveness = crate::locks::Liveness {
+        fence: false,
+        ..Default::default()
+    };
+    let locks = Arc::new(
+        PgLocks::connect(backing.postgres.as_ref().unwrap(), 1, liveness)
+            .await
+            .unwrap(),
+    );
+    let svc = Service::new(store.clone(), backends, locks).unwrap();
+    let (inst, _vols) = instance_with_volumes(&svc).await;
+    let img = svc
+        .snapshot_instance(snap_req(inst, Quiesce::Off))
+        .await
+        .unwrap()
+        .image;
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        svc.delete_image(img.id, false),
+    )
+    .await
+    .expect("the image delete waited for a second lock session")
+    .unwrap();
+    assert_eq!(r.snapshots_deleted.len(), img.snapshots.len());
+    assert!(svc.images().await.unwrap().is_empty());
 }

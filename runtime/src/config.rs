@@ -43,14 +43,15 @@ pub struct StoreConfig {
     /// Most connections a kiln process opens for store queries (default 16).
     pub max_connections: Option<u32>,
     /// Most lock sessions a kiln process holds at once (default 32): one per running
-    /// operation (two while an image delete removes its snapshots), and one per key a task
-    /// waits for in PostgreSQL; more wait for one to be released.
+    /// operation, and one per key a task waits for in PostgreSQL; more wait for one to be
+    /// released.
     pub lock_sessions: Option<usize>,
     /// Seconds to wait for PostgreSQL before an operation fails as unavailable (default 5).
     pub connect_timeout_secs: Option<u64>,
     /// Seconds after its last heartbeat that a kiln process counts as dead, so another node
     /// may take over its unfinished operations; a process that cannot write its heartbeat
-    /// for a third of this exits (default 15; use the same value on every node).
+    /// for a third of this exits (default 15; each process declares its own in its
+    /// heartbeat row).
     pub node_timeout_secs: Option<u64>,
     /// Seconds between `kiln serve`'s recovery passes (default 10).
     pub recovery_interval_secs: Option<u64>,

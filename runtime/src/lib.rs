@@ -64,7 +64,14 @@ pub async fn build(config: &Config, data_dir: &Path) -> Result<Service> {
                 node_timeout: config.store.node_timeout()?,
                 fence: true,
             };
-            let store = Arc::new(PostgresStore::connect(options)?);
+            // Connecting blocks (the store's client is synchronous): on the blocking
+            // pool, so that no runtime worker stalls while PostgreSQL answers slowly.
+            let opts = options.clone();
+            let store = Arc::new(
+                tokio::task::spawn_blocking(move || PostgresStore::connect(&opts))
+                    .await
+                    .map_err(|e| Error::store(format!("store connect task failed: {e}")))??,
+            );
             let sessions = config
                 .store
                 .lock_sessions

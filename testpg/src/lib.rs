@@ -27,11 +27,14 @@ use std::time::{Duration, Instant};
 const START_LIMIT: Duration = Duration::from_secs(60);
 
 /// Settings of a throw-away server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// fsync and synchronous commit on, as a production server (benchmarks); off for
     /// tests, which never cut the power.
     pub durable: bool,
+    /// Also listen on this address (besides 127.0.0.1), trusting clients of its /24: a
+    /// test that reaches the server through another network namespace.
+    pub also_listen: Option<std::net::Ipv4Addr>,
 }
 
 /// A running throw-away server.
@@ -50,7 +53,7 @@ static DATABASES: AtomicU32 = AtomicU32::new(0);
 impl PgServer {
     /// The test process's shared server (started on first use, non-durable).
     pub fn shared() -> &'static PgServer {
-        SHARED.get_or_init(|| PgServer::start(Options { durable: false }))
+        SHARED.get_or_init(|| PgServer::start(Options::default()))
     }
 
     /// Starts a server of its own; dropping it stops it. Panics if PostgreSQL cannot start.
@@ -93,6 +96,14 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(addr) = options.also_listen {
+            let hba = data.join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba)
+                .unwrap_or_else(|e| panic!("read {}: {e}", hba.display()));
+            let [a, b, c, _] = addr.octets();
+            text.push_str(&format!("host all all {a}.{b}.{c}.0/24 trust\n"));
+            std::fs::write(&hba, text).unwrap_or_else(|e| panic!("write {}: {e}", hba.display()));
+        }
         let server = PgServer {
             dir,
             bindir,
@@ -109,12 +120,21 @@ impl PgServer {
     /// accepts connections.
     fn run(&self) {
         let flag = if self.options.durable { "on" } else { "off" };
+        let listen = match self.options.also_listen {
+            Some(a) => format!("127.0.0.1,{a}"),
+            None => "127.0.0.1".to_string(),
+        };
         let mut cmd = Command::new(self.bindir.join("postgres"));
         cmd.arg("-D")
             .arg(self.dir.join("data"))
             .arg("-k")
             .arg(&self.dir)
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-h", &listen, "-p", &self.port.to_string()])
+            // A client whose network went away is noticed within ~4 s (and its session
+            // and locks end), as the deployment docs recommend for production, shorter.
+            .args(["-c", "tcp_keepalives_idle=2"])
+            .args(["-c", "tcp_keepalives_interval=1"])
+            .args(["-c", "tcp_keepalives_count=2"])
             .args(["-c", &format!("fsync={flag}")])
             .args(["-c", &format!("synchronous_commit={flag}")])
             .args(["-c", &format!("full_page_writes={flag}")])

@@ -22,7 +22,7 @@ mod postgres;
 
 pub(crate) use postgres::stable_id;
 
-pub use postgres::{FENCED_EXIT, Liveness, PgLocks};
+pub use postgres::{FENCED_EXIT, Liveness, PgLocks, advisory_id};
 
 /// What can be locked. Ordered, so every caller takes a set of locks in the same order and
 /// two callers locking overlapping sets can never deadlock.
@@ -52,7 +52,16 @@ impl From<VolumeId> for LockKey {
 /// Held locks; dropping it releases them. Opaque so each manager can hold what it needs.
 pub struct LockSet {
     _guards: Vec<Box<dyn Send + Sync>>,
+    /// The guard of a manager whose locks can end under a live holder.
+    watched: Option<Box<dyn Held>>,
     held: usize,
+}
+
+/// A guard whose locks can end without being released while their holder lives on (a
+/// PostgreSQL session the server ended).
+pub trait Held: Send + Sync {
+    /// Why the locks are no longer held, if they are not.
+    fn lost(&self) -> Option<String>;
 }
 
 impl LockSet {
@@ -61,15 +70,32 @@ impl LockSet {
         let held = guards.len();
         LockSet {
             _guards: guards,
+            watched: None,
             held,
         }
     }
 
-    /// A set whose one `guard` holds `held` locks.
-    pub fn one(guard: Box<dyn Send + Sync>, held: usize) -> Self {
+    /// A set whose one `guard` holds `held` locks and can tell when they ended under it.
+    pub fn one(guard: Box<dyn Held>, held: usize) -> Self {
         LockSet {
-            _guards: vec![guard],
+            _guards: vec![],
+            watched: Some(guard),
             held,
+        }
+    }
+
+    /// `Ok` while every lock of the set is still held; an `unavailable` error saying why
+    /// once one ended under its holder. Long reads check it as they go: what they read
+    /// after that was no longer protected from a change by another node.
+    pub fn intact(&self) -> Result<()> {
+        match self.watched.as_ref().and_then(|g| g.lost()) {
+            None => Ok(()),
+            Some(why) => Err(Error::new(
+                crate::error::ErrorKind::Unavailable,
+                format!(
+                    "the lock was lost while held: {why}; stopped so that nothing changed by another node is read"
+                ),
+            )),
         }
     }
 
@@ -100,6 +126,13 @@ pub trait LockManager: Send + Sync {
     async fn owner_alive(&self, owner: Option<&str>) -> Result<bool> {
         let _ = owner;
         Ok(false)
+    }
+    /// The fence handles a (dead) incarnation published ([`crate::node::publish_fence`]),
+    /// for recovery to hand to the drivers before it takes that incarnation's operations
+    /// over. Host-local locks: none (a process of this host that died holds nothing).
+    async fn fences_of(&self, owner: &str) -> Result<Vec<String>> {
+        let _ = owner;
+        Ok(vec![])
     }
 }
 

@@ -37,10 +37,11 @@ use crate::store::PgOptions;
 /// Advisory locks in PostgreSQL (see the module docs). Cheap to share behind an `Arc`.
 pub struct PgLocks {
     pool: Pool,
+    /// One connection for reading heartbeats, apart from the lock sessions.
+    reads: Pool,
     local: LocalLocks,
     /// Keys whose set was dropped and whose unlock is on its way (one round trip).
     releasing: Releasing,
-    liveness: Liveness,
     /// Ends the heartbeat task when the lock manager goes.
     heartbeat: tokio_util::sync::CancellationToken,
 }
@@ -66,6 +67,12 @@ impl Default for Liveness {
 }
 
 impl Liveness {
+    /// The lease this process declares in its heartbeat row: other nodes count it alive
+    /// while its heartbeat is younger than this.
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.node_timeout.as_millis()).unwrap_or(i64::MAX)
+    }
+
     fn fence_after(&self) -> Duration {
         self.node_timeout / 3
     }
@@ -161,6 +168,19 @@ struct PgGuard {
     runtime: tokio::runtime::Handle,
 }
 
+impl super::Held for PgGuard {
+    fn lost(&self) -> Option<String> {
+        let closed = self
+            .session
+            .as_ref()
+            .and_then(|s| s.0.as_ref())
+            .is_none_or(|c| c.is_closed());
+        closed.then(|| {
+            "its PostgreSQL session ended (a server restart or a lost connection)".to_string()
+        })
+    }
+}
+
 impl Drop for PgGuard {
     fn drop(&mut self) {
         let Some(session) = self.session.take() else {
@@ -195,32 +215,35 @@ impl PgLocks {
     /// first heartbeat before it returns — no operation of it can be journaled before other
     /// nodes can see it alive — then keeps it fresh on the current runtime.
     pub async fn connect(options: &PgOptions, sessions: usize, liveness: Liveness) -> Result<Self> {
-        let manager = Manager::from_config(
-            options.async_config()?,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                // No round trip to check a session each time it is handed out: one the
-                // server closed while idle (a restart) fails its first lock call, before it
-                // holds anything, and the operation fails cleanly as unavailable.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(sessions.max(1))
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.connect_timeout))
-            .build()
-            .map_err(|e| unavailable("lock pool", chain(&e)))?;
+        let pool = |size: usize| {
+            let manager = Manager::from_config(
+                options.async_config()?,
+                tokio_postgres::NoTls,
+                ManagerConfig {
+                    // No round trip to check a session each time it is handed out: one the
+                    // server closed while idle (a restart) fails its first call, before it
+                    // holds anything, and the operation fails cleanly as unavailable.
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .create_timeout(Some(options.connect_timeout))
+                .recycle_timeout(Some(options.connect_timeout))
+                .build()
+                .map_err(|e| unavailable("lock pool", chain(&e)))
+        };
+        let (reads, pool) = (pool(1)?, pool(sessions.max(1))?);
         let mut beat = Heartbeat::new(options.async_config()?, liveness);
         beat.write().await?;
         let token = tokio_util::sync::CancellationToken::new();
         tokio::spawn(beat.run(token.clone()));
         Ok(PgLocks {
             pool,
+            reads,
             local: LocalLocks::default(),
             releasing: Releasing::default(),
-            liveness,
             heartbeat: token,
         })
     }
@@ -266,6 +289,12 @@ fn boottime() -> Duration {
         ts.tv_sec.max(0) as u64,
         ts.tv_nsec.clamp(0, 999_999_999) as u32,
     )
+}
+
+/// This process's fence handles ([`crate::node::publish_fence`]) as the JSON array the
+/// heartbeat row keeps.
+fn fences_json() -> String {
+    serde_json::Value::from(crate::node::fences()).to_string()
 }
 
 /// A heartbeat the server refused: this incarnation's lease had already run out there, so
@@ -323,12 +352,14 @@ impl Heartbeat {
         if !self.registered || !self.liveness.fence {
             client
                 .execute(
-                    "INSERT INTO kiln_nodes (incarnation, node, pid) VALUES ($1, $2, $3)
-                     ON CONFLICT (incarnation) DO UPDATE SET heartbeat_at = now()",
+                    "INSERT INTO kiln_nodes (incarnation, node, pid, lease_ms, fences) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (incarnation) DO UPDATE SET heartbeat_at = now(), fences = $5",
                     &[
                         &crate::node::incarnation(),
                         &crate::node::name(),
                         &i64::from(std::process::id()),
+                        &self.liveness.lease_ms(),
+                        &fences_json(),
                     ],
                 )
                 .await?;
@@ -350,11 +381,12 @@ impl Heartbeat {
         // the other nodes have seen expire.
         let renewed = client
             .execute(
-                "UPDATE kiln_nodes SET heartbeat_at = now()
+                "UPDATE kiln_nodes SET heartbeat_at = now(), fences = $3
                  WHERE incarnation = $1 AND heartbeat_at > now() - make_interval(secs => $2)",
                 &[
                     &crate::node::incarnation(),
                     &self.liveness.node_timeout.as_secs_f64(),
+                    &fences_json(),
                 ],
             )
             .await?;
@@ -373,6 +405,8 @@ impl Heartbeat {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+                // A new fence handle: in the row before operations start using it.
+                () = crate::node::FENCE_PUBLISHED.notified() => {}
             }
             // The lease is checked before it is renewed: a process that was stopped or
             // starved for longer than the fence (SIGSTOP, a stalled VM) may already count
@@ -428,6 +462,29 @@ impl Heartbeat {
 const OWNER_POLL: Duration = Duration::from_millis(200);
 
 impl PgLocks {
+    /// `column` (an SQL expression) of `owner`'s heartbeat row, if it has one. On a
+    /// connection of its own: the lock sessions may all be held by running operations, and
+    /// recovery must not wait for them to end.
+    async fn node_row(
+        &self,
+        owner: &str,
+        what: &str,
+        column: &str,
+    ) -> Result<Option<tokio_postgres::Row>> {
+        let client = self
+            .reads
+            .get()
+            .await
+            .map_err(|e| unavailable("unreachable", chain(&e)))?;
+        client
+            .query_opt(
+                &format!("SELECT {column} FROM kiln_nodes WHERE incarnation = $1"),
+                &[&owner],
+            )
+            .await
+            .map_err(|e| unavailable(&format!("read {what}"), chain(&e)))
+    }
+
     /// Another live incarnation with a journaled operation on one of `keys`' volumes, if
     /// any. Normally there is none while the locks are held: its owner holds them. One
     /// shows up only when the owner's session ended under it while the owner lives on.
@@ -451,12 +508,8 @@ impl PgLocks {
             .query(
                 "SELECT DISTINCT o.owner FROM operations o JOIN kiln_nodes n ON n.incarnation = o.owner
                  WHERE o.volume_id = ANY($1) AND o.owner <> $2
-                 AND n.heartbeat_at > now() - make_interval(secs => $3)",
-                &[
-                    &volumes,
-                    &crate::node::incarnation(),
-                    &self.liveness.node_timeout.as_secs_f64(),
-                ],
+                 AND n.heartbeat_at > now() - n.lease_ms * interval '1 millisecond'",
+                &[&volumes, &crate::node::incarnation()],
             )
             .await
             .map_err(|e| unavailable("read the journal", chain(&e)))?;
@@ -481,19 +534,23 @@ impl LockManager for PgLocks {
         if crate::node::gone_from_this_host(owner) {
             return Ok(false);
         }
-        let session = self.session().await?;
-        let row = session
-            .client()?
-            .query_opt(
-                "SELECT heartbeat_at > now() - make_interval(secs => $2) FROM kiln_nodes WHERE incarnation = $1",
-                &[&owner, &self.liveness.node_timeout.as_secs_f64()],
+        let row = self
+            .node_row(
+                owner,
+                "heartbeats",
+                "heartbeat_at > now() - lease_ms * interval '1 millisecond'",
             )
-            .await
-            .map_err(|e| unavailable("read heartbeats", chain(&e)))?;
-        session.release().await;
+            .await?;
         // An incarnation without a row wrote its journal entry before heartbeats existed,
         // or was removed long after it died.
         Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    async fn fences_of(&self, owner: &str) -> Result<Vec<String>> {
+        let row = self.node_row(owner, "fence handles", "fences").await?;
+        Ok(row
+            .and_then(|r| serde_json::from_str::<Vec<String>>(&r.get::<_, String>(0)).ok())
+            .unwrap_or_default())
     }
 
     async fn lock(&self, keys: &[LockKey]) -> Result<LockSet> {
@@ -604,6 +661,15 @@ mod tests {
         fence: false,
     };
 
+    /// A plain client of `url`, for a test to look at or change what the nodes see.
+    async fn sql_client(url: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
     /// Two lock managers on one database: two nodes.
     async fn two_nodes() -> (PgLocks, PgLocks) {
         let o = database();
@@ -691,11 +757,7 @@ mod tests {
         assert!(b.try_lock(&[id]).await.unwrap().is_none());
         // Another session ends a's lock session, as the server does when a node's
         // connection drops.
-        let admin = PgServer::shared().url("postgres");
-        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = sql_client(&PgServer::shared().url("postgres")).await;
         let ended = client
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND objid = ($1::bigint & 4294967295)::oid AND classid = ($1::bigint >> 32)::oid AND granted",
@@ -705,6 +767,20 @@ mod tests {
             .unwrap();
         assert_eq!(ended.get::<_, i64>(0), 1);
         drop(eventually_free(&b, &[id]).await);
+        // The holder learns it: a long read checking `intact` stops instead of reading on
+        // unprotected.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.intact().is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the lost session was never noticed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let e = g.intact().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.to_string().contains("PostgreSQL session ended"), "{e}");
+        assert!(b.lock(&[id]).await.unwrap().intact().is_ok());
         drop(g);
     }
 
@@ -712,10 +788,7 @@ mod tests {
     async fn owners_are_alive_while_their_heartbeat_is_fresh_and_this_process_never_is() {
         let o = database();
         let locks = PgLocks::connect(&o, 4, TEST_LIVENESS).await.unwrap();
-        let (client, conn) = tokio_postgres::connect(&o.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = sql_client(&o.url).await;
         client
             .batch_execute(
                 "INSERT INTO kiln_nodes (incarnation, node, pid, heartbeat_at) VALUES
@@ -754,10 +827,7 @@ mod tests {
     async fn a_lock_waits_for_a_live_owner_that_lost_its_session() {
         let o = database();
         let locks = Arc::new(PgLocks::connect(&o, 4, TEST_LIVENESS).await.unwrap());
-        let (client, conn) = tokio_postgres::connect(&o.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = sql_client(&o.url).await;
         let v = VolumeId::new();
         client
             .execute(
@@ -809,5 +879,74 @@ mod tests {
             .expect("a dead owner's entry held the lock back")
             .unwrap();
         assert_eq!(got.len(), 1);
+    }
+
+    /// The store's last fence: journaling an operation on a volume where another live
+    /// incarnation has one journaled (its lock session ended under it, and this caller's
+    /// lock did not wait because that entry had not committed yet) is refused as busy,
+    /// with nothing written; once that owner's heartbeat is stale it goes ahead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn journaling_beside_a_live_owners_operation_on_the_volume_is_refused() {
+        use crate::store::{Batch, NewOp, PostgresStore, Store};
+        let o = database();
+        let store = {
+            let o = o.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || PostgresStore::connect(&o))
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            )
+        };
+        let client = sql_client(&o.url).await;
+        let v = VolumeId::new();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO kiln_nodes (incarnation, node, pid) VALUES ('b:h:1:running', 'b', 1);
+                 INSERT INTO operations (kind, volume_id, payload, started_at, pid, owner)
+                 VALUES ('create_snapshot', '{v}', 'null', '2026-01-01T00:00:00Z', 1, 'b:h:1:running')"
+            ))
+            .await
+            .unwrap();
+        let journal = |store: Arc<PostgresStore>| async move {
+            tokio::task::spawn_blocking(move || {
+                store.commit(Batch::with_op(vec![], NewOp::of("flatten", v, None)))
+            })
+            .await
+            .unwrap()
+        };
+        let count = async || -> i64 {
+            client
+                .query_one("SELECT count(*) FROM operations", &[])
+                .await
+                .unwrap()
+                .get(0)
+        };
+        let e = journal(store.clone()).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+        assert!(e.to_string().contains("b:h:1:running"), "{e}");
+        assert_eq!(count().await, 1, "the refused batch wrote its entry");
+        // Another volume is not held back.
+        let other = tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || {
+                store.commit(Batch::with_op(
+                    vec![],
+                    NewOp::of("flatten", VolumeId::new(), None),
+                ))
+            }
+        })
+        .await
+        .unwrap();
+        assert!(matches!(other, Ok(Ok(Some(_)))), "{other:?}");
+        client
+            .execute(
+                "UPDATE kiln_nodes SET heartbeat_at = now() - interval '1 hour' WHERE incarnation = 'b:h:1:running'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(matches!(journal(store).await, Ok(Ok(Some(_)))));
+        assert_eq!(count().await, 3);
     }
 }

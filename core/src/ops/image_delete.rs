@@ -35,7 +35,26 @@ pub(crate) async fn run(ctx: &Ctx, id: ImageId, keep_snapshots: bool) -> Result<
         .await?
         .ok_or_else(|| Error::not_found("image", id))?;
     // One image operation per instance at a time (snapshots and restores lock it too).
-    let _lock = ctx.lock([LockKey::Instance(img.instance_id)]).await?;
+    // Every lock the snapshot deletes need is taken here, in the same set: a second set
+    // taken while this one is held would need a second lock session, and enough
+    // concurrent image deletes could then hold every session while waiting for one.
+    let mut keys = vec![LockKey::Instance(img.instance_id)];
+    if !keep_snapshots {
+        for sid in &img.snapshots {
+            let Some(s) = ctx.store.snapshot(*sid).await? else {
+                continue;
+            };
+            keys.push(s.volume_id.into());
+            keys.extend(
+                ctx.store
+                    .volumes_from_snapshot(*sid)
+                    .await?
+                    .iter()
+                    .map(|c| LockKey::from(c.id)),
+            );
+        }
+    }
+    let _lock = ctx.lock(keys).await?;
     let missing = |c: &crate::store::Conflict| Error::not_found(c.what, &c.id);
     if keep_snapshots {
         ctx.guarded(
@@ -67,7 +86,13 @@ pub(crate) async fn run(ctx: &Ctx, id: ImageId, keep_snapshots: bool) -> Result<
     .await?;
     let mut deleted = Vec::new();
     for sid in &img.snapshots {
-        match delete_snapshot::run(ctx, *sid, false, crate::progress::no_progress()).await {
+        let one = async {
+            let s = ctx.snapshot(*sid).await?;
+            let driver = ctx.driver(&s.backend).await?;
+            delete_snapshot::run_locked(ctx, &driver, s, false, crate::progress::no_progress())
+                .await
+        };
+        match one.await {
             Ok(_) => deleted.push(*sid),
             Err(e) if e.kind() == ErrorKind::NotFound => deleted.push(*sid),
             Err(e) => {

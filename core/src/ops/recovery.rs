@@ -3,7 +3,7 @@
 //! operation's `recover`. Children of a multi-volume operation
 //! are never recovered alone: their parent resolves them as one unit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -60,6 +60,64 @@ async fn recover_one(ctx: &Ctx, op: &Operation, children: &[Operation]) -> Resul
     }
 }
 
+/// Before taking over an operation of another (dead) incarnation: cuts that incarnation
+/// off from the backends of the operation's volumes ([`VolumeDriver::fence`]), once per
+/// incarnation and backend in this process. A dead process holds nothing there, but what
+/// it left (a Ceph client's watches on the images it had open) would hold the recovery up
+/// until the backend's own timeout; and one that is only stalled could otherwise write
+/// again when it resumes. Best effort: a failure is logged and recovery goes on, as it
+/// would without it.
+async fn fence_owner(ctx: &Ctx, op: &Operation, kids: &[Operation]) {
+    static FENCED: std::sync::Mutex<BTreeSet<(String, String)>> =
+        std::sync::Mutex::new(BTreeSet::new());
+    let Some(owner) = op
+        .owner
+        .as_deref()
+        .filter(|o| *o != crate::node::incarnation())
+    else {
+        return;
+    };
+    let handles = match ctx.locks.fences_of(owner).await {
+        Ok(h) if !h.is_empty() => h,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(owner, error = %e, "cannot read a dead owner's fence handles");
+            return;
+        }
+    };
+    let mut backends = BTreeSet::new();
+    for v in std::iter::once(op).chain(kids).map(|o| o.volume_id) {
+        if let Ok(Some(vol)) = ctx.store.volume(v).await {
+            backends.insert(vol.backend);
+        }
+    }
+    for backend in backends {
+        let key = (owner.to_string(), backend.clone());
+        if FENCED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            continue;
+        }
+        let fenced = match ctx.driver(&backend).await {
+            Ok(d) => d.fence(&handles).await,
+            Err(e) => Err(e),
+        };
+        match fenced {
+            Ok(done) => {
+                if !done.is_empty() {
+                    tracing::warn!(owner, backend = %backend, fenced = ?done, "fenced a dead kiln process off the backend before taking its operations over");
+                }
+                FENCED.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+            }
+            Err(e) => {
+                tracing::warn!(owner, backend = %backend, error = %e, "cannot fence a dead kiln process off the backend; recovering without it")
+            }
+        }
+    }
+}
+
 /// Resolves every journaled operation whose owner is gone. Operations still held by a live
 /// owner are left alone, and so are those whose backend or store cannot answer right now:
 /// they stay journaled for the next run, and the error is logged.
@@ -94,6 +152,7 @@ pub(crate) async fn recover(ctx: &Ctx) -> Result<Vec<RecoveryAction>> {
         if !ctx.store.operations().await?.iter().any(|o| o.id == op.id) {
             continue;
         }
+        fence_owner(ctx, &op, &kids).await;
         match recover_one(ctx, &op, &kids).await {
             Ok(outcome) => {
                 tracing::warn!(op = %op.kind, volume = %op.volume_id, snapshot = ?op.snapshot_id, children = kids.len(), outcome = %outcome, "recovered an unfinished operation");

@@ -161,6 +161,12 @@ const MIGRATIONS: &[&str] = &[
         started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now()
     );",
+    // 2: each incarnation's own lease (its node timeout): it counts as alive while its
+    //    heartbeat is younger than this, by the server's clock.
+    //    And what other nodes may use to fence it once it is dead (a JSON array of
+    //    `crate::node::publish_fence` handles).
+    "ALTER TABLE kiln_nodes ADD COLUMN lease_ms BIGINT NOT NULL DEFAULT 15000;
+     ALTER TABLE kiln_nodes ADD COLUMN fences TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// The transaction-level advisory-lock id of a [`Sql::lock_name`] name: the same stable
@@ -581,6 +587,24 @@ impl<C: postgres::GenericClient> Sql for Runner<'_, C> {
         .map(drop)
     }
 
+    fn live_owners_elsewhere(&mut self, volume: &str) -> Result<Vec<String>> {
+        // Two journal entries on one volume serialize here, so the second one sees the
+        // first (READ COMMITTED reads what committed before each statement).
+        self.lock_name(&format!("journal-of-{volume}"))?;
+        self.rows(
+            "SELECT DISTINCT o.owner FROM operations o JOIN kiln_nodes n ON n.incarnation = o.owner
+             WHERE o.volume_id = ?1 AND o.owner <> ?2
+             AND n.heartbeat_at > now() - n.lease_ms * interval '1 millisecond'",
+            &[
+                Val::Text(volume.to_string()),
+                Val::Text(crate::node::incarnation().to_string()),
+            ],
+        )?
+        .iter()
+        .map(|r| r.string(0))
+        .collect()
+    }
+
     fn rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>> {
         let st = self.statement(sql).map_err(|e| self.fail(e))?;
         let rows = self
@@ -735,6 +759,28 @@ pub(crate) mod tests {
         checks::set_guards_hold_under_contention(move || {
             Box::new(PostgresStore::connect(&options).unwrap())
         });
+    }
+
+    /// A store handle factory on one fresh, migrated database (each call: a new pool).
+    fn shared_database() -> impl Fn() -> Box<dyn Store> {
+        let options = PgOptions::new(PgServer::shared().create_database());
+        PostgresStore::migrate(&options).unwrap();
+        move || Box::new(PostgresStore::connect(&options).unwrap())
+    }
+
+    #[test]
+    fn deleting_an_instance_racing_attaches_never_leaves_a_volume_attached_to_it() {
+        checks::instance_delete_holds_against_attaches(shared_database());
+    }
+
+    #[test]
+    fn deleting_a_backup_racing_incremental_children_never_leaves_a_child_without_it() {
+        checks::backup_delete_holds_against_children(shared_database());
+    }
+
+    #[test]
+    fn racing_attribute_compare_and_sets_from_one_value_let_exactly_one_land() {
+        checks::attrs_compare_and_set_has_one_winner(shared_database());
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl Row {
         Ok(self.opt_text(i)?.map(str::to_string))
     }
 
-    fn string(&self, i: usize) -> Result<String> {
+    pub(crate) fn string(&self, i: usize) -> Result<String> {
         Ok(self.text(i)?.to_string())
     }
 
@@ -201,6 +201,16 @@ pub trait Sql {
     fn lock_name(&mut self, name: &str) -> Result<()> {
         let _ = name;
         Ok(())
+    }
+    /// Within a write transaction about to journal an operation on `volume`: the other
+    /// incarnations, still alive by their heartbeat, with an operation journaled on it —
+    /// serialized with every other such check of the volume until this transaction ends.
+    /// Holding the volume's lock normally means there is none; there can be one only
+    /// where a lock can end while its holder lives on (a PostgreSQL session). Empty where
+    /// that cannot happen (SQLite: a `flock` ends only with its process).
+    fn live_owners_elsewhere(&mut self, volume: &str) -> Result<Vec<String>> {
+        let _ = volume;
+        Ok(vec![])
     }
 }
 
@@ -975,6 +985,23 @@ fn insert_attachment(tx: &mut dyn Sql, id: VolumeId, a: &Attachment) -> Result<(
 }
 
 fn journal(tx: &mut dyn Sql, op: &NewOp, now: &str) -> Result<OpId> {
+    // The last fence against running beside another node: an operation whose lock session
+    // ended under it (a PostgreSQL restart) while it lives on, and that this process's lock
+    // did not wait for because its entry was not committed yet. Refused before anything
+    // changed; the caller may retry once that operation is done.
+    let volume = op.volume_id.to_string();
+    if let Some(owner) = tx
+        .live_owners_elsewhere(&volume)?
+        .into_iter()
+        .find(|o| !crate::node::gone_from_this_host(o))
+    {
+        return Err(Error::busy(
+            format!(
+                "volume {volume} has an operation of {owner} running, whose lock ended under it; try again once it is done"
+            ),
+            vec![],
+        ));
+    }
     let row = tx.row(
         "INSERT INTO operations (kind, parent_id, volume_id, snapshot_id, payload, started_at, pid, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
         params![
@@ -1428,6 +1455,334 @@ pub(crate) mod checks {
                 assert!(snaps > 0);
                 assert_eq!(snaps, ok.iter().skip(1).filter(|o| **o).count());
             }
+        }
+    }
+
+    /// `n` handles on one database, each with its own connection(s), opened before a race
+    /// so that connecting does not stagger the threads a barrier releases at once.
+    fn handles(open: &dyn Fn() -> Box<dyn Store>, n: usize) -> Vec<std::sync::Arc<dyn Store>> {
+        (0..n).map(|_| std::sync::Arc::from(open())).collect()
+    }
+
+    /// Commits `batches[i]` on `stores[i]`, each on its own thread, all released at once by
+    /// a barrier; whether each landed. A store error fails the test: a losing batch must be
+    /// refused by a guard (a conflict), never reach a constraint of the schema.
+    fn commit_at_once(stores: &[std::sync::Arc<dyn Store>], batches: Vec<Batch>) -> Vec<bool> {
+        let batches = batches
+            .into_iter()
+            .map(|b| (std::time::Duration::ZERO, b))
+            .collect();
+        commit_staggered(stores, batches)
+    }
+
+    /// [`commit_at_once`], each batch started its own delay after the barrier.
+    fn commit_staggered(
+        stores: &[std::sync::Arc<dyn Store>],
+        batches: Vec<(std::time::Duration, Batch)>,
+    ) -> Vec<bool> {
+        use std::sync::{Arc, Barrier};
+        assert_eq!(stores.len(), batches.len());
+        let barrier = Arc::new(Barrier::new(batches.len()));
+        let threads: Vec<_> = batches
+            .into_iter()
+            .zip(stores)
+            .map(|((delay, batch), store)| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    std::thread::sleep(delay);
+                    store.commit(batch).map(|c| c.is_ok())
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| match t.join().unwrap() {
+                Ok(landed) => landed,
+                Err(e) => panic!("a racing batch failed instead of conflicting: {e}"),
+            })
+            .collect()
+    }
+
+    /// Rounds each race is run for: enough that the interleavings a missing lock lets
+    /// through come up on PostgreSQL.
+    const RACE_ROUNDS: usize = 40;
+
+    /// `InstanceHasNoVolumes` holds under contention: in each round 8 deletes of 8
+    /// instances (the service's batch) race 8 attaches of a volume to each (the service's
+    /// batch, plus recording the instance's attributes, which is refused once the instance
+    /// is gone — the service may attach to instances kiln does not know, so its batch
+    /// checks no instance of its own). A delete is over in two statements, an attach takes
+    /// ten: each delete starts its own fraction of an attach's time after the barrier, so
+    /// that some read the attachments just as their attach commits. Of each pair exactly
+    /// one lands: the instance is deleted and no volume is attached to it, or it is kept
+    /// with its volume attached.
+    pub(crate) fn instance_delete_holds_against_attaches(open: impl Fn() -> Box<dyn Store>) {
+        use crate::types::VolumeStatus;
+        let stores = handles(&open, 16);
+        let store = &stores[0];
+        let instance = |round: usize| {
+            let now = Utc::now();
+            Instance {
+                id: InstanceId::new(),
+                name: Some(format!("race-{round}")),
+                agent: None,
+                qmp: None,
+                freeze_mountpoints: vec![],
+                root_device: "/dev/vda".into(),
+                properties: BTreeMap::new(),
+                created_at: now,
+                updated_at: now,
+            }
+        };
+        let attach = |i: InstanceId, v: VolumeId| {
+            Batch::new(vec![
+                Step::SetVolumeStatus {
+                    id: v,
+                    from: vec![VolumeStatus::Available],
+                    to: VolumeStatus::InUse,
+                    reason: None,
+                },
+                Step::Attach(v, Attachment::new(i, "/dev/vdb")),
+                Step::PutAttrs {
+                    kind: ObjectKind::Instance,
+                    id: i.to_string(),
+                    attrs: ObjectAttrs::owned_by(DEFAULT_PROJECT, None),
+                },
+            ])
+        };
+        // How long an attach takes here, alone.
+        let span = {
+            let (i, vols) = (instance(0), [0; 3].map(|_| volume(VolumeStatus::Available)));
+            let mut setup = vec![Step::InsertInstance(i.clone())];
+            setup.extend(vols.iter().cloned().map(Step::InsertVolume));
+            store.commit(Batch::new(setup)).unwrap().unwrap();
+            let t = std::time::Instant::now();
+            for v in &vols {
+                store.commit(attach(i.id, v.id)).unwrap().unwrap();
+            }
+            t.elapsed() / 3
+        };
+        for round in 0..RACE_ROUNDS {
+            let pairs: Vec<(Instance, Volume)> = (0..8)
+                .map(|_| (instance(round), volume(VolumeStatus::Available)))
+                .collect();
+            let mut setup = Vec::new();
+            for (i, v) in &pairs {
+                setup.push(Step::InsertInstance(i.clone()));
+                setup.push(Step::InsertVolume(v.clone()));
+            }
+            store.commit(Batch::new(setup)).unwrap().unwrap();
+            // From none to two attaches' time, in 32 steps over 4 rounds.
+            let delays: Vec<_> = (0..8)
+                .map(|j| span * (4 * j + round % 4) as u32 / 16)
+                .collect();
+            let mut batches = Vec::new();
+            for ((i, v), delay) in pairs.iter().zip(&delays) {
+                batches.push((
+                    *delay,
+                    Batch::new(vec![
+                        Step::InstanceHasNoVolumes(i.id),
+                        Step::DeleteInstance(i.id),
+                    ]),
+                ));
+                batches.push((std::time::Duration::ZERO, attach(i.id, v.id)));
+            }
+            let ok = commit_staggered(&stores, batches);
+            for (j, (i, v)) in pairs.iter().enumerate() {
+                let (deleted, attached) = (ok[2 * j], ok[2 * j + 1]);
+                let on = store.instance_volumes(i.id).unwrap().len();
+                let got = store.volume(v.id).unwrap().unwrap();
+                let at = format!("round {round}, delete {:?} after the attach", delays[j]);
+                assert!(
+                    !(deleted && attached),
+                    "{at}: instance deleted with {on} volume(s) attached to it"
+                );
+                assert!(deleted || attached, "{at}: neither landed");
+                assert_eq!(store.instance(i.id).unwrap().is_none(), deleted, "{at}");
+                if deleted {
+                    assert_eq!(on, 0, "{at}");
+                    assert_eq!(got.status, VolumeStatus::Available, "{at}");
+                    assert!(got.attachments.is_empty(), "{at}");
+                } else {
+                    assert_eq!(on, 1, "{at}");
+                    assert_eq!(got.status, VolumeStatus::InUse, "{at}");
+                    assert_eq!(got.attachments.len(), 1, "{at}");
+                    assert_eq!(got.attachments[0].instance_id, i.id, "{at}");
+                }
+            }
+        }
+    }
+
+    /// `BackupHasNoChildren` holds under contention: 8 deletes of a backup (the batch the
+    /// service's delete begins with: the guard, and `available` -> `deleting`) race 8
+    /// creates of incremental backups built on it (each guarded by the base being
+    /// `available`, so one that comes after the delete began is refused rather than
+    /// reaching the foreign key). Either one delete begins, with no child there (nothing
+    /// builds on what it will remove) — and its removal of the row then lands — or every
+    /// delete is refused and exactly the children that landed are there. Never is a child
+    /// left whose parent is gone.
+    pub(crate) fn backup_delete_holds_against_children(open: impl Fn() -> Box<dyn Store>) {
+        use crate::types::BackupStatus;
+        let stores = handles(&open, 16);
+        let store = &stores[0];
+        let volume_id = VolumeId::new();
+        let backup = |parent: Option<BackupId>| {
+            let now = Utc::now();
+            Backup {
+                id: BackupId::new(),
+                volume_id,
+                snapshot_id: SnapshotId::new(),
+                parent_id: parent,
+                name: None,
+                target: "dir:/nowhere".into(),
+                status: if parent.is_some() {
+                    BackupStatus::Creating
+                } else {
+                    BackupStatus::Available
+                },
+                status_reason: None,
+                size_bytes: 1 << 30,
+                stored_bytes: 0,
+                created_at: now,
+                updated_at: now,
+            }
+        };
+        for round in 0..RACE_ROUNDS {
+            let parent = backup(None);
+            let p = parent.id;
+            store
+                .commit(Batch::new(vec![Step::InsertBackup(parent)]))
+                .unwrap()
+                .unwrap();
+            let batches = (0..16)
+                .map(|k| {
+                    if k % 2 == 0 {
+                        Batch::new(vec![
+                            Step::BackupHasNoChildren(p),
+                            Step::SetBackupStatus {
+                                id: p,
+                                from: vec![BackupStatus::Available, BackupStatus::Error],
+                                to: BackupStatus::Deleting,
+                                reason: None,
+                            },
+                        ])
+                    } else {
+                        Batch::new(vec![
+                            Step::SetBackupStatus {
+                                id: p,
+                                from: vec![BackupStatus::Available],
+                                to: BackupStatus::Available,
+                                reason: None,
+                            },
+                            Step::InsertBackup(backup(Some(p))),
+                        ])
+                    }
+                })
+                .collect();
+            let ok = commit_at_once(&stores, batches);
+            let deletes = ok.iter().step_by(2).filter(|o| **o).count();
+            let landed = ok.iter().skip(1).step_by(2).filter(|o| **o).count();
+            assert!(
+                deletes <= 1,
+                "round {round}: {deletes} deletes began: {ok:?}"
+            );
+            let children = |store: &dyn Store| {
+                store
+                    .backups(Some(volume_id))
+                    .unwrap()
+                    .iter()
+                    .filter(|b| b.parent_id == Some(p))
+                    .count()
+            };
+            let n = children(store.as_ref());
+            let status = store.backup(p).unwrap().unwrap().status;
+            if deletes == 1 {
+                assert_eq!(status, BackupStatus::Deleting, "round {round}: {ok:?}");
+                assert_eq!(
+                    n, 0,
+                    "round {round}: delete of a backup began with {n} child(ren) built on it: {ok:?}"
+                );
+                assert_eq!(landed, 0, "round {round}: {ok:?}");
+                // The delete's end (the service's, once the data is gone): the row goes.
+                store
+                    .commit(Batch::new(vec![Step::DeleteBackup(p)]))
+                    .unwrap()
+                    .unwrap();
+                assert!(store.backup(p).unwrap().is_none());
+            } else {
+                assert_eq!(status, BackupStatus::Available, "round {round}: {ok:?}");
+                // The deletes were refused because children had landed.
+                assert!(landed > 0, "round {round}: nothing landed: {ok:?}");
+                assert_eq!(n, landed, "round {round}: {ok:?}");
+            }
+            // And of every round so far: no backup builds on one that is gone.
+            let all = store.backups(Some(volume_id)).unwrap();
+            for b in &all {
+                if let Some(parent) = b.parent_id {
+                    assert!(
+                        all.iter().any(|x| x.id == parent),
+                        "round {round}: backup {} builds on {parent}, which is gone",
+                        b.id
+                    );
+                }
+            }
+        }
+    }
+
+    /// `AttrsAre` holds under contention: in each round 16 read-modify-writes of one
+    /// object's attributes (the service's `update_attrs` batch) all compare against the
+    /// same value, the one read before the round (no row at all in the first): exactly one
+    /// lands, and the attributes are then exactly what it wrote.
+    pub(crate) fn attrs_compare_and_set_has_one_winner(open: impl Fn() -> Box<dyn Store>) {
+        use crate::types::VolumeStatus;
+        let stores = handles(&open, 16);
+        let store = &stores[0];
+        let v = volume(VolumeStatus::Available);
+        let id = v.id.to_string();
+        store
+            .commit(Batch::new(vec![Step::InsertVolume(v)]))
+            .unwrap()
+            .unwrap();
+        for round in 0..RACE_ROUNDS {
+            let before = store.attrs(&id).unwrap();
+            assert_eq!(before.is_none(), round == 0);
+            let written: Vec<ObjectAttrs> = (0..16)
+                .map(|k| {
+                    let mut a = before.clone().unwrap_or_default();
+                    a.properties.insert("writer".into(), format!("{round}-{k}"));
+                    a
+                })
+                .collect();
+            let batches = written
+                .iter()
+                .map(|attrs| {
+                    Batch::new(vec![
+                        Step::AttrsAre {
+                            id: id.clone(),
+                            expected: before.clone(),
+                        },
+                        Step::PutAttrs {
+                            kind: ObjectKind::Volume,
+                            id: id.clone(),
+                            attrs: attrs.clone(),
+                        },
+                    ])
+                })
+                .collect();
+            let ok = commit_at_once(&stores, batches);
+            let winners: Vec<usize> = (0..16).filter(|k| ok[*k]).collect();
+            assert_eq!(
+                winners.len(),
+                1,
+                "round {round}: {} compare-and-sets from one value landed: {ok:?}",
+                winners.len()
+            );
+            assert_eq!(
+                store.attrs(&id).unwrap().as_ref(),
+                Some(&written[winners[0]]),
+                "round {round}"
+            );
         }
     }
 }

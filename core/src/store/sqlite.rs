@@ -342,6 +342,32 @@ mod tests {
         drop(dir);
     }
 
+    /// A store handle factory on one fresh database file (each call: a new connection).
+    fn shared_file() -> (tempfile::TempDir, impl Fn() -> Box<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        SqliteStore::open(&path).unwrap();
+        (dir, move || Box::new(SqliteStore::open(&path).unwrap()))
+    }
+
+    #[test]
+    fn deleting_an_instance_racing_attaches_never_leaves_a_volume_attached_to_it() {
+        let (_dir, open) = shared_file();
+        checks::instance_delete_holds_against_attaches(open);
+    }
+
+    #[test]
+    fn deleting_a_backup_racing_incremental_children_never_leaves_a_child_without_it() {
+        let (_dir, open) = shared_file();
+        checks::backup_delete_holds_against_children(open);
+    }
+
+    #[test]
+    fn racing_attribute_compare_and_sets_from_one_value_let_exactly_one_land() {
+        let (_dir, open) = shared_file();
+        checks::attrs_compare_and_set_has_one_winner(open);
+    }
+
     #[test]
     fn round_trips_rows_and_migrates_a_file_once() {
         let dir = tempfile::tempdir().unwrap();

@@ -56,6 +56,8 @@ pub struct Cluster {
     // Field order is drop order: the ioctx must be destroyed before the cluster is shut down.
     ioctx: IoctxHandle,
     rados: RadosHandle,
+    /// `ceph:<fsid>:<address>` of this client, if librados told it.
+    fence_handle: Option<String>,
     pool: String,
     conf: String,
     client_name: String,
@@ -71,6 +73,55 @@ unsafe impl Send for Cluster {}
 // SAFETY: see `Send`: every use of the handles goes through librados/librbd, which lock
 // internally.
 unsafe impl Sync for Cluster {}
+
+/// Prefix of a fence handle (see [`kiln_core::node::publish_fence`]) naming a Ceph client.
+const FENCE_PREFIX: &str = "ceph:";
+
+/// `ceph:<fsid>:<address>` of a connected client: which cluster, and the address (with its
+/// nonce, unique to this client instance) that `osd blocklist add` takes.
+fn fence_handle(rados: &RadosHandle) -> Option<String> {
+    let mut fsid = [0 as libc::c_char; 64];
+    // SAFETY: connected handle; the buffer's length is passed.
+    let rc = unsafe { r::rados_cluster_fsid(rados.0, fsid.as_mut_ptr(), fsid.len()) };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: rados_cluster_fsid wrote a NUL-terminated string into the buffer.
+    let fsid = unsafe { std::ffi::CStr::from_ptr(fsid.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let mut addrs: *mut libc::c_char = std::ptr::null_mut();
+    // SAFETY: connected handle, valid out-pointer; the string is freed below.
+    let rc = unsafe { r::rados_getaddrs(rados.0, &mut addrs) };
+    if rc < 0 || addrs.is_null() {
+        return None;
+    }
+    // SAFETY: librados returned a NUL-terminated string it allocated.
+    let text = unsafe { std::ffi::CStr::from_ptr(addrs) }
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: allocated by librados, freed once.
+    unsafe { r::rados_buffer_free(addrs) };
+    Some(format!("{FENCE_PREFIX}{fsid}:{}", client_addr(&text)?))
+}
+
+/// The address `osd blocklist add` takes from what `rados_getaddrs` prints: the first
+/// of a vector (`[v2:1.2.3.4:0/99,v1:…]`), without its protocol tag.
+fn client_addr(addrs: &str) -> Option<String> {
+    let first = addrs
+        .trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .next()?
+        .trim();
+    let addr = first
+        .strip_prefix("v2:")
+        .or_else(|| first.strip_prefix("v1:"))
+        .or_else(|| first.strip_prefix("any:"))
+        .unwrap_or(first);
+    (!addr.is_empty() && addr.contains('/')).then(|| addr.to_string())
+}
 
 fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::config(format!("{what} {s:?} contains a NUL byte")))
@@ -168,9 +219,16 @@ impl Cluster {
         if rc < 0 {
             return Err(backend(&format!("rados_ioctx_create {}", cfg.pool), rc));
         }
+        let fence_handle = fence_handle(&rados);
+        if let Some(h) = &fence_handle {
+            // Published before any operation can use this connection: a node that takes
+            // this process's operations over after it died can then cut it off.
+            kiln_core::node::publish_fence(h);
+        }
         Ok(Cluster {
             ioctx,
             rados,
+            fence_handle,
             pool: cfg.pool.clone(),
             conf,
             client_name: cfg.client_name.clone(),
@@ -211,6 +269,52 @@ impl Cluster {
                 ),
             )),
         }
+    }
+
+    /// Blocklists, on this cluster, each client of `handles` (see
+    /// [`kiln_core::node::publish_fence`]) that belongs to it: its OSD sessions and its
+    /// watches end at once, and it can no longer write. Returns the addresses blocklisted.
+    pub fn blocklist(&self, handles: &[String]) -> Result<Vec<String>> {
+        let Some(mine) = &self.fence_handle else {
+            return Ok(vec![]);
+        };
+        let Some((fsid, _)) = mine[FENCE_PREFIX.len()..].split_once(':') else {
+            return Ok(vec![]);
+        };
+        let ours = format!("{FENCE_PREFIX}{fsid}:");
+        let mut done = Vec::new();
+        for h in handles {
+            let Some(addr) = h.strip_prefix(&ours) else {
+                continue;
+            };
+            if Some(h) == self.fence_handle.as_ref() {
+                continue;
+            }
+            let c = cstring("client address", addr)?;
+            // SAFETY: connected handle; librados only reads the NUL-terminated address
+            // (the C prototype lacks `const`).
+            let rc = unsafe { r::rados_blocklist_add(self.rados.0, c.as_ptr().cast_mut(), 3600) };
+            if rc < 0 {
+                return Err(Error::from(RbdCallError {
+                    op: format!("rados_blocklist_add {addr}"),
+                    errno: -rc,
+                }));
+            }
+            done.push(addr.to_string());
+        }
+        if !done.is_empty() {
+            // The OSDs act on the new map: wait until this client has it too, so that the
+            // operations recovered next see the dead client's watches gone.
+            // SAFETY: connected handle.
+            let rc = unsafe { r::rados_wait_for_latest_osdmap(self.rados.0) };
+            if rc < 0 {
+                return Err(Error::from(RbdCallError {
+                    op: "rados_wait_for_latest_osdmap".into(),
+                    errno: -rc,
+                }));
+            }
+        }
+        Ok(done)
     }
 
     /// The raw I/O context on the backend's pool, for librbd calls. Valid while `self` lives.
@@ -333,5 +437,28 @@ impl Cluster {
         }
         check(op, rc.into())?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_addr;
+
+    #[test]
+    fn the_blocklist_address_is_the_first_one_without_its_protocol_tag() {
+        assert_eq!(
+            client_addr("[v2:127.0.0.1:0/3219238591,v1:127.0.0.1:0/3219238591]").as_deref(),
+            Some("127.0.0.1:0/3219238591")
+        );
+        assert_eq!(
+            client_addr("v2:10.0.0.5:0/42").as_deref(),
+            Some("10.0.0.5:0/42")
+        );
+        assert_eq!(
+            client_addr("10.0.0.5:0/42").as_deref(),
+            Some("10.0.0.5:0/42")
+        );
+        assert_eq!(client_addr(""), None);
+        assert_eq!(client_addr("[]"), None);
     }
 }

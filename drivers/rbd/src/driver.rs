@@ -699,6 +699,10 @@ impl BlockingDriver for RbdBackend {
         self.with_volume(&v.id, |_| Ok(()))
     }
 
+    fn fence(&self, handles: &[String]) -> Result<Vec<String>> {
+        self.cluster.blocklist(handles)
+    }
+
     fn stats(&self) -> Result<BackendStats> {
         stats::pool_stats(&self.cluster)
     }

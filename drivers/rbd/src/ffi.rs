@@ -242,6 +242,14 @@ dynamic_fns! {
         outslen: *mut size_t,
     ) -> c_int;
     pub fn rados_buffer_free(buf: *mut c_char);
+    pub fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
+    pub fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: size_t) -> c_int;
+    pub fn rados_blocklist_add(
+        cluster: rados_t,
+        client_address: *mut c_char,
+        expire_seconds: u32,
+    ) -> c_int;
+    pub fn rados_wait_for_latest_osdmap(cluster: rados_t) -> c_int;
     pub fn rados_read(
         io: rados_ioctx_t,
         oid: *const c_char,
