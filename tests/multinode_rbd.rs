@@ -1012,60 +1012,102 @@ async fn a_postgresql_restart_does_not_let_another_node_run_beside_an_operation(
 struct CutLink {
     ns: String,
     host_if: String,
+    peer_if: String,
     host: std::net::Ipv4Addr,
     relay: std::net::Ipv4Addr,
     relay_child: Option<Child>,
 }
 
-fn ip(args: &[&str]) {
+fn ip_ok(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn ip(args: &[&str]) {
+    ip_ok(args).unwrap();
 }
 
 impl CutLink {
+    /// A namespace and link of their own: names and subnet drawn at random (retried when
+    /// taken by another run); namespaces left by runs whose process is gone are removed.
     fn new() -> CutLink {
-        let n = std::process::id() % 250 + 1;
-        let link = CutLink {
-            ns: format!("kiln-cut-{}", std::process::id()),
-            host_if: format!("kch{n}"),
-            host: std::net::Ipv4Addr::new(10, 213, n as u8, 1),
-            relay: std::net::Ipv4Addr::new(10, 213, n as u8, 2),
-            relay_child: None,
-        };
-        let peer = format!("kcr{n}");
-        ip(&["netns", "add", &link.ns]);
-        ip(&[
-            "link",
-            "add",
-            &link.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-        ]);
-        ip(&["link", "set", &peer, "netns", &link.ns]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", link.host),
-            "dev",
-            &link.host_if,
-        ]);
-        ip(&["link", "set", &link.host_if, "up"]);
-        let inside = |args: &[&str]| {
-            let mut a = vec!["netns", "exec", &link.ns, "ip"];
-            a.extend_from_slice(args);
-            ip(&a);
-        };
-        inside(&["addr", "add", &format!("{}/24", link.relay), "dev", &peer]);
-        inside(&["link", "set", &peer, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        link
+        let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        for line in String::from_utf8_lossy(&listed.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            let pid = name
+                .strip_prefix("kiln-cut-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = ip_ok(&["netns", "del", name]);
+            }
+        }
+        let mut tried = Vec::new();
+        for _ in 0..20 {
+            let n = u32::from(uuid::Uuid::new_v4().as_bytes()[0]) % 250 + 1;
+            let link = CutLink {
+                ns: format!("kiln-cut-{}-{n}", std::process::id()),
+                host_if: format!("kch{n}"),
+                peer_if: format!("kcr{n}"),
+                host: std::net::Ipv4Addr::new(10, 213, n as u8, 1),
+                relay: std::net::Ipv4Addr::new(10, 213, n as u8, 2),
+                relay_child: None,
+            };
+            // Taken (another run, or a leftover): its names are not ours to remove.
+            if let Err(e) = ip_ok(&["netns", "add", &link.ns]) {
+                tried.push(e);
+                continue;
+            }
+            if let Err(e) = ip_ok(&[
+                "link",
+                "add",
+                &link.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &link.peer_if,
+            ]) {
+                let _ = ip_ok(&["netns", "del", &link.ns]);
+                tried.push(e);
+                continue;
+            }
+            // From here the link and namespace are this run's: Drop removes them.
+            ip(&["link", "set", &link.peer_if, "netns", &link.ns]);
+            ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", link.host),
+                "dev",
+                &link.host_if,
+            ]);
+            ip(&["link", "set", &link.host_if, "up"]);
+            link.inside(&[
+                "addr",
+                "add",
+                &format!("{}/24", link.relay),
+                "dev",
+                &link.peer_if,
+            ]);
+            link.inside(&["link", "set", &link.peer_if, "up"]);
+            link.inside(&["link", "set", "lo", "up"]);
+            return link;
+        }
+        panic!("no free link name or subnet: {tried:?}");
+    }
+
+    /// `ip ARGS` inside the namespace.
+    fn inside(&self, args: &[&str]) {
+        let mut a = vec!["netns", "exec", &self.ns, "ip"];
+        a.extend_from_slice(args);
+        ip(&a);
     }
 
     /// Starts the relay: `relay:5432` inside the namespace to `host:port`, the server.
@@ -1102,17 +1144,7 @@ impl CutLink {
 
     /// Cuts the link: the relay's side goes down, so packets both ways are dropped.
     fn cut(&self) {
-        ip(&[
-            "netns",
-            "exec",
-            &self.ns,
-            "ip",
-            "link",
-            "set",
-            "dev",
-            &format!("kcr{}", &self.host_if[3..]),
-            "down",
-        ]);
+        self.inside(&["link", "set", "dev", &self.peer_if, "down"]);
     }
 }
 

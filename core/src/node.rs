@@ -35,19 +35,24 @@ pub fn incarnation() -> &'static str {
 
 /// This kernel boot and pid namespace, as 16 hex digits: the boot id (new at every boot,
 /// different on every machine) and the pid namespace's inode (a container sees other
-/// pids). Empty parts when /proc does not say, which only makes [`gone_from_this_host`]
-/// answer "maybe alive" more often.
+/// pids). When /proc cannot say — either is unreadable, or the /proc mounted here belongs
+/// to another pid namespace (its `self` is not this pid) — a random value of this process
+/// alone, so that no incarnation ever matches it and [`gone_from_this_host`] never calls
+/// anything gone.
 fn host() -> &'static str {
     static HOST: OnceLock<String> = OnceLock::new();
     HOST.get_or_init(|| {
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        let pidns = std::fs::read_link("/proc/self/ns/pid")
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        format!(
-            "{:016x}",
-            crate::locks::stable_id(&format!("{}|{pidns}", boot.trim()))
-        )
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id");
+        let pidns = std::fs::read_link("/proc/self/ns/pid");
+        let own_proc = std::fs::read_link("/proc/self")
+            .is_ok_and(|p| p.to_str() == Some(&std::process::id().to_string()));
+        match (boot, pidns) {
+            (Ok(boot), Ok(pidns)) if own_proc && !boot.trim().is_empty() => format!(
+                "{:016x}",
+                crate::locks::stable_id(&format!("{}|{}", boot.trim(), pidns.display()))
+            ),
+            _ => uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
+        }
     })
 }
 
@@ -121,11 +126,16 @@ mod tests {
             u32::MAX
         )));
         assert!(!gone_from_this_host("garbage"));
-        assert_eq!(host().len(), 16);
-        assert_ne!(
+        // Here /proc answers: the value is the boot's and pid namespace's, which every
+        // process of this host computes alike (not a per-process fallback).
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        let pidns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+        assert_eq!(
             host(),
-            format!("{:016x}", crate::locks::stable_id("|")),
-            "boot id read"
+            format!(
+                "{:016x}",
+                crate::locks::stable_id(&format!("{}|{}", boot.trim(), pidns.display()))
+            )
         );
     }
 }

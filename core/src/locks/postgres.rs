@@ -405,7 +405,7 @@ impl Heartbeat {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
-                // A new fence handle: in the row before operations start using it.
+                // A new fence handle: into the row now, not at the next beat.
                 () = crate::node::FENCE_PUBLISHED.notified() => {}
             }
             // The lease is checked before it is renewed: a process that was stopped or

@@ -65,8 +65,8 @@ async fn recover_one(ctx: &Ctx, op: &Operation, children: &[Operation]) -> Resul
 /// incarnation and backend in this process. A dead process holds nothing there, but what
 /// it left (a Ceph client's watches on the images it had open) would hold the recovery up
 /// until the backend's own timeout; and one that is only stalled could otherwise write
-/// again when it resumes. Best effort: a failure is logged and recovery goes on, as it
-/// would without it.
+/// again when it resumes. Best effort: a failure is logged and recovery goes on as it
+/// would without it (the backend's own timeouts then apply).
 async fn fence_owner(ctx: &Ctx, op: &Operation, kids: &[Operation]) {
     static FENCED: std::sync::Mutex<BTreeSet<(String, String)>> =
         std::sync::Mutex::new(BTreeSet::new());
@@ -105,12 +105,13 @@ async fn fence_owner(ctx: &Ctx, op: &Operation, kids: &[Operation]) {
             Err(e) => Err(e),
         };
         match fenced {
-            Ok(done) => {
-                if !done.is_empty() {
-                    tracing::warn!(owner, backend = %backend, fenced = ?done, "fenced a dead kiln process off the backend before taking its operations over");
-                }
+            // Only a fence that cut something off is remembered: one that found nothing
+            // to do (this node has no client there yet) is tried again next time.
+            Ok(done) if !done.is_empty() => {
+                tracing::warn!(owner, backend = %backend, fenced = ?done, "fenced a dead kiln process off the backend before taking its operations over");
                 FENCED.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
             }
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(owner, backend = %backend, error = %e, "cannot fence a dead kiln process off the backend; recovering without it")
             }

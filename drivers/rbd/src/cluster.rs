@@ -123,6 +123,19 @@ fn client_addr(addrs: &str) -> Option<String> {
     (!addr.is_empty() && addr.contains('/')).then(|| addr.to_string())
 }
 
+/// Whether `addr` (`ip:port/nonce`) names exactly one client instance: a non-zero nonce
+/// and a real IP (not the unspecified address).
+fn one_client(addr: &str) -> bool {
+    let Some((ip_port, nonce)) = addr.rsplit_once('/') else {
+        return false;
+    };
+    let nonce_ok = nonce.parse::<u64>().is_ok_and(|n| n != 0);
+    let ip_ok = ip_port
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| !a.ip().is_unspecified());
+    nonce_ok && ip_ok
+}
+
 fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::config(format!("{what} {s:?} contains a NUL byte")))
 }
@@ -221,8 +234,9 @@ impl Cluster {
         }
         let fence_handle = fence_handle(&rados);
         if let Some(h) = &fence_handle {
-            // Published before any operation can use this connection: a node that takes
-            // this process's operations over after it died can then cut it off.
+            // The heartbeat writes it at once (it is woken for it): a node that takes this
+            // process's operations over after it died can then cut it off. An operation
+            // journaled in the instant before that write lands is recovered without it.
             kiln_core::node::publish_fence(h);
         }
         Ok(Cluster {
@@ -289,6 +303,14 @@ impl Cluster {
             };
             if Some(h) == self.fence_handle.as_ref() {
                 continue;
+            }
+            if !one_client(addr) {
+                // Read from the store, so checked: `ip:0/0` would blocklist every client
+                // of that host (this node's too), and anything unparsable is refused.
+                return Err(Error::backend(
+                    "rados_blocklist_add",
+                    format!("refusing to blocklist {addr:?}: not the address of one client"),
+                ));
             }
             let c = cstring("client address", addr)?;
             // SAFETY: connected handle; librados only reads the NUL-terminated address
@@ -460,5 +482,16 @@ mod tests {
         );
         assert_eq!(client_addr(""), None);
         assert_eq!(client_addr("[]"), None);
+    }
+
+    #[test]
+    fn only_the_address_of_one_client_may_be_blocklisted() {
+        use super::one_client;
+        assert!(one_client("127.0.0.1:0/3219238591"));
+        assert!(one_client("[::1]:6800/42"));
+        assert!(!one_client("127.0.0.1:0/0"), "nonce 0 is the whole host");
+        assert!(!one_client("0.0.0.0:0/42"));
+        assert!(!one_client("127.0.0.1/42"));
+        assert!(!one_client("garbage"));
     }
 }
