@@ -96,6 +96,20 @@ impl Cluster {
         Cluster::with(n, Options::default())
     }
 
+    /// Three started nodes and `n` volumes named `<prefix>-<i>`, made through each node in
+    /// turn.
+    async fn serving(n: usize, prefix: &str) -> (Arc<Cluster>, Vec<String>) {
+        let c = Cluster::new(3);
+        for i in 0..3 {
+            c.start(i, None).await;
+        }
+        let mut volumes = Vec::new();
+        for i in 0..n {
+            volumes.push(c.volume(i % 3, &format!("{prefix}-{i}")).await);
+        }
+        (Arc::new(c), volumes)
+    }
+
     /// [`Cluster::new`] with a server started with `options`.
     fn with(n: usize, options: Options) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
@@ -579,15 +593,7 @@ fn load_secs() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_serve_one_store_and_one_pool_under_load() {
     let _serial = SERIAL.lock().await;
-    let c = Cluster::new(3);
-    for i in 0..3 {
-        c.start(i, None).await;
-    }
-    let mut volumes = Vec::new();
-    for i in 0..8 {
-        volumes.push(c.volume(i % 3, &format!("mn-{i}")).await);
-    }
-    let c = Arc::new(c);
+    let (c, volumes) = Cluster::serving(8, "mn").await;
     let secs = load_secs();
     let t = Instant::now();
     let l = load(&c, 32, &volumes, secs).await;
@@ -831,15 +837,7 @@ async fn operations_of_a_killed_node_are_finished_or_rolled_back_by_the_others()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgresql_restart_under_load_leaves_nothing_stuck() {
     let _serial = SERIAL.lock().await;
-    let c = Cluster::new(3);
-    for i in 0..3 {
-        c.start(i, None).await;
-    }
-    let mut volumes = Vec::new();
-    for i in 0..4 {
-        volumes.push(c.volume(i % 3, &format!("pgr-{i}")).await);
-    }
-    let c = Arc::new(c);
+    let (c, volumes) = Cluster::serving(4, "pgr").await;
     let runner = {
         let (c, volumes) = (c.clone(), volumes.clone());
         tokio::spawn(async move { load(&c, 16, &volumes, 20).await })
