@@ -73,6 +73,40 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The child `cmd` starts gets SIGKILL when this test process dies: a failed test never
+/// leaves a node or a relay running.
+fn die_with_test(cmd: &mut Command) {
+    // SAFETY: prctl only sets the child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// One kiln command as `node` (its config, data directory and name, no fail points),
+/// which must succeed.
+fn kiln_ok(node: &Node, args: &[&str]) {
+    let out = Command::new(KILN)
+        .arg("--config")
+        .arg(&node.config)
+        .arg("--data-dir")
+        .arg(&node.data)
+        .args(args)
+        .env("KILN_NODE", &node.name)
+        .env_remove("FAILPOINTS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn ceph(args: &[&str]) -> String {
     let conf = common::rbd::ceph_conf();
     let out = Command::new("ceph")
@@ -140,20 +174,7 @@ impl Cluster {
                 child: std::sync::Mutex::new(None),
             });
         }
-        let out = Command::new(KILN)
-            .arg("--config")
-            .arg(&nodes[0].config)
-            .arg("--data-dir")
-            .arg(&nodes[0].data)
-            .args(["store", "migrate"])
-            .env_remove("FAILPOINTS")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        kiln_ok(&nodes[0], &["store", "migrate"]);
         Cluster {
             _dir: dir,
             pg,
@@ -193,16 +214,7 @@ impl Cluster {
             Some(f) => c.env("FAILPOINTS", f),
             None => c.env_remove("FAILPOINTS"),
         };
-        // SAFETY: prctl only sets this child's parent-death signal: a failed test never
-        // leaves a node running.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_test(&mut c);
         *node.child.lock().unwrap() = Some(c.spawn().unwrap());
         let health = format!("http://127.0.0.1:{}/healthcheck", node.port);
         let deadline = Instant::now() + LIMIT;
@@ -653,27 +665,16 @@ async fn operations_of_a_killed_node_are_finished_or_rolled_back_by_the_others()
         c.volume(1, "instance-e").await,
     );
     let instance = "6f4c1c52-95c0-4b6e-9d43-8a3b6f0e2a11";
-    let out = Command::new(KILN)
-        .arg("--config")
-        .arg(&c.nodes[0].config)
-        .arg("--data-dir")
-        .arg(&c.nodes[0].data)
-        .args([
+    kiln_ok(
+        &c.nodes[0],
+        &[
             "instance",
             "create",
             "--id",
             instance,
             "--name",
             "victim-server",
-        ])
-        .env("KILN_NODE", "n1")
-        .env_remove("FAILPOINTS")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     for (vol, dev) in [(&d, "/dev/vda"), (&e, "/dev/vdb")] {
         c.ok(
@@ -1119,15 +1120,7 @@ impl CutLink {
             .arg(port.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // SAFETY: prctl only sets the child's parent-death signal.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_test(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
         std::io::BufRead::read_line(
