@@ -246,10 +246,7 @@ impl Service {
         crate::validate::validate_device(&a.device)?;
         crate::validate::validate_attachment(&a)?;
         self.ctx.volume(id).await?;
-        let _locks = self
-            .ctx
-            .lock([id.into(), LockKey::Instance(a.instance_id)])
-            .await?;
+        self.ctx.locked([id.into(), LockKey::Instance(a.instance_id)], async {
         let v = self.ctx.volume(id).await?;
         a.qmp = self
             .ctx
@@ -300,6 +297,8 @@ impl Service {
             )
             .await?;
         self.ctx.volume(id).await
+        })
+        .await
     }
 
     /// The block node of the hypervisor at `qmp` that has qcow2 volume `v`'s active file
@@ -362,22 +361,25 @@ impl Service {
     /// Removes the attachment: `in-use` -> `available`.
     pub async fn detach(&self, id: VolumeId) -> Result<Volume> {
         self.ctx.volume(id).await?;
-        let _locks = self.ctx.lock([id.into()]).await?;
         self.ctx
-            .guarded(
-                vec![
-                    crate::store::Step::SetVolumeStatus {
-                        id,
-                        from: vec![VolumeStatus::InUse],
-                        to: VolumeStatus::Available,
-                        reason: None,
-                    },
-                    crate::store::Step::Detach(id),
-                ],
-                |c| ops::conflict_error(c, "detach volume", "in-use"),
-            )
-            .await?;
-        self.ctx.volume(id).await
+            .locked([id.into()], async {
+                self.ctx
+                    .guarded(
+                        vec![
+                            crate::store::Step::SetVolumeStatus {
+                                id,
+                                from: vec![VolumeStatus::InUse],
+                                to: VolumeStatus::Available,
+                                reason: None,
+                            },
+                            crate::store::Step::Detach(id),
+                        ],
+                        |c| ops::conflict_error(c, "detach volume", "in-use"),
+                    )
+                    .await?;
+                self.ctx.volume(id).await
+            })
+            .await
     }
 
     /// Snapshots a volume. Without `force` the volume must be `available`; with `force`,
@@ -486,7 +488,7 @@ impl Service {
                 v.backend
             )));
         };
-        let _locks = self.ctx.lock([id.into()]).await?;
+        self.ctx.locked([id.into()], async {
         if let Some(op) = self
             .ctx
             .store
@@ -504,6 +506,8 @@ impl Service {
         tokio::task::spawn_blocking(move || check.check_volume(&v, repair))
             .await
             .map_err(|e| Error::backend("check", format!("worker thread failed: {e}")))?
+        })
+        .await
     }
 
     /// What a hypervisor needs to open the volume now (Cinder's `initialize_connection`).

@@ -628,7 +628,8 @@ async fn recovery_skips_operations_whose_volume_is_locked() {
         f.svc.snapshot(s.id).await.unwrap().status,
         SnapshotStatus::Deleting
     );
-    drop(held);
+    // Released as an operation releases its locks: free for every node once it returns.
+    held.release().await;
     assert_eq!(f.svc.recover().await.unwrap().len(), 1);
     assert!(f.store.snapshot(s.id).unwrap().is_none());
 }
@@ -1092,7 +1093,8 @@ async fn reset_state_is_refused_while_busy_and_keeps_history() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::WrongState);
     assert!(e.to_string().contains("running"), "{e}");
-    drop(held);
+    // Released as an operation releases its locks: free for every node once it returns.
+    held.release().await;
     // An unfinished (journaled) operation on it.
     let op = f
         .store

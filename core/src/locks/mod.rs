@@ -49,7 +49,8 @@ impl From<VolumeId> for LockKey {
     }
 }
 
-/// Held locks; dropping it releases them. Opaque so each manager can hold what it needs.
+/// Held locks; dropping it releases them, and [`LockSet::release`] releases them and
+/// returns once they are free for every node. Opaque so each manager can hold what it needs.
 pub struct LockSet {
     _guards: Vec<Box<dyn Send + Sync>>,
     /// The guard of a manager whose locks can end under a live holder.
@@ -62,6 +63,10 @@ pub struct LockSet {
 pub trait Held: Send + Sync {
     /// Why the locks are no longer held, if they are not.
     fn lost(&self) -> Option<String>;
+    /// Releases the locks and resolves once they are free everywhere (dropping the guard
+    /// releases them too, but in the background: another node could still find them
+    /// held for a round trip after the holder moved on).
+    fn release(self: Box<Self>) -> futures::future::BoxFuture<'static, ()>;
 }
 
 impl LockSet {
@@ -96,6 +101,16 @@ impl LockSet {
                     "the lock was lost while held: {why}; stopped so that nothing changed by another node is read"
                 ),
             )),
+        }
+    }
+
+    /// Releases every lock of the set and returns once each is free for every node (a
+    /// PostgreSQL unlock has landed), so whatever the holder reports next can be followed
+    /// by another node's `try_lock` without a spurious "busy". Dropping the set releases
+    /// the same locks, only without waiting for it.
+    pub async fn release(mut self) {
+        if let Some(g) = self.watched.take() {
+            g.release().await;
         }
     }
 

@@ -168,6 +168,30 @@ struct PgGuard {
     runtime: tokio::runtime::Handle,
 }
 
+impl PgGuard {
+    /// The release of what this guard holds, once (`None` after the first call): the
+    /// unlock round trip, then the node's own waiters are let in (they would otherwise
+    /// just wait in PostgreSQL).
+    fn releaser(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let session = self.session.take()?;
+        let local = std::mem::take(&mut self.local);
+        let keys = std::mem::take(&mut self.keys);
+        let set = self.releasing.clone();
+        releasing(&set).extend(keys.iter().copied());
+        Some(async move {
+            session.release().await;
+            // The in-process guards go while the set is held: a `try_lock` that found a
+            // guard held and then looks here either finds its key (and waits for it) or
+            // finds the guard already gone, never a free lock reported as held.
+            let mut r = releasing(&set);
+            drop(local);
+            for k in &keys {
+                r.remove(k);
+            }
+        })
+    }
+}
+
 impl super::Held for PgGuard {
     fn lost(&self) -> Option<String> {
         let closed = self
@@ -179,29 +203,22 @@ impl super::Held for PgGuard {
             "its PostgreSQL session ended (a server restart or a lost connection)".to_string()
         })
     }
+
+    fn release(mut self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
+        match self.releaser() {
+            Some(f) => Box::pin(f),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
 }
 
 impl Drop for PgGuard {
     fn drop(&mut self) {
-        let Some(session) = self.session.take() else {
+        let Some(release) = self.releaser() else {
             return;
         };
-        let local = std::mem::take(&mut self.local);
-        let keys = std::mem::take(&mut self.keys);
-        let set = self.releasing.clone();
-        releasing(&set).extend(keys.iter().copied());
-        // Unlocking is a round trip: done on the runtime; the node's own waiters are let
-        // in only after it (they would otherwise just wait in PostgreSQL). If the runtime
-        // is gone the future is dropped, which closes the session: released all the same.
-        let release = async move {
-            session.release().await;
-            let mut r = releasing(&set);
-            for k in &keys {
-                r.remove(k);
-            }
-            drop(r);
-            drop(local);
-        };
+        // Unlocking is a round trip: done on the runtime. If the runtime is gone the
+        // future is dropped, which closes the session: released all the same.
         match tokio::runtime::Handle::try_current() {
             Ok(h) => drop(h.spawn(release)),
             Err(_) => drop(self.runtime.spawn(release)),
@@ -602,15 +619,29 @@ impl LockManager for PgLocks {
             let slot = self.local.get(*key)?;
             let g = match slot.clone().try_lock_owned() {
                 Ok(g) => g,
-                // Held by a set this node just dropped: free as soon as its unlock lands,
-                // and a dropped set is free by the contract.
-                Err(_) if releasing(&self.releasing).contains(key) => {
-                    match tokio::time::timeout(RELEASE_WAIT, slot.lock_owned()).await {
-                        Ok(g) => g,
-                        Err(_) => return Ok(None),
+                Err(_) => {
+                    // Either held, being released by this node, or released completely
+                    // since the first look (a release lets its guards go under the set's
+                    // mutex, which this holds while it looks again).
+                    let again = {
+                        let r = releasing(&self.releasing);
+                        if r.contains(key) {
+                            None
+                        } else {
+                            Some(slot.clone().try_lock_owned())
+                        }
+                    };
+                    match again {
+                        Some(Ok(g)) => g,
+                        Some(Err(_)) => return Ok(None),
+                        // Held by a set this node just dropped: free as soon as its unlock
+                        // lands, and a dropped set is free by the contract.
+                        None => match tokio::time::timeout(RELEASE_WAIT, slot.lock_owned()).await {
+                            Ok(g) => g,
+                            Err(_) => return Ok(None),
+                        },
                     }
                 }
-                Err(_) => return Ok(None),
             };
             local.push(g);
         }
@@ -714,6 +745,26 @@ mod tests {
         assert!(a.try_lock(&[id]).await.unwrap().is_none());
         drop(g);
         drop(eventually_free(&b, &[id]).await);
+    }
+
+    /// Found by a flaky CI run: a set dropped on one node was still held in PostgreSQL
+    /// when another node probed it right after (the unlock was still in flight). An
+    /// operation now ends with `release`, which returns only once the unlock has landed.
+    #[tokio::test]
+    async fn a_released_set_is_free_for_another_node_when_release_returns() {
+        let (a, b) = two_nodes().await;
+        for _ in 0..50 {
+            let id = LockKey::Volume(VolumeId::new());
+            let g = a.lock(&[id]).await.unwrap();
+            assert!(b.try_lock(&[id]).await.unwrap().is_none());
+            g.release().await;
+            let again = b.try_lock(&[id]).await.unwrap();
+            assert!(again.is_some(), "released, yet another node found it held");
+            if let Some(s) = again {
+                s.release().await;
+            }
+            assert!(a.try_lock(&[id]).await.unwrap().is_some());
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

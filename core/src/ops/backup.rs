@@ -251,7 +251,7 @@ async fn write_backup(
     target_s: String,
     progress: ProgressHandle,
 ) -> Result<BackupCreated> {
-    let _locks = ctx.lock([v.id.into()]).await?;
+    ctx.locked([v.id.into()], async {
     let now = Utc::now();
     let record = Backup {
         id,
@@ -372,6 +372,8 @@ async fn write_backup(
             Err(e)
         }
     }
+    })
+    .await
 }
 
 /// Runs a blocking pool call off the async threads.
@@ -464,59 +466,61 @@ pub(crate) async fn delete(ctx: &Ctx, id: BackupId) -> Result<Backup> {
         .backup(id)
         .await?
         .ok_or_else(|| Error::not_found("backup", id))?;
-    let _locks = ctx.lock([b.volume_id.into()]).await?;
-    let b = ctx
-        .store
-        .backup(id)
-        .await?
-        .ok_or_else(|| Error::not_found("backup", id))?;
-    let place = stored_at(ctx, &b.target).await?;
-    let op = ctx
-        .begin(
-            vec![
-                Step::BackupHasNoChildren(id),
-                Step::SetBackupStatus {
-                    id,
-                    from: vec![BackupStatus::Available, BackupStatus::Error],
-                    to: BackupStatus::Deleting,
-                    reason: None,
-                },
-            ],
-            NewOp::of(DELETE, b.volume_id, Some(b.snapshot_id))
-                .payload(serde_json::json!({"backup": id.to_string(), "target": b.target})),
-            |c| match c.found.as_deref() {
-                Some("builds on it") => Error::busy(
-                    format!(
-                        "backup {id} is the base of backup {}; delete that first",
-                        c.id
+    ctx.locked([b.volume_id.into()], async {
+        let b = ctx
+            .store
+            .backup(id)
+            .await?
+            .ok_or_else(|| Error::not_found("backup", id))?;
+        let place = stored_at(ctx, &b.target).await?;
+        let op = ctx
+            .begin(
+                vec![
+                    Step::BackupHasNoChildren(id),
+                    Step::SetBackupStatus {
+                        id,
+                        from: vec![BackupStatus::Available, BackupStatus::Error],
+                        to: BackupStatus::Deleting,
+                        reason: None,
+                    },
+                ],
+                NewOp::of(DELETE, b.volume_id, Some(b.snapshot_id))
+                    .payload(serde_json::json!({"backup": id.to_string(), "target": b.target})),
+                |c| match c.found.as_deref() {
+                    Some("builds on it") => Error::busy(
+                        format!(
+                            "backup {id} is the base of backup {}; delete that first",
+                            c.id
+                        ),
+                        vec![c.id.clone()],
                     ),
-                    vec![c.id.clone()],
-                ),
-                _ => conflict_error(c, "delete backup", "available or error"),
-            },
-        )
-        .await?;
-    crash_point(DELETE, "before_remove");
-    match remove_from(&place, b.volume_id, id).await {
-        Ok(()) => {
-            ctx.finish(vec![Step::DeleteBackup(id), Step::FinishOp(op)])
-                .await?;
-            Ok(b)
-        }
-        Err(e) => {
-            ctx.finish(vec![
-                Step::SetBackupStatus {
-                    id,
-                    from: vec![],
-                    to: BackupStatus::Error,
-                    reason: Some(format!("delete failed: {e}")),
+                    _ => conflict_error(c, "delete backup", "available or error"),
                 },
-                Step::FinishOp(op),
-            ])
+            )
             .await?;
-            Err(e)
+        crash_point(DELETE, "before_remove");
+        match remove_from(&place, b.volume_id, id).await {
+            Ok(()) => {
+                ctx.finish(vec![Step::DeleteBackup(id), Step::FinishOp(op)])
+                    .await?;
+                Ok(b)
+            }
+            Err(e) => {
+                ctx.finish(vec![
+                    Step::SetBackupStatus {
+                        id,
+                        from: vec![],
+                        to: BackupStatus::Error,
+                        reason: Some(format!("delete failed: {e}")),
+                    },
+                    Step::FinishOp(op),
+                ])
+                .await?;
+                Err(e)
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Recovery of a delete: removes the files (again) and the record.

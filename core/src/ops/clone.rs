@@ -50,33 +50,33 @@ pub(crate) async fn run(
     };
     let driver = ctx.driver(&source.backend).await?;
     let volume = new_record(size_bytes, source.backend.clone(), name, Some(source.id));
-    let _locks = ctx
-        .lock([volume.id.into(), source.volume_id.into()])
-        .await?;
-    let op = ctx
-        .begin(
-            Owner::insert_steps(
-                owner,
-                ObjectKind::Volume,
-                volume.id.to_string(),
-                volume.size_bytes,
-                Step::InsertVolume(volume.clone()),
+    ctx.locked([volume.id.into(), source.volume_id.into()], async {
+        let op = ctx
+            .begin(
+                Owner::insert_steps(
+                    owner,
+                    ObjectKind::Volume,
+                    volume.id.to_string(),
+                    volume.size_bytes,
+                    Step::InsertVolume(volume.clone()),
+                )
+                .into_iter()
+                .chain([Step::SnapshotIn {
+                    id: source.id,
+                    any_of: vec![SnapshotStatus::Available],
+                }])
+                .collect(),
+                NewOp::of(KIND, volume.id, Some(source.id)),
+                |c| conflict_error(c, "create a volume from it", "available"),
             )
-            .into_iter()
-            .chain([Step::SnapshotIn {
-                id: source.id,
-                any_of: vec![SnapshotStatus::Available],
-            }])
-            .collect(),
-            NewOp::of(KIND, volume.id, Some(source.id)),
-            |c| conflict_error(c, "create a volume from it", "available"),
-        )
-        .await?;
-    let result = ctx
-        .drive(
-            CRASH_OP,
-            driver.create_volume_from_snapshot(&volume, &source, progress),
-        )
-        .await;
-    conclude(ctx, &driver, &volume, op, result).await
+            .await?;
+        let result = ctx
+            .drive(
+                CRASH_OP,
+                driver.create_volume_from_snapshot(&volume, &source, progress),
+            )
+            .await;
+        conclude(ctx, &driver, &volume, op, result).await
+    })
+    .await
 }

@@ -52,88 +52,90 @@ pub(crate) async fn run(
         validate_label(n)?;
     }
     ctx.volume(volume_id).await?;
-    let _locks = ctx.lock([volume_id.into()]).await?;
-    let v = ctx.volume(volume_id).await?;
-    let driver = ctx.driver(&v.backend).await?;
-    let (allowed, needed) = if force {
-        (
-            vec![VolumeStatus::Available, VolumeStatus::InUse],
-            "available or in-use",
-        )
-    } else {
-        (
-            vec![VolumeStatus::Available],
-            "available (use --force to snapshot an attached volume)",
-        )
-    };
-    let snap = new_record(&v, name);
-    let op = ctx
-        .begin(
-            std::iter::once(Step::VolumeIn {
-                id: volume_id,
-                any_of: allowed,
-            })
-            .chain(Owner::insert_steps(
-                owner,
-                ObjectKind::Snapshot,
-                snap.id.to_string(),
-                snap.size_bytes,
-                Step::InsertSnapshot(snap.clone()),
-            ))
-            .collect(),
-            NewOp::of(KIND, volume_id, Some(snap.id)),
-            |c| conflict_error(c, "snapshot volume", needed),
-        )
-        .await?;
-    let result = ctx
-        .drive(KIND, async {
-            match v.attachments.first() {
-                Some(a) if v.status == VolumeStatus::InUse => {
-                    driver.create_snapshot_force(&snap, &v, a).await
-                }
-                _ => driver.create_snapshot(&snap, &v).await,
-            }
-        })
-        .await;
-    match result {
-        Ok(update) => {
-            ctx.finish(vec![
-                Step::SetSnapshotStatus {
-                    id: snap.id,
-                    from: vec![SnapshotStatus::Creating],
-                    to: SnapshotStatus::Available,
-                    reason: None,
-                },
-                Step::SetSnapshotLocation(snap.id, update.provider_location),
-                Step::FinishOp(op),
-            ])
+    ctx.locked([volume_id.into()], async {
+        let v = ctx.volume(volume_id).await?;
+        let driver = ctx.driver(&v.backend).await?;
+        let (allowed, needed) = if force {
+            (
+                vec![VolumeStatus::Available, VolumeStatus::InUse],
+                "available or in-use",
+            )
+        } else {
+            (
+                vec![VolumeStatus::Available],
+                "available (use --force to snapshot an attached volume)",
+            )
+        };
+        let snap = new_record(&v, name);
+        let op = ctx
+            .begin(
+                std::iter::once(Step::VolumeIn {
+                    id: volume_id,
+                    any_of: allowed,
+                })
+                .chain(Owner::insert_steps(
+                    owner,
+                    ObjectKind::Snapshot,
+                    snap.id.to_string(),
+                    snap.size_bytes,
+                    Step::InsertSnapshot(snap.clone()),
+                ))
+                .collect(),
+                NewOp::of(KIND, volume_id, Some(snap.id)),
+                |c| conflict_error(c, "snapshot volume", needed),
+            )
             .await?;
-            ctx.snapshot(snap.id).await
-        }
-        Err(e) => {
-            match driver.delete_snapshot(&snap).await {
-                Ok(_) => {
-                    ctx.finish(vec![Step::DeleteSnapshot(snap.id), Step::FinishOp(op)])
-                        .await?
+        let result = ctx
+            .drive(KIND, async {
+                match v.attachments.first() {
+                    Some(a) if v.status == VolumeStatus::InUse => {
+                        driver.create_snapshot_force(&snap, &v, a).await
+                    }
+                    _ => driver.create_snapshot(&snap, &v).await,
                 }
-                Err(cleanup) => {
-                    ctx.finish(vec![
-                        Step::SetSnapshotStatus {
-                            id: snap.id,
-                            from: vec![],
-                            to: SnapshotStatus::Error,
-                            reason: Some(format!(
-                                "create failed ({e}); cleanup failed too ({cleanup})"
-                            )),
-                        },
-                        Step::FinishOp(op),
-                    ])
-                    .await?
-                }
+            })
+            .await;
+        match result {
+            Ok(update) => {
+                ctx.finish(vec![
+                    Step::SetSnapshotStatus {
+                        id: snap.id,
+                        from: vec![SnapshotStatus::Creating],
+                        to: SnapshotStatus::Available,
+                        reason: None,
+                    },
+                    Step::SetSnapshotLocation(snap.id, update.provider_location),
+                    Step::FinishOp(op),
+                ])
+                .await?;
+                ctx.snapshot(snap.id).await
             }
-            Err(e)
+            Err(e) => {
+                match driver.delete_snapshot(&snap).await {
+                    Ok(_) => {
+                        ctx.finish(vec![Step::DeleteSnapshot(snap.id), Step::FinishOp(op)])
+                            .await?
+                    }
+                    Err(cleanup) => {
+                        ctx.finish(vec![
+                            Step::SetSnapshotStatus {
+                                id: snap.id,
+                                from: vec![],
+                                to: SnapshotStatus::Error,
+                                reason: Some(format!(
+                                    "create failed ({e}); cleanup failed too ({cleanup})"
+                                )),
+                            },
+                            Step::FinishOp(op),
+                        ])
+                        .await?
+                    }
+                }
+                Err(e)
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Recovery of an interrupted snapshot create (see the module docs).

@@ -53,22 +53,24 @@ pub(crate) async fn run(
     let size_bytes = check_size(size_bytes)?;
     let driver = ctx.driver(&backend).await?;
     let volume = new_record(size_bytes, backend, name, None);
-    let _locks = ctx.lock([volume.id.into()]).await?;
-    let op = ctx
-        .begin(
-            Owner::insert_steps(
-                owner,
-                ObjectKind::Volume,
-                volume.id.to_string(),
-                volume.size_bytes,
-                Step::InsertVolume(volume.clone()),
-            ),
-            NewOp::of(KIND, volume.id, None),
-            |c| conflict_error(c, "create volume", "new"),
-        )
-        .await?;
-    let result = ctx.drive(KIND, driver.create_volume(&volume)).await;
-    conclude(ctx, &driver, &volume, op, result).await
+    ctx.locked([volume.id.into()], async {
+        let op = ctx
+            .begin(
+                Owner::insert_steps(
+                    owner,
+                    ObjectKind::Volume,
+                    volume.id.to_string(),
+                    volume.size_bytes,
+                    Step::InsertVolume(volume.clone()),
+                ),
+                NewOp::of(KIND, volume.id, None),
+                |c| conflict_error(c, "create volume", "new"),
+            )
+            .await?;
+        let result = ctx.drive(KIND, driver.create_volume(&volume)).await;
+        conclude(ctx, &driver, &volume, op, result).await
+    })
+    .await
 }
 
 /// Records a creation's result: `available` with its location, or — after removing the

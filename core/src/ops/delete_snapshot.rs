@@ -43,9 +43,11 @@ pub(crate) async fn run(
             .iter()
             .map(|c| LockKey::from(c.id)),
     );
-    let _locks = ctx.lock(keys).await?;
-    let s = ctx.snapshot(id).await?;
-    run_locked(ctx, &driver, s, flatten_dependents, progress).await
+    ctx.locked(keys, async {
+        let s = ctx.snapshot(id).await?;
+        run_locked(ctx, &driver, s, flatten_dependents, progress).await
+    })
+    .await
 }
 
 /// The delete, for a caller that holds the snapshot's volume lock (and its clones' when

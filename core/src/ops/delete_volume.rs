@@ -35,7 +35,7 @@ pub(crate) async fn run(ctx: &Ctx, id: VolumeId, cascade: bool) -> Result<Delete
                 .map(|c| LockKey::from(c.id)),
         );
     }
-    let _locks = ctx.lock(keys).await?;
+    ctx.locked(keys, async {
     if cascade {
         ctx.guarded(
             vec![Step::VolumeIn {
@@ -87,6 +87,8 @@ pub(crate) async fn run(ctx: &Ctx, id: VolumeId, cascade: bool) -> Result<Delete
     steps.push(Step::FinishOp(op));
     ctx.finish(steps).await?;
     r
+    })
+    .await
 }
 
 fn conclude(v: &Volume, result: Result<DeleteAction>) -> (Vec<Step>, Result<DeleteAction>) {

@@ -19,11 +19,13 @@ pub(crate) const KIND: &str = "flatten";
 /// Flattens volume `id` (which must exist; any status but a transitional one).
 pub(crate) async fn run(ctx: &Ctx, id: VolumeId, progress: ProgressHandle) -> Result<Volume> {
     ctx.volume(id).await?;
-    let _locks = ctx.lock([id.into()]).await?;
-    let v = ctx.volume(id).await?;
-    let driver = ctx.driver(&v.backend).await?;
-    run_locked(ctx, &driver, &v, progress).await?;
-    ctx.volume(id).await
+    ctx.locked([id.into()], async {
+        let v = ctx.volume(id).await?;
+        let driver = ctx.driver(&v.backend).await?;
+        run_locked(ctx, &driver, &v, progress).await?;
+        ctx.volume(id).await
+    })
+    .await
 }
 
 /// The flatten, for a caller holding the volume's lock.

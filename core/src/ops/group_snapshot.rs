@@ -396,37 +396,39 @@ pub(crate) async fn run(
     for id in &ids {
         ctx.volume(*id).await?;
     }
-    let _locks = ctx.lock(ids.iter().map(|id| LockKey::from(*id))).await?;
-    let mut vols = Vec::with_capacity(volumes.len());
-    for id in volumes {
-        vols.push(ctx.volume(*id).await?);
-    }
-    let p = begin(ctx, KIND, vols, name, force, serde_json::Map::new(), None).await?;
-    if let Err(e) = journal_children(ctx, &p).await {
-        roll_back(ctx, &p, &[], &format!("group snapshot failed ({e})")).await?;
-        return Err(e);
-    }
-    let taken = take(ctx, &p).await;
-    match taken.error {
-        None => {
-            ctx.finish(success_steps(&p, &taken.made)).await?;
-            let mut out = Vec::with_capacity(p.members.len());
-            for (s, _) in &p.members {
-                out.push(ctx.snapshot(s.id).await?);
+    ctx.locked(ids.iter().map(|id| LockKey::from(*id)), async {
+        let mut vols = Vec::with_capacity(volumes.len());
+        for id in volumes {
+            vols.push(ctx.volume(*id).await?);
+        }
+        let p = begin(ctx, KIND, vols, name, force, serde_json::Map::new(), None).await?;
+        if let Err(e) = journal_children(ctx, &p).await {
+            roll_back(ctx, &p, &[], &format!("group snapshot failed ({e})")).await?;
+            return Err(e);
+        }
+        let taken = take(ctx, &p).await;
+        match taken.error {
+            None => {
+                ctx.finish(success_steps(&p, &taken.made)).await?;
+                let mut out = Vec::with_capacity(p.members.len());
+                for (s, _) in &p.members {
+                    out.push(ctx.snapshot(s.id).await?);
+                }
+                Ok(out)
             }
-            Ok(out)
+            Some(e) => {
+                roll_back(
+                    ctx,
+                    &p,
+                    &taken.made,
+                    &format!("group snapshot failed ({e})"),
+                )
+                .await?;
+                Err(e)
+            }
         }
-        Some(e) => {
-            roll_back(
-                ctx,
-                &p,
-                &taken.made,
-                &format!("group snapshot failed ({e})"),
-            )
-            .await?;
-            Err(e)
-        }
-    }
+    })
+    .await
 }
 
 /// The volumes a group's recovery must lock (every member's).

@@ -54,59 +54,61 @@ pub(crate) async fn run(ctx: &Ctx, id: ImageId, keep_snapshots: bool) -> Result<
             );
         }
     }
-    let _lock = ctx.lock(keys).await?;
-    let missing = |c: &crate::store::Conflict| Error::not_found(c.what, &c.id);
-    if keep_snapshots {
+    ctx.locked(keys, async {
+        let missing = |c: &crate::store::Conflict| Error::not_found(c.what, &c.id);
+        if keep_snapshots {
+            ctx.guarded(
+                vec![
+                    Step::SetImageStatus {
+                        id,
+                        from: vec![],
+                        to: ImageStatus::PendingDelete,
+                    },
+                    Step::DeleteImage(id),
+                ],
+                missing,
+            )
+            .await?;
+            return Ok(ImageDeleted {
+                id,
+                snapshots_deleted: vec![],
+                snapshots_kept: img.snapshots,
+            });
+        }
         ctx.guarded(
-            vec![
-                Step::SetImageStatus {
-                    id,
-                    from: vec![],
-                    to: ImageStatus::PendingDelete,
-                },
-                Step::DeleteImage(id),
-            ],
+            vec![Step::SetImageStatus {
+                id,
+                from: vec![],
+                to: ImageStatus::PendingDelete,
+            }],
             missing,
         )
         .await?;
-        return Ok(ImageDeleted {
-            id,
-            snapshots_deleted: vec![],
-            snapshots_kept: img.snapshots,
-        });
-    }
-    ctx.guarded(
-        vec![Step::SetImageStatus {
-            id,
-            from: vec![],
-            to: ImageStatus::PendingDelete,
-        }],
-        missing,
-    )
-    .await?;
-    let mut deleted = Vec::new();
-    for sid in &img.snapshots {
-        let one = async {
-            let s = ctx.snapshot(*sid).await?;
-            let driver = ctx.driver(&s.backend).await?;
-            delete_snapshot::run_locked(ctx, &driver, s, false, crate::progress::no_progress())
-                .await
-        };
-        match one.await {
-            Ok(_) => deleted.push(*sid),
-            Err(e) if e.kind() == ErrorKind::NotFound => deleted.push(*sid),
-            Err(e) => {
-                return Err(e.about(format!(
-                    "image {id} is pending_delete; its snapshot {sid} could not be deleted \
+        let mut deleted = Vec::new();
+        for sid in &img.snapshots {
+            let one = async {
+                let s = ctx.snapshot(*sid).await?;
+                let driver = ctx.driver(&s.backend).await?;
+                delete_snapshot::run_locked(ctx, &driver, s, false, crate::progress::no_progress())
+                    .await
+            };
+            match one.await {
+                Ok(_) => deleted.push(*sid),
+                Err(e) if e.kind() == ErrorKind::NotFound => deleted.push(*sid),
+                Err(e) => {
+                    return Err(e.about(format!(
+                        "image {id} is pending_delete; its snapshot {sid} could not be deleted \
                      (run image delete again once fixed)"
-                )));
+                    )));
+                }
             }
         }
-    }
-    ctx.finish(vec![Step::DeleteImage(id)]).await?;
-    Ok(ImageDeleted {
-        id,
-        snapshots_deleted: deleted,
-        snapshots_kept: vec![],
+        ctx.finish(vec![Step::DeleteImage(id)]).await?;
+        Ok(ImageDeleted {
+            id,
+            snapshots_deleted: deleted,
+            snapshots_kept: vec![],
+        })
     })
+    .await
 }

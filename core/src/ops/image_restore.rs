@@ -172,115 +172,117 @@ pub(crate) async fn run(ctx: &Ctx, req: RestoreRequest) -> Result<(Instance, Vec
         keys.push(v.id.into());
         keys.push(s.volume_id.into());
     }
-    let _locks = ctx.lock(keys).await?;
-    // Under the lock: the devices must be free on that instance.
-    let taken: Vec<String> = ctx
-        .store
-        .instance_volumes(instance_id)
-        .await?
-        .iter()
-        .filter_map(|v| v.attachments.first().map(|a| a.device.clone()))
-        .collect();
-    if let Some((v, _)) = planned
-        .iter()
-        .find(|(v, _)| taken.contains(&v.attachments[0].device))
-    {
-        return Err(Error::wrong_state(format!(
-            "instance {instance_id} already has a volume at {}",
-            v.attachments[0].device
-        )));
-    }
-    let payload = Payload {
-        instance: instance_id,
-        created_instance: existing.is_none(),
-        volumes: planned.iter().map(|(v, _)| v.id).collect(),
-    };
-    let mut steps = Vec::new();
-    if existing.is_none() {
-        steps.push(Step::InsertInstance(instance.clone()));
-    }
-    for (v, s) in &planned {
-        steps.push(Step::SnapshotIn {
-            id: s.id,
-            any_of: vec![SnapshotStatus::Available],
-        });
-        steps.push(Step::InsertVolume(v.clone()));
-    }
-    let parent = ctx
-        .begin(
-            steps,
-            NewOp::of(KIND, planned[0].0.id, None)
-                .payload(serde_json::to_value(&payload).map_err(Error::store)?),
-            |c| conflict_error(c, "restore the image", "available"),
-        )
-        .await?;
-    let work = planned.iter().map(|(v, s)| async move {
-        let r = async {
-            let driver = ctx.driver(&s.backend).await?;
-            ctx.begin(
-                vec![],
-                NewOp {
-                    parent: Some(parent),
-                    ..NewOp::of(clone::KIND, v.id, Some(s.id))
-                },
+    ctx.locked(keys, async {
+        // Under the lock: the devices must be free on that instance.
+        let taken: Vec<String> = ctx
+            .store
+            .instance_volumes(instance_id)
+            .await?
+            .iter()
+            .filter_map(|v| v.attachments.first().map(|a| a.device.clone()))
+            .collect();
+        if let Some((v, _)) = planned
+            .iter()
+            .find(|(v, _)| taken.contains(&v.attachments[0].device))
+        {
+            return Err(Error::wrong_state(format!(
+                "instance {instance_id} already has a volume at {}",
+                v.attachments[0].device
+            )));
+        }
+        let payload = Payload {
+            instance: instance_id,
+            created_instance: existing.is_none(),
+            volumes: planned.iter().map(|(v, _)| v.id).collect(),
+        };
+        let mut steps = Vec::new();
+        if existing.is_none() {
+            steps.push(Step::InsertInstance(instance.clone()));
+        }
+        for (v, s) in &planned {
+            steps.push(Step::SnapshotIn {
+                id: s.id,
+                any_of: vec![SnapshotStatus::Available],
+            });
+            steps.push(Step::InsertVolume(v.clone()));
+        }
+        let parent = ctx
+            .begin(
+                steps,
+                NewOp::of(KIND, planned[0].0.id, None)
+                    .payload(serde_json::to_value(&payload).map_err(Error::store)?),
                 |c| conflict_error(c, "restore the image", "available"),
             )
             .await?;
-            ctx.drive(
-                KIND,
-                driver.create_volume_from_snapshot(v, s, no_progress()),
-            )
-            .await
-        }
-        .await
-        .map_err(|e| {
-            e.about(format!(
-                "volume for {} from snapshot {} (backend {})",
-                v.attachments[0].device, s.id, s.backend
-            ))
-        });
-        (v, r)
-    });
-    let results: Vec<(&Volume, Result<ProviderUpdate>)> = futures::future::join_all(work).await;
-    if results.iter().all(|(_, r)| r.is_ok()) {
-        let mut steps = Vec::new();
-        for (v, r) in &results {
-            steps.push(Step::SetVolumeStatus {
-                id: v.id,
-                from: vec![VolumeStatus::Creating],
-                to: VolumeStatus::InUse,
-                reason: None,
-            });
-            if let Ok(u) = r {
-                steps.push(Step::SetVolumeLocation(v.id, u.provider_location.clone()));
+        let work = planned.iter().map(|(v, s)| async move {
+            let r = async {
+                let driver = ctx.driver(&s.backend).await?;
+                ctx.begin(
+                    vec![],
+                    NewOp {
+                        parent: Some(parent),
+                        ..NewOp::of(clone::KIND, v.id, Some(s.id))
+                    },
+                    |c| conflict_error(c, "restore the image", "available"),
+                )
+                .await?;
+                ctx.drive(
+                    KIND,
+                    driver.create_volume_from_snapshot(v, s, no_progress()),
+                )
+                .await
             }
+            .await
+            .map_err(|e| {
+                e.about(format!(
+                    "volume for {} from snapshot {} (backend {})",
+                    v.attachments[0].device, s.id, s.backend
+                ))
+            });
+            (v, r)
+        });
+        let results: Vec<(&Volume, Result<ProviderUpdate>)> = futures::future::join_all(work).await;
+        if results.iter().all(|(_, r)| r.is_ok()) {
+            let mut steps = Vec::new();
+            for (v, r) in &results {
+                steps.push(Step::SetVolumeStatus {
+                    id: v.id,
+                    from: vec![VolumeStatus::Creating],
+                    to: VolumeStatus::InUse,
+                    reason: None,
+                });
+                if let Ok(u) = r {
+                    steps.push(Step::SetVolumeLocation(v.id, u.provider_location.clone()));
+                }
+            }
+            steps.push(Step::FinishChildren(parent));
+            steps.push(Step::FinishOp(parent));
+            ctx.finish(steps).await?;
+            let mut vols = Vec::new();
+            for (v, _) in &planned {
+                vols.push(ctx.volume(v.id).await?);
+            }
+            let instance = ctx.store.instance(instance_id).await?.unwrap_or(instance);
+            return Ok((instance, vols));
+        }
+        // All or nothing: remove every member (a failed clone may have left a partial one).
+        let mut first = None;
+        let mut steps = Vec::new();
+        for (v, r) in results {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+            steps.push(remove_step(ctx, v).await);
+        }
+        if existing.is_none() {
+            steps.push(Step::DeleteInstance(instance_id));
         }
         steps.push(Step::FinishChildren(parent));
         steps.push(Step::FinishOp(parent));
         ctx.finish(steps).await?;
-        let mut vols = Vec::new();
-        for (v, _) in &planned {
-            vols.push(ctx.volume(v.id).await?);
-        }
-        let instance = ctx.store.instance(instance_id).await?.unwrap_or(instance);
-        return Ok((instance, vols));
-    }
-    // All or nothing: remove every member (a failed clone may have left a partial one).
-    let mut first = None;
-    let mut steps = Vec::new();
-    for (v, r) in results {
-        if let Err(e) = r {
-            first.get_or_insert(e);
-        }
-        steps.push(remove_step(ctx, v).await);
-    }
-    if existing.is_none() {
-        steps.push(Step::DeleteInstance(instance_id));
-    }
-    steps.push(Step::FinishChildren(parent));
-    steps.push(Step::FinishOp(parent));
-    ctx.finish(steps).await?;
-    Err(first.unwrap_or_else(|| Error::store("restore failed without an error")))
+        Err(first.unwrap_or_else(|| Error::store("restore failed without an error")))
+    })
+    .await
 }
 
 /// Deletes a member from its backend: the step dropping its record, or — if the backend

@@ -212,7 +212,7 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
     check_volumes(inst.id, &vols, known)?;
     let mut keys = vec![LockKey::Instance(inst.id)];
     keys.extend(vols.iter().map(|v| LockKey::from(v.id)));
-    let _locks = ctx.lock(keys.clone()).await?;
+    ctx.locked(keys.clone(), async {
     // Under the locks: the attachments may have changed meanwhile.
     let vols = ctx.store.instance_volumes(inst.id).await?;
     check_volumes(inst.id, &vols, known)?;
@@ -360,6 +360,8 @@ pub(crate) async fn run(ctx: &Ctx, req: InstanceSnapshotRequest) -> Result<Insta
         freeze_ms,
         thaw_ms,
     })
+    })
+    .await
 }
 
 /// The image record: Nova's fields and properties, entries ordered by boot index (root

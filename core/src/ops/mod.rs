@@ -166,6 +166,25 @@ impl Ctx {
         self.locks.lock(&keys).await
     }
 
+    /// Runs `body` under the locks of `keys` and returns once they are free again for
+    /// every node ([`LockSet::release`]): an operation holds its locks for exactly its
+    /// lifetime, so a client told it ended can go on through any node at once.
+    pub(crate) async fn locked<T>(
+        &self,
+        keys: impl IntoIterator<Item = LockKey>,
+        body: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let locks = self.lock(keys).await?;
+        Self::holding(locks, body).await
+    }
+
+    /// Runs `body` while `locks` are held, then releases them as [`Ctx::locked`] does.
+    pub(crate) async fn holding<T>(locks: LockSet, body: impl Future<Output = T>) -> T {
+        let result = body.await;
+        locks.release().await;
+        result
+    }
+
     /// Applies a guarded batch that journals nothing (e.g. attach); a failed guard becomes
     /// the error `on_conflict` makes.
     pub(crate) async fn guarded(

@@ -119,6 +119,34 @@ async fn fence_owner(ctx: &Ctx, op: &Operation, kids: &[Operation]) {
     }
 }
 
+/// Recovers `op` (and its `kids`) once its owner's locks are held.
+async fn recover_locked(
+    ctx: &Ctx,
+    op: Operation,
+    kids: Vec<Operation>,
+) -> Result<Option<RecoveryAction>> {
+    // Re-check under the locks: the owner may have finished just before we took them.
+    if !ctx.store.operations().await?.iter().any(|o| o.id == op.id) {
+        return Ok(None);
+    }
+    fence_owner(ctx, &op, &kids).await;
+    match recover_one(ctx, &op, &kids).await {
+        Ok(outcome) => {
+            tracing::warn!(op = %op.kind, volume = %op.volume_id, snapshot = ?op.snapshot_id, children = kids.len(), outcome = %outcome, "recovered an unfinished operation");
+            Ok(Some(RecoveryAction {
+                operation: op,
+                children: kids,
+                outcome,
+            }))
+        }
+        // Keep the journal entry rather than guess, and let kiln serve other objects.
+        Err(e) => {
+            tracing::warn!(op = %op.kind, volume = %op.volume_id, error = %e, kind = e.kind().as_str(), "cannot recover this operation yet; it stays journaled for the next run");
+            Ok(None)
+        }
+    }
+}
+
 /// Resolves every journaled operation whose owner is gone. Operations still held by a live
 /// owner are left alone, and so are those whose backend or store cannot answer right now:
 /// they stay journaled for the next run, and the error is logged.
@@ -146,27 +174,13 @@ pub(crate) async fn recover(ctx: &Ctx) -> Result<Vec<RecoveryAction>> {
         if ctx.locks.owner_alive(op.owner.as_deref()).await? {
             continue;
         }
-        let Some(_locks) = ctx.locks.try_lock(&lock_keys(&op, &kids)).await? else {
+        let Some(locks) = ctx.locks.try_lock(&lock_keys(&op, &kids)).await? else {
             continue;
         };
-        // Re-check under the locks: the owner may have finished just before we took them.
-        if !ctx.store.operations().await?.iter().any(|o| o.id == op.id) {
-            continue;
-        }
-        fence_owner(ctx, &op, &kids).await;
-        match recover_one(ctx, &op, &kids).await {
-            Ok(outcome) => {
-                tracing::warn!(op = %op.kind, volume = %op.volume_id, snapshot = ?op.snapshot_id, children = kids.len(), outcome = %outcome, "recovered an unfinished operation");
-                actions.push(RecoveryAction {
-                    operation: op,
-                    children: kids,
-                    outcome,
-                });
-            }
-            // Keep the journal entry rather than guess, and let kiln serve other objects.
-            Err(e) => {
-                tracing::warn!(op = %op.kind, volume = %op.volume_id, error = %e, kind = e.kind().as_str(), "cannot recover this operation yet; it stays journaled for the next run")
-            }
+        // Released before the next one is looked at, so a caller told what recovery did
+        // finds those locks free on every node.
+        if let Some(action) = Ctx::holding(locks, recover_locked(ctx, op, kids)).await? {
+            actions.push(action);
         }
     }
     Ok(actions)

@@ -23,10 +23,12 @@ async fn idle(ctx: &Ctx, volume: VolumeId, what: &str) -> Result<LockSet> {
     };
     let ops = ctx.store.operations().await?;
     if let Some(op) = ops.iter().find(|o| o.volume_id == volume) {
-        return Err(Error::wrong_state(format!(
+        let e = Error::wrong_state(format!(
             "cannot reset {what}: operation {} ({}) on volume {volume} is unfinished; the next kiln start recovers it",
             op.id.0, op.kind
-        )));
+        ));
+        locks.release().await;
+        return Err(e);
     }
     Ok(locks)
 }
@@ -48,41 +50,46 @@ pub(crate) async fn volume(
 ) -> Result<Volume> {
     let reason = reason_or_default(reason)?;
     let v = ctx.volume(id).await?;
-    let _locks = idle(ctx, id, &format!("volume {id}")).await?;
-    let v = ctx.store.volume(id).await?.unwrap_or(v);
-    if to == VolumeStatus::InUse && v.attachments.is_empty() {
-        return Err(Error::invalid(
-            "state",
-            format!("volume {id} has no attachment; attach it instead of resetting it to in-use"),
-        ));
-    }
-    if to != VolumeStatus::InUse && !v.attachments.is_empty() {
-        return Err(Error::invalid(
-            "state",
-            format!("volume {id} is attached; detach it (or reset it to in-use)"),
-        ));
-    }
-    ctx.guarded(
-        vec![
-            Step::SetVolumeStatus {
-                id,
-                from: vec![v.status],
-                to,
-                reason: (to == VolumeStatus::Error).then(|| reason.clone()),
-            },
-            Step::RecordHistory(HistoryEntry {
-                object: "volume".into(),
-                object_id: id.to_string(),
-                from_status: v.status.as_str().into(),
-                to_status: to.as_str().into(),
-                reason,
-                at: Utc::now(),
-            }),
-        ],
-        |c| super::conflict_error(c, "reset volume", "unchanged since it was read"),
-    )
-    .await?;
-    ctx.volume(id).await
+    let locks = idle(ctx, id, &format!("volume {id}")).await?;
+    Ctx::holding(locks, async {
+        let v = ctx.store.volume(id).await?.unwrap_or(v);
+        if to == VolumeStatus::InUse && v.attachments.is_empty() {
+            return Err(Error::invalid(
+                "state",
+                format!(
+                    "volume {id} has no attachment; attach it instead of resetting it to in-use"
+                ),
+            ));
+        }
+        if to != VolumeStatus::InUse && !v.attachments.is_empty() {
+            return Err(Error::invalid(
+                "state",
+                format!("volume {id} is attached; detach it (or reset it to in-use)"),
+            ));
+        }
+        ctx.guarded(
+            vec![
+                Step::SetVolumeStatus {
+                    id,
+                    from: vec![v.status],
+                    to,
+                    reason: (to == VolumeStatus::Error).then(|| reason.clone()),
+                },
+                Step::RecordHistory(HistoryEntry {
+                    object: "volume".into(),
+                    object_id: id.to_string(),
+                    from_status: v.status.as_str().into(),
+                    to_status: to.as_str().into(),
+                    reason,
+                    at: Utc::now(),
+                }),
+            ],
+            |c| super::conflict_error(c, "reset volume", "unchanged since it was read"),
+        )
+        .await?;
+        ctx.volume(id).await
+    })
+    .await
 }
 
 /// Sets snapshot `id`'s status to `to`, recording why.
@@ -94,27 +101,30 @@ pub(crate) async fn snapshot(
 ) -> Result<Snapshot> {
     let reason = reason_or_default(reason)?;
     let s = ctx.snapshot(id).await?;
-    let _locks = idle(ctx, s.volume_id, &format!("snapshot {id}")).await?;
-    let s = ctx.store.snapshot(id).await?.unwrap_or(s);
-    ctx.guarded(
-        vec![
-            Step::SetSnapshotStatus {
-                id,
-                from: vec![s.status],
-                to,
-                reason: (to == SnapshotStatus::Error).then(|| reason.clone()),
-            },
-            Step::RecordHistory(HistoryEntry {
-                object: "snapshot".into(),
-                object_id: id.to_string(),
-                from_status: s.status.as_str().into(),
-                to_status: to.as_str().into(),
-                reason,
-                at: Utc::now(),
-            }),
-        ],
-        |c| super::conflict_error(c, "reset snapshot", "unchanged since it was read"),
-    )
-    .await?;
-    ctx.snapshot(id).await
+    let locks = idle(ctx, s.volume_id, &format!("snapshot {id}")).await?;
+    Ctx::holding(locks, async {
+        let s = ctx.store.snapshot(id).await?.unwrap_or(s);
+        ctx.guarded(
+            vec![
+                Step::SetSnapshotStatus {
+                    id,
+                    from: vec![s.status],
+                    to,
+                    reason: (to == SnapshotStatus::Error).then(|| reason.clone()),
+                },
+                Step::RecordHistory(HistoryEntry {
+                    object: "snapshot".into(),
+                    object_id: id.to_string(),
+                    from_status: s.status.as_str().into(),
+                    to_status: to.as_str().into(),
+                    reason,
+                    at: Utc::now(),
+                }),
+            ],
+            |c| super::conflict_error(c, "reset snapshot", "unchanged since it was read"),
+        )
+        .await?;
+        ctx.snapshot(id).await
+    })
+    .await
 }

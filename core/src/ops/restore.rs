@@ -48,43 +48,45 @@ where
     F: FnOnce(&mut dyn VolumeWriter) -> Result<T> + Send + 'static,
 {
     ctx.volume(id).await?;
-    let _locks = ctx.lock([id.into()]).await?;
-    let v = ctx.volume(id).await?;
-    let driver = ctx.driver(&v.backend).await?;
-    let op = ctx
-        .begin(
-            vec![Step::SetVolumeStatus {
-                id: v.id,
-                from: vec![VolumeStatus::Available],
-                to: VolumeStatus::RestoringBackup,
-                reason: None,
-            }],
-            NewOp::of(KIND, v.id, None),
-            |c| conflict_error(c, "write data into volume", "available (detached)"),
-        )
-        .await?;
-    let wrote = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let result = match driver.open_volume_writer(&v).await {
-        Err(e) => Err(e),
-        Ok(inner) => {
-            let mut w = Box::new(Tracked {
-                inner,
-                wrote: wrote.clone(),
-            });
-            tokio::task::spawn_blocking(move || {
-                let r = fill(&mut *w);
-                crash_point(KIND, "before_finish");
-                let done = w.finish();
-                r.and_then(|t| done.map(|()| t))
-            })
-            .await
-            .map_err(|e| Error::backend("restore", format!("restore task failed: {e}")))
-            .and_then(|r| r)
-        }
-    };
-    let wrote = wrote.load(std::sync::atomic::Ordering::Relaxed);
-    ctx.finish(conclude(&v, op, &what, &result, wrote)).await?;
-    result
+    ctx.locked([id.into()], async {
+        let v = ctx.volume(id).await?;
+        let driver = ctx.driver(&v.backend).await?;
+        let op = ctx
+            .begin(
+                vec![Step::SetVolumeStatus {
+                    id: v.id,
+                    from: vec![VolumeStatus::Available],
+                    to: VolumeStatus::RestoringBackup,
+                    reason: None,
+                }],
+                NewOp::of(KIND, v.id, None),
+                |c| conflict_error(c, "write data into volume", "available (detached)"),
+            )
+            .await?;
+        let wrote = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let result = match driver.open_volume_writer(&v).await {
+            Err(e) => Err(e),
+            Ok(inner) => {
+                let mut w = Box::new(Tracked {
+                    inner,
+                    wrote: wrote.clone(),
+                });
+                tokio::task::spawn_blocking(move || {
+                    let r = fill(&mut *w);
+                    crash_point(KIND, "before_finish");
+                    let done = w.finish();
+                    r.and_then(|t| done.map(|()| t))
+                })
+                .await
+                .map_err(|e| Error::backend("restore", format!("restore task failed: {e}")))
+                .and_then(|r| r)
+            }
+        };
+        let wrote = wrote.load(std::sync::atomic::Ordering::Relaxed);
+        ctx.finish(conclude(&v, op, &what, &result, wrote)).await?;
+        result
+    })
+    .await
 }
 
 fn conclude<T>(

@@ -25,45 +25,47 @@ pub(crate) async fn run(
     progress: ProgressHandle,
 ) -> Result<Volume> {
     let s = ctx.snapshot(snapshot_id).await?;
-    let _locks = ctx.lock([s.volume_id.into()]).await?;
-    let s = ctx.checked_snapshot(snapshot_id).await?;
-    let v = ctx.volume(s.volume_id).await?;
-    let driver = ctx.driver(&v.backend).await?;
-    let op = ctx
-        .begin(
-            vec![
-                Step::SetVolumeStatus {
-                    id: v.id,
-                    from: vec![VolumeStatus::Available],
-                    to: VolumeStatus::Reverting,
-                    reason: None,
+    ctx.locked([s.volume_id.into()], async {
+        let s = ctx.checked_snapshot(snapshot_id).await?;
+        let v = ctx.volume(s.volume_id).await?;
+        let driver = ctx.driver(&v.backend).await?;
+        let op = ctx
+            .begin(
+                vec![
+                    Step::SetVolumeStatus {
+                        id: v.id,
+                        from: vec![VolumeStatus::Available],
+                        to: VolumeStatus::Reverting,
+                        reason: None,
+                    },
+                    Step::SetSnapshotStatus {
+                        id: s.id,
+                        from: vec![SnapshotStatus::Available],
+                        to: SnapshotStatus::Restoring,
+                        reason: None,
+                    },
+                ],
+                NewOp::of(KIND, v.id, Some(s.id)),
+                |c| {
+                    conflict_error(
+                        c,
+                        "revert",
+                        "available (a volume must be detached to be reverted)",
+                    )
                 },
-                Step::SetSnapshotStatus {
-                    id: s.id,
-                    from: vec![SnapshotStatus::Available],
-                    to: SnapshotStatus::Restoring,
-                    reason: None,
-                },
-            ],
-            NewOp::of(KIND, v.id, Some(s.id)),
-            |c| {
-                conflict_error(
-                    c,
-                    "revert",
-                    "available (a volume must be detached to be reverted)",
-                )
-            },
-        )
-        .await?;
-    let result = ctx
-        .drive(KIND, driver.revert_to_snapshot(&v, &s, progress))
-        .await;
-    let result = known_only(ctx, result).await?;
-    let (mut steps, r) = conclude(&v, &s, result);
-    steps.push(Step::FinishOp(op));
-    ctx.finish(steps).await?;
-    r?;
-    ctx.volume(v.id).await
+            )
+            .await?;
+        let result = ctx
+            .drive(KIND, driver.revert_to_snapshot(&v, &s, progress))
+            .await;
+        let result = known_only(ctx, result).await?;
+        let (mut steps, r) = conclude(&v, &s, result);
+        steps.push(Step::FinishOp(op));
+        ctx.finish(steps).await?;
+        r?;
+        ctx.volume(v.id).await
+    })
+    .await
 }
 
 /// Keeps only the invalidated snapshots kiln has records of (a backend may name objects

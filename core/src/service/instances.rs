@@ -71,38 +71,41 @@ impl Service {
         validate_device(&root)?;
         validate_properties(&spec.properties)?;
         let id = spec.id.unwrap_or_default();
-        let _lock = self.ctx.lock([LockKey::Instance(id)]).await?;
-        if self.ctx.store.instance(id).await?.is_some() {
-            return Err(Error::wrong_state(format!("instance {id} already exists")));
-        }
-        let now = Utc::now();
-        let inst = Instance {
-            id,
-            name: spec.name,
-            agent: spec.agent,
-            qmp: spec.qmp,
-            freeze_mountpoints: spec.freeze_mountpoints,
-            root_device: root,
-            properties: spec.properties,
-            created_at: now,
-            updated_at: now,
-        };
-        let mut steps = vec![Step::InsertInstance(inst.clone())];
-        if let Some(p) = &spec.project {
-            let attrs = crate::attrs::ObjectAttrs::owned_by(p, None);
-            attrs.validate()?;
-            steps.push(Step::PutAttrs {
-                kind: crate::attrs::ObjectKind::Instance,
-                id: inst.id.to_string(),
-                attrs,
-            });
-        }
         self.ctx
-            .guarded(steps, |c| {
-                Error::wrong_state(format!("instance {} already exists", c.id))
+            .locked([LockKey::Instance(id)], async {
+                if self.ctx.store.instance(id).await?.is_some() {
+                    return Err(Error::wrong_state(format!("instance {id} already exists")));
+                }
+                let now = Utc::now();
+                let inst = Instance {
+                    id,
+                    name: spec.name,
+                    agent: spec.agent,
+                    qmp: spec.qmp,
+                    freeze_mountpoints: spec.freeze_mountpoints,
+                    root_device: root,
+                    properties: spec.properties,
+                    created_at: now,
+                    updated_at: now,
+                };
+                let mut steps = vec![Step::InsertInstance(inst.clone())];
+                if let Some(p) = &spec.project {
+                    let attrs = crate::attrs::ObjectAttrs::owned_by(p, None);
+                    attrs.validate()?;
+                    steps.push(Step::PutAttrs {
+                        kind: crate::attrs::ObjectKind::Instance,
+                        id: inst.id.to_string(),
+                        attrs,
+                    });
+                }
+                self.ctx
+                    .guarded(steps, |c| {
+                        Error::wrong_state(format!("instance {} already exists", c.id))
+                    })
+                    .await?;
+                self.instance(id).await.map(|(i, _)| i)
             })
-            .await?;
-        self.instance(id).await.map(|(i, _)| i)
+            .await
     }
 
     /// One instance and its attached volumes.
@@ -124,18 +127,23 @@ impl Service {
 
     /// Deletes an instance record; refused (busy) while volumes are attached to it.
     pub async fn delete_instance(&self, id: InstanceId) -> Result<()> {
-        let _lock = self.ctx.lock([LockKey::Instance(id)]).await?;
         self.ctx
-            .guarded(
-                vec![Step::InstanceHasNoVolumes(id), Step::DeleteInstance(id)],
-                |c| match &c.found {
-                    Some(n) => Error::busy(
-                        format!("instance {id} has {n} volume(s) attached; detach them first"),
-                        vec![],
-                    ),
-                    None => Error::not_found("instance", id),
-                },
-            )
+            .locked([LockKey::Instance(id)], async {
+                self.ctx
+                    .guarded(
+                        vec![Step::InstanceHasNoVolumes(id), Step::DeleteInstance(id)],
+                        |c| match &c.found {
+                            Some(n) => Error::busy(
+                                format!(
+                                    "instance {id} has {n} volume(s) attached; detach them first"
+                                ),
+                                vec![],
+                            ),
+                            None => Error::not_found("instance", id),
+                        },
+                    )
+                    .await
+            })
             .await
     }
 
