@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::cli::{ApiBenchArgs, ApiBenchMode, Format};
+use crate::cli::{ApiBenchArgs, ApiBenchMode, ApiBenchRoute, Format};
 
 /// Latency figures of one kind of operation, in milliseconds.
 #[derive(Debug, Default, Serialize)]
@@ -47,8 +47,10 @@ fn stats(mut v: Vec<f64>) -> Stats {
 #[derive(Debug, Serialize)]
 struct Report {
     mode: &'static str,
-    /// Servers the requests went to in turn (API mode).
+    /// Servers the requests went to (API mode).
     servers: usize,
+    /// How they were spread over several servers.
+    route: ApiBenchRoute,
     clients: usize,
     volumes: usize,
     duration_s: f64,
@@ -90,6 +92,7 @@ enum Target {
         /// One server, or several nodes taken in turn (as a load balancer would).
         urls: Vec<String>,
         next: std::sync::atomic::AtomicUsize,
+        route: ApiBenchRoute,
         token: Option<String>,
     },
     Cli {
@@ -104,17 +107,29 @@ const MICROVERSION: &str = "volume 3.66";
 const DEFAULT_URL: &str = "http://127.0.0.1:8776";
 
 impl Target {
-    fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder> {
+    /// A request to the node `--route` picks: the next in turn, or with `slot` (the index
+    /// of the volume the request is about) under `--route volume`, that volume's node.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        slot: Option<usize>,
+    ) -> Result<reqwest::RequestBuilder> {
         let Target::Api {
             http,
             urls,
             next,
+            route,
             token,
         } = self
         else {
             return Err(Error::invalid("bench", "not an API target"));
         };
-        let url = &urls[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % urls.len()];
+        let n = match (route, slot) {
+            (ApiBenchRoute::Volume, Some(i)) => i,
+            _ => next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        let url = &urls[n % urls.len()];
         let mut r = http
             .request(method, format!("{url}{path}"))
             .header("OpenStack-API-Version", MICROVERSION);
@@ -131,7 +146,20 @@ impl Target {
         path: &str,
         body: Option<Value>,
     ) -> std::result::Result<Value, String> {
-        let mut r = self.request(method, path).map_err(|e| e.to_string())?;
+        self.call_on(None, method, path, body).await
+    }
+
+    /// [`Target::call`] about the volume of index `slot` (see [`Target::request`]).
+    async fn call_on(
+        &self,
+        slot: Option<usize>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> std::result::Result<Value, String> {
+        let mut r = self
+            .request(method, path, slot)
+            .map_err(|e| e.to_string())?;
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -221,10 +249,16 @@ impl Target {
         }
     }
 
-    async fn create_snapshot(&self, volume: &str) -> std::result::Result<String, String> {
+    /// Creates a forced snapshot of `volume`, the volume of index `slot`.
+    async fn create_snapshot(
+        &self,
+        volume: &str,
+        slot: usize,
+    ) -> std::result::Result<String, String> {
         let v = match self {
             Target::Api { .. } => self
-                .call(
+                .call_on(
+                    Some(slot),
                     reqwest::Method::POST,
                     "/v3/snapshots",
                     Some(json!({"snapshot": {"volume_id": volume, "force": true}})),
@@ -241,10 +275,12 @@ impl Target {
             .ok_or_else(|| format!("no snapshot id in {v}"))
     }
 
-    async fn delete_snapshot(&self, id: &str) -> std::result::Result<Value, String> {
+    /// Deletes snapshot `id` of the volume of index `slot`.
+    async fn delete_snapshot(&self, id: &str, slot: usize) -> std::result::Result<Value, String> {
         match self {
             Target::Api { .. } => {
-                self.call(
+                self.call_on(
+                    Some(slot),
                     reqwest::Method::DELETE,
                     &format!("/v3/snapshots/{id}"),
                     None,
@@ -318,6 +354,7 @@ pub fn run(
                     .map_err(|e| Error::invalid("bench", format!("http client: {e}")))?,
                 urls,
                 next: std::sync::atomic::AtomicUsize::new(0),
+                route: args.route,
                 token: args.token.clone(),
             }
         }
@@ -362,7 +399,11 @@ fn print_table(r: &Report) {
         r.volumes,
         r.duration_s,
         if r.servers > 1 {
-            format!(", requests spread over {} servers", r.servers)
+            let how = match r.route {
+                ApiBenchRoute::Request => "request by request",
+                ApiBenchRoute::Volume => "each volume to one",
+            };
+            format!(", requests spread over {} servers ({how})", r.servers)
         } else {
             String::new()
         }
@@ -413,10 +454,11 @@ async fn load(target: Arc<Target>, args: &ApiBenchArgs) -> Result<Report> {
         tasks.push(tokio::spawn(async move {
             let mut i = c;
             while Instant::now() < deadline {
-                let vol = &volumes[i % volumes.len()];
+                let slot = i % volumes.len();
+                let vol = &volumes[slot];
                 i += 1;
                 let t = Instant::now();
-                let made = target.create_snapshot(vol).await;
+                let made = target.create_snapshot(vol, slot).await;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 let sid = match made {
                     Ok(sid) => {
@@ -429,7 +471,7 @@ async fn load(target: Arc<Target>, args: &ApiBenchArgs) -> Result<Report> {
                     }
                 };
                 let t = Instant::now();
-                let gone = target.delete_snapshot(&sid).await;
+                let gone = target.delete_snapshot(&sid, slot).await;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 match gone {
                     Ok(_) => tally.lock().await.delete.push(ms),
@@ -499,6 +541,7 @@ async fn load(target: Arc<Target>, args: &ApiBenchArgs) -> Result<Report> {
     Ok(Report {
         mode,
         servers,
+        route: args.route,
         clients: args.clients,
         volumes: args.volumes,
         duration_s,
@@ -527,5 +570,40 @@ mod tests {
             (100, 51.0, 99.0, 100.0)
         );
         assert_eq!(stats(vec![]).n, 0);
+    }
+
+    fn target(route: ApiBenchRoute) -> Target {
+        Target::Api {
+            http: reqwest::Client::new(),
+            urls: vec!["http://a".into(), "http://b".into(), "http://c".into()],
+            next: std::sync::atomic::AtomicUsize::new(0),
+            route,
+            token: None,
+        }
+    }
+
+    fn host(t: &Target, slot: Option<usize>) -> String {
+        let r = t
+            .request(reqwest::Method::GET, "/x", slot)
+            .unwrap()
+            .build()
+            .unwrap();
+        r.url().host_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn requests_go_round_robin_or_each_volume_to_one_node() {
+        let rr = target(ApiBenchRoute::Request);
+        let got: Vec<String> = (0..4).map(|_| host(&rr, Some(0))).collect();
+        assert_eq!(got, ["a", "b", "c", "a"]);
+        let by_volume = target(ApiBenchRoute::Volume);
+        let got: Vec<String> = [0, 1, 0, 2, 4, 1]
+            .into_iter()
+            .map(|slot| host(&by_volume, Some(slot)))
+            .collect();
+        assert_eq!(got, ["a", "b", "a", "c", "b", "b"]);
+        // Requests about no volume (set-up, listing) still take turns.
+        assert_eq!(host(&by_volume, None), "a");
+        assert_eq!(host(&by_volume, None), "b");
     }
 }

@@ -636,9 +636,12 @@ pub struct ApiBenchArgs {
     #[arg(long, value_enum, default_value_t = ApiBenchMode::Api)]
     pub mode: ApiBenchMode,
     /// The server (api mode); repeat it for several nodes, which then get the requests in
-    /// turn [default: http://127.0.0.1:8776].
+    /// turn (see --route) [default: http://127.0.0.1:8776].
     #[arg(long, value_name = "URL")]
     pub url: Vec<String>,
+    /// With several --url: which node gets a request.
+    #[arg(long, value_enum, default_value_t = ApiBenchRoute::Request)]
+    pub route: ApiBenchRoute,
     /// X-Auth-Token to send (api mode).
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
@@ -663,6 +666,17 @@ pub enum ApiBenchMode {
     Api,
     /// One `kiln` process per operation.
     Cli,
+}
+
+/// How `kiln bench api` spreads requests over several nodes (what a load balancer in front
+/// of them would do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiBenchRoute {
+    /// Each request to the next node in turn (round robin).
+    Request,
+    /// Every request about one volume to the same node (a balancer hashing on the volume).
+    Volume,
 }
 
 /// `kiln demo`

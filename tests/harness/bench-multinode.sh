@@ -9,7 +9,9 @@
 #         request: parse, locks, store, librbd, answer) on SQLite, then on PostgreSQL;
 #   2. scaling: `kiln bench api` with CLIENTS clients on VOLUMES volumes for DURATION s,
 #      through one node on SQLite, then with requests spread over 1, 2 and 3 `kiln serve`
-#      nodes sharing that PostgreSQL (each run on a fresh pool);
+#      nodes sharing that PostgreSQL request by request, then over 2 and 3 nodes volume by
+#      volume (`--route volume`: each volume's requests to one node) (each run on a fresh
+#      pool);
 #      CPU seconds each component used during the run (where the time goes);
 #   3. the raw primitive under the same load without kiln (tests/harness/rbd_snap_load.py:
 #      rbd_snap_create + rbd_snap_remove from VOLUMES threads — kiln runs one operation per
@@ -126,23 +128,28 @@ p=$(port); sq=$(config sqlite2 "" "$p"); serve sqlite2 "$sq" "$p"
 "$KILN_BIN" --format json bench api --url "http://127.0.0.1:$p" --clients "$CLIENTS" --volumes "$VOLUMES" --duration "$DURATION" >"$work/2-sqlite.json"
 stop_all
 cat "$work/2-sqlite.json"
-for n in 1 2 3; do
-  fresh_pool "nodes-$n"
-  echo "== 2. $n node(s): $CLIENTS clients, $VOLUMES volumes, ${DURATION}s, requests spread over the nodes (fresh pool)"
+nodes_run() {  # nodes_run N ROUTE: N nodes on that PostgreSQL, requests spread by ROUTE
+  local n=$1 route=$2 tag="$1-$2"
+  fresh_pool "nodes-$tag"
+  echo "== 2. $n node(s): $CLIENTS clients, $VOLUMES volumes, ${DURATION}s, requests spread over the nodes by $route (fresh pool)"
   urls=()
   for i in $(seq 1 "$n"); do
     p=$(port); c=$(config "n$i" "$pg_url" "$p"); serve "n$i" "$c" "$p"; urls+=(--url "http://127.0.0.1:$p")
   done
   before=$(cpu)
-  "$KILN_BIN" --format json bench api "${urls[@]}" --clients "$CLIENTS" --volumes "$VOLUMES" --duration "$DURATION" >"$work/2-$n.json"
+  "$KILN_BIN" --format json bench api "${urls[@]}" --route "$route" --clients "$CLIENTS" --volumes "$VOLUMES" --duration "$DURATION" >"$work/2-$tag.json"
   after=$(cpu)
   stop_all
-  cat "$work/2-$n.json"
+  cat "$work/2-$tag.json"
   python3 -c "
 import json,sys
 b,a=json.loads('''$before'''),json.loads('''$after''')
 print('cpu seconds during the run:', {k: round(a[k]-b.get(k,0),1) for k in sorted(a)})"
-done
+}
+# Request by request (a round-robin balancer): every node works on every volume. Volume
+# by volume (a balancer hashing on the volume): each volume's requests go to one node.
+for n in 1 2 3; do nodes_run "$n" request; done
+for n in 2 3; do nodes_run "$n" volume; done
 
 raw "$VOLUMES" after
 raw "$CLIENTS" after
@@ -160,9 +167,9 @@ print(f"1b one client through kiln serve: create p50 sqlite {s['create']['p50_ms
 print(f"   delete p50 sqlite {s['delete']['p50_ms']:.2f} ms, postgresql {p['delete']['p50_ms']:.2f} ms")
 r = j("2-sqlite.json")
 print(f"2 1 node on SQLite: {r['ops_per_s']:.1f} ops/s, create p50 {r['create']['p50_ms']:.1f} ms p99 {r['create']['p99_ms']:.1f} ms, errors {r['errors']}, stuck {r['stuck']}")
-for n in (1, 2, 3):
-    r = j(f"2-{n}.json")
-    print(f"2 {n} node(s): {r['ops_per_s']:.1f} ops/s, create p50 {r['create']['p50_ms']:.1f} ms p99 {r['create']['p99_ms']:.1f} ms, errors {r['errors']}, stuck {r['stuck']}")
+for tag in ("1-request", "2-request", "3-request", "2-volume", "3-volume"):
+    r = j(f"2-{tag}.json")
+    print(f"2 {tag} node(s): {r['ops_per_s']:.1f} ops/s, create p50 {r['create']['p50_ms']:.1f} ms p99 {r['create']['p99_ms']:.1f} ms, errors {r['errors']}, stuck {r['stuck']}")
 for f in sorted(x for x in os.listdir(w) if x.startswith("3-")):
     r = j(f)
     print(f"3 raw librbd ({f[2:-5]}), {r['threads']} threads: {r['ops_per_s']} ops/s, create p50 {r['create_p50_ms']} ms")
