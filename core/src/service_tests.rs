@@ -1222,6 +1222,27 @@ async fn two_backend_service(
     Service::new(store.clone(), backends, dir.locks().await).unwrap()
 }
 
+/// Waits (10 s at most) until the locks of `keys` are free to another lock manager on
+/// `dir`. A process that crashes loses its locks with it (the kernel drops its flocks, the
+/// server its sessions, each a moment after the death); a service dropped in the middle of
+/// an operation, the crash these tests stage, drops its lock set, which unlocks in the
+/// background. The next start comes after that, as it would after a real crash.
+async fn until_freed(dir: &Backing, keys: &[crate::locks::LockKey]) {
+    let locks = dir.locks().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(held) = locks.try_lock(keys).await.unwrap() {
+            held.release().await;
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the crashed service's locks were never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// Two volumes on `mem`, one on `mem2`.
 async fn three_volumes(svc: &Service) -> Vec<VolumeId> {
     let mut out = Vec::new();
@@ -1265,6 +1286,7 @@ async fn an_aborted_group_over_two_backends_is_rolled_back_as_one_unit_by_the_ne
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     drop(first);
+    until_freed(&dir, &vols.iter().map(|v| (*v).into()).collect::<Vec<_>>()).await;
 
     let ops = store.operations().unwrap();
     let parent = ops.iter().find(|o| o.kind == "group_snapshot").unwrap();
@@ -1743,6 +1765,9 @@ async fn an_interrupted_instance_snapshot_is_thawed_and_rolled_back_by_the_next_
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     drop(first);
+    let mut keys: Vec<crate::locks::LockKey> = vols.iter().map(|v| (*v).into()).collect();
+    keys.push(crate::locks::LockKey::Instance(inst));
+    until_freed(&dir, &keys).await;
     assert!(
         agents.frozen.load(std::sync::atomic::Ordering::SeqCst),
         "left frozen by the crash"
