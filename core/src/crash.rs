@@ -64,6 +64,22 @@ pub async fn crash_point_async(op: &str, moment: &str) {
     let _ = (op, moment);
 }
 
+/// The argument a test configured for the fail point `name` (`name=return(ARG)`), for
+/// tests that set a value rather than stop the process (e.g. the speed of a hypervisor
+/// job, so that it surely still runs when the test acts). Always `None` without the
+/// `failpoints` feature.
+pub fn fail_value(name: &str) -> Option<String> {
+    #[cfg(feature = "failpoints")]
+    {
+        fail::eval(name, |arg| arg).flatten()
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        None
+    }
+}
+
 /// Reads `FAILPOINTS` once at start-up; call from `main` before anything else. Returns a
 /// guard to keep alive for the life of the process.
 pub fn setup() -> fail::FailScenario<'static> {

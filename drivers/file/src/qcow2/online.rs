@@ -675,6 +675,14 @@ fn run_delete_job(
                 "auto-dismiss": false,
             })
         };
+        let mut args = args;
+        // Tests slow the merge down from its start, so that it surely still runs when they
+        // kill kiln under it (a small merge can end before anyone could slow it later).
+        if let Some(speed) = kiln_core::crash::fail_value("qcow2_online::merge_speed")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            args["speed"] = speed.into();
+        }
         let cmd = if stream {
             "block-stream"
         } else {
