@@ -180,9 +180,7 @@ impl PgGuard {
         releasing(&set).extend(keys.iter().copied());
         Some(async move {
             session.release().await;
-            // The in-process guards go while the set is held: a `try_lock` that found a
-            // guard held and then looks here either finds its key (and waits for it) or
-            // finds the guard already gone, never a free lock reported as held.
+            // The in-process guards go while the set is held (see `try_lock`).
             let mut r = releasing(&set);
             drop(local);
             for k in &keys {
@@ -617,31 +615,22 @@ impl LockManager for PgLocks {
         let mut local = Vec::with_capacity(keys.len());
         for key in &keys {
             let slot = self.local.get(*key)?;
-            let g = match slot.clone().try_lock_owned() {
+            // Looked at under the releasing set's mutex, under which a release lets its
+            // guards go: a guard held here is either being released by this node (its key
+            // is in the set) or held, never already free.
+            let attempt = {
+                let r = releasing(&self.releasing);
+                slot.clone().try_lock_owned().map_err(|_| r.contains(key))
+            };
+            let g = match attempt {
                 Ok(g) => g,
-                Err(_) => {
-                    // Either held, being released by this node, or released completely
-                    // since the first look (a release lets its guards go under the set's
-                    // mutex, which this holds while it looks again).
-                    let again = {
-                        let r = releasing(&self.releasing);
-                        if r.contains(key) {
-                            None
-                        } else {
-                            Some(slot.clone().try_lock_owned())
-                        }
-                    };
-                    match again {
-                        Some(Ok(g)) => g,
-                        Some(Err(_)) => return Ok(None),
-                        // Held by a set this node just dropped: free as soon as its unlock
-                        // lands, and a dropped set is free by the contract.
-                        None => match tokio::time::timeout(RELEASE_WAIT, slot.lock_owned()).await {
-                            Ok(g) => g,
-                            Err(_) => return Ok(None),
-                        },
-                    }
-                }
+                // Held by a set this node just dropped: free as soon as its unlock lands,
+                // and a dropped set is free by the contract.
+                Err(true) => match tokio::time::timeout(RELEASE_WAIT, slot.lock_owned()).await {
+                    Ok(g) => g,
+                    Err(_) => return Ok(None),
+                },
+                Err(false) => return Ok(None),
             };
             local.push(g);
         }

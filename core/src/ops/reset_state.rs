@@ -10,27 +10,34 @@ use chrono::Utc;
 
 use super::Ctx;
 use crate::error::{Error, Result};
-use crate::locks::{LockKey, LockSet};
+use crate::locks::LockKey;
 use crate::store::{HistoryEntry, Step};
 use crate::types::{Snapshot, SnapshotId, SnapshotStatus, Volume, VolumeId, VolumeStatus};
 
-/// Takes the volume's lock without waiting and checks no journaled operation names it.
-async fn idle(ctx: &Ctx, volume: VolumeId, what: &str) -> Result<LockSet> {
+/// Runs `body` under the volume's lock, taken without waiting, once no journaled
+/// operation names the volume; the lock is released (for every node) before it returns.
+async fn when_idle<T>(
+    ctx: &Ctx,
+    volume: VolumeId,
+    what: &str,
+    body: impl Future<Output = Result<T>>,
+) -> Result<T> {
     let Some(locks) = ctx.locks.try_lock(&[LockKey::from(volume)]).await? else {
         return Err(Error::wrong_state(format!(
             "cannot reset {what}: an operation on volume {volume} is running; try again when it ends"
         )));
     };
-    let ops = ctx.store.operations().await?;
-    if let Some(op) = ops.iter().find(|o| o.volume_id == volume) {
-        let e = Error::wrong_state(format!(
-            "cannot reset {what}: operation {} ({}) on volume {volume} is unfinished; the next kiln start recovers it",
-            op.id.0, op.kind
-        ));
-        locks.release().await;
-        return Err(e);
-    }
-    Ok(locks)
+    Ctx::holding(locks, async {
+        let ops = ctx.store.operations().await?;
+        if let Some(op) = ops.iter().find(|o| o.volume_id == volume) {
+            return Err(Error::wrong_state(format!(
+                "cannot reset {what}: operation {} ({}) on volume {volume} is unfinished; the next kiln start recovers it",
+                op.id.0, op.kind
+            )));
+        }
+        body.await
+    })
+    .await
 }
 
 fn reason_or_default(reason: Option<String>) -> Result<String> {
@@ -50,8 +57,7 @@ pub(crate) async fn volume(
 ) -> Result<Volume> {
     let reason = reason_or_default(reason)?;
     let v = ctx.volume(id).await?;
-    let locks = idle(ctx, id, &format!("volume {id}")).await?;
-    Ctx::holding(locks, async {
+    when_idle(ctx, id, &format!("volume {id}"), async {
         let v = ctx.store.volume(id).await?.unwrap_or(v);
         if to == VolumeStatus::InUse && v.attachments.is_empty() {
             return Err(Error::invalid(
@@ -101,8 +107,7 @@ pub(crate) async fn snapshot(
 ) -> Result<Snapshot> {
     let reason = reason_or_default(reason)?;
     let s = ctx.snapshot(id).await?;
-    let locks = idle(ctx, s.volume_id, &format!("snapshot {id}")).await?;
-    Ctx::holding(locks, async {
+    when_idle(ctx, s.volume_id, &format!("snapshot {id}"), async {
         let s = ctx.store.snapshot(id).await?.unwrap_or(s);
         ctx.guarded(
             vec![

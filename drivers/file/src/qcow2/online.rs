@@ -658,7 +658,7 @@ fn run_delete_job(
         if done {
             return settle(l, q, id, od, &file, parent, &n).map(|()| Ran::Settled);
         }
-        let args = if stream {
+        let mut args = if stream {
             let mut a = serde_json::json!({
                 "job-id": od.job, "device": n.child, "auto-dismiss": false,
             });
@@ -675,7 +675,6 @@ fn run_delete_job(
                 "auto-dismiss": false,
             })
         };
-        let mut args = args;
         // Tests slow the merge down from its start, so that it surely still runs when they
         // kill kiln under it (a small merge can end before anyone could slow it later).
         if let Some(speed) = kiln_core::crash::fail_value("qcow2_online::merge_speed")
